@@ -1,0 +1,232 @@
+"""Typed policy model: what `replyclock.toml` means once validated.
+
+These are plain frozen dataclasses with no behaviour beyond small helpers, so the
+pure parts of replyclock (SLA clock, routing, ladder) can be tested from data alone.
+`bot.config` turns a TOML file into a `Policy` and reports every mistake.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Literal
+
+Priority = Literal["low", "normal", "high", "urgent"]
+PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high", "urgent")
+
+# A period of the day, as minutes since local midnight: [start, end), 0 <= start < end <= 1440.
+Period = tuple[int, int]
+# Weekday (0 = Monday ... 6 = Sunday) -> open periods that day, sorted, not overlapping.
+WeekHours = dict[int, tuple[Period, ...]]
+
+WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+_DURATION_PART = re.compile(r"(\d+)\s*(w|d|h|m|s)")
+_DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a duration such as ``"24h"``, ``"1h30m"``, ``"2d"`` or ``"90s"``.
+
+    Raises:
+        ValueError: the text is not a sequence of <number><unit> parts with units w, d, h, m, s.
+    """
+    compact = text.strip().lower().replace(" ", "")
+    if not compact:
+        raise ValueError("empty duration")
+    seconds = 0
+    position = 0
+    for match in _DURATION_PART.finditer(compact):
+        if match.start() != position:
+            break
+        seconds += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(compact):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 24h, 1h30m, 2d, 90s)")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """Render a duration compactly: ``timedelta(hours=25)`` -> ``"1d1h"``."""
+    seconds = int(value.total_seconds())
+    if seconds == 0:
+        return "0s"
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return sign + "".join(parts)
+
+
+@dataclass(frozen=True)
+class CalendarSpec:
+    """When a team (or an expert) is at work, in its own time zone."""
+
+    name: str
+    timezone: str
+    hours: WeekHours
+    holiday_country: str | None = None
+    holiday_subdivision: str | None = None
+    closed_dates: frozenset[date] = frozenset()
+    # A date listed here uses these periods instead of its weekday's (empty tuple = closed).
+    overrides: dict[date, tuple[Period, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A named person who answers customers."""
+
+    id: str
+    name: str
+    slack_id: str
+    timezone: str
+    hours: WeekHours
+    topics: tuple[str, ...] = ()
+    capacity: int = 10
+    away_until: date | None = None
+    holiday_country: str | None = None
+    holiday_subdivision: str | None = None
+
+    @property
+    def first_name(self) -> str:
+        return self.name.split()[0] if self.name.strip() else self.id
+
+    def calendar(self) -> CalendarSpec:
+        """The expert's working hours as a calendar of their own."""
+        return CalendarSpec(
+            name=f"expert:{self.id}",
+            timezone=self.timezone,
+            hours=self.hours,
+            holiday_country=self.holiday_country,
+            holiday_subdivision=self.holiday_subdivision,
+        )
+
+
+@dataclass(frozen=True)
+class Team:
+    """A group of experts sharing a Slack channel, a calendar and an escalation chain."""
+
+    name: str
+    channel: str
+    experts: tuple[str, ...]
+    calendar: str
+    on_call: str | None = None
+    manager: str | None = None
+    language: str = "en"
+    display_name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
+
+
+EscalationTarget = Literal["owner", "team_channel", "manager", "on_call"]
+
+
+@dataclass(frozen=True)
+class EscalationStep:
+    """After `after` past the deadline, tell `notify`."""
+
+    after: timedelta
+    notify: EscalationTarget
+
+
+@dataclass(frozen=True)
+class SlaPolicy:
+    """Reply targets and what to do as a deadline approaches and passes."""
+
+    name: str
+    clock: Literal["wall", "business"]
+    calendar: str | None
+    first_response: timedelta
+    next_response: timedelta | None = None
+    weekend_first_response: timedelta | None = None
+    warn_at: tuple[float, ...] = (0.75,)
+    nag_every: timedelta = timedelta(hours=1)
+    escalation: tuple[EscalationStep, ...] = ()
+    claim_within: timedelta | None = None
+    acknowledge: bool = False
+    match_teams: tuple[str, ...] = ()
+    match_accounts: tuple[str, ...] = ()
+    match_priorities: tuple[Priority, ...] = ()
+
+    def matches(self, *, team: str, account: str, priority: str) -> bool:
+        """True when every non-empty match list admits this conversation."""
+        return (
+            (not self.match_teams or team in self.match_teams)
+            and (not self.match_accounts or account in self.match_accounts)
+            and (not self.match_priorities or priority in self.match_priorities)
+        )
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """One ordered routing rule: the first rule that matches a post decides its team."""
+
+    name: str
+    team: str
+    priority: Priority = "normal"
+    accounts: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    regex: re.Pattern[str] | None = None
+    authors: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+    topics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Account:
+    """A connector account: one place customers write to us."""
+
+    name: str
+    kind: str
+    own_ids: tuple[str, ...] = ()
+    poll_interval: timedelta = timedelta(minutes=1)
+    can_reply: bool = True
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Global knobs."""
+
+    conversation_gap: timedelta = timedelta(hours=24)
+    default_team: str | None = None
+    admin_channel: str | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole validated policy file."""
+
+    source: str
+    settings: Settings
+    calendars: dict[str, CalendarSpec]
+    experts: dict[str, Expert]
+    teams: dict[str, Team]
+    policies: tuple[SlaPolicy, ...]
+    rules: tuple[RoutingRule, ...]
+    accounts: dict[str, Account]
+    vip_authors: frozenset[str] = frozenset()
+    ignored_authors: frozenset[str] = frozenset()
+    # team name or "default" -> language -> template
+    acknowledgements: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def policy_for(self, *, team: str, account: str, priority: str) -> SlaPolicy:
+        """The first SLA policy that matches (validation guarantees a catch-all exists)."""
+        for candidate in self.policies:
+            if candidate.matches(team=team, account=account, priority=priority):
+                return candidate
+        raise LookupError(f"no SLA policy matches team={team} account={account} priority={priority}")
+
+    def acknowledgement_template(self, *, team: str, language: str) -> str | None:
+        """The acknowledgement template for a team in a language, falling back to defaults."""
+        for key in (team, "default"):
+            by_language = self.acknowledgements.get(key)
+            if by_language:
+                return by_language.get(language) or by_language.get("en")
+        return None
