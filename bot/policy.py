@@ -90,6 +90,7 @@ class Expert:
     away_until: date | None = None
     holiday_country: str | None = None
     holiday_subdivision: str | None = None
+    email: str | None = None
 
     @property
     def first_name(self) -> str:
@@ -225,8 +226,9 @@ class Policy:
 
     def acknowledgement_template(self, *, team: str, language: str) -> str | None:
         """The acknowledgement template for a team in a language, falling back to defaults."""
-        for key in (team, "default"):
-            by_language = self.acknowledgements.get(key)
-            if by_language:
-                return by_language.get(language) or by_language.get("en")
+        for wanted in (language, "en"):
+            for key in (team, "default"):
+                template = self.acknowledgements.get(key, {}).get(wanted)
+                if template:
+                    return template
         return None
