@@ -1,0 +1,194 @@
+"""The `replyclock` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+from dotenv import load_dotenv
+
+from bot.policy import Policy, parse_duration
+
+EXIT_CONFIG = 2
+DEFAULT_CONFIG = "replyclock.toml"
+
+
+def config_path(given: str | None) -> Path:
+    """`--config`, else `REPLYCLOCK_CONFIG`, else ./replyclock.toml."""
+    return Path(given or os.environ.get("REPLYCLOCK_CONFIG") or DEFAULT_CONFIG)
+
+
+def _load(path: Path) -> Policy:
+    from bot.config import ConfigError, load_policy
+
+    try:
+        return load_policy(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(error.problems)} problem(s) in {path}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except FileNotFoundError:
+        print(
+            f"error: {path}: no such policy file (copy examples/replyclock.toml, or pass --config)",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bot.channels import ConnectorSetupError, build_connectors
+    from bot.config import summarize
+
+    path = config_path(args.config)
+    policy = _load(path)
+    try:
+        build_connectors(policy, os.environ, dry_run=True)
+    except ConnectorSetupError as error:
+        print(f"error: {path}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(summarize(policy))
+    print(f"{path}: OK")
+    return 0
+
+
+def cmd_deadline(args: argparse.Namespace) -> int:
+    from bot.sla import BusinessCalendar, deadline_lines
+
+    policy = _load(config_path(args.config))
+    spec = policy.calendars.get(args.calendar)
+    if spec is None:
+        known = ", ".join(sorted(policy.calendars)) or "none"
+        print(f"error: unknown calendar {args.calendar!r} (known: {known})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        target = parse_duration(args.target)
+    except ValueError as error:
+        print(f"error: --target: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    starts = args.at if args.at else (line.strip() for line in sys.stdin)
+    status = 0
+    for line in deadline_lines(BusinessCalendar(spec), target, starts):
+        print(line)
+        if line.startswith("error: "):
+            status = 1
+    return status
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from storage.db import make_engine
+    from storage.migrate import upgrade
+
+    engine = make_engine()
+    upgrade(engine, args.revision)
+    print(f"database at revision {args.revision}: {engine.url.render_as_string(hide_password=True)}")
+    engine.dispose()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bot.demo import run_demo
+
+    return run_demo(minutes=args.minutes)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    from bot import logs
+    from bot.channels import ConnectorSetupError, build_connectors
+    from bot.context import AppContext
+    from bot.delivery import customer_handlers, text_handlers
+    from bot.jobs import Jobs
+    from bot.outbox import OutboxSender
+    from bot.runlock import RunLockError, single_writer_lock
+    from storage.db import make_engine
+    from storage.migrate import upgrade
+
+    logs.configure()
+    import logging
+
+    log = logging.getLogger("replyclock.run")
+    policy = _load(config_path(args.config))
+    try:
+        connectors = build_connectors(policy, os.environ)
+    except ConnectorSetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    engine = make_engine()
+    try:
+        lock = single_writer_lock(engine)
+    except RunLockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    with lock:
+        if engine.dialect.name == "sqlite":
+            upgrade(engine)  # embedded default: keep the file's schema current without a release step
+        ctx = AppContext(policy=policy, engine=engine)
+        staff = text_handlers(ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line}))
+        sender = OutboxSender(ctx, {**staff, **customer_handlers(ctx, connectors)})
+        settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
+        if settled:
+            log.warning("settled messages left sending by a previous run", extra={"count": settled})
+        scheduler = BlockingScheduler(timezone="UTC")
+        jobs = Jobs(ctx, connectors, sender)
+        jobs.install(scheduler, outbox_interval=timedelta(seconds=float(os.environ.get("OUTBOX_INTERVAL", "2"))))
+
+        def stop(_signum: int, _frame: FrameType | None) -> None:
+            scheduler.shutdown(wait=False)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("replyclock running", extra={"accounts": sorted(connectors), "database": engine.dialect.name})
+        jobs.run_sweep()
+        scheduler.start()
+    engine.dispose()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replyclock", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run connectors, the sweep and the outbox sender")
+    run.add_argument("--config", help="policy file (default: $REPLYCLOCK_CONFIG or ./replyclock.toml)")
+    run.set_defaults(func=cmd_run)
+
+    db = sub.add_parser("db", help="database commands")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="apply migrations to DATABASE_URL")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db)
+
+    check = sub.add_parser("check", help="validate the policy file and print a summary")
+    check.add_argument("--config")
+    check.set_defaults(func=cmd_check)
+
+    deadline = sub.add_parser("deadline", help="when is a post due? (business time on a calendar)")
+    deadline.add_argument("--config")
+    deadline.add_argument("--calendar", required=True)
+    deadline.add_argument("--target", required=True, help="e.g. 8h, 1h30m, 2d")
+    deadline.add_argument("--at", action="append", help="start time, ISO 8601 (repeatable; default: stdin lines)")
+    deadline.set_defaults(func=cmd_deadline)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
+    demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    load_dotenv(override=False)
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

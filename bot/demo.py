@@ -1,0 +1,259 @@
+"""`replyclock demo`: the whole pipeline on a temporary SQLite database with a sped-up clock.
+
+A scripted stream of customer posts comes in through a real connector class, is stored,
+routed and given deadlines by the real ingest; the real sweep climbs the ladder and the
+real outbox sender delivers, while a fake clock jumps ahead a minute at a time. Staff
+messages are printed as the Slack app would post them.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import tomllib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import func, select
+
+from bot.clock import FakeClock
+from bot.config import parse_policy
+from bot.context import AppContext
+from bot.delivery import customer_handlers, text_handlers
+from bot.jobs import Jobs
+from bot.messages import duration_in_words
+from bot.outbox import OutboxSender
+from bot.sweep import sweep
+from connectors.demo import DemoConnector, ScriptedPost
+from storage.db import make_engine
+from storage.migrate import upgrade
+from storage.models import ANSWERED, Conversation, Event, Outbox
+
+DEMO_POLICY = """
+[settings]
+conversation_gap = "12h"
+default_team = "care"
+
+[calendars.berlin]
+timezone = "Europe/Berlin"
+hours = { mon-fri = ["09:00-17:00"] }
+holidays = { country = "DE", subdivision = "BE" }
+
+[calendars.always]
+timezone = "Europe/Berlin"
+hours = { mon-sun = ["00:00-24:00"] }
+
+[experts.maria]
+name = "Maria Keller"
+slack_id = "U0MARIA01"
+timezone = "Europe/Berlin"
+hours = { mon-fri = ["08:00-18:00"] }
+topics = ["invoices", "refunds"]
+
+[experts.sam]
+name = "Sam Okafor"
+slack_id = "U0SAM0001"
+timezone = "Europe/London"
+hours = { mon-fri = ["08:00-18:00"] }
+topics = ["outages"]
+
+[experts.lee]
+name = "Lee Wong"
+slack_id = "U0LEE0001"
+timezone = "Europe/Berlin"
+hours = { mon-fri = ["09:00-17:00"] }
+
+[teams.care]
+display_name = "Customer Care"
+channel = "#care"
+experts = ["sam", "lee"]
+calendar = "always"
+on_call = "lee"
+manager = "lee"
+
+[teams.billing]
+display_name = "Billing"
+channel = "#billing"
+experts = ["maria", "lee"]
+calendar = "berlin"
+manager = "lee"
+
+[[policies]]
+name = "urgent"
+clock = "wall"
+first_response = "1h"
+warn_at = [0.75]
+nag_every = "20m"
+acknowledge = true
+escalation = [ { after = "10m", notify = "team_channel" }, { after = "30m", notify = "manager" } ]
+match = { priorities = ["urgent"] }
+
+[[policies]]
+name = "billing"
+clock = "business"
+calendar = "berlin"
+first_response = "4h"
+next_response = "2h"
+warn_at = [0.75]
+nag_every = "1h"
+acknowledge = true
+escalation = [ { after = "1h", notify = "manager" } ]
+match = { teams = ["billing"] }
+
+[[policies]]
+name = "classic"
+clock = "wall"
+calendar = "berlin"
+first_response = "24h"
+weekend_first_response = "48h"
+warn_at = [0.75]
+nag_every = "2h"
+acknowledge = true
+escalation = [ { after = "2h", notify = "team_channel" } ]
+
+[[routing]]
+name = "outage"
+team = "care"
+priority = "urgent"
+regex = "(?i)\\\\b(down|outage|not working)\\\\b"
+topics = ["outages"]
+
+[[routing]]
+name = "billing words"
+team = "billing"
+keywords = ["invoice", "refund", "charged"]
+topics = ["invoices"]
+
+[authors]
+ignore = ["spambot9000"]
+
+[accounts.social]
+kind = "demo"
+own_ids = ["acme_support"]
+
+[acknowledgements.default]
+en = "Thanks {author}! {owner_first_name} from our {team} team will get back to you by {due}."
+"""
+
+# Monday 23 November 2026, 08:30 UTC = 09:30 in Berlin.
+DEMO_START = datetime(2026, 11, 23, 8, 30, tzinfo=UTC)
+
+
+def _script() -> list[ScriptedPost]:
+    minutes = timedelta(minutes=1)
+    return [
+        ScriptedPost(0 * minutes, "1001", "c-ana", "ana_lima", "Ana Lima",
+                     "Hi, my invoice for November was charged twice. Can someone refund one? <!channel>"),
+        ScriptedPost(5 * minutes, "1002", "c-ben", "ben_k", "Ben K.", "Is your app down? Login not working since 10am"),
+        ScriptedPost(6 * minutes, "1003", "c-spam", "spambot9000", "Spam Bot", "Buy followers cheap!!!"),
+        ScriptedPost(110 * minutes, "1004", "own", "acme_support", "ACME Support",
+                     "@ben_k Sorry! We found the fault and it is fixed now. Please try again.", reply_to_id="1002"),
+        ScriptedPost(150 * minutes, "1005", "own", "acme_support", "ACME Support",
+                     "@ana_lima Refund for the duplicate charge is on its way, 3-5 days.", reply_to_id="1001"),
+        ScriptedPost(170 * minutes, "1006", "c-ana", "ana_lima", "Ana Lima",
+                     "Thanks! Will I get a corrected invoice too?", reply_to_id="1005"),
+        ScriptedPost(200 * minutes, "1007", "own", "acme_support", "ACME Support",
+                     "@ana_lima Yes, it is in your account now.", reply_to_id="1006"),
+    ]
+
+
+class Transcript:
+    """Prints timestamped lines in the team's local time."""
+
+    def __init__(self, clock: FakeClock, out: TextIO, tz: ZoneInfo) -> None:
+        self.clock = clock
+        self.out = out
+        self.tz = tz
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        stamp = self.clock.now().astimezone(self.tz).strftime("%a %H:%M")
+        text = f"[{stamp}] {line}"
+        self.lines.append(text)
+        print(text, file=self.out, flush=True)
+
+
+def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | None = None) -> int:
+    """Run the scripted story and print its transcript; returns the exit code."""
+    policy = parse_policy(tomllib.loads(DEMO_POLICY), source="<demo policy>", text=DEMO_POLICY)
+    with tempfile.TemporaryDirectory(prefix="replyclock-demo-") as tmp:
+        path = database or Path(tmp) / "demo.db"
+        engine = make_engine(f"sqlite:///{path}")
+        upgrade(engine)
+        clock = FakeClock(DEMO_START)
+        ctx = AppContext(policy=policy, engine=engine, clock=clock)
+        say = Transcript(clock, out, ZoneInfo("Europe/Berlin"))
+        connector = DemoConnector("social", own_ids=("acme_support",), clock=clock, script=_script(), start=DEMO_START)
+        seen_replies = 0
+
+        handlers = {**text_handlers(ctx, lambda line: say("slack " + line)), **customer_handlers(ctx, {"social": connector})}
+        sender = OutboxSender(ctx, handlers)
+        jobs = Jobs(ctx, {"social": connector}, sender, send_after_poll=False)
+
+        say("replyclock demo: a sped-up Monday on a temporary SQLite database; staff messages show what Slack gets")
+        for _minute in range(minutes + 1):
+            before = _event_count(ctx)
+            jobs.poll("social")
+            _narrate_ingest(ctx, say, before)
+            sweep(ctx)
+            sender.send_due()
+            while seen_replies < len(connector.sent):
+                target, text, external_id = connector.sent[seen_replies]
+                say(f"social \u2192 @{target.author_handle} (public reply {external_id}): {text}")
+                seen_replies += 1
+            clock.advance(timedelta(minutes=1))
+        _print_figures(ctx, say)
+        engine.dispose()
+    return 0
+
+
+def _event_count(ctx: AppContext) -> int:
+    with ctx.sessions() as session:
+        return session.scalar(select(func.count()).select_from(Event)) or 0
+
+
+def _narrate_ingest(ctx: AppContext, say: Transcript, after_event: int) -> None:
+    """Say what ingest decided (routing, owner, deadline) from the audit trail."""
+    with ctx.sessions() as session:
+        events = session.scalars(select(Event).where(Event.id > after_event).order_by(Event.id)).all()
+        for event in events:
+            if event.action == "ignored":
+                say(f"post in from @{event.detail.get('author')}: on the ignore list, stored, no conversation")
+                continue
+            conversation = session.get(Conversation, event.conversation_id) if event.conversation_id else None
+            if conversation is None:
+                continue
+            who = f"@{conversation.author_handle}"
+            if event.action == "opened":
+                owner = ctx.policy.experts.get(str(event.detail.get("owner")))
+                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(ZoneInfo("Europe/Berlin"))
+                say(
+                    f"post in from {who}: #{conversation.id} routed to team {event.detail['team']} "
+                    f"({event.detail['priority']}, rule {event.detail['rule']}, policy {event.detail['policy']}), "
+                    f"owner {owner.name if owner else 'nobody'}, due {due:%a %H:%M}"
+                )
+            elif event.action == "answered":
+                say(f"answer seen from our account in #{conversation.id}: clock stopped")
+            elif event.action == "reopened":
+                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(ZoneInfo("Europe/Berlin"))
+                say(f"{who} wrote again in #{conversation.id}: next-response deadline {due:%a %H:%M}")
+
+
+def _print_figures(ctx: AppContext, say: Transcript) -> None:
+    with ctx.sessions() as session:
+        conversations = session.scalars(select(Conversation).order_by(Conversation.id)).all()
+        sent = session.scalar(select(func.count()).select_from(Outbox).where(Outbox.status == "sent")) or 0
+    answered = [c for c in conversations if c.first_response_at is not None]
+    within = [c for c in answered if c.breached_at is None]
+    say(
+        f"figures: {len(conversations)} conversations, {len(answered)} answered, "
+        f"{len(within)} within SLA, {sum(1 for c in conversations if c.breached_at)} breached, "
+        f"{sum(1 for c in conversations if c.status != ANSWERED)} still open; {sent} messages delivered"
+    )
+    for conversation in answered:
+        assert conversation.first_response_at is not None
+        took = duration_in_words(conversation.first_response_at - conversation.opened_at)
+        verdict = "late" if conversation.breached_at else "on time"
+        say(f"  #{conversation.id} @{conversation.author_handle}: first response after {took} ({verdict})")

@@ -1,0 +1,152 @@
+"""The connector interface: every channel normalises its posts to `InboundPost` at the edge."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+ENTRY_POINT_GROUP = "replyclock.connectors"
+
+
+@dataclass(frozen=True)
+class InboundPost:
+    """A post as replyclock sees it, whatever channel it came from.
+
+    Attributes:
+        external_id: the platform's id, unique per account.
+        author_id: the platform's stable id of the author.
+        text: plain text (HTML already stripped by the connector). Untrusted.
+        posted_at: the platform's timestamp, timezone-aware.
+        thread_id: the platform's thread or conversation id, when it has one.
+        reply_to_id: external id of the post this one answers, when known.
+    """
+
+    external_id: str
+    author_id: str
+    text: str
+    posted_at: datetime
+    author_name: str | None = None
+    author_handle: str | None = None
+    url: str | None = None
+    thread_id: str | None = None
+    reply_to_id: str | None = None
+    language: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.posted_at.tzinfo is None:
+            raise ValueError(f"post {self.external_id}: posted_at must be timezone-aware")
+        if not self.external_id:
+            raise ValueError("post without external_id")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one fetch returned: posts since the cursor, and the cursor that covers them."""
+
+    posts: tuple[InboundPost, ...]
+    cursor: str | None
+    # True when the source has more pages right now (fetch again without waiting).
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    """What a connector needs to answer a post."""
+
+    external_id: str
+    author_id: str
+    author_handle: str | None
+    thread_id: str | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ConnectorError(Exception):
+    """A connector failed; `retryable` says whether trying again later may help."""
+
+    retryable: bool = True
+
+
+class RateLimited(ConnectorError):
+    """The platform said 429: park this connector until `reset_at`."""
+
+    def __init__(self, reset_at: datetime, message: str = "rate limited") -> None:
+        super().__init__(f"{message}; parked until {reset_at.isoformat()}")
+        self.reset_at = reset_at
+
+
+class AuthFailed(ConnectorError):
+    """Credentials refused (401/403): needs a human, not a retry loop."""
+
+    retryable = False
+
+
+class NotSent(ConnectorError):
+    """The platform refused a reply and certainly did not post it (safe to retry later)."""
+
+
+class Connector(ABC):
+    """One channel. Subclasses set `kind` and implement fetch, reply and is_own.
+
+    The base class owns back-off: `next_poll_delay` grows exponentially with jitter after
+    consecutive failures, so each connector does not reinvent it.
+    """
+
+    kind: ClassVar[str]
+    push: ClassVar[bool] = False  # push connectors (webhook) never poll
+
+    def __init__(self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None):
+        self.name = name
+        self.own_ids = own_ids
+        self.settings: Mapping[str, Any] = settings or {}
+        self.consecutive_failures = 0
+
+    @abstractmethod
+    def fetch(self, cursor: str | None) -> Batch:
+        """New posts since `cursor`, oldest first, and the cursor that covers them."""
+
+    @abstractmethod
+    def reply(self, to: ReplyTarget, text: str) -> str:
+        """Post a public reply to `to`; returns the reply's external id.
+
+        Raises:
+            NotSent: the platform refused and did not post (may be retried).
+            RateLimited: ditto, retry after the reset.
+            Any other exception: outcome unknown; the outbox will not resend.
+        """
+
+    def is_own(self, post: InboundPost) -> bool:
+        """True when our own account wrote `post` (it answers the conversation)."""
+        return post.author_id in self.own_ids or (
+            post.author_handle is not None
+            and post.author_handle.lstrip("@").lower() in {i.lstrip("@").lower() for i in self.own_ids}
+        )
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self) -> None:
+        self.consecutive_failures += 1
+
+    def next_poll_delay(self, interval: timedelta, *, cap: timedelta = timedelta(minutes=15)) -> timedelta:
+        """The wait before the next poll: the interval, or exponential back-off with jitter after failures."""
+        if self.consecutive_failures == 0:
+            return interval
+        backoff = interval.total_seconds() * (2 ** min(self.consecutive_failures, 10))
+        backoff = min(backoff, cap.total_seconds())
+        return timedelta(seconds=random.uniform(backoff / 2, backoff))
+
+
+def connector_classes() -> dict[str, type[Connector]]:
+    """Connector classes registered in the `replyclock.connectors` entry-point group, by kind."""
+    found: dict[str, type[Connector]] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if isinstance(cls, type) and issubclass(cls, Connector):
+            found[entry.name] = cls
+    return found

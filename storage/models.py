@@ -1,0 +1,200 @@
+"""SQLAlchemy 2 models: everything that must survive a crash is a row here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from storage.types import UTCDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+# Conversation.status values
+OPEN = "open"  # waiting for our (first or next) response
+ANSWERED = "answered"  # a human answered; a further customer post reopens it
+CLOSED = "closed"  # closed by staff without (further) reply
+CONVERSATION_STATUSES = (OPEN, ANSWERED, CLOSED)
+
+# Outbox.status values
+PENDING, SENDING, SENT, FAILED, UNKNOWN = "pending", "sending", "sent", "failed", "unknown"
+OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN)
+
+
+class Account(Base):
+    """A connector account (one X handle, one Mastodon account, one feed, one webhook) and its cursor."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    cursor: Mapped[str | None] = mapped_column(Text)
+    cursor_updated_at: Mapped[datetime | None]
+    last_poll_at: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    parked_until: Mapped[datetime | None]
+
+
+class Post(Base):
+    """One post, incoming (customer) or outgoing (ours), stored once per account and external id."""
+
+    __tablename__ = "posts"
+    __table_args__ = (UniqueConstraint("account_id", "external_id", name="uq_posts_account_external"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    direction: Mapped[str] = mapped_column(String(3))  # "in" or "out"
+    author_id: Mapped[str] = mapped_column(String(200))
+    author_name: Mapped[str | None] = mapped_column(String(200))
+    author_handle: Mapped[str | None] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    url: Mapped[str | None] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(String(16))
+    posted_at: Mapped[datetime]  # platform time
+    received_at: Mapped[datetime]
+    reply_to_external_id: Mapped[str | None] = mapped_column(String(200))
+    thread_key: Mapped[str | None] = mapped_column(String(200))
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
+
+
+class Conversation(Base):
+    """A customer's question and its deadline: the unit staff claim, answer and get nagged about."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        # The sweep asks "which conversations need something done by now?". Only open ones carry
+        # a next_action_at, so a partial index keeps that query O(due), not O(open or all).
+        Index(
+            "ix_conversations_next_action_at",
+            "next_action_at",
+            postgresql_where=text("next_action_at IS NOT NULL"),
+            sqlite_where=text("next_action_at IS NOT NULL"),
+        ),
+        Index("ix_conversations_account_thread", "account_id", "thread_key"),
+        Index("ix_conversations_account_author", "account_id", "author_id", "last_customer_post_at"),
+        Index("ix_conversations_team_status", "team", "status"),
+        Index("ix_conversations_owner_status", "owner", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    thread_key: Mapped[str | None] = mapped_column(String(200))
+    author_id: Mapped[str] = mapped_column(String(200))
+    author_name: Mapped[str | None] = mapped_column(String(200))
+    author_handle: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=OPEN)
+    team: Mapped[str] = mapped_column(String(100))
+    priority: Mapped[str] = mapped_column(String(16))
+    policy: Mapped[str] = mapped_column(String(100))
+    route_rule: Mapped[str | None] = mapped_column(String(100))
+    owner: Mapped[str | None] = mapped_column(String(100))
+    assigned_at: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claimed_at: Mapped[datetime | None]
+    opened_at: Mapped[datetime]
+    # The deadline of the current cycle (cycle 0: first response; later cycles: next response).
+    cycle: Mapped[int] = mapped_column(Integer, default=0)
+    cycle_started_at: Mapped[datetime]
+    clock_started_at: Mapped[datetime]
+    due_at: Mapped[datetime]
+    last_customer_post_at: Mapped[datetime]
+    first_response_at: Mapped[datetime | None]
+    answered_at: Mapped[datetime | None]
+    answered_by: Mapped[str | None] = mapped_column(String(100))
+    breached_at: Mapped[datetime | None]  # the first breach of this conversation
+    breach_cycle: Mapped[int | None] = mapped_column(Integer)  # the cycle whose breach was announced
+    closed_at: Mapped[datetime | None]
+    close_reason: Mapped[str | None] = mapped_column(String(100))
+    acknowledged_at: Mapped[datetime | None]
+    # The ladder: what has been done in this cycle, and when the sweep must look again.
+    warnings_sent: Mapped[int] = mapped_column(Integer, default=0)
+    nag_level: Mapped[int] = mapped_column(Integer, default=0)
+    escalation_step: Mapped[int] = mapped_column(Integer, default=0)
+    reassignments: Mapped[int] = mapped_column(Integer, default=0)
+    next_action_at: Mapped[datetime | None]
+    slack_channel: Mapped[str | None] = mapped_column(String(100))
+    slack_ts: Mapped[str | None] = mapped_column(String(40))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class Expert(Base):
+    """Runtime state of an expert from the policy file (the file stays the source of who exists)."""
+
+    __tablename__ = "experts"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    slack_id: Mapped[str] = mapped_column(String(40))
+    away_until: Mapped[datetime | None]
+    active: Mapped[bool] = mapped_column(default=True)
+
+
+class Event(Base):
+    """Append-only audit trail: who did what, when."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Outbox(Base):
+    """A message still to be sent (or sent): written in the same transaction as its cause."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index(
+            "ix_outbox_pending",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index("ix_outbox_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    result: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,186 @@
+"""Repository functions: module-level, session passed in, 2.0-style queries. Nothing here knows Slack."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Insert, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    CLOSED,
+    OPEN,
+    PENDING,
+    Account,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
+
+
+def insert_ignoring_conflicts(session: Session, table: Table, index_elements: Sequence[str]) -> Insert:
+    """An INSERT that silently skips rows violating the given unique key (both dialects)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
+
+
+def get_or_create_account(*, session: Session, name: str, kind: str) -> Account:
+    """The account row for a configured account, created on first use."""
+    account = session.scalars(select(Account).where(Account.name == name)).one_or_none()
+    if account is None:
+        session.execute(
+            insert_ignoring_conflicts(session, Account.__table__, ["name"]).values(name=name, kind=kind)  # type: ignore[arg-type]
+        )
+        account = session.scalars(select(Account).where(Account.name == name)).one()
+    return account
+
+
+def existing_external_ids(*, session: Session, account_id: int, external_ids: Iterable[str]) -> set[str]:
+    """Which of these external ids are already stored for the account."""
+    ids = list(set(external_ids))
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        found.update(
+            session.scalars(
+                select(Post.external_id).where(Post.account_id == account_id, Post.external_id.in_(chunk))
+            )
+        )
+    return found
+
+
+def post_by_external_id(*, session: Session, account_id: int, external_id: str) -> Post | None:
+    """A stored post by its platform id."""
+    return session.scalars(
+        select(Post).where(Post.account_id == account_id, Post.external_id == external_id)
+    ).one_or_none()
+
+
+def conversation_for_thread(*, session: Session, account_id: int, thread_key: str) -> Conversation | None:
+    """The latest conversation of a platform thread that is not closed."""
+    return session.scalars(
+        select(Conversation)
+        .where(
+            Conversation.account_id == account_id,
+            Conversation.thread_key == thread_key,
+            Conversation.status != CLOSED,
+        )
+        .order_by(Conversation.id.desc())
+        .limit(1)
+    ).first()
+
+
+def recent_conversation_of_author(
+    *, session: Session, account_id: int, author_id: str, since: datetime
+) -> Conversation | None:
+    """The author's latest conversation on this account with a customer post since `since`, not closed."""
+    return session.scalars(
+        select(Conversation)
+        .where(
+            Conversation.account_id == account_id,
+            Conversation.author_id == author_id,
+            Conversation.last_customer_post_at >= since,
+            Conversation.status != CLOSED,
+        )
+        .order_by(Conversation.id.desc())
+        .limit(1)
+    ).first()
+
+
+def author_acknowledged_since(*, session: Session, account_id: int, author_id: str, since: datetime) -> bool:
+    """True when the author got an acknowledgement on this account since `since`."""
+    return (
+        session.scalar(
+            select(Conversation.id)
+            .where(
+                Conversation.account_id == account_id,
+                Conversation.author_id == author_id,
+                Conversation.acknowledged_at >= since,
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
+def open_loads(*, session: Session, team: str) -> dict[str, int]:
+    """Open conversations owned, per expert of a team."""
+    rows = session.execute(
+        select(Conversation.owner, func.count())
+        .where(Conversation.team == team, Conversation.status == OPEN, Conversation.owner.is_not(None))
+        .group_by(Conversation.owner)
+    )
+    return {owner: count for owner, count in rows if owner is not None}
+
+
+def last_assigned(*, session: Session, team: str) -> str | None:
+    """The expert most recently given a conversation of this team (for round robin)."""
+    return session.scalar(
+        select(Conversation.owner)
+        .where(Conversation.team == team, Conversation.owner.is_not(None))
+        .order_by(Conversation.assigned_at.desc(), Conversation.id.desc())
+        .limit(1)
+    )
+
+
+def enqueue(
+    *,
+    session: Session,
+    kind: str,
+    key: str,
+    payload: dict[str, Any],
+    now: datetime,
+    conversation_id: int | None = None,
+) -> bool:
+    """Write an outbox row unless one with the same idempotency key exists; True if written."""
+    statement = insert_ignoring_conflicts(session, Outbox.__table__, ["idempotency_key"]).values(  # type: ignore[arg-type]
+        kind=kind,
+        conversation_id=conversation_id,
+        payload=payload,
+        idempotency_key=key,
+        status=PENDING,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )
+    result = session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def record_event(
+    *,
+    session: Session,
+    at: datetime,
+    actor: str,
+    action: str,
+    conversation_id: int | None = None,
+    **detail: Any,
+) -> None:
+    """Append one row to the audit trail."""
+    session.add(Event(conversation_id=conversation_id, at=at, actor=actor, action=action, detail=detail))
+
+
+def events_of(*, session: Session, conversation_id: int) -> list[Event]:
+    """A conversation's audit trail, oldest first."""
+    return list(
+        session.scalars(select(Event).where(Event.conversation_id == conversation_id).order_by(Event.id))
+    )
+
+
+def save_cursor(*, session: Session, account_id: int, cursor: str | None, now: datetime) -> None:
+    """Store the connector cursor (in the same transaction as the posts it covers)."""
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(cursor=cursor, cursor_updated_at=now, last_poll_at=now, last_success_at=now, last_error=None)
+    )
+
+
+def outbox_counts(*, session: Session) -> dict[str, int]:
+    """Outbox rows per status."""
+    return {status: count for status, count in session.execute(select(Outbox.status, func.count()).group_by(Outbox.status))}
