@@ -13,7 +13,9 @@ class ConnectorSetupError(Exception):
     """An account names an unknown connector kind, or its connector refused its settings."""
 
 
-def build_connectors(policy: Policy, environ: Mapping[str, str], *, dry_run: bool = False) -> dict[str, Connector]:
+def build_connectors(
+    policy: Policy, environ: Mapping[str, str], *, dry_run: bool = False
+) -> dict[str, Connector]:
     """One connector per configured account.
 
     Args:

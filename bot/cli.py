@@ -131,21 +131,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         if engine.dialect.name == "sqlite":
             upgrade(engine)  # embedded default: keep the file's schema current without a release step
         ctx = AppContext(policy=policy, engine=engine)
-        staff = text_handlers(ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line}))
+        staff = text_handlers(
+            ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})
+        )
         sender = OutboxSender(ctx, {**staff, **customer_handlers(ctx, connectors)})
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
         scheduler = BlockingScheduler(timezone="UTC")
         jobs = Jobs(ctx, connectors, sender)
-        jobs.install(scheduler, outbox_interval=timedelta(seconds=float(os.environ.get("OUTBOX_INTERVAL", "2"))))
+        jobs.install(
+            scheduler, outbox_interval=timedelta(seconds=float(os.environ.get("OUTBOX_INTERVAL", "2")))
+        )
 
         def stop(_signum: int, _frame: FrameType | None) -> None:
             scheduler.shutdown(wait=False)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        log.info("replyclock running", extra={"accounts": sorted(connectors), "database": engine.dialect.name})
+        log.info(
+            "replyclock running", extra={"accounts": sorted(connectors), "database": engine.dialect.name}
+        )
         jobs.run_sweep()
         scheduler.start()
     engine.dispose()
@@ -174,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     deadline.add_argument("--config")
     deadline.add_argument("--calendar", required=True)
     deadline.add_argument("--target", required=True, help="e.g. 8h, 1h30m, 2d")
-    deadline.add_argument("--at", action="append", help="start time, ISO 8601 (repeatable; default: stdin lines)")
+    deadline.add_argument(
+        "--at", action="append", help="start time, ISO 8601 (repeatable; default: stdin lines)"
+    )
     deadline.set_defaults(func=cmd_deadline)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")

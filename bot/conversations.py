@@ -29,7 +29,9 @@ def deadline_for(
     ctx: AppContext, sla: SlaPolicy, team: str, start: datetime, kind: Literal["first", "next"]
 ) -> Deadline:
     """The deadline for a customer post at `start` under `sla`, on the right calendar."""
-    needs_calendar = sla.clock == "business" or sla.calendar is not None or sla.weekend_first_response is not None
+    needs_calendar = (
+        sla.clock == "business" or sla.calendar is not None or sla.weekend_first_response is not None
+    )
     calendar = ctx.policy_calendar(sla, team) if needs_calendar else None
     return compute_deadline(sla, calendar, start, kind=kind)
 
@@ -41,7 +43,9 @@ def current_deadline(session: Session, ctx: AppContext, conversation: Conversati
     return deadline_for(ctx, sla, conversation.team, conversation.cycle_started_at, kind)
 
 
-def mark_answered(session: Session, conversation: Conversation, *, at: datetime, by: str, now: datetime) -> None:
+def mark_answered(
+    session: Session, conversation: Conversation, *, at: datetime, by: str, now: datetime
+) -> None:
     """A human answered: stamp the response, stop the ladder, update the card."""
     conversation.status = ANSWERED
     conversation.answered_at = at

@@ -29,6 +29,7 @@ STAFF_KINDS = (
     "reassign",
     "delivery_unknown",
     "delivery_failed",
+    "admin_alert",
 )
 
 
@@ -37,6 +38,10 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
 
     def send(message: OutboxMessage) -> str | None:
         with ctx.sessions() as session:
+            if message.kind == "ack" and message.conversation_id is not None:
+                conversation = session.get(Conversation, message.conversation_id)
+                if conversation is not None and conversation.first_response_at is not None:
+                    return "skipped: a human answered first"
             post = session.get(Post, message.payload["post_id"])
             if post is None:
                 raise NotSent(f"post {message.payload['post_id']} not found")
@@ -59,7 +64,9 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
     return {kind: send for kind in CUSTOMER_KINDS}
 
 
-def _store_sent(ctx: AppContext, account_id: int, parent: Post, external_id: str, text: str, message: OutboxMessage) -> None:
+def _store_sent(
+    ctx: AppContext, account_id: int, parent: Post, external_id: str, text: str, message: OutboxMessage
+) -> None:
     """Remember our own post, so seeing it again on the platform is a duplicate, not an answer."""
     now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
@@ -85,10 +92,16 @@ def _store_sent(ctx: AppContext, account_id: int, parent: Post, external_id: str
 
 def describe(session: Session, ctx: AppContext, message: OutboxMessage, now: datetime) -> str:
     """One staff message as text: what the Slack app will post, minus the buttons."""
+    if message.kind == "admin_alert":
+        return f"{message.payload.get('channel') or 'admins'}: ALERT {message.payload.get('text')}"
     conversation = session.get(Conversation, message.conversation_id) if message.conversation_id else None
     if conversation is None:
         return f"[{message.kind}] {dict(message.payload)}"
-    tz = ctx.calendar(ctx.policy.teams[conversation.team].calendar).tz if conversation.team in ctx.policy.teams else None
+    tz = (
+        ctx.calendar(ctx.policy.teams[conversation.team].calendar).tz
+        if conversation.team in ctx.policy.teams
+        else None
+    )
     who = _person(ctx, conversation.owner)
     customer = conversation.author_handle or conversation.author_name or conversation.author_id
     due = due_in_words(conversation.due_at, now, tz) if tz else conversation.due_at.isoformat()
@@ -125,7 +138,9 @@ def describe(session: Session, ctx: AppContext, message: OutboxMessage, now: dat
             return f"DM to on-call {_person(ctx, payload.get('on_call'))}: #{conversation.id} {due.split(' (')[0]}"
         if target == "owner":
             return f"DM to {who}: escalation, #{conversation.id} {due.split(' (')[0]}"
-        return f"{channel}: escalation, #{conversation.id} from @{customer} is {due.split(' (')[0]}, owner {who}"
+        return (
+            f"{channel}: escalation, #{conversation.id} from @{customer} is {due.split(' (')[0]}, owner {who}"
+        )
     if kind == "reassign":
         previous = _person(ctx, payload.get("previous_owner"))
         return f"{channel} thread #{conversation.id}: nobody claimed it, offered to {who} (was {previous})"

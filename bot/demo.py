@@ -144,18 +144,54 @@ DEMO_START = datetime(2026, 11, 23, 8, 30, tzinfo=UTC)
 def _script() -> list[ScriptedPost]:
     minutes = timedelta(minutes=1)
     return [
-        ScriptedPost(0 * minutes, "1001", "c-ana", "ana_lima", "Ana Lima",
-                     "Hi, my invoice for November was charged twice. Can someone refund one? <!channel>"),
-        ScriptedPost(5 * minutes, "1002", "c-ben", "ben_k", "Ben K.", "Is your app down? Login not working since 10am"),
+        ScriptedPost(
+            0 * minutes,
+            "1001",
+            "c-ana",
+            "ana_lima",
+            "Ana Lima",
+            "Hi, my invoice for November was charged twice. Can someone refund one? <!channel>",
+        ),
+        ScriptedPost(
+            5 * minutes, "1002", "c-ben", "ben_k", "Ben K.", "Is your app down? Login not working since 10am"
+        ),
         ScriptedPost(6 * minutes, "1003", "c-spam", "spambot9000", "Spam Bot", "Buy followers cheap!!!"),
-        ScriptedPost(110 * minutes, "1004", "own", "acme_support", "ACME Support",
-                     "@ben_k Sorry! We found the fault and it is fixed now. Please try again.", reply_to_id="1002"),
-        ScriptedPost(150 * minutes, "1005", "own", "acme_support", "ACME Support",
-                     "@ana_lima Refund for the duplicate charge is on its way, 3-5 days.", reply_to_id="1001"),
-        ScriptedPost(170 * minutes, "1006", "c-ana", "ana_lima", "Ana Lima",
-                     "Thanks! Will I get a corrected invoice too?", reply_to_id="1005"),
-        ScriptedPost(200 * minutes, "1007", "own", "acme_support", "ACME Support",
-                     "@ana_lima Yes, it is in your account now.", reply_to_id="1006"),
+        ScriptedPost(
+            110 * minutes,
+            "1004",
+            "own",
+            "acme_support",
+            "ACME Support",
+            "@ben_k Sorry! We found the fault and it is fixed now. Please try again.",
+            reply_to_id="1002",
+        ),
+        ScriptedPost(
+            150 * minutes,
+            "1005",
+            "own",
+            "acme_support",
+            "ACME Support",
+            "@ana_lima Refund for the duplicate charge is on its way, 3-5 days.",
+            reply_to_id="1001",
+        ),
+        ScriptedPost(
+            170 * minutes,
+            "1006",
+            "c-ana",
+            "ana_lima",
+            "Ana Lima",
+            "Thanks! Will I get a corrected invoice too?",
+            reply_to_id="1005",
+        ),
+        ScriptedPost(
+            200 * minutes,
+            "1007",
+            "own",
+            "acme_support",
+            "ACME Support",
+            "@ana_lima Yes, it is in your account now.",
+            reply_to_id="1006",
+        ),
     ]
 
 
@@ -185,14 +221,21 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
         clock = FakeClock(DEMO_START)
         ctx = AppContext(policy=policy, engine=engine, clock=clock)
         say = Transcript(clock, out, ZoneInfo("Europe/Berlin"))
-        connector = DemoConnector("social", own_ids=("acme_support",), clock=clock, script=_script(), start=DEMO_START)
+        connector = DemoConnector(
+            "social", own_ids=("acme_support",), clock=clock, script=_script(), start=DEMO_START
+        )
         seen_replies = 0
 
-        handlers = {**text_handlers(ctx, lambda line: say("slack " + line)), **customer_handlers(ctx, {"social": connector})}
+        handlers = {
+            **text_handlers(ctx, lambda line: say("slack " + line)),
+            **customer_handlers(ctx, {"social": connector}),
+        }
         sender = OutboxSender(ctx, handlers)
         jobs = Jobs(ctx, {"social": connector}, sender, send_after_poll=False)
 
-        say("replyclock demo: a sped-up Monday on a temporary SQLite database; staff messages show what Slack gets")
+        say(
+            "replyclock demo: a sped-up Monday on a temporary SQLite database; staff messages show what Slack gets"
+        )
         for _minute in range(minutes + 1):
             before = _event_count(ctx)
             jobs.poll("social")
@@ -220,7 +263,9 @@ def _narrate_ingest(ctx: AppContext, say: Transcript, after_event: int) -> None:
         events = session.scalars(select(Event).where(Event.id > after_event).order_by(Event.id)).all()
         for event in events:
             if event.action == "ignored":
-                say(f"post in from @{event.detail.get('author')}: on the ignore list, stored, no conversation")
+                say(
+                    f"post in from @{event.detail.get('author')}: on the ignore list, stored, no conversation"
+                )
                 continue
             conversation = session.get(Conversation, event.conversation_id) if event.conversation_id else None
             if conversation is None:
@@ -228,7 +273,9 @@ def _narrate_ingest(ctx: AppContext, say: Transcript, after_event: int) -> None:
             who = f"@{conversation.author_handle}"
             if event.action == "opened":
                 owner = ctx.policy.experts.get(str(event.detail.get("owner")))
-                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(ZoneInfo("Europe/Berlin"))
+                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(
+                    ZoneInfo("Europe/Berlin")
+                )
                 say(
                     f"post in from {who}: #{conversation.id} routed to team {event.detail['team']} "
                     f"({event.detail['priority']}, rule {event.detail['rule']}, policy {event.detail['policy']}), "
@@ -237,7 +284,9 @@ def _narrate_ingest(ctx: AppContext, say: Transcript, after_event: int) -> None:
             elif event.action == "answered":
                 say(f"answer seen from our account in #{conversation.id}: clock stopped")
             elif event.action == "reopened":
-                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(ZoneInfo("Europe/Berlin"))
+                due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(
+                    ZoneInfo("Europe/Berlin")
+                )
                 say(f"{who} wrote again in #{conversation.id}: next-response deadline {due:%a %H:%M}")
 
 

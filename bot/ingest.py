@@ -64,7 +64,7 @@ def ingest_batch(
     account: str,
     posts: Sequence[InboundPost],
     is_own: Callable[[InboundPost], bool],
-    cursor: str | None | _Keep = KEEP_CURSOR,
+    cursor: str | _Keep | None = KEEP_CURSOR,
 ) -> IngestResult:
     """Store `posts` for `account` idempotently and act on the new ones.
 
@@ -111,7 +111,19 @@ def ingest_batch(
     return result
 
 
-def _store_post(session: Session, account_id: int, inbound: InboundPost, *, own: bool, now: datetime) -> Post | None:
+STOP_WORDS = frozenset({"stop", "unsubscribe", "stopp", "arrêter", "arreter"})
+
+
+def is_stop_request(text: str) -> bool:
+    """True when a customer's whole message asks us to stop writing (e.g. "STOP", "stop!")."""
+    words = [w.strip(".,!?;:()[]\"'").casefold() for w in text.split()]
+    words = [w for w in words if w and not w.startswith("@")]
+    return len(words) == 1 and words[0] in STOP_WORDS
+
+
+def _store_post(
+    session: Session, account_id: int, inbound: InboundPost, *, own: bool, now: datetime
+) -> Post | None:
     values: dict[str, Any] = dict(
         account_id=account_id,
         external_id=inbound.external_id,
@@ -154,7 +166,9 @@ def _find_conversation(
             if conversation is not None and conversation.status != CLOSED:
                 return conversation
     if post.thread_key:
-        found = repo.conversation_for_thread(session=session, account_id=account_id, thread_key=post.thread_key)
+        found = repo.conversation_for_thread(
+            session=session, account_id=account_id, thread_key=post.thread_key
+        )
         if found is not None:
             return found
     if by_author:
@@ -175,7 +189,13 @@ def _apply_own_post(
         return
     post.conversation_id = conversation.id
     if conversation.status == OPEN:
-        mark_answered(session, conversation, at=post.posted_at, by=f"account:{post.author_handle or post.author_id}", now=now)
+        mark_answered(
+            session,
+            conversation,
+            at=post.posted_at,
+            by=f"account:{post.author_handle or post.author_id}",
+            now=now,
+        )
         result.answered.append(conversation.id)
 
 
@@ -190,6 +210,15 @@ def _apply_customer_post(
     teams: dict[str, _TeamState],
     result: IngestResult,
 ) -> None:
+    if is_stop_request(post.text):
+        repo.record_opt_out(session=session, account_id=account_id, author_id=post.author_id, now=now)
+        repo.record_event(
+            session=session,
+            at=now,
+            actor="system",
+            action="ack_opt_out",
+            author=post.author_handle or post.author_id,
+        )
     conversation = _find_conversation(session, ctx, post, account_id, by_author=True)
     if conversation is not None:
         post.conversation_id = conversation.id
@@ -220,7 +249,11 @@ def _apply_customer_post(
     if route.ignored:
         result.ignored += 1
         repo.record_event(
-            session=session, at=now, actor="system", action="ignored", author=post.author_handle or post.author_id,
+            session=session,
+            at=now,
+            actor="system",
+            action="ignored",
+            author=post.author_handle or post.author_id,
             post_id=post.id,
         )
         return
@@ -355,9 +388,20 @@ def _acknowledge(
     if not sla.acknowledge or configured is None or not configured.can_reply:
         return False
     if repo.author_acknowledged_since(
-        session=session, account_id=conversation.account_id, author_id=post.author_id, since=now - ACK_PER_AUTHOR_WINDOW
+        session=session,
+        account_id=conversation.account_id,
+        author_id=post.author_id,
+        since=now - ACK_PER_AUTHOR_WINDOW,
     ):
         return False
+    if repo.has_opted_out(session=session, account_id=conversation.account_id, author_id=post.author_id):
+        return False
+    if post.reply_to_external_id:
+        parent = repo.post_by_external_id(
+            session=session, account_id=conversation.account_id, external_id=post.reply_to_external_id
+        )
+        if parent is not None and parent.direction == "out":
+            return False  # answering our own reply: they know someone is on it
     team = ctx.policy.teams[conversation.team]
     template = ctx.policy.acknowledgement_template(team=team.name, language=post.language or team.language)
     if template is None:
@@ -381,10 +425,16 @@ def _acknowledge(
         conversation_id=conversation.id,
         now=now,
     )
-    repo.record_event(session=session, at=now, actor="system", action="ack_queued", conversation_id=conversation.id)
+    repo.record_event(
+        session=session, at=now, actor="system", action="ack_queued", conversation_id=conversation.id
+    )
     return True
 
 
 def conversation_posts(session: Session, conversation_id: int) -> list[Post]:
     """The posts of a conversation, oldest first."""
-    return list(session.scalars(select(Post).where(Post.conversation_id == conversation_id).order_by(Post.posted_at, Post.id)))
+    return list(
+        session.scalars(
+            select(Post).where(Post.conversation_id == conversation_id).order_by(Post.posted_at, Post.id)
+        )
+    )

@@ -58,10 +58,18 @@ class Jobs:
         """Register every job on `scheduler` (not yet started)."""
         self.scheduler = scheduler
         common = {"max_instances": 1, "coalesce": True, "replace_existing": True}
-        scheduler.add_job(self.run_sweep, "interval", seconds=sweep_max_interval().total_seconds(), id=SWEEP_JOB, **common)
-        scheduler.add_job(self.run_outbox, "interval", seconds=outbox_interval.total_seconds(), id=OUTBOX_JOB, **common)
         scheduler.add_job(
-            self.sender.recover, "interval", seconds=self.sender.lease.total_seconds(), id=OUTBOX_RECOVER_JOB, **common
+            self.run_sweep, "interval", seconds=sweep_max_interval().total_seconds(), id=SWEEP_JOB, **common
+        )
+        scheduler.add_job(
+            self.run_outbox, "interval", seconds=outbox_interval.total_seconds(), id=OUTBOX_JOB, **common
+        )
+        scheduler.add_job(
+            self.sender.recover,
+            "interval",
+            seconds=self.sender.lease.total_seconds(),
+            id=OUTBOX_RECOVER_JOB,
+            **common,
         )
         for name, connector in self.connectors.items():
             if connector.push:
@@ -82,7 +90,10 @@ class Jobs:
         try:
             result = sweep(self.ctx)
             if result.processed:
-                log.info("sweep", extra={"processed": result.processed, "steps": result.steps, "failed": result.failed})
+                log.info(
+                    "sweep",
+                    extra={"processed": result.processed, "steps": result.steps, "failed": result.failed},
+                )
                 self.run_outbox()
         finally:
             self.schedule_wake()
@@ -97,7 +108,12 @@ class Jobs:
         limit = self.ctx.clock.now() + sweep_max_interval()
         when = max(min(earliest, limit), self.ctx.clock.now())
         self.scheduler.add_job(
-            self.run_sweep, "date", run_date=when, id=SWEEP_WAKE_JOB, replace_existing=True, misfire_grace_time=None
+            self.run_sweep,
+            "date",
+            run_date=when,
+            id=SWEEP_WAKE_JOB,
+            replace_existing=True,
+            misfire_grace_time=None,
         )
 
     def run_outbox(self) -> None:
@@ -105,7 +121,12 @@ class Jobs:
         if result.sent or result.retried or result.failed or result.unknown:
             log.info(
                 "outbox",
-                extra={"sent": result.sent, "retried": result.retried, "failed": result.failed, "unknown": result.unknown},
+                extra={
+                    "sent": result.sent,
+                    "retried": result.retried,
+                    "failed": result.failed,
+                    "unknown": result.unknown,
+                },
             )
 
     def poll(self, name: str) -> int:
@@ -123,12 +144,15 @@ class Jobs:
                 batch = connector.fetch(cursor)
             except RateLimited as error:
                 self._park(account_id, error.reset_at, str(error))
-                log.warning("connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()})
+                log.warning(
+                    "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
+                )
                 return stored
             except AuthFailed as error:
                 connector.record_failure()
                 self._park(account_id, now + timedelta(minutes=15), str(error))
                 log.error("connector credentials refused", extra={"account": name, "error": str(error)})
+                self._alert_admins(name, f"{name}: credentials refused ({error}); polling paused for 15 min")
                 return stored
             except Exception as error:
                 connector.record_failure()
@@ -138,7 +162,12 @@ class Jobs:
             connector.record_success()
             with self.ctx.sessions() as session, session.begin():
                 result = ingest_batch(
-                    session, self.ctx, account=name, posts=batch.posts, is_own=connector.is_own, cursor=batch.cursor
+                    session,
+                    self.ctx,
+                    account=name,
+                    posts=batch.posts,
+                    is_own=connector.is_own,
+                    cursor=batch.cursor,
                 )
             stored += result.stored
             cursor = batch.cursor
@@ -149,6 +178,18 @@ class Jobs:
                 self.run_outbox()
             self.schedule_wake()
         return stored
+
+    def _alert_admins(self, account: str, text: str) -> None:
+        """One alert per account and hour to the admin channel (through the outbox, like everything)."""
+        now = self.ctx.clock.now()
+        with self.ctx.sessions() as session, session.begin():
+            repo.enqueue(
+                session=session,
+                kind="admin_alert",
+                key=f"alert:{account}:{now:%Y%m%dT%H}",
+                payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
+                now=now,
+            )
 
     def _park(self, account_id: int, until: datetime, error: str) -> None:
         with self.ctx.sessions() as session, session.begin():

@@ -178,7 +178,11 @@ class OutboxSender:
                 result.retried += 1
             log.warning(
                 "delivery failed, will retry" if message.attempts < self.max_attempts else "delivery failed",
-                extra={"conversation_id": message.conversation_id, "outbox_id": message.id, "error": str(error)},
+                extra={
+                    "conversation_id": message.conversation_id,
+                    "outbox_id": message.id,
+                    "error": str(error),
+                },
             )
             return
         except Exception as error:
@@ -231,7 +235,9 @@ class OutboxSender:
 
 
 def _detached(row: Outbox) -> OutboxMessage:
-    return OutboxMessage(row.id, row.kind, row.conversation_id, dict(row.payload), row.idempotency_key, row.attempts)
+    return OutboxMessage(
+        row.id, row.kind, row.conversation_id, dict(row.payload), row.idempotency_key, row.attempts
+    )
 
 
 def _report(session: Session, message: OutboxMessage, status: str, error: str | None, now: datetime) -> None:
@@ -250,8 +256,13 @@ def _report(session: Session, message: OutboxMessage, status: str, error: str | 
             session=session,
             kind="delivery_unknown" if status == UNKNOWN else "delivery_failed",
             key=f"outbox:{message.id}:{status}",
-            payload={"conversation_id": message.conversation_id, "outbox_id": message.id, "kind": message.kind,
-                     "text": message.payload.get("text"), "error": error},
+            payload={
+                "conversation_id": message.conversation_id,
+                "outbox_id": message.id,
+                "kind": message.kind,
+                "text": message.payload.get("text"),
+                "error": error,
+            },
             conversation_id=message.conversation_id,
             now=now,
         )

@@ -66,7 +66,9 @@ def _claim(session: Session, now: datetime, limit: int) -> list[Conversation]:
     return list(session.scalars(query))
 
 
-def _process_one(session: Session, ctx: AppContext, conversation: Conversation, now: datetime, result: SweepResult) -> None:
+def _process_one(
+    session: Session, ctx: AppContext, conversation: Conversation, now: datetime, result: SweepResult
+) -> None:
     conversation_id = conversation.id
     try:
         with session.begin_nested():
@@ -86,7 +88,9 @@ def _process_one(session: Session, ctx: AppContext, conversation: Conversation, 
         )
 
 
-def apply_ladder(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> tuple[Step, ...]:
+def apply_ladder(
+    session: Session, ctx: AppContext, conversation: Conversation, now: datetime
+) -> tuple[Step, ...]:
     """Carry out the ladder steps due for one claimed conversation; returns them."""
     sla = policy_of(session, ctx, conversation)
     deadline = current_deadline(session, ctx, conversation)
@@ -136,7 +140,9 @@ def apply_ladder(session: Session, ctx: AppContext, conversation: Conversation, 
     return decided.steps
 
 
-def _carry_out(session: Session, ctx: AppContext, conversation: Conversation, step: Step, now: datetime) -> None:
+def _carry_out(
+    session: Session, ctx: AppContext, conversation: Conversation, step: Step, now: datetime
+) -> None:
     payload: dict[str, object] = {
         "conversation_id": conversation.id,
         "step": step.kind,

@@ -100,7 +100,9 @@ class Connector(ABC):
     kind: ClassVar[str]
     push: ClassVar[bool] = False  # push connectors (webhook) never poll
 
-    def __init__(self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None):
+    def __init__(
+        self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None
+    ):
         self.name = name
         self.own_ids = own_ids
         self.settings: Mapping[str, Any] = settings or {}

@@ -198,3 +198,13 @@ class Outbox(Base):
     sent_at: Mapped[datetime | None]
     result: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class AckOptOut(Base):
+    """A customer who wrote "stop": no more automatic acknowledgements to them on this account."""
+
+    __tablename__ = "ack_opt_outs"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    author_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    at: Mapped[datetime]

@@ -15,6 +15,7 @@ from storage.models import (
     OPEN,
     PENDING,
     Account,
+    AckOptOut,
     Conversation,
     Event,
     Outbox,
@@ -108,6 +109,20 @@ def author_acknowledged_since(*, session: Session, account_id: int, author_id: s
     )
 
 
+def has_opted_out(*, session: Session, account_id: int, author_id: str) -> bool:
+    """True when the author asked for no automatic acknowledgements on this account."""
+    return session.get(AckOptOut, (account_id, author_id)) is not None
+
+
+def record_opt_out(*, session: Session, account_id: int, author_id: str, now: datetime) -> None:
+    """Remember that the author wrote "stop"."""
+    session.execute(
+        insert_ignoring_conflicts(session, AckOptOut.__table__, ["account_id", "author_id"]).values(  # type: ignore[arg-type]
+            account_id=account_id, author_id=author_id, at=now
+        )
+    )
+
+
 def open_loads(*, session: Session, team: str) -> dict[str, int]:
     """Open conversations owned, per expert of a team."""
     rows = session.execute(
@@ -183,4 +198,7 @@ def save_cursor(*, session: Session, account_id: int, cursor: str | None, now: d
 
 def outbox_counts(*, session: Session) -> dict[str, int]:
     """Outbox rows per status."""
-    return {status: count for status, count in session.execute(select(Outbox.status, func.count()).group_by(Outbox.status))}
+    return {
+        status: count
+        for status, count in session.execute(select(Outbox.status, func.count()).group_by(Outbox.status))
+    }

@@ -43,7 +43,9 @@ def fresh_database_url(kind: str, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'replyclock.db'}"
     url = postgres_url()
     if url is None:
-        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+        pytest.skip(
+            f"PostgreSQL tests need {PG_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )
     reset_postgres(url)
     return url
 
@@ -74,3 +76,13 @@ def clock() -> FakeClock:
 @pytest.fixture
 def ctx(policy: Policy, engine: Engine, clock: FakeClock) -> AppContext:
     return AppContext(policy=policy, engine=engine, clock=clock)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say once why the PostgreSQL half was skipped, instead of once per test."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if postgres_url() is None and skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests skipped; PostgreSQL variants need {PG_ENV} "
+            "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )

@@ -42,7 +42,9 @@ def post(
     )
 
 
-def ingest(ctx: AppContext, *posts: InboundPost, account: str = "social", cursor: str | None = None) -> IngestResult:
+def ingest(
+    ctx: AppContext, *posts: InboundPost, account: str = "social", cursor: str | None = None
+) -> IngestResult:
     with ctx.sessions() as session, session.begin():
         return ingest_batch(session, ctx, account=account, posts=posts, is_own=is_own, cursor=cursor)
 
@@ -74,7 +76,10 @@ def test_a_post_opens_a_routed_conversation_with_deadline_card_and_ack(ctx: AppC
     assert outbox_kinds(ctx) == ["card", "ack"]
     with ctx.sessions() as session:
         ack = session.scalars(select(Outbox).where(Outbox.kind == "ack")).one()
-        assert ack.payload["text"] == "Thanks @ana! Maria from our Billing team will get back to you by Monday 17:00 CET."
+        assert (
+            ack.payload["text"]
+            == "Thanks @ana! Maria from our Billing team will get back to you by Monday 17:00 CET."
+        )
         assert session.scalars(select(Account.cursor)).one() == "c1"
         assert [e.action for e in session.scalars(select(Event))] == ["opened", "ack_queued"]
 
@@ -88,7 +93,9 @@ def test_duplicates_are_stored_once(ctx: AppContext) -> None:
     assert outbox_kinds(ctx).count("card") == 2
 
 
-def test_same_thread_and_same_author_continue_beyond_the_gap_opens_anew(ctx: AppContext, clock: FakeClock) -> None:
+def test_same_thread_and_same_author_continue_beyond_the_gap_opens_anew(
+    ctx: AppContext, clock: FakeClock
+) -> None:
     ingest(ctx, post("1", thread="t1"))
     ingest(ctx, post("2", author="ben", at=MONDAY + timedelta(minutes=5), thread="t1"))  # same thread
     ingest(ctx, post("3", at=MONDAY + timedelta(hours=1), thread="other"))  # same author within 12 h
@@ -105,7 +112,14 @@ def test_own_reply_answers_and_a_new_customer_post_reopens(ctx: AppContext, cloc
     clock.advance(timedelta(hours=1))
     answered = ingest(
         ctx,
-        InboundPost("2", "own", "@ana done!", MONDAY + timedelta(minutes=50), author_handle="acme_support", reply_to_id="1"),
+        InboundPost(
+            "2",
+            "own",
+            "@ana done!",
+            MONDAY + timedelta(minutes=50),
+            author_handle="acme_support",
+            reply_to_id="1",
+        ),
     )
     assert len(answered.answered) == 1
     conversation = only_conversation(ctx)
@@ -161,3 +175,24 @@ def test_a_failed_batch_leaves_nothing_behind(ctx: AppContext) -> None:
     assert count(ctx, Post) == 0 and count(ctx, Conversation) == 0 and count(ctx, Outbox) == 0
     with ctx.sessions() as session:
         assert session.scalar(select(Account.cursor)) is None
+
+
+def test_stop_opts_out_of_acknowledgements(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, post("1", "@acme_support STOP!", thread="a"))
+    assert "ack" not in outbox_kinds(ctx)
+    clock.advance(timedelta(days=3))
+    ingest(ctx, post("2", "my invoice is wrong", at=clock.now(), thread="b"))
+    assert "ack" not in outbox_kinds(ctx) and count(ctx, Conversation) == 2
+    ingest(ctx, post("3", "stop the charges on my card please", author="ben", at=clock.now()))
+    assert outbox_kinds(ctx).count("ack") == 1  # "stop" inside a sentence is a question, not an opt-out
+
+
+def test_no_acknowledgement_for_a_reply_to_our_own_post(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, post("1", "refund please"))
+    ingest(ctx, InboundPost("2", "own", "@ana done", MONDAY, author_handle="acme_support", reply_to_id="1"))
+    with ctx.sessions() as session, session.begin():
+        session.scalars(select(Conversation)).one().status = "closed"
+    clock.advance(timedelta(days=2))
+    ingest(ctx, post("3", "thanks, one more thing", at=clock.now(), reply_to="2"))
+    assert count(ctx, Conversation) == 2
+    assert outbox_kinds(ctx).count("ack") == 1  # only the first conversation's

@@ -111,7 +111,11 @@ def test_nags_wait_for_the_owners_hours_but_escalation_does_not() -> None:
 
 def test_reassign_when_unclaimed() -> None:
     policy = SlaPolicy(
-        name="p", clock="wall", calendar=None, first_response=timedelta(hours=4), claim_within=timedelta(minutes=30)
+        name="p",
+        clock="wall",
+        calendar=None,
+        first_response=timedelta(hours=4),
+        claim_within=timedelta(minutes=30),
     )
     first = run(LadderState(assigned_at=T0), T0, policy=policy)
     assert first.next_action_at == T0 + timedelta(minutes=30)

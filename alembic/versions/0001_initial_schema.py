@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 23:32:11.411115
+Create Date: 2026-11-21 23:38:15.970952
 """
 from collections.abc import Sequence
 
@@ -39,6 +39,13 @@ def upgrade() -> None:
     sa.Column('away_until', storage.types.UTCDateTime(timezone=True), nullable=True),
     sa.Column('active', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_experts'))
+    )
+    op.create_table('ack_opt_outs',
+    sa.Column('account_id', sa.Integer(), nullable=False),
+    sa.Column('author_id', sa.String(length=200), nullable=False),
+    sa.Column('at', storage.types.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_ack_opt_outs_account_id_accounts')),
+    sa.PrimaryKeyConstraint('account_id', 'author_id', name=op.f('pk_ack_opt_outs'))
     )
     op.create_table('conversations',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -175,6 +182,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_conversations_account_author')
 
     op.drop_table('conversations')
+    op.drop_table('ack_opt_outs')
     op.drop_table('experts')
     op.drop_table('accounts')
     # ### end Alembic commands ###

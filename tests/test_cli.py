@@ -1,0 +1,176 @@
+"""The command line, run as a user runs it: a real `replyclock` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "tests" / "data" / "policy.toml"
+EXAMPLE = ROOT / "examples" / "replyclock.toml"
+
+
+def replyclock(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, cwd: Path | None = None
+):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd or ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_demo_tells_the_whole_story() -> None:
+    result = replyclock("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in (
+        "post in from @ana_lima",  # a post arrives and is routed
+        "owner Maria Keller",  # to a named expert
+        "public reply demo-reply-1): Thanks @ana_lima!",  # acknowledged at once
+        "warning to Sam Okafor",  # warned before the deadline
+        "DEADLINE MISSED",  # breach
+        "DM to Sam Okafor",  # nag
+        "DM to manager Lee Wong",  # escalation up the ladder
+        "escalation, #2",
+        "on the ignore list",
+        "answer seen from our account in #2",  # answered: the clock stops
+        "figures: 2 conversations, 2 answered, 1 within SLA, 1 breached",
+    ):
+        assert expected in out, f"{expected!r} missing from the demo transcript:\n{out}"
+    assert (
+        out.index("warning to Sam")
+        < out.index("DEADLINE MISSED")
+        < out.index("DM to Sam")
+        < out.index("answer seen from our account in #2")
+    )
+    after_answer = out[out.index("answer seen from our account in #2") :]
+    assert "DM to Sam" not in after_answer  # nothing nags after the answer
+
+
+def test_check_prints_a_summary_of_a_good_file() -> None:
+    result = replyclock("check", "--config", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_reports_four_problems_and_exits_2(tmp_path: Path) -> None:
+    broken = POLICY.read_text()
+    broken = broken.replace('conversation_gap = "12h"', "conversation_gap = 12")  # wrong type
+    broken = broken.replace(
+        '[teams.billing]\ndisplay_name = "Billing"\nchannel = "#billing"\nexperts = ["maria", "lee"]\ncalendar = "berlin"',
+        '[teams.billing]\ndisplay_name = "Billing"\nchannel = "#billing"\nexperts = ["maria", "lee"]\ncalendar = "berlinn"',
+    )
+    broken = broken.replace('timezone = "America/New_York"', 'timezone = "America/Nowhere"')
+    broken = broken.replace('regex = "(?i)\\\\b(down|outage)\\\\b"', 'regex = "(down|outage"')
+    path = tmp_path / "replyclock.toml"
+    path.write_text(broken)
+    result = replyclock("check", "--config", str(path))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, result.stderr
+    text = "\n".join(errors)
+    for key in (
+        "settings.conversation_gap",
+        "teams.billing.calendar",
+        "experts.nina.timezone",
+        "routing[0].regex",
+    ):
+        assert key in text, text
+    assert "berlinn" in text and "America/Nowhere" in text
+    assert all(re.match(rf"error: {re.escape(str(path))}:\d+: ", line) for line in errors), (
+        text
+    )  # file and line
+
+
+def test_deadline_for_given_times_and_stdin() -> None:
+    given = replyclock(
+        "deadline",
+        "--config",
+        str(POLICY),
+        "--calendar",
+        "berlin",
+        "--target",
+        "8h",
+        "--at",
+        "2026-11-20T16:00:00+01:00",
+    )
+    assert given.returncode == 0, given.stderr
+    assert "due 2026-11-23T16:00:00+01:00" in given.stdout  # Friday 16:00 + 8 business hours = Monday 16:00
+    piped = replyclock(
+        "deadline",
+        "--config",
+        str(POLICY),
+        "--calendar",
+        "berlin",
+        "--target",
+        "1h",
+        stdin="2026-11-21T12:00:00+01:00\nnot-a-time\n",
+    )
+    assert piped.returncode == 1
+    lines = piped.stdout.splitlines()
+    assert "2026-11-23T10:00:00+01:00" in lines[0]  # Saturday: starts at Monday's opening
+    assert lines[1].startswith("error: ") and "not-a-time" in lines[1]
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = replyclock("db", "upgrade", env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    import sqlite3
+
+    tables = {
+        r[0]
+        for r in sqlite3.connect(tmp_path / "fresh.db").execute(
+            "select name from sqlite_master where type='table'"
+        )
+    }
+    assert {"accounts", "posts", "conversations", "experts", "events", "outbox", "alembic_version"} <= tables
+
+
+@pytest.mark.slow
+def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'run.db'}", "SWEEP_MAX_INTERVAL": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            not (tmp_path / "run.db.run.lock").exists()
+            or b"pid" not in (tmp_path / "run.db.run.lock").read_bytes()
+        ):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "replyclock run did not start"
+            time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "SQLite allows one running process" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _out, err = first.communicate(timeout=30)
+    assert first.returncode == 0, err
+    assert '"event": "replyclock running"' in err  # structured JSON log lines

@@ -1,0 +1,163 @@
+"""The outbox sender: at most once to customers, at least once to staff, retries with back-off."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from bot.clock import FakeClock
+from bot.context import AppContext
+from bot.delivery import customer_handlers
+from bot.outbox import OutboxMessage, OutboxSender, Retry
+from connectors.base import InboundPost, NotSent
+from connectors.demo import DemoConnector
+from storage.models import Conversation, Outbox, Post
+from tests.conftest import MONDAY
+from tests.test_ingest import ingest, is_own, post
+
+
+def rows(ctx: AppContext) -> dict[str, list[Outbox]]:
+    found: dict[str, list[Outbox]] = {}
+    with ctx.sessions() as session:
+        for row in session.scalars(select(Outbox).order_by(Outbox.id)):
+            found.setdefault(row.kind, []).append(row)
+    return found
+
+
+def recording(sink: list[OutboxMessage]):  # type: ignore[no-untyped-def]
+    def handle(message: OutboxMessage) -> str:
+        sink.append(message)
+        return f"id-{message.id}"
+
+    return handle
+
+
+def test_everything_pending_is_sent_once(ctx: AppContext) -> None:
+    ingest(ctx, post("1", "refund my invoice"), post("2", "hello", author="ben"))
+    delivered: list[OutboxMessage] = []
+    sender = OutboxSender(ctx, {"card": recording(delivered), "ack": recording(delivered)})
+    first = sender.send_due()
+    second = sender.send_due()
+    assert first.sent == 4 and second.sent == 0
+    assert sorted(m.kind for m in delivered) == ["ack", "ack", "card", "card"]
+    assert all(row.status == "sent" and row.sent_at == MONDAY for kind in rows(ctx).values() for row in kind)
+
+
+def test_customer_message_with_unknown_outcome_is_never_resent(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, post("1", "refund my invoice"))
+    calls: list[OutboxMessage] = []
+
+    def timeout(message: OutboxMessage) -> str:
+        calls.append(message)
+        raise TimeoutError("read timed out")
+
+    sender = OutboxSender(ctx, {"ack": timeout, "card": lambda m: "ok"})
+    result = sender.send_due()
+    clock.advance(timedelta(hours=1))
+    sender.send_due()
+    assert result.unknown == 1 and len(calls) == 1
+    found = rows(ctx)
+    assert found["ack"][0].status == "unknown"
+    assert "TimeoutError" in (found["ack"][0].last_error or "")
+    # Staff are told, through the outbox like everything else.
+    assert found["delivery_unknown"][0].payload["outbox_id"] == found["ack"][0].id
+
+
+def test_refused_customer_message_is_retried_with_backoff_then_failed(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    ingest(ctx, post("1", "refund my invoice"))
+    calls: list[OutboxMessage] = []
+
+    def refuse(message: OutboxMessage) -> str:
+        calls.append(message)
+        raise NotSent("503 from the platform")
+
+    sender = OutboxSender(ctx, {"ack": refuse, "card": lambda m: "ok"}, max_attempts=3)
+    sender.send_due()
+    ack = rows(ctx)["ack"][0]
+    assert ack.status == "pending" and ack.next_attempt_at > MONDAY and ack.attempts == 1
+    sender.send_due()
+    assert len(calls) == 1  # not before the back-off has passed
+    for _ in range(3):
+        clock.advance(timedelta(hours=1))
+        sender.send_due()
+    assert len(calls) == 3
+    found = rows(ctx)
+    assert found["ack"][0].status == "failed"
+    assert len(found["delivery_failed"]) == 1
+
+
+def test_staff_message_retries_after_a_failure(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, post("1", "hello"))
+    attempts: list[int] = []
+
+    def flaky(message: OutboxMessage) -> str:
+        attempts.append(message.attempts)
+        if len(attempts) == 1:
+            raise Retry("slack said 500")
+        return "ok"
+
+    sender = OutboxSender(ctx, {"card": flaky, "ack": lambda m: "ok"})
+    sender.send_due()
+    clock.advance(timedelta(minutes=5))
+    sender.send_due()
+    assert attempts == [1, 2]
+    assert rows(ctx)["card"][0].status == "sent"
+
+
+def test_recover_settles_abandoned_rows_by_kind(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, post("1", "refund my invoice"))
+    sender = OutboxSender(ctx, {}, lease=timedelta(minutes=5))
+    sender._claim(10)  # as if a process claimed both rows and died
+    assert sender.recover() == 0  # leases still valid: maybe another live process
+    clock.advance(timedelta(minutes=6))
+    assert sender.recover() == 2
+    found = rows(ctx)
+    assert found["card"][0].status == "pending"  # staff: at least once
+    assert found["ack"][0].status == "unknown"  # customer: at most once
+    assert len(found["delivery_unknown"]) == 1
+
+
+def test_acknowledgement_goes_through_the_connector_and_is_not_an_answer(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    connector = DemoConnector("social", own_ids=("acme_support",), clock=clock)
+    ingest(ctx, post("1", "refund my invoice"))
+    sender = OutboxSender(ctx, {**customer_handlers(ctx, {"social": connector}), "card": lambda m: "ok"})
+    sender.send_due()
+    assert len(connector.sent) == 1
+    target, text, external_id = connector.sent[0]
+    assert target.external_id == "1" and text.startswith("Thanks @ana!")
+    # The platform later shows our acknowledgement among the account's posts: a duplicate, not an answer.
+    echo = InboundPost(external_id, "own", text, clock.now(), author_handle="acme_support", reply_to_id="1")
+    result = ingest(ctx, echo)
+    assert result.stored == 0 and result.answered == []
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.status)).one() == "open"
+        assert session.scalars(select(Post.direction).where(Post.external_id == external_id)).one() == "out"
+    assert is_own(echo)
+
+
+def test_a_handler_missing_for_a_kind_fails_loudly(ctx: AppContext) -> None:
+    ingest(ctx, post("1", "hello"))
+    result = OutboxSender(ctx, {"ack": lambda m: "ok"}).send_due()
+    assert result.failed == 1
+    assert "no handler" in (rows(ctx)["card"][0].last_error or "")
+
+
+def test_acknowledgement_is_not_sent_after_a_human_answered(ctx: AppContext, clock: FakeClock) -> None:
+    connector = DemoConnector("social", own_ids=("acme_support",), clock=clock)
+    ingest(ctx, post("1", "refund my invoice"))
+    ingest(ctx, InboundPost("2", "own", "@ana on it", MONDAY, author_handle="acme_support", reply_to_id="1"))
+    OutboxSender(
+        ctx,
+        {
+            **customer_handlers(ctx, {"social": connector}),
+            "card": lambda m: "ok",
+            "card_update": lambda m: "ok",
+        },
+    ).send_due()
+    assert connector.sent == []
+    assert rows(ctx)["ack"][0].result == "skipped: a human answered first"
