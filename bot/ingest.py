@@ -260,6 +260,17 @@ def _apply_customer_post(
     conversation = _open(session, ctx, post, account, account_id, route, now, teams)
     post.conversation_id = conversation.id
     result.opened.append(conversation.id)
+    # Platforms page newest first: our answer may have been stored before the question it answers.
+    early = repo.orphan_replies_to(session=session, account_id=account_id, external_id=post.external_id)
+    if early:
+        for reply in early:
+            reply.conversation_id = conversation.id
+        first = min(early, key=lambda reply: reply.posted_at)
+        mark_answered(
+            session, conversation, at=first.posted_at, by=f"account:{first.author_handle or first.author_id}", now=now
+        )
+        result.answered.append(conversation.id)
+        return
     if _acknowledge(session, ctx, conversation, post, account, now):
         result.acknowledgements += 1
 

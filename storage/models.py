@@ -65,7 +65,10 @@ class Post(Base):
     """One post, incoming (customer) or outgoing (ours), stored once per account and external id."""
 
     __tablename__ = "posts"
-    __table_args__ = (UniqueConstraint("account_id", "external_id", name="uq_posts_account_external"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "external_id", name="uq_posts_account_external"),
+        Index("ix_posts_account_reply_to", "account_id", "reply_to_external_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))

@@ -62,6 +62,20 @@ def post_by_external_id(*, session: Session, account_id: int, external_id: str) 
     ).one_or_none()
 
 
+def orphan_replies_to(*, session: Session, account_id: int, external_id: str) -> list[Post]:
+    """Our own posts replying to `external_id` that belong to no conversation yet."""
+    return list(
+        session.scalars(
+            select(Post).where(
+                Post.account_id == account_id,
+                Post.reply_to_external_id == external_id,
+                Post.direction == "out",
+                Post.conversation_id.is_(None),
+            )
+        )
+    )
+
+
 def conversation_for_thread(*, session: Session, account_id: int, thread_key: str) -> Conversation | None:
     """The latest conversation of a platform thread that is not closed."""
     return session.scalars(

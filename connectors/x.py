@@ -1,0 +1,553 @@
+"""The X (Twitter) channel: mentions of our account in, public replies out, on tweepy's API v2 client.
+
+Settings (``[accounts.<name>]`` in replyclock.toml, besides ``kind = "x"``):
+
+    ``user_id``                  our account's numeric user id (required; also our own id by default).
+    ``bearer_token_env``         env var with the app's bearer token (default ``X_BEARER_TOKEN``); reads
+                                 mentions. Optional: without it mentions are read with the user context.
+    ``consumer_key_env``         env var names of the OAuth 1.0a user-context credentials, required to
+    ``consumer_secret_env``      post replies (defaults ``X_CONSUMER_KEY``, ``X_CONSUMER_SECRET``,
+    ``access_token_env``         ``X_ACCESS_TOKEN``, ``X_ACCESS_TOKEN_SECRET``).
+    ``access_token_secret_env``
+    ``api_base_url``             default ``https://api.twitter.com`` (tests point it at a loopback server).
+    ``max_results``              mentions per page, 5 to 100 (default 100).
+    ``timeout``                  seconds per HTTP request (default 30).
+    ``since_id``                 optional: on the very first fetch (no cursor yet) only read mentions newer
+                                 than this tweet id, instead of the up to 800 most recent ones.
+
+The cursor is a JSON object. Between polls it is ``{"since_id": S}``: everything up to tweet S is
+stored. X pages a mentions timeline newest first, so a poll that finds several pages stores them one
+page per fetch, each in one transaction with the cursor ``{"since_id": S, "next_token": T,
+"newest_id": N}``: S is still the old bound (a restart continues page T with the same ``since_id``,
+so no older post is skipped) and N, the newest id of the first page, becomes the new ``since_id``
+only once the last page is stored. A crash anywhere re-fetches at most one page, and the
+(account, external id) key stores each post once.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import requests
+import tweepy
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from bot.clock import Clock, SystemClock
+from connectors.base import (
+    AuthFailed,
+    Batch,
+    Connector,
+    ConnectorError,
+    InboundPost,
+    NotSent,
+    RateLimited,
+    ReplyTarget,
+)
+
+log = logging.getLogger("replyclock.connectors.x")
+
+# tweepy builds every URL on this host (BaseClient.request); api_base_url swaps this prefix.
+TWEEPY_HOST = "https://api.twitter.com"
+DEFAULT_API_BASE_URL = TWEEPY_HOST
+DEFAULT_ENV = {
+    "bearer_token_env": "X_BEARER_TOKEN",
+    "consumer_key_env": "X_CONSUMER_KEY",
+    "consumer_secret_env": "X_CONSUMER_SECRET",
+    "access_token_env": "X_ACCESS_TOKEN",
+    "access_token_secret_env": "X_ACCESS_TOKEN_SECRET",
+}
+USER_CONTEXT_KEYS = ("consumer_key_env", "consumer_secret_env", "access_token_env", "access_token_secret_env")
+SETTINGS_KEYS = ("user_id", *DEFAULT_ENV, "api_base_url", "max_results", "timeout", "since_id")
+DEFAULT_MAX_RESULTS = 100
+MIN_MAX_RESULTS = 5  # the mentions endpoint refuses fewer
+MAX_MAX_RESULTS = 100
+DEFAULT_TIMEOUT = 30.0
+# X's rate-limit windows are 15 minutes: the wait when a 429 carries no reset header.
+DEFAULT_RATE_LIMIT_WAIT = timedelta(minutes=15)
+
+TWEET_FIELDS = [
+    "created_at",
+    "author_id",
+    "conversation_id",
+    "in_reply_to_user_id",
+    "referenced_tweets",
+    "lang",
+]
+EXPANSIONS = ["author_id"]
+USER_FIELDS = ["username", "name"]
+
+# Tweet ids are snowflakes: milliseconds since this epoch, shifted left 22 bits.
+SNOWFLAKE_EPOCH_MS = 1288834974657
+UNKNOWN_AUTHOR = "unknown"
+# `lang` values that name no language: undetermined, no linguistic content, and X's own
+# "only media / mentions / hashtags / cashtags / very short" codes.
+NO_LANGUAGE = frozenset({"und", "zxx", "qam", "qct", "qht", "qme", "qst"})
+# v1.1-style error code that X sends with a 503 when it refused the request for load, before acting.
+OVER_CAPACITY = 130
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_BEARER = re.compile(r"Bearer [^\s'\"},]+")
+
+
+class _RedactBearer(logging.Filter):
+    """tweepy logs its request headers, bearer token included, at DEBUG: blank the token out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Bearer " in message:
+            record.msg = _BEARER.sub("Bearer [redacted]", message)
+            record.args = None
+        return True
+
+
+_tweepy_log = logging.getLogger("tweepy.client")
+if not any(isinstance(f, _RedactBearer) for f in _tweepy_log.filters):
+    _tweepy_log.addFilter(_RedactBearer())
+
+
+class ReplyAuthFailed(AuthFailed, NotSent):
+    """X refused our credentials (401) when posting: nothing was posted, and a human must fix the keys.
+
+    An `AuthFailed` for the operator, and a `NotSent` for the outbox, which knows the customer
+    certainly did not get the message (it retries, then reports it as failed, never "unknown").
+    """
+
+
+class ReplyOutcomeUnknown(ConnectorError):
+    """X may or may not have posted the reply (5xx, timeout or broken connection after sending)."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class XCursor:
+    """Where the mentions timeline stands (see the module docstring)."""
+
+    since_id: str | None = None
+    next_token: str | None = None
+    newest_id: str | None = None
+
+    def dump(self) -> str:
+        values = {"since_id": self.since_id, "next_token": self.next_token, "newest_id": self.newest_id}
+        return json.dumps({key: value for key, value in values.items() if value is not None}, sort_keys=True)
+
+    @classmethod
+    def load(cls, text: str | None) -> XCursor:
+        """Parse a stored cursor; a bare tweet id (set by hand) is taken as ``since_id``.
+
+        Raises:
+            ConnectorError: the text is neither (not retryable: it needs a human).
+        """
+        if text is None or not text.strip():
+            return cls()
+        text = text.strip()
+        if _DIGITS.fullmatch(text):
+            return cls(since_id=text)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            since_id, next_token, newest_id = (
+                data.get(key) for key in ("since_id", "next_token", "newest_id")
+            )
+            if (
+                _optional_id(since_id)
+                and _optional_id(newest_id)
+                and (next_token is None or (isinstance(next_token, str) and next_token))
+            ):
+                return cls(since_id=since_id, next_token=next_token, newest_id=newest_id)
+        error = ConnectorError(
+            'X cursor is not {"since_id": ..., "next_token": ..., "newest_id": ...} nor a tweet id: '
+            f"{text[:200]!r}"
+        )
+        error.retryable = False
+        raise error
+
+
+def _optional_id(value: object) -> bool:
+    return value is None or (isinstance(value, str) and _DIGITS.fullmatch(value) is not None)
+
+
+def snowflake_time(tweet_id: str) -> datetime:
+    """When a tweet was created, read from its id: ((id >> 22) + 1288834974657) ms since the Unix epoch."""
+    milliseconds = (int(tweet_id) >> 22) + SNOWFLAKE_EPOCH_MS
+    return datetime.fromtimestamp(milliseconds / 1000, tz=UTC)
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.astimezone(UTC)
+
+
+def _replied_to(tweet: Mapping[str, Any]) -> str | None:
+    for reference in _references(tweet):
+        if reference.get("type") == "replied_to" and isinstance(reference.get("id"), str):
+            return str(reference["id"])
+    return None
+
+
+def _references(tweet: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    references = tweet.get("referenced_tweets")
+    if not isinstance(references, list):
+        return []
+    return [reference for reference in references if isinstance(reference, Mapping)]
+
+
+def is_retweet(tweet: Mapping[str, Any]) -> bool:
+    """A retweet repeats someone's post (``RT @a: @us ...``): not a new customer post."""
+    return any(reference.get("type") == "retweeted" for reference in _references(tweet))
+
+
+def users_by_id(payload: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``includes.users`` of a response, by user id."""
+    includes = payload.get("includes")
+    users = includes.get("users") if isinstance(includes, Mapping) else None
+    if not isinstance(users, list):
+        return {}
+    return {str(user["id"]): user for user in users if isinstance(user, Mapping) and "id" in user}
+
+
+def normalise(tweet: Mapping[str, Any], users: Mapping[str, Mapping[str, Any]]) -> InboundPost:
+    """One API v2 tweet object as an `InboundPost`; every field but ``id`` and ``text`` may be missing.
+
+    Raises:
+        ValueError: the tweet has no usable ``id``.
+    """
+    tweet_id = tweet.get("id")
+    if not isinstance(tweet_id, str) or not _DIGITS.fullmatch(tweet_id):
+        raise ValueError(f"tweet without a numeric id: {tweet_id!r}")
+    raw_author = tweet.get("author_id")
+    author_id = str(raw_author) if isinstance(raw_author, str | int) and str(raw_author) else UNKNOWN_AUTHOR
+    user = users.get(author_id, {})
+    username = user.get("username") if isinstance(user.get("username"), str) else None
+    name = user.get("name") if isinstance(user.get("name"), str) else None
+    handle = username.lstrip("@") if username else None
+    text = tweet.get("text")
+    reply_to = _replied_to(tweet)
+    conversation = tweet.get("conversation_id")
+    lang = tweet.get("lang")
+    return InboundPost(
+        external_id=tweet_id,
+        author_id=author_id,
+        # X escapes &, < and > in v2 text; InboundPost.text is plain text.
+        text=html.unescape(text) if isinstance(text, str) else "",
+        posted_at=_parse_time(tweet.get("created_at")) or snowflake_time(tweet_id),
+        author_name=name,
+        author_handle=handle or None,
+        url=f"https://x.com/{handle or 'i'}/status/{tweet_id}",
+        thread_id=conversation if isinstance(conversation, str) and conversation else (reply_to or tweet_id),
+        reply_to_id=reply_to,
+        language=lang if isinstance(lang, str) and lang and lang not in NO_LANGUAGE else None,
+        raw=dict(tweet),
+    )
+
+
+def parse_mentions(payload: Mapping[str, Any]) -> list[InboundPost]:
+    """The posts of one mentions page, oldest first; retweets and malformed tweets are left out."""
+    data = payload.get("data")
+    tweets = [tweet for tweet in data if isinstance(tweet, Mapping)] if isinstance(data, list) else []
+    users = users_by_id(payload)
+    posts = []
+    for tweet in tweets:
+        if is_retweet(tweet):
+            continue
+        try:
+            posts.append(normalise(tweet, users))
+        except ValueError as error:
+            log.warning("X mention skipped", extra={"error": str(error)})
+    return sorted(posts, key=lambda post: int(post.external_id))
+
+
+def _newest(ids: Iterable[str | None]) -> str | None:
+    valid = [int(value) for value in ids if value is not None and _DIGITS.fullmatch(value)]
+    return str(max(valid)) if valid else None
+
+
+class BaseUrlAdapter(HTTPAdapter):
+    """Sends what tweepy addresses to ``https://api.twitter.com`` to another base URL (prefix swap).
+
+    It also gives every request a timeout: tweepy sets none, and a hung connection would hold a poll.
+    """
+
+    def __init__(self, base_url: str, *, timeout: float) -> None:
+        super().__init__()
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
+        url = request.url or ""
+        if self.base_url != TWEEPY_HOST and (url == TWEEPY_HOST or url.startswith(TWEEPY_HOST + "/")):
+            request.url = self.base_url + url[len(TWEEPY_HOST) :]
+            # The proxies were chosen for api.twitter.com; choose again for where it really goes.
+            no_proxy = proxies.get("no_proxy") if proxies else None
+            if requests.utils.should_bypass_proxies(request.url, no_proxy=no_proxy):
+                proxies = {}
+        return super().send(
+            request,
+            stream=stream,
+            timeout=self.timeout if timeout is None else timeout,
+            verify=verify,
+            cert=cert,
+            proxies=proxies,
+        )
+
+
+def _not_connected(error: requests.RequestException) -> bool:
+    """True when the request certainly never reached X (no connection was made)."""
+    if isinstance(error, requests.ConnectTimeout | requests.exceptions.SSLError):
+        return True
+    if isinstance(error, requests.ConnectionError):
+        reason = error.args[0] if error.args else None
+        if isinstance(reason, MaxRetryError):
+            reason = reason.reason
+        return isinstance(reason, NewConnectionError)
+    return False
+
+
+class XConnector(Connector):
+    """Mentions of our X account become posts; replies go out as tweets in reply."""
+
+    kind: ClassVar[str] = "x"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        own_ids: tuple[str, ...] = (),
+        settings: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(name, own_ids=own_ids, settings=settings)
+        env = os.environ if environ is None else environ
+        self.clock: Clock = clock or SystemClock()
+        unknown = sorted(set(self.settings) - set(SETTINGS_KEYS))
+        if unknown:
+            raise ValueError(f"unknown X setting(s) {', '.join(unknown)} (known: {', '.join(SETTINGS_KEYS)})")
+
+        raw_user = self.settings.get("user_id")
+        if raw_user is None or isinstance(raw_user, bool):
+            raise ValueError("setting user_id is required: the numeric user id of our X account")
+        self.user_id = str(raw_user).strip()
+        if not _DIGITS.fullmatch(self.user_id):
+            raise ValueError(f"setting user_id must be a numeric X user id, not {raw_user!r}")
+        if self.user_id not in self.own_ids:
+            self.own_ids = (*self.own_ids, self.user_id)
+
+        secrets = {key: self._secret(env, key) for key in DEFAULT_ENV}
+        missing = [self._env_name(key) for key in USER_CONTEXT_KEYS if secrets[key] is None]
+        if missing:
+            raise ValueError(
+                f"environment variable(s) {', '.join(missing)} not set: the OAuth 1.0a user-context "
+                "credentials of our X account are needed to post replies"
+            )
+        self.uses_bearer = secrets["bearer_token_env"] is not None
+
+        base_url = self.settings.get("api_base_url", DEFAULT_API_BASE_URL)
+        if not isinstance(base_url, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", base_url):
+            raise ValueError(f"setting api_base_url must be an http(s) URL, not {base_url!r}")
+        self.api_base_url = base_url.rstrip("/")
+
+        max_results = self.settings.get("max_results", DEFAULT_MAX_RESULTS)
+        if isinstance(max_results, bool) or not isinstance(max_results, int):
+            raise ValueError(f"setting max_results must be an integer, not {max_results!r}")
+        if not MIN_MAX_RESULTS <= max_results <= MAX_MAX_RESULTS:
+            raise ValueError(f"setting max_results must be between {MIN_MAX_RESULTS} and {MAX_MAX_RESULTS}")
+        self.max_results = max_results
+
+        timeout = self.settings.get("timeout", DEFAULT_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"setting timeout must be a positive number of seconds, not {timeout!r}")
+
+        since_id = self.settings.get("since_id")
+        if since_id is not None and (isinstance(since_id, bool) or not _DIGITS.fullmatch(str(since_id))):
+            raise ValueError(f"setting since_id must be a tweet id, not {since_id!r}")
+        self.initial_since_id = str(since_id) if since_id is not None else None
+
+        self.client = tweepy.Client(
+            bearer_token=secrets["bearer_token_env"],
+            consumer_key=secrets["consumer_key_env"],
+            consumer_secret=secrets["consumer_secret_env"],
+            access_token=secrets["access_token_env"],
+            access_token_secret=secrets["access_token_secret_env"],
+            return_type=dict,
+            wait_on_rate_limit=False,
+        )
+        self.client.session.mount(
+            TWEEPY_HOST + "/", BaseUrlAdapter(self.api_base_url, timeout=float(timeout))
+        )
+
+    def _env_name(self, key: str) -> str:
+        value = self.settings.get(key, DEFAULT_ENV[key])
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"setting {key} must name an environment variable, not {value!r}")
+        return value
+
+    def _secret(self, env: Mapping[str, str], key: str) -> str | None:
+        value = env.get(self._env_name(key), "").strip()
+        return value or None
+
+    def __repr__(self) -> str:
+        return f"XConnector({self.name!r}, user_id={self.user_id!r}, api_base_url={self.api_base_url!r})"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def fetch(self, cursor: str | None) -> Batch:
+        """One page of mentions after the cursor, oldest first; ``more`` while X has further pages.
+
+        Raises:
+            RateLimited: 429, with X's reset time.
+            AuthFailed: 401/403, the credentials or the app's access level need a human.
+            ConnectorError: anything else (network, 5xx, an unusable answer).
+        """
+        state = XCursor.load(cursor)
+        since_id = state.since_id or (None if state.next_token else self.initial_since_id)
+        try:
+            payload = self.client.get_users_mentions(
+                self.user_id,
+                since_id=since_id,
+                pagination_token=state.next_token,
+                max_results=self.max_results,
+                tweet_fields=TWEET_FIELDS,
+                expansions=EXPANSIONS,
+                user_fields=USER_FIELDS,
+                user_auth=not self.uses_bearer,
+            )
+        except tweepy.TooManyRequests as error:
+            raise RateLimited(
+                self._reset_at(error), f"X rate limit reading mentions for {self.name}"
+            ) from error
+        except (tweepy.Unauthorized, tweepy.Forbidden) as error:
+            raise AuthFailed(
+                f"X refused our credentials reading mentions ({_describe(error)}); check "
+                f"{self._credential_names(for_reading=True)} and the app's access level"
+            ) from error
+        except tweepy.BadRequest as error:
+            if state.next_token is None:
+                raise ConnectorError(f"X refused the mentions request: {_describe(error)}") from error
+            # Most likely an expired pagination token: start the pages again from the same since_id.
+            # Nothing is skipped; posts already stored are recognised as duplicates.
+            log.warning(
+                "X refused the pagination token; restarting the pages",
+                extra={"account": self.name, "error": str(error)},
+            )
+            return Batch(posts=(), cursor=XCursor(since_id=since_id).dump(), more=True)
+        except tweepy.HTTPException as error:
+            raise ConnectorError(f"X mentions request failed: {_describe(error)}") from error
+        except requests.RequestException as error:
+            raise ConnectorError(f"X mentions request failed: {type(error).__name__}: {error}") from error
+        if not isinstance(payload, Mapping):
+            raise ConnectorError(f"X mentions answer is not a JSON object: {type(payload).__name__}")
+        return self._page(payload, state, since_id)
+
+    def _page(self, payload: Mapping[str, Any], state: XCursor, since_id: str | None) -> Batch:
+        posts = parse_mentions(payload)
+        meta = payload.get("meta")
+        meta = meta if isinstance(meta, Mapping) else {}
+        data = payload.get("data")
+        page_ids = [t.get("id") for t in data if isinstance(t, Mapping)] if isinstance(data, list) else []
+        page_newest = _newest([meta.get("newest_id"), *page_ids])
+        # The first page carries the newest mention; later pages only go further back.
+        newest = _newest([state.newest_id, page_newest]) if state.next_token else page_newest
+        next_token = meta.get("next_token")
+        if isinstance(next_token, str) and next_token and next_token != state.next_token:
+            cursor = XCursor(since_id=since_id, next_token=next_token, newest_id=newest)
+            return Batch(posts=tuple(posts), cursor=cursor.dump(), more=True)
+        return Batch(posts=tuple(posts), cursor=XCursor(since_id=_newest([newest, since_id])).dump())
+
+    def is_own(self, post: InboundPost) -> bool:
+        return post.author_id == self.user_id or super().is_own(post)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def reply(self, to: ReplyTarget, text: str) -> str:
+        """Post `text` as a reply to tweet `to.external_id`; returns the new tweet's id.
+
+        Raises:
+            RateLimited: 429 (nothing posted), with X's reset time.
+            ReplyAuthFailed: 401 (nothing posted); an `AuthFailed` and a `NotSent`.
+            NotSent: X refused it with a 4xx (duplicate text, the tweet is gone, not allowed...),
+                answered 503 "over capacity", or no connection could be made.
+            ReplyOutcomeUnknown: any other 5xx, a timeout or broken connection once sent, or a
+                success without an id: the reply may be posted; never resend it blindly.
+        """
+        try:
+            payload = self.client.create_tweet(text=text, in_reply_to_tweet_id=to.external_id, user_auth=True)
+        except tweepy.TooManyRequests as error:
+            raise RateLimited(self._reset_at(error), f"X rate limit posting for {self.name}") from error
+        except tweepy.Unauthorized as error:
+            raise ReplyAuthFailed(
+                f"X refused our credentials posting a reply ({_describe(error)}); check "
+                f"{self._credential_names(for_reading=False)}"
+            ) from error
+        except tweepy.TwitterServerError as error:
+            if OVER_CAPACITY in error.api_codes:
+                raise NotSent(f"X is over capacity and did not post the reply: {_describe(error)}") from error
+            raise ReplyOutcomeUnknown(
+                f"X answered {_describe(error)}; the reply may or may not be posted"
+            ) from error
+        except tweepy.HTTPException as error:
+            raise NotSent(f"X refused the reply: {_describe(error)}") from error
+        except requests.RequestException as error:
+            if _not_connected(error):
+                raise NotSent(f"could not connect to X: {type(error).__name__}") from error
+            raise ReplyOutcomeUnknown(
+                f"X reply request broke off ({type(error).__name__}); the reply may or may not be posted"
+            ) from error
+        data = payload.get("data") if isinstance(payload, Mapping) else None
+        tweet_id = data.get("id") if isinstance(data, Mapping) else None
+        if not isinstance(tweet_id, str) or not tweet_id:
+            raise ReplyOutcomeUnknown("X accepted the reply but its answer has no data.id")
+        return tweet_id
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _reset_at(self, error: tweepy.TooManyRequests) -> datetime:
+        """When the exhausted limit resets: the 15-minute window, or a 24-hour cap when that is spent."""
+        headers = error.response.headers
+        resets = [error.reset_time]
+        for scope in ("user", "app"):
+            if headers.get(f"x-{scope}-limit-24hour-remaining") == "0":
+                resets.append(headers.get(f"x-{scope}-limit-24hour-reset"))
+        epochs = [
+            int(value)
+            for value in resets
+            if isinstance(value, int) or (isinstance(value, str) and value.isdigit())
+        ]
+        if not epochs:
+            return self.clock.now() + DEFAULT_RATE_LIMIT_WAIT
+        return datetime.fromtimestamp(max(epochs), tz=UTC)
+
+    def _credential_names(self, *, for_reading: bool) -> str:
+        keys: Sequence[str] = ("bearer_token_env",) if for_reading and self.uses_bearer else USER_CONTEXT_KEYS
+        return ", ".join(self._env_name(key) for key in keys)
+
+
+def _describe(error: tweepy.HTTPException) -> str:
+    """``403 Forbidden: <X's message>`` on one line."""
+    return " ".join(str(error).split())[:500]
