@@ -158,6 +158,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from bot import logs
+    from bot.channels import ConnectorSetupError, build_connectors
+    from bot.context import AppContext
+    from bot.web import bind_address, create_app, serve
+    from storage.db import make_engine
+
+    logs.configure()
+    policy = _load(config_path(args.config))
+    try:
+        connectors = build_connectors(policy, os.environ)
+        host, port = bind_address(os.environ)
+    except (ConnectorSetupError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    ctx = AppContext(policy=policy, engine=make_engine())
+    serve(create_app(ctx, connectors), host, port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replyclock", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run connectors, the sweep and the outbox sender")
     run.add_argument("--config", help="policy file (default: $REPLYCLOCK_CONFIG or ./replyclock.toml)")
     run.set_defaults(func=cmd_run)
+
+    web = sub.add_parser("web", help="serve HTTP: webhooks, /healthz, /metrics (HOST, PORT)")
+    web.add_argument("--config")
+    web.set_defaults(func=cmd_web)
 
     db = sub.add_parser("db", help="database commands")
     db_sub = db.add_subparsers(dest="db_command", required=True)

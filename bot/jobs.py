@@ -17,6 +17,7 @@ from sqlalchemy import update
 
 from bot.context import AppContext
 from bot.ingest import ingest_batch
+from bot.metrics import record_ingested
 from bot.outbox import OutboxSender
 from bot.sweep import earliest_next_action, sweep
 from connectors.base import AuthFailed, Connector, RateLimited
@@ -170,6 +171,7 @@ class Jobs:
                     cursor=batch.cursor,
                 )
             stored += result.stored
+            record_ingested(name, connector.kind, result.stored)
             cursor = batch.cursor
             if not batch.more:
                 break

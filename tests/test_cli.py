@@ -174,3 +174,38 @@ def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path
         _out, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
     assert '"event": "replyclock running"' in err  # structured JSON log lines
+
+
+@pytest.mark.slow
+def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    assert replyclock("db", "upgrade", env={"DATABASE_URL": url}).returncode == 0
+    env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": str(port)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "web", "--config", str(POLICY)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    health = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()
+                assert time.monotonic() < deadline, "replyclock web did not start"
+                time.sleep(0.1)
+        assert health["database"]["ok"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert b"replyclock_database_up 1.0" in response.read()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)

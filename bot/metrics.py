@@ -1,0 +1,162 @@
+"""Prometheus metrics: figures read from the database at scrape time, plus process counters.
+
+Gauges (open and overdue conversations, outbox rows, account status) come from a collector
+that queries the database when `/metrics` is scraped, so every process reports the same truth
+and nothing drifts. Counters (posts ingested, webhook requests) count what this process did;
+they are module-level so any code can call `record_ingested`, and each app's own
+`CollectorRegistry` includes them (several apps in one test process do not collide).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from bot.context import AppContext
+from storage.models import OPEN, Account, Conversation, Outbox
+
+log = logging.getLogger("replyclock.metrics")
+
+POSTS_INGESTED = Counter(
+    "replyclock_posts_ingested",
+    "Posts newly stored by ingest, per account and connector kind.",
+    ["account", "kind"],
+    registry=None,
+)
+WEBHOOK_REQUESTS = Counter(
+    "replyclock_webhook_requests",
+    "Webhook deliveries answered, per account and HTTP status code.",
+    ["account", "code"],
+    registry=None,
+)
+
+
+def record_ingested(account: str, kind: str, n: int) -> None:
+    """Count `n` posts newly stored for `account` (a connector of `kind`); call after the commit."""
+    if n > 0:
+        POSTS_INGESTED.labels(account=account, kind=kind).inc(n)
+
+
+def record_webhook_request(account: str, code: int) -> None:
+    """Count one answered webhook request (use a fixed label for unknown accounts)."""
+    WEBHOOK_REQUESTS.labels(account=account, code=str(code)).inc()
+
+
+class DatabaseCollector:
+    """Reads conversation, outbox and account figures from the database at each scrape."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric families without samples (no database query at registration)."""
+        return list(_Families().all())
+
+    def collect(self) -> Iterable[Metric]:
+        families = _Families()
+        now = self.ctx.clock.now()
+        try:
+            self._fill(families, now)
+        except SQLAlchemyError as error:
+            log.warning("metrics: database unreachable", extra={"error": type(error).__name__})
+            families = _Families()
+            families.database_up.add_metric([], 0)
+        else:
+            families.database_up.add_metric([], 1)
+        return list(families.all())
+
+    def _fill(self, families: _Families, now: datetime) -> None:
+        with self.ctx.sessions() as session:
+            open_by_team = dict.fromkeys(self.ctx.policy.teams, 0)
+            overdue_by_team = dict.fromkeys(self.ctx.policy.teams, 0)
+            open_rows = session.execute(
+                select(Conversation.team, func.count())
+                .where(Conversation.status == OPEN)
+                .group_by(Conversation.team)
+            )
+            open_by_team.update({team: count for team, count in open_rows})
+            overdue_rows = session.execute(
+                select(Conversation.team, func.count())
+                .where(Conversation.status == OPEN, Conversation.due_at < now)
+                .group_by(Conversation.team)
+            )
+            overdue_by_team.update({team: count for team, count in overdue_rows})
+            outbox_rows = list(
+                session.execute(
+                    select(Outbox.status, Outbox.kind, func.count()).group_by(Outbox.status, Outbox.kind)
+                )
+            )
+            accounts = list(
+                session.execute(select(Account.name, Account.last_success_at, Account.parked_until))
+            )
+        for team, count in sorted(open_by_team.items()):
+            families.open.add_metric([team], count)
+        for team, count in sorted(overdue_by_team.items()):
+            families.overdue.add_metric([team], count)
+        for status, kind, count in sorted(outbox_rows):
+            families.outbox.add_metric([status, kind], count)
+        seen = set()
+        for name, last_success_at, parked_until in sorted(accounts):
+            seen.add(name)
+            if last_success_at is not None:
+                families.last_success.add_metric([name], last_success_at.timestamp())
+            families.parked.add_metric([name], 1 if parked_until is not None and parked_until > now else 0)
+        for name in sorted(set(self.ctx.policy.accounts) - seen):
+            families.parked.add_metric([name], 0)
+
+
+class _Families:
+    """One scrape's metric families."""
+
+    def __init__(self) -> None:
+        self.database_up = GaugeMetricFamily(
+            "replyclock_database_up", "1 when the database answered this scrape, else 0."
+        )
+        self.open = GaugeMetricFamily(
+            "replyclock_conversations_open",
+            "Open conversations (waiting for our response), per team.",
+            labels=["team"],
+        )
+        self.overdue = GaugeMetricFamily(
+            "replyclock_conversations_overdue",
+            "Open conversations past their due_at, per team.",
+            labels=["team"],
+        )
+        self.outbox = GaugeMetricFamily(
+            "replyclock_outbox_messages",
+            "Outbox rows per status and kind (pending = backlog).",
+            labels=["status", "kind"],
+        )
+        self.last_success = GaugeMetricFamily(
+            "replyclock_account_last_success_timestamp_seconds",
+            "Unix time of the account's last successful poll or delivery.",
+            labels=["account"],
+        )
+        self.parked = GaugeMetricFamily(
+            "replyclock_account_parked",
+            "1 while the account is parked (rate limit or errors), else 0.",
+            labels=["account"],
+        )
+
+    def all(self) -> Iterator[Metric]:
+        yield from (self.database_up, self.open, self.overdue, self.outbox, self.last_success, self.parked)
+
+
+def build_registry(ctx: AppContext) -> CollectorRegistry:
+    """A registry of its own for one app: the database collector plus the process counters."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(ctx))
+    registry.register(POSTS_INGESTED)
+    registry.register(WEBHOOK_REQUESTS)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in Prometheus text format, and its content type (blocking: queries the database)."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

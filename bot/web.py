@@ -1,0 +1,316 @@
+"""The HTTP app: signed webhook deliveries in, health and Prometheus metrics out.
+
+Served by uvicorn (`serve`); `replyclock web` builds it with `create_app`. Other HTTP
+features (Slack's ``/slack/events``) join through ``extra_routes``.
+
+Routes:
+    ``POST /hooks/{account}``  a signed delivery for a webhook account (see connectors.webhook).
+    ``GET /healthz``           database reachability and each account's last success.
+    ``GET /metrics``           Prometheus text format (see bot.metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
+
+from bot.context import AppContext
+from bot.ingest import ingest_batch
+from bot.metrics import build_registry, exposition, record_ingested, record_webhook_request
+from connectors.base import Connector, InboundPost
+from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
+from storage.models import Account, Post
+
+log = logging.getLogger("replyclock.web")
+
+MAX_BODY_BYTES = 64 * 1024
+# Metrics label for requests to accounts that do not exist: never the attacker-chosen path segment.
+UNKNOWN_ACCOUNT = "-"
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Stored:
+    duplicate: bool
+    conversation_id: int | None
+    stored: int
+
+
+def create_app(
+    ctx: AppContext,
+    connectors: Mapping[str, Connector],
+    *,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The replyclock HTTP app.
+
+    Args:
+        ctx: the process context (policy, database, clock).
+        connectors: every configured connector by account name; the webhook ones receive deliveries.
+        extra_routes: more routes to serve (for example Slack's events endpoint).
+
+    Returns:
+        A Starlette app; its ``state.metrics_registry`` is the app's own Prometheus registry.
+    """
+    hooks = {name: c for name, c in connectors.items() if isinstance(c, WebhookConnector)}
+    for name, hook in hooks.items():
+        account = ctx.policy.accounts.get(name)
+        if hook.reply_url is None and account is not None and account.can_reply:
+            log.warning(
+                "webhook account has no reply_url but can_reply is true: acknowledgements will fail",
+                extra={"account": name},
+            )
+    registry = build_registry(ctx)
+
+    async def receive_hook(request: Request) -> Response:
+        name = request.path_params["account"]
+        hook = hooks.get(name)
+        if hook is None:
+            return _answer(request, UNKNOWN_ACCOUNT, 404, {"error": "no such webhook account"})
+        try:
+            body = await _read_body(request, MAX_BODY_BYTES)
+        except _TooLarge:
+            return _answer(
+                request,
+                name,
+                413,
+                {"error": f"body larger than {MAX_BODY_BYTES} bytes"},
+                headers={"Connection": "close"},
+            )
+        except ValueError as error:
+            return _answer(request, name, 400, {"error": str(error), "field": "content-length"})
+        except ClientDisconnect:
+            return _answer(request, name, 400, {"error": "client disconnected"})
+        if not hook.verify(body, request.headers.get(SIGNATURE_HEADER)):
+            return _answer(request, name, 401, {"error": f"missing or bad {SIGNATURE_HEADER} signature"})
+        try:
+            post = parse_delivery(body, now=ctx.clock.now())
+        except WebhookError as error:
+            return _answer(
+                request, name, 400, {"error": error.message, "field": error.field}, field=error.field
+            )
+        try:
+            stored = await run_in_threadpool(_store, ctx, name, hook, post)
+        except SQLAlchemyError as error:
+            log.error(
+                "webhook delivery not stored: database error",
+                extra={"account": name, "error": type(error).__name__},
+            )
+            return _answer(request, name, 503, {"error": "database unavailable, retry later"})
+        except Exception:
+            log.exception("webhook delivery not stored", extra={"account": name})
+            return _answer(request, name, 500, {"error": "internal error"})
+        record_ingested(name, hook.kind, stored.stored)
+        return _answer(
+            request,
+            name,
+            202,
+            {"status": "accepted", "duplicate": stored.duplicate, "conversation_id": stored.conversation_id},
+            external_id=post.external_id,
+            conversation_id=stored.conversation_id,
+            duplicate=stored.duplicate,
+        )
+
+    async def healthz(_request: Request) -> Response:
+        ok, report = await run_in_threadpool(_health, ctx)
+        return JSONResponse(report, status_code=200 if ok else 503)
+
+    async def metrics(_request: Request) -> Response:
+        content, content_type = await run_in_threadpool(exposition, registry)
+        return Response(content, media_type=content_type)
+
+    app = Starlette(
+        routes=[
+            Route("/hooks/{account}", receive_hook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *extra_routes,
+        ]
+    )
+    app.state.metrics_registry = registry
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (without reading on) anything over `limit` bytes.
+
+    Raises:
+        _TooLarge: Content-Length or the bytes actually received exceed `limit`.
+        ValueError: the Content-Length header is not a number.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ValueError("Content-Length is not a number")
+        if int(declared) > limit:
+            raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(
+    request: Request,
+    account: str,
+    status: int,
+    content: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+    **details: Any,
+) -> Response:
+    """Count, log (never the body or the signature) and answer one webhook request."""
+    record_webhook_request(account, status)
+    extra: dict[str, Any] = {"account": account, "status": status, **details}
+    if request.client is not None:
+        extra["client"] = request.client.host
+    if status >= 300:
+        extra["reason"] = content.get("error")
+    log.info("webhook accepted" if status < 300 else "webhook refused", extra=extra)
+    return JSONResponse(dict(content), status_code=status, headers=dict(headers) if headers else None)
+
+
+def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
+    """Ingest one delivery in one transaction; a repeated id is stored once."""
+    now = ctx.clock.now()
+    with ctx.sessions() as session, session.begin():
+        result = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own)
+        session.execute(
+            update(Account).where(Account.name == name).values(last_success_at=now, last_error=None)
+        )
+        conversation_id = session.scalar(
+            select(Post.conversation_id)
+            .join(Account, Account.id == Post.account_id)
+            .where(Account.name == name, Post.external_id == post.external_id)
+        )
+    return _Stored(duplicate=result.stored == 0, conversation_id=conversation_id, stored=result.stored)
+
+
+def _health(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
+    """Whether the database answers, and every account's last success (blocking)."""
+    now = ctx.clock.now()
+    accounts: dict[str, dict[str, Any]] = {
+        name: {
+            "kind": account.kind,
+            "last_success_at": None,
+            "parked_until": None,
+            "parked": False,
+            "last_error": None,
+        }
+        for name, account in sorted(ctx.policy.accounts.items())
+    }
+    try:
+        with ctx.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+            rows = list(
+                connection.execute(
+                    select(
+                        Account.name,
+                        Account.kind,
+                        Account.last_success_at,
+                        Account.parked_until,
+                        Account.last_error,
+                    )
+                )
+            )
+    except SQLAlchemyError as error:
+        log.warning("health check: database unreachable", extra={"error": type(error).__name__})
+        return False, {
+            "status": "unavailable",
+            "time": now.isoformat(),
+            "database": {"ok": False, "error": type(error).__name__},
+            "accounts": {name: {"kind": entry["kind"]} for name, entry in accounts.items()},
+        }
+    for name, kind, last_success_at, parked_until, last_error in rows:
+        accounts[name] = {
+            "kind": kind,
+            "last_success_at": last_success_at.isoformat() if last_success_at else None,
+            "parked_until": parked_until.isoformat() if parked_until else None,
+            "parked": parked_until is not None and parked_until > now,
+            "last_error": last_error[:500] if last_error else None,
+        }
+    return True, {"status": "ok", "time": now.isoformat(), "database": {"ok": True}, "accounts": accounts}
+
+
+def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    # log_config=None keeps replyclock's JSON logging; webhook requests are logged by the app itself.
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        lifespan="off",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def serve(app: ASGIApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve `app` with uvicorn until SIGINT/SIGTERM (blocking)."""
+    uvicorn.Server(_config(app, host, port)).run()
+
+
+def bind_address(environ: Mapping[str, str]) -> tuple[str, int]:
+    """``HOST`` (default 0.0.0.0) and ``PORT`` (default 8000, the Procfile convention) from `environ`."""
+    host = environ.get("HOST", "").strip() or DEFAULT_HOST
+    raw_port = environ.get("PORT", "").strip() or str(DEFAULT_PORT)
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        raise ValueError(f"PORT must be a TCP port number, not {raw_port!r}")
+    return host, int(raw_port)
+
+
+@contextmanager
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` on a real uvicorn server in a background thread (tests, the demo).
+
+    Yields:
+        The base URL, such as ``http://127.0.0.1:54321`` (port 0 picks a free port).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(_config(app, host, bound_port))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="replyclock-web", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the web server did not start")
+            time.sleep(0.01)
+        shown = f"[{host}]" if ":" in host else host
+        yield f"http://{shown}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
