@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-
 from storage.db import database_url, make_engine
 from storage.models import Base
 
