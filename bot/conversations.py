@@ -43,16 +43,21 @@ def current_deadline(session: Session, ctx: AppContext, conversation: Conversati
     return deadline_for(ctx, sla, conversation.team, conversation.cycle_started_at, kind)
 
 
-def mark_answered(
-    session: Session, conversation: Conversation, *, at: datetime, by: str, now: datetime
-) -> None:
-    """A human answered: stamp the response, stop the ladder, update the card."""
+def answer(conversation: Conversation, *, at: datetime, by: str) -> None:
+    """Put a conversation in the answered state: response stamped, the ladder stopped."""
     conversation.status = ANSWERED
     conversation.answered_at = at
     conversation.answered_by = by
     if conversation.first_response_at is None:
         conversation.first_response_at = at
     conversation.next_action_at = None
+
+
+def mark_answered(
+    session: Session, conversation: Conversation, *, at: datetime, by: str, now: datetime
+) -> None:
+    """A human answered: stamp the response, stop the ladder, audit it and update the card."""
+    answer(conversation, at=at, by=by)
     session.flush()
     repo.record_event(
         session=session,

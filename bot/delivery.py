@@ -71,7 +71,7 @@ def _store_sent(
     now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
         session.execute(
-            repo.insert_ignoring_conflicts(session, Post.__table__, ["account_id", "external_id"]).values(  # type: ignore[arg-type]
+            repo.insert_ignoring_conflicts(session, Post, ["account_id", "external_id"]).values(
                 account_id=account_id,
                 external_id=external_id,
                 direction="out",

@@ -3,26 +3,34 @@
 Everything one batch causes (posts, conversations, audit events, outbox rows, the connector
 cursor) is written in the caller's single transaction: a crash anywhere before the commit
 leaves nothing half-done, and re-fetching the same posts afterwards stores each once.
+
+The batch is worked set-wise, because connectors deliver pages of up to a hundred posts and
+a statement per post per decision would cost more than the decisions: the posts go in with
+one INSERT, what they may belong to (parent posts, threads, the authors' recent
+conversations, earlier answers, acknowledgement history) is read with one query each, the
+decisions are made in memory in time order, and new conversations, events, outbox rows and
+post links are written with one statement each.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
 from bot.context import AppContext
-from bot.conversations import deadline_for, mark_answered, policy_of
+from bot.conversations import answer, deadline_for, policy_of
 from bot.messages import render_acknowledgement
 from bot.routing import Route, choose_owner, classify
 from connectors.base import InboundPost
 from storage import repo
-from storage.models import ANSWERED, CLOSED, OPEN, Conversation, Post
+from storage.models import ANSWERED, CLOSED, OPEN, AckOptOut, Conversation, Event, Outbox, Post
 
 log = logging.getLogger("replyclock.ingest")
 
@@ -33,6 +41,7 @@ class _Keep:
 
 KEEP_CURSOR: Final = _Keep()
 ACK_PER_AUTHOR_WINDOW = timedelta(hours=24)
+STOP_WORDS = frozenset({"stop", "unsubscribe", "stopp", "arrêter", "arreter"})
 
 
 @dataclass
@@ -49,12 +58,11 @@ class IngestResult:
     acknowledgements: int = 0
 
 
-@dataclass
-class _TeamState:
-    """Per-batch cache of a team's load and round-robin position."""
-
-    load: dict[str, int]
-    last: str | None
+def is_stop_request(text: str) -> bool:
+    """True when a customer's whole message asks us to stop writing (e.g. "STOP", "stop!")."""
+    words = [w.strip(".,!?;:()[]\"'").casefold() for w in text.split()]
+    words = [w for w in words if w and not w.startswith("@")]
+    return len(words) == 1 and words[0] in STOP_WORDS
 
 
 def ingest_batch(
@@ -81,365 +89,555 @@ def ingest_batch(
     """
     now = ctx.clock.now()
     configured = ctx.policy.accounts.get(account)
-    kind = configured.kind if configured else "unknown"
-    account_row = repo.get_or_create_account(session=session, name=account, kind=kind)
+    account_row = repo.get_or_create_account(
+        session=session, name=account, kind=configured.kind if configured else "unknown"
+    )
     result = IngestResult()
 
     unique: dict[str, InboundPost] = {}
     for post in posts:
         unique.setdefault(post.external_id, post)
-    result.duplicates = len(posts) - len(unique)
     known = repo.existing_external_ids(session=session, account_id=account_row.id, external_ids=unique)
-    result.duplicates += len(known)
     fresh = sorted((p for p in unique.values() if p.external_id not in known), key=lambda p: p.posted_at)
+    result.duplicates = len(posts) - len(fresh)
 
-    teams: dict[str, _TeamState] = {}
-    for inbound in fresh:
-        # A concurrent writer may have stored it since we looked: the savepoint keeps the batch intact.
-        stored = _store_post(session, account_row.id, inbound, own=is_own(inbound), now=now)
-        if stored is None:
-            result.duplicates += 1
-            continue
-        result.stored += 1
-        if stored.direction == "out":
-            _apply_own_post(session, ctx, stored, account_row.id, now, result)
-        else:
-            _apply_customer_post(session, ctx, stored, inbound, account, account_row.id, now, teams, result)
+    if fresh:
+        stored = _insert_posts(session, account_row.id, fresh, is_own, now)
+        # A concurrent writer may have stored some since we looked: those are duplicates too.
+        result.duplicates += len(fresh) - len(stored)
+        result.stored = len(stored)
+        _Batch(session, ctx, account, account_row.id, now, result).run(stored)
 
     if not isinstance(cursor, _Keep):
         repo.save_cursor(session=session, account_id=account_row.id, cursor=cursor, now=now)
     return result
 
 
-STOP_WORDS = frozenset({"stop", "unsubscribe", "stopp", "arrêter", "arreter"})
+@dataclass
+class _Post:
+    """A post stored by this batch, with the conversation it turns out to belong to."""
+
+    id: int
+    external_id: str
+    own: bool
+    author_id: str
+    author_name: str | None
+    author_handle: str | None
+    text: str
+    language: str | None
+    posted_at: datetime
+    reply_to: str | None
+    thread_key: str | None
+    conversation: Conversation | None = None
 
 
-def is_stop_request(text: str) -> bool:
-    """True when a customer's whole message asks us to stop writing (e.g. "STOP", "stop!")."""
-    words = [w.strip(".,!?;:()[]\"'").casefold() for w in text.split()]
-    words = [w for w in words if w and not w.startswith("@")]
-    return len(words) == 1 and words[0] in STOP_WORDS
-
-
-def _store_post(
-    session: Session, account_id: int, inbound: InboundPost, *, own: bool, now: datetime
-) -> Post | None:
-    values: dict[str, Any] = dict(
-        account_id=account_id,
-        external_id=inbound.external_id,
-        direction="out" if own else "in",
-        author_id=inbound.author_id,
-        author_name=inbound.author_name,
-        author_handle=inbound.author_handle,
-        text=inbound.text,
-        url=inbound.url,
-        language=inbound.language,
-        posted_at=min(inbound.posted_at, now),
-        received_at=now,
-        reply_to_external_id=inbound.reply_to_id,
-        thread_key=inbound.thread_id,
-    )
-    statement = (
-        repo.insert_ignoring_conflicts(session, Post.__table__, ["account_id", "external_id"])  # type: ignore[arg-type]
-        .values(**values)
-        .returning(Post.id)
-    )
-    post_id = session.scalar(statement)
-    if post_id is None:
-        return None
-    post = Post(id=post_id, **values)
-    # Attach as already persistent (no SELECT): later changes become plain UPDATEs.
-    make_transient_to_detached(post)
-    session.add(post)
-    return post
-
-
-def _find_conversation(
-    session: Session, ctx: AppContext, post: Post, account_id: int, *, by_author: bool
-) -> Conversation | None:
-    if post.reply_to_external_id:
-        parent = repo.post_by_external_id(
-            session=session, account_id=account_id, external_id=post.reply_to_external_id
-        )
-        if parent is not None and parent.conversation_id is not None:
-            conversation = session.get(Conversation, parent.conversation_id)
-            if conversation is not None and conversation.status != CLOSED:
-                return conversation
-    if post.thread_key:
-        found = repo.conversation_for_thread(
-            session=session, account_id=account_id, thread_key=post.thread_key
-        )
-        if found is not None:
-            return found
-    if by_author:
-        return repo.recent_conversation_of_author(
-            session=session,
-            account_id=account_id,
-            author_id=post.author_id,
-            since=post.posted_at - ctx.policy.settings.conversation_gap,
-        )
-    return None
-
-
-def _apply_own_post(
-    session: Session, ctx: AppContext, post: Post, account_id: int, now: datetime, result: IngestResult
-) -> None:
-    conversation = _find_conversation(session, ctx, post, account_id, by_author=False)
-    if conversation is None:
-        return
-    post.conversation_id = conversation.id
-    if conversation.status == OPEN:
-        mark_answered(
-            session,
-            conversation,
-            at=post.posted_at,
-            by=f"account:{post.author_handle or post.author_id}",
-            now=now,
-        )
-        result.answered.append(conversation.id)
-
-
-def _apply_customer_post(
+def _insert_posts(
     session: Session,
-    ctx: AppContext,
-    post: Post,
-    inbound: InboundPost,
-    account: str,
     account_id: int,
+    fresh: Sequence[InboundPost],
+    is_own: Callable[[InboundPost], bool],
     now: datetime,
-    teams: dict[str, _TeamState],
-    result: IngestResult,
-) -> None:
-    if is_stop_request(post.text):
-        repo.record_opt_out(session=session, account_id=account_id, author_id=post.author_id, now=now)
-        repo.record_event(
-            session=session,
-            at=now,
-            actor="system",
-            action="ack_opt_out",
-            author=post.author_handle or post.author_id,
+) -> list[_Post]:
+    candidates = [
+        _Post(
+            id=0,
+            external_id=p.external_id,
+            own=is_own(p),
+            author_id=p.author_id,
+            author_name=p.author_name,
+            author_handle=p.author_handle,
+            text=p.text,
+            language=p.language,
+            posted_at=min(p.posted_at, now),
+            reply_to=p.reply_to_id,
+            thread_key=p.thread_id,
         )
-    conversation = _find_conversation(session, ctx, post, account_id, by_author=True)
-    if conversation is not None:
-        post.conversation_id = conversation.id
-        conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
-        if conversation.status == ANSWERED:
-            _reopen(session, ctx, conversation, post, now)
-            result.reopened.append(conversation.id)
-        else:
-            result.continued.append(conversation.id)
-            repo.enqueue(
-                session=session,
-                kind="thread_post",
-                key=f"conv:{conversation.id}:post:{post.id}",
-                payload={"conversation_id": conversation.id, "post_id": post.id},
-                conversation_id=conversation.id,
-                now=now,
+        for p in fresh
+    ]
+    urls = {p.external_id: p.url for p in fresh}
+    rows = [
+        {
+            "account_id": account_id,
+            "external_id": c.external_id,
+            "direction": "out" if c.own else "in",
+            "author_id": c.author_id,
+            "author_name": c.author_name,
+            "author_handle": c.author_handle,
+            "text": c.text,
+            "url": urls[c.external_id],
+            "language": c.language,
+            "posted_at": c.posted_at,
+            "received_at": now,
+            "reply_to_external_id": c.reply_to,
+            "thread_key": c.thread_key,
+        }
+        for c in candidates
+    ]
+    statement = repo.insert_ignoring_conflicts(session, Post, ["account_id", "external_id"])
+    ids = {
+        external_id: post_id
+        for post_id, external_id in session.execute(statement.returning(Post.id, Post.external_id), rows)
+    }
+    stored = []
+    for candidate in candidates:
+        post_id = ids.get(candidate.external_id)
+        if post_id is not None:
+            candidate.id = post_id
+            stored.append(candidate)
+    return stored
+
+
+@dataclass
+class _TeamState:
+    """A team's load and round-robin position, read once per batch."""
+
+    load: dict[str, int]
+    last: str | None
+
+
+class _Batch:
+    """The decisions for one batch, made in memory over state read once."""
+
+    def __init__(
+        self,
+        session: Session,
+        ctx: AppContext,
+        account: str,
+        account_id: int,
+        now: datetime,
+        result: IngestResult,
+    ) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.account = account
+        self.account_id = account_id
+        self.now = now
+        self.result = result
+        self.gap = ctx.policy.settings.conversation_gap
+        self.teams: dict[str, _TeamState] = {}
+        self.events: list[tuple[Conversation | None, dict[str, Any]]] = []
+        self.messages: list[tuple[Conversation, str, str, dict[str, Any]]] = []
+        self.links: list[_Post] = []
+        self.opened: list[Conversation] = []
+        self.continued: list[Conversation] = []
+        self.reopened: list[Conversation] = []
+        self.answered: list[Conversation] = []
+
+    # -- reading what the batch may touch -------------------------------------------------
+
+    def _prefetch(self, posts: list[_Post]) -> None:
+        s, account_id = self.session, self.account_id
+        customer = [p for p in posts if not p.own]
+        batch_ids = {p.external_id for p in posts}
+        reply_ids = {p.reply_to for p in posts if p.reply_to and p.reply_to not in batch_ids}
+        self.parents: dict[str, tuple[int | None, bool]] = {}
+        for chunk in _chunks(reply_ids):
+            for external_id, conversation_id, direction in s.execute(
+                select(Post.external_id, Post.conversation_id, Post.direction).where(
+                    Post.account_id == account_id, Post.external_id.in_(chunk)
+                )
+            ):
+                self.parents[external_id] = (conversation_id, direction == "out")
+
+        conversations: dict[int, Conversation] = {}
+        wanted_ids = {cid for cid, _own in self.parents.values() if cid is not None}
+        for chunk in _chunks(wanted_ids):
+            for conversation in s.scalars(select(Conversation).where(Conversation.id.in_(chunk))):
+                conversations[conversation.id] = conversation
+        threads = {p.thread_key for p in posts if p.thread_key}
+        for chunk in _chunks(threads):
+            for conversation in s.scalars(
+                select(Conversation).where(
+                    Conversation.account_id == account_id,
+                    Conversation.thread_key.in_(chunk),
+                    Conversation.status != CLOSED,
+                )
+            ):
+                conversations[conversation.id] = conversation
+        authors = {p.author_id for p in customer}
+        if customer:
+            since = min(p.posted_at for p in customer) - self.gap
+            for chunk in _chunks(authors):
+                for conversation in s.scalars(
+                    select(Conversation).where(
+                        Conversation.account_id == account_id,
+                        Conversation.author_id.in_(chunk),
+                        Conversation.last_customer_post_at >= since,
+                        Conversation.status != CLOSED,
+                    )
+                ):
+                    conversations[conversation.id] = conversation
+        self.conversations = conversations
+        self.by_thread: dict[str, Conversation] = {}
+        self.by_author: dict[str, list[Conversation]] = defaultdict(list)
+        for conversation in sorted(conversations.values(), key=lambda c: c.id):
+            self._index(conversation)
+
+        # Our answers stored before the question they answer (platforms page newest first).
+        self.orphans: dict[str, list[_Post]] = defaultdict(list)
+        customer_ids = {p.external_id for p in customer}
+        for chunk in _chunks(customer_ids):
+            for row in s.execute(
+                select(
+                    Post.id,
+                    Post.external_id,
+                    Post.reply_to_external_id,
+                    Post.posted_at,
+                    Post.author_id,
+                    Post.author_handle,
+                ).where(
+                    Post.account_id == account_id,
+                    Post.reply_to_external_id.in_(chunk),
+                    Post.direction == "out",
+                    Post.conversation_id.is_(None),
+                )
+            ):
+                self.orphans[row.reply_to_external_id].append(
+                    _Post(
+                        row.id,
+                        row.external_id,
+                        True,
+                        row.author_id,
+                        None,
+                        row.author_handle,
+                        "",
+                        None,
+                        row.posted_at,
+                        row.reply_to_external_id,
+                        None,
+                    )
+                )
+
+        self.acked: set[str] = set()
+        self.opted_out: set[str] = set()
+        for chunk in _chunks(authors):
+            self.acked.update(
+                s.scalars(
+                    select(Conversation.author_id).where(
+                        Conversation.account_id == account_id,
+                        Conversation.author_id.in_(chunk),
+                        Conversation.acknowledged_at >= self.now - ACK_PER_AUTHOR_WINDOW,
+                    )
+                )
             )
-        return
+            self.opted_out.update(
+                s.scalars(
+                    select(AckOptOut.author_id).where(
+                        AckOptOut.account_id == account_id, AckOptOut.author_id.in_(chunk)
+                    )
+                )
+            )
 
-    route = classify(
-        ctx.policy,
-        account=account,
-        author_id=inbound.author_id,
-        author_handle=inbound.author_handle,
-        text=inbound.text,
-        language=inbound.language,
-    )
-    if route.ignored:
-        result.ignored += 1
-        repo.record_event(
-            session=session,
+    def _index(self, conversation: Conversation) -> None:
+        if conversation.thread_key:
+            self.by_thread[conversation.thread_key] = conversation
+        self.by_author[conversation.author_id].append(conversation)
+
+    # -- deciding, post by post in time order ---------------------------------------------
+
+    def run(self, posts: list[_Post]) -> None:
+        self._prefetch(posts)
+        self.in_batch: dict[str, _Post] = {}
+        # New conversations are inserted together in _write, not one by one as queries run.
+        with self.session.no_autoflush:
+            for post in posts:
+                if post.own:
+                    self._own(post)
+                else:
+                    self._customer(post)
+                self.in_batch[post.external_id] = post
+        self._write()
+
+    def _find(self, post: _Post, *, by_author: bool) -> Conversation | None:
+        if post.reply_to:
+            parent = self.in_batch.get(post.reply_to)
+            found: Conversation | None = None
+            if parent is not None:
+                found = parent.conversation
+            elif post.reply_to in self.parents:
+                conversation_id = self.parents[post.reply_to][0]
+                found = self.conversations.get(conversation_id) if conversation_id is not None else None
+            if found is not None and found.status != CLOSED:
+                return found
+        if post.thread_key:
+            found = self.by_thread.get(post.thread_key)
+            if found is not None and found.status != CLOSED:
+                return found
+        if by_author:
+            since = post.posted_at - self.gap
+            candidates = [
+                c
+                for c in self.by_author.get(post.author_id, ())
+                if c.status != CLOSED and c.last_customer_post_at >= since
+            ]
+            if candidates:
+                return candidates[-1]  # lists are in creation order: the newest
+        return None
+
+    def _replies_to_ours(self, post: _Post) -> bool:
+        if not post.reply_to:
+            return False
+        parent = self.in_batch.get(post.reply_to)
+        if parent is not None:
+            return parent.own
+        return self.parents.get(post.reply_to, (None, False))[1]
+
+    def _own(self, post: _Post) -> None:
+        conversation = self._find(post, by_author=False)
+        if conversation is None:
+            if post.reply_to:
+                self.orphans[post.reply_to].append(post)
+            return
+        self._link(post, conversation)
+        if conversation.status == OPEN:
+            self._answer(conversation, post)
+
+    def _answer(self, conversation: Conversation, reply: _Post) -> None:
+        by = f"account:{reply.author_handle or reply.author_id}"
+        answer(conversation, at=reply.posted_at, by=by)
+        self.answered.append(conversation)
+        self._event(
+            conversation,
+            "answered",
+            actor=by,
+            cycle=conversation.cycle,
+            response_at=reply.posted_at.isoformat(),
+        )
+        self._message(conversation, "card_update", f"c{conversation.cycle}:answered", reason="answered")
+
+    def _customer(self, post: _Post) -> None:
+        if is_stop_request(post.text):
+            if post.author_id not in self.opted_out:
+                repo.record_opt_out(
+                    session=self.session, account_id=self.account_id, author_id=post.author_id, now=self.now
+                )
+                self.opted_out.add(post.author_id)
+            self._event(None, "ack_opt_out", author=post.author_handle or post.author_id)
+        conversation = self._find(post, by_author=True)
+        if conversation is not None:
+            self._link(post, conversation)
+            conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
+            if conversation.status == ANSWERED:
+                self._reopen(conversation, post)
+            else:
+                self.continued.append(conversation)
+                self._message(conversation, "thread_post", f"post:{post.id}", post_id=post.id)
+            return
+
+        route = classify(
+            self.ctx.policy,
+            account=self.account,
+            author_id=post.author_id,
+            author_handle=post.author_handle,
+            text=post.text,
+            language=post.language,
+        )
+        if route.ignored:
+            self.result.ignored += 1
+            self._event(None, "ignored", author=post.author_handle or post.author_id, post_id=post.id)
+            return
+        conversation = self._open(post, route)
+        early = self.orphans.pop(post.external_id, [])
+        if early:
+            for reply in early:
+                self._link(reply, conversation)
+            self._answer(conversation, min(early, key=lambda reply: reply.posted_at))
+            return
+        self._acknowledge(conversation, post)
+
+    def _link(self, post: _Post, conversation: Conversation) -> None:
+        post.conversation = conversation
+        self.links.append(post)
+
+    def _team(self, team: str) -> _TeamState:
+        state = self.teams.get(team)
+        if state is None:
+            state = _TeamState(
+                load=repo.open_loads(session=self.session, team=team),
+                last=repo.last_assigned(session=self.session, team=team),
+            )
+            self.teams[team] = state
+        return state
+
+    def _open(self, post: _Post, route: Route) -> Conversation:
+        ctx, now = self.ctx, self.now
+        sla = ctx.policy.policy_for(team=route.team, account=self.account, priority=route.priority)
+        deadline = deadline_for(ctx, sla, route.team, post.posted_at, "first")
+        state = self._team(route.team)
+        choice = choose_owner(
+            ctx.policy,
+            team=route.team,
+            topics=route.topics,
             at=now,
-            actor="system",
-            action="ignored",
-            author=post.author_handle or post.author_id,
-            post_id=post.id,
+            load=state.load,
+            last_assigned=state.last,
         )
-        return
-    conversation = _open(session, ctx, post, account, account_id, route, now, teams)
-    post.conversation_id = conversation.id
-    result.opened.append(conversation.id)
-    # Platforms page newest first: our answer may have been stored before the question it answers.
-    early = repo.orphan_replies_to(session=session, account_id=account_id, external_id=post.external_id)
-    if early:
-        for reply in early:
-            reply.conversation_id = conversation.id
-        first = min(early, key=lambda reply: reply.posted_at)
-        mark_answered(
-            session, conversation, at=first.posted_at, by=f"account:{first.author_handle or first.author_id}", now=now
+        if choice.expert_id is not None:
+            state.load[choice.expert_id] = state.load.get(choice.expert_id, 0) + 1
+            state.last = choice.expert_id
+        first_action = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
+        if sla.claim_within is not None and choice.expert_id is not None:
+            first_action = min(first_action, now + sla.claim_within)
+        conversation = Conversation(
+            account_id=self.account_id,
+            thread_key=post.thread_key or post.external_id,
+            author_id=post.author_id,
+            author_name=post.author_name,
+            author_handle=post.author_handle,
+            status=OPEN,
+            team=route.team,
+            priority=route.priority,
+            policy=sla.name,
+            route_rule=route.rule,
+            owner=choice.expert_id,
+            assigned_at=now if choice.expert_id else None,
+            opened_at=post.posted_at,
+            cycle=0,
+            cycle_started_at=post.posted_at,
+            clock_started_at=deadline.clock_started_at,
+            due_at=deadline.due_at,
+            last_customer_post_at=post.posted_at,
+            next_action_at=first_action,
+            slack_channel=ctx.policy.teams[route.team].channel,
+            warnings_sent=0,
+            nag_level=0,
+            escalation_step=0,
+            reassignments=0,
         )
-        result.answered.append(conversation.id)
-        return
-    if _acknowledge(session, ctx, conversation, post, account, now):
-        result.acknowledgements += 1
-
-
-def _open(
-    session: Session,
-    ctx: AppContext,
-    post: Post,
-    account: str,
-    account_id: int,
-    route: Route,
-    now: datetime,
-    teams: dict[str, _TeamState],
-) -> Conversation:
-    sla = ctx.policy.policy_for(team=route.team, account=account, priority=route.priority)
-    deadline = deadline_for(ctx, sla, route.team, post.posted_at, "first")
-    state = teams.get(route.team)
-    if state is None:
-        state = _TeamState(
-            load=repo.open_loads(session=session, team=route.team),
-            last=repo.last_assigned(session=session, team=route.team),
+        self.session.add(conversation)
+        self.opened.append(conversation)
+        self._index(conversation)
+        self._link(post, conversation)
+        self._event(
+            conversation,
+            "opened",
+            team=route.team,
+            priority=route.priority,
+            policy=sla.name,
+            rule=route.rule,
+            owner=choice.expert_id,
+            owner_reason=choice.reason,
+            due_at=deadline.due_at.isoformat(),
         )
-        teams[route.team] = state
-    choice = choose_owner(
-        ctx.policy, team=route.team, topics=route.topics, at=now, load=state.load, last_assigned=state.last
-    )
-    if choice.expert_id is not None:
-        state.load[choice.expert_id] = state.load.get(choice.expert_id, 0) + 1
-        state.last = choice.expert_id
-    first_action = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
-    if sla.claim_within is not None and choice.expert_id is not None:
-        first_action = min(first_action, now + sla.claim_within)
-    conversation = Conversation(
-        account_id=account_id,
-        thread_key=post.thread_key or post.external_id,
-        author_id=post.author_id,
-        author_name=post.author_name,
-        author_handle=post.author_handle,
-        status=OPEN,
-        team=route.team,
-        priority=route.priority,
-        policy=sla.name,
-        route_rule=route.rule,
-        owner=choice.expert_id,
-        assigned_at=now if choice.expert_id else None,
-        opened_at=post.posted_at,
-        cycle=0,
-        cycle_started_at=post.posted_at,
-        clock_started_at=deadline.clock_started_at,
-        due_at=deadline.due_at,
-        last_customer_post_at=post.posted_at,
-        next_action_at=first_action,
-        slack_channel=ctx.policy.teams[route.team].channel,
-    )
-    session.add(conversation)
-    session.flush()
-    repo.record_event(
-        session=session,
-        at=now,
-        actor="system",
-        action="opened",
-        conversation_id=conversation.id,
-        team=route.team,
-        priority=route.priority,
-        policy=sla.name,
-        rule=route.rule,
-        owner=choice.expert_id,
-        owner_reason=choice.reason,
-        due_at=deadline.due_at.isoformat(),
-    )
-    repo.enqueue(
-        session=session,
-        kind="card",
-        key=f"conv:{conversation.id}:card",
-        payload={"conversation_id": conversation.id, "post_id": post.id},
-        conversation_id=conversation.id,
-        now=now,
-    )
-    log.info(
-        "conversation opened",
-        extra={"conversation_id": conversation.id, "team": route.team, "owner": choice.expert_id},
-    )
-    return conversation
+        self._message(conversation, "card", "card", post_id=post.id)
+        return conversation
 
-
-def _reopen(session: Session, ctx: AppContext, conversation: Conversation, post: Post, now: datetime) -> None:
-    """A customer wrote again after our answer: a new cycle with the next-response target."""
-    sla = policy_of(session, ctx, conversation)
-    deadline = deadline_for(ctx, sla, conversation.team, post.posted_at, "next")
-    conversation.status = OPEN
-    conversation.cycle += 1
-    conversation.cycle_started_at = post.posted_at
-    conversation.clock_started_at = deadline.clock_started_at
-    conversation.due_at = deadline.due_at
-    conversation.answered_at = None
-    conversation.warnings_sent = 0
-    conversation.nag_level = 0
-    conversation.escalation_step = 0
-    conversation.next_action_at = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
-    session.flush()
-    repo.record_event(
-        session=session,
-        at=now,
-        actor="system",
-        action="reopened",
-        conversation_id=conversation.id,
-        cycle=conversation.cycle,
-        due_at=deadline.due_at.isoformat(),
-    )
-    repo.enqueue(
-        session=session,
-        kind="card_update",
-        key=f"conv:{conversation.id}:c{conversation.cycle}:reopened",
-        payload={"conversation_id": conversation.id, "reason": "reopened", "post_id": post.id},
-        conversation_id=conversation.id,
-        now=now,
-    )
-
-
-def _acknowledge(
-    session: Session, ctx: AppContext, conversation: Conversation, post: Post, account: str, now: datetime
-) -> bool:
-    """Queue the automatic acknowledgement when the policy asks and the safeguards allow."""
-    sla = policy_of(session, ctx, conversation)
-    configured = ctx.policy.accounts.get(account)
-    if not sla.acknowledge or configured is None or not configured.can_reply:
-        return False
-    if repo.author_acknowledged_since(
-        session=session,
-        account_id=conversation.account_id,
-        author_id=post.author_id,
-        since=now - ACK_PER_AUTHOR_WINDOW,
-    ):
-        return False
-    if repo.has_opted_out(session=session, account_id=conversation.account_id, author_id=post.author_id):
-        return False
-    if post.reply_to_external_id:
-        parent = repo.post_by_external_id(
-            session=session, account_id=conversation.account_id, external_id=post.reply_to_external_id
+    def _reopen(self, conversation: Conversation, post: _Post) -> None:
+        """A customer wrote again after our answer: a new cycle with the next-response target."""
+        sla = policy_of(self.session, self.ctx, conversation)
+        deadline = deadline_for(self.ctx, sla, conversation.team, post.posted_at, "next")
+        conversation.status = OPEN
+        conversation.cycle += 1
+        conversation.cycle_started_at = post.posted_at
+        conversation.clock_started_at = deadline.clock_started_at
+        conversation.due_at = deadline.due_at
+        conversation.answered_at = None
+        conversation.warnings_sent = 0
+        conversation.nag_level = 0
+        conversation.escalation_step = 0
+        conversation.next_action_at = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
+        self.reopened.append(conversation)
+        self._event(conversation, "reopened", cycle=conversation.cycle, due_at=deadline.due_at.isoformat())
+        self._message(
+            conversation, "card_update", f"c{conversation.cycle}:reopened", reason="reopened", post_id=post.id
         )
-        if parent is not None and parent.direction == "out":
-            return False  # answering our own reply: they know someone is on it
-    team = ctx.policy.teams[conversation.team]
-    template = ctx.policy.acknowledgement_template(team=team.name, language=post.language or team.language)
-    if template is None:
-        return False
-    owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
-    text = render_acknowledgement(
-        template,
-        author=post.author_handle or post.author_name or "there",
-        owner=owner,
-        team=team,
-        due_at=conversation.due_at,
-        timezone=ctx.calendar(team.calendar).tz,
-        now=now,
-    )
-    conversation.acknowledged_at = now
-    repo.enqueue(
-        session=session,
-        kind="ack",
-        key=f"conv:{conversation.id}:ack",
-        payload={"conversation_id": conversation.id, "post_id": post.id, "account": account, "text": text},
-        conversation_id=conversation.id,
-        now=now,
-    )
-    repo.record_event(
-        session=session, at=now, actor="system", action="ack_queued", conversation_id=conversation.id
-    )
-    return True
+
+    def _acknowledge(self, conversation: Conversation, post: _Post) -> None:
+        """Queue the automatic acknowledgement when the policy asks and the safeguards allow."""
+        ctx = self.ctx
+        sla = policy_of(self.session, ctx, conversation)
+        configured = ctx.policy.accounts.get(self.account)
+        if not sla.acknowledge or configured is None or not configured.can_reply:
+            return
+        if post.author_id in self.acked or post.author_id in self.opted_out or self._replies_to_ours(post):
+            return
+        team = ctx.policy.teams[conversation.team]
+        template = ctx.policy.acknowledgement_template(
+            team=team.name, language=post.language or team.language
+        )
+        if template is None:
+            return
+        owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
+        text = render_acknowledgement(
+            template,
+            author=post.author_handle or post.author_name or "there",
+            owner=owner,
+            team=team,
+            due_at=conversation.due_at,
+            timezone=ctx.calendar(team.calendar).tz,
+            now=self.now,
+        )
+        conversation.acknowledged_at = self.now
+        self.acked.add(post.author_id)
+        self.result.acknowledgements += 1
+        self._message(conversation, "ack", "ack", post_id=post.id, account=self.account, text=text)
+        self._event(conversation, "ack_queued")
+
+    # -- writing it all ---------------------------------------------------------------------
+
+    def _event(
+        self, conversation: Conversation | None, action: str, *, actor: str = "system", **detail: Any
+    ) -> None:
+        self.events.append(
+            (conversation, {"at": self.now, "actor": actor, "action": action, "detail": detail})
+        )
+
+    def _message(self, conversation: Conversation, kind: str, key: str, **payload: Any) -> None:
+        self.messages.append((conversation, kind, key, payload))
+
+    def _write(self) -> None:
+        session = self.session
+        session.flush()  # new conversations get their ids (one multi-row INSERT), changed ones are updated
+        if self.events:
+            session.execute(
+                insert(Event),
+                [{**row, "conversation_id": c.id if c is not None else None} for c, row in self.events],
+            )
+        if self.messages:
+            session.execute(
+                repo.insert_ignoring_conflicts(session, Outbox, ["idempotency_key"]),
+                [
+                    {
+                        "kind": kind,
+                        "conversation_id": c.id,
+                        "payload": {"conversation_id": c.id, **payload},
+                        "idempotency_key": f"conv:{c.id}:{key}",
+                        "status": "pending",
+                        "attempts": 0,
+                        "created_at": self.now,
+                        "next_attempt_at": self.now,
+                    }
+                    for c, kind, key, payload in self.messages
+                ],
+            )
+        if self.links:
+            session.execute(
+                update(Post),
+                [
+                    {"id": p.id, "conversation_id": p.conversation.id}
+                    for p in self.links
+                    if p.conversation is not None
+                ],
+            )
+        result = self.result
+        result.opened = [c.id for c in self.opened]
+        result.continued = [c.id for c in self.continued]
+        result.reopened = [c.id for c in self.reopened]
+        result.answered = [c.id for c in self.answered]
+        for conversation in self.opened:
+            log.info(
+                "conversation opened",
+                extra={
+                    "conversation_id": conversation.id,
+                    "team": conversation.team,
+                    "owner": conversation.owner,
+                },
+            )
+
+
+def _chunks(values: set[str] | set[int], size: int = 500) -> list[list[Any]]:
+    ordered = list(values)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def conversation_posts(session: Session, conversation_id: int) -> list[Post]:

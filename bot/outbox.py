@@ -128,15 +128,22 @@ class OutboxSender:
                     row.lease_until = None
         return settled
 
-    def send_due(self, *, limit: int = 100) -> SendResult:
-        """Send every due row (in batches of `limit`) and return what happened."""
+    def send_due(self, *, limit: int = 500) -> SendResult:
+        """Send up to `limit` due rows, each claimed just before its own call; return what happened.
+
+        Claiming one row at a time means a process that dies leaves only the message it was
+        sending `sending`: a batch claimed up front would leave every untried customer message
+        in it `unknown` after recovery, and a batch slower than the lease would be recovered by
+        another process while this one still works through it. Rows beyond `limit` wait for the
+        next call.
+        """
         result = SendResult()
-        while True:
-            claimed = self._claim(limit)
-            for message in claimed:
-                self._deliver(message, result)
-            if len(claimed) < limit:
-                return result
+        for _ in range(limit):
+            claimed = self._claim(1)
+            if not claimed:
+                break
+            self._deliver(claimed[0], result)
+        return result
 
     def _claim(self, limit: int) -> list[OutboxMessage]:
         now = self.ctx.clock.now()

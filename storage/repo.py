@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Table, func, select, update
+from sqlalchemy import Insert, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -16,6 +16,7 @@ from storage.models import (
     PENDING,
     Account,
     AckOptOut,
+    Base,
     Conversation,
     Event,
     Outbox,
@@ -23,20 +24,18 @@ from storage.models import (
 )
 
 
-def insert_ignoring_conflicts(session: Session, table: Table, index_elements: Sequence[str]) -> Insert:
-    """An INSERT that silently skips rows violating the given unique key (both dialects)."""
+def insert_ignoring_conflicts(session: Session, model: type[Base], index_elements: Sequence[str]) -> Insert:
+    """An INSERT into `model`'s table that silently skips rows violating the given unique key."""
     if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
-    return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(index_elements))
+        return postgresql.insert(model).on_conflict_do_nothing(index_elements=list(index_elements))
+    return sqlite.insert(model).on_conflict_do_nothing(index_elements=list(index_elements))
 
 
 def get_or_create_account(*, session: Session, name: str, kind: str) -> Account:
     """The account row for a configured account, created on first use."""
     account = session.scalars(select(Account).where(Account.name == name)).one_or_none()
     if account is None:
-        session.execute(
-            insert_ignoring_conflicts(session, Account.__table__, ["name"]).values(name=name, kind=kind)  # type: ignore[arg-type]
-        )
+        session.execute(insert_ignoring_conflicts(session, Account, ["name"]).values(name=name, kind=kind))
         account = session.scalars(select(Account).where(Account.name == name)).one()
     return account
 
@@ -131,7 +130,7 @@ def has_opted_out(*, session: Session, account_id: int, author_id: str) -> bool:
 def record_opt_out(*, session: Session, account_id: int, author_id: str, now: datetime) -> None:
     """Remember that the author wrote "stop"."""
     session.execute(
-        insert_ignoring_conflicts(session, AckOptOut.__table__, ["account_id", "author_id"]).values(  # type: ignore[arg-type]
+        insert_ignoring_conflicts(session, AckOptOut, ["account_id", "author_id"]).values(
             account_id=account_id, author_id=author_id, at=now
         )
     )
@@ -167,7 +166,7 @@ def enqueue(
     conversation_id: int | None = None,
 ) -> bool:
     """Write an outbox row unless one with the same idempotency key exists; True if written."""
-    statement = insert_ignoring_conflicts(session, Outbox.__table__, ["idempotency_key"]).values(  # type: ignore[arg-type]
+    statement = insert_ignoring_conflicts(session, Outbox, ["idempotency_key"]).values(
         kind=kind,
         conversation_id=conversation_id,
         payload=payload,

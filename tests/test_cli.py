@@ -190,7 +190,11 @@ def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": str(port)}
     server = subprocess.Popen(
         [sys.executable, "-m", "bot.cli", "web", "--config", str(POLICY)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30

@@ -201,8 +201,17 @@ def test_no_acknowledgement_for_a_reply_to_our_own_post(ctx: AppContext, clock: 
 def test_our_reply_stored_before_the_question_still_answers_it(ctx: AppContext, clock: FakeClock) -> None:
     # Platforms page newest first: the answer can arrive in an earlier batch than the question.
     clock.advance(timedelta(hours=1))
-    ingest(ctx, InboundPost("2", "own", "@ana done", MONDAY + timedelta(minutes=30), author_handle="acme_support",
-                            reply_to_id="1"))
+    ingest(
+        ctx,
+        InboundPost(
+            "2",
+            "own",
+            "@ana done",
+            MONDAY + timedelta(minutes=30),
+            author_handle="acme_support",
+            reply_to_id="1",
+        ),
+    )
     result = ingest(ctx, post("1", "refund please"))
     assert len(result.opened) == 1 and result.answered == result.opened
     conversation = only_conversation(ctx)
