@@ -1,0 +1,830 @@
+"""Outbox handlers that talk to Slack: cards, their threads, DMs, admin alerts and storm summaries.
+
+Each handler reads what it needs in one short session, makes its Slack calls with no
+transaction open, then records the outcome in another short transaction. Slack messages are
+delivered at least once (bot.outbox); what makes a repeat harmless:
+
+- A card's channel id and ``ts`` are stored on the conversation right after the post, with a
+  compare-and-set (``slack_ts IS NULL``) that also bumps its version. A ``card`` row retried
+  after that (the process died before the outbox row was marked sent) edits the stored card
+  instead of posting a second one. The one window left is between Slack's answer and that
+  commit (or an answer lost to a timeout): then a second card can appear. Every card carries
+  message metadata (``replyclock_card`` with the conversation id) so a later version can look
+  it up in the channel history instead.
+- Everything else is a thread reply, a DM or an alert: a repeat is a duplicate line, never a
+  lost one.
+
+Errors: HTTP 429 raises `Retry` with Slack's ``Retry-After``; 5xx, timeouts and dropped
+connections raise `Retry` (the outbox backs off); a refusal that waiting will not fix
+(``channel_not_found``, ``not_in_channel``, ``is_archived``, ``invalid_auth``...) raises
+`SlackDeliveryError` naming the channel and what to do, and is logged; the outbox retries it
+with back-off up to its attempt limit, then marks it failed.
+
+Storms: when more than `storm_threshold` cards for one channel are due within `storm_window`,
+the first of them claims the others' outbox rows (as the sender claims: ``sending`` with a
+lease, ``SKIP LOCKED`` on PostgreSQL, so no other sender posts them and a crash hands them
+back), posts ONE summary ("14 new mentions, 3 urgent") and makes every card a compact entry in
+its thread. Each entry's ``ts`` is stored as that conversation's card, so updates edit it, and
+its history (warnings, nags' notes...) goes to the summary's thread. The summary is an audit
+event (``slack_storm``) listing its conversations: a card whose entry could not be posted at
+once (a rate limit midway) goes back to the outbox and joins that thread when retried.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web import SlackResponse
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from bot.context import AppContext
+from bot.delivery import STAFF_KINDS
+from bot.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
+from bot.policy import Expert
+from bot.routing import is_on_duty
+from bot.slack import blocks
+from storage import repo
+from storage.db import is_postgres
+from storage.models import OPEN, PENDING, SENDING, SENT, Conversation, Event, Outbox, Post
+
+__all__ = ["CARD_EVENT", "STORM_EVENT", "SlackDelivery", "SlackDeliveryError", "slack_handlers"]
+
+log = logging.getLogger("replyclock.slack")
+
+CARD_EVENT = "slack_card"  # audit: where a conversation's card was posted (channel, ts, thread_ts)
+STORM_EVENT = "slack_storm"  # audit: a storm summary (channel, ts, conversation ids)
+CARD_METADATA_TYPE = "replyclock_card"
+MAX_STORM = 50  # entries under one summary; more make a second summary
+STORM_MEMORY = timedelta(days=1)  # how long a card not yet posted still joins its storm's thread
+DEFAULT_RETRY_AFTER = 30  # seconds, when a 429 comes without Retry-After
+UTC = ZoneInfo("UTC")
+
+# Refusals that retrying will not fix, and what a person should do about each.
+PERMANENT_ERRORS: Mapping[str, str] = {
+    "channel_not_found": "no such channel, or the app cannot see it: check the channel in replyclock.toml",
+    "not_in_channel": "the app is not a member: /invite the app to the channel",
+    "is_archived": "the channel is archived: unarchive it or change the team's channel",
+    "invalid_auth": "the bot token was refused: check SLACK_BOT_TOKEN",
+    "not_authed": "no bot token was sent: set SLACK_BOT_TOKEN",
+    "account_inactive": "the bot token belongs to a deactivated app or user",
+    "token_revoked": "the bot token was revoked: reinstall the app",
+    "token_expired": "the bot token expired: reinstall the app",
+    "missing_scope": "the app lacks a scope: reinstall it from the manifest",
+    "user_not_found": "no such Slack user: check the expert's slack_id",
+    "cannot_dm_bot": "the expert's slack_id is a bot",
+    "restricted_action": "the workspace does not let the app post there",
+}
+RETRYABLE_ERRORS = frozenset(
+    {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+)
+
+
+class SlackDeliveryError(Exception):
+    """Slack refused a message for a reason that waiting alone will not fix.
+
+    Attributes:
+        code: Slack's error code (``channel_not_found``...), or None.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A conversation as read in one short session (detached), with what a message needs."""
+
+    conversation: Conversation
+    post: Post | None  # the customer's post the card shows
+    tz: ZoneInfo
+    card_parent_ts: str | None  # the storm summary the card is threaded under, if any
+
+
+@dataclass(frozen=True)
+class _Storm:
+    channel: str
+    ts: str
+
+
+def slack_handlers(
+    ctx: AppContext,
+    client: WebClient,
+    *,
+    storm_threshold: int = 5,
+    storm_window: timedelta = timedelta(minutes=1),
+) -> dict[str, Handler]:
+    """Outbox handlers for every staff kind (bot.delivery.STAFF_KINDS), delivering to Slack.
+
+    Args:
+        ctx: the process context (policy, clock, database).
+        client: a slack_sdk WebClient with the bot token.
+        storm_threshold: more cards than this for one channel, due within `storm_window`,
+            are posted as one summary with the cards in its thread.
+        storm_window: see `storm_threshold`.
+
+    Returns:
+        kind -> handler, for bot.outbox.OutboxSender.
+    """
+    return SlackDelivery(ctx, client, storm_threshold=storm_threshold, storm_window=storm_window).handlers()
+
+
+class SlackDelivery:
+    """The Slack side of the outbox; `handlers` maps each staff kind to one of its methods."""
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        client: WebClient,
+        *,
+        storm_threshold: int = 5,
+        storm_window: timedelta = timedelta(minutes=1),
+    ) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.storm_threshold = storm_threshold
+        self.storm_window = storm_window
+
+    def handlers(self) -> dict[str, Handler]:
+        """kind -> handler for every kind in bot.delivery.STAFF_KINDS."""
+        found: dict[str, Handler] = {
+            "card": self.card,
+            "card_update": self.card_update,
+            "thread_post": self.thread_post,
+            "warning": self.warning,
+            "breach": self.breach,
+            "nag": self.nag,
+            "escalation": self.escalation,
+            "reassign": self.reassign,
+            "delivery_unknown": self.delivery_problem,
+            "delivery_failed": self.delivery_problem,
+            "admin_alert": self.admin_alert,
+        }
+        assert set(found) == set(STAFF_KINDS), "every staff kind needs a Slack handler"
+        return found
+
+    # ----------------------------------------------------------------------------------------
+    # Handlers
+
+    def card(self, message: OutboxMessage) -> str:
+        """Post a new conversation's card to its team's channel (or edit it, on a retry)."""
+        conversation_id = _conversation_id(message)
+        now = self.ctx.clock.now()
+        storm: _Storm | None = None
+        with self.ctx.sessions() as session:
+            loaded = self._load(session, conversation_id, post_id=message.payload.get("post_id"))
+            if loaded.conversation.slack_ts is None:
+                storm = self._storm_covering(session, conversation_id, now)
+        if loaded.conversation.slack_ts is not None:
+            return self._refresh_card(loaded, now)
+        if storm is not None:
+            ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
+            return f"storm entry {storm.channel} {ts}"
+        claimed = self._claim_storm(loaded.conversation, message.id, now)
+        if claimed:
+            return self._post_storm(loaded, claimed, now)
+        return self._post_card(loaded, now)
+
+    def card_update(self, message: OutboxMessage) -> str:
+        """Edit the stored card to show the conversation as it is now."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if loaded.conversation.slack_ts is None:
+            raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
+        return self._refresh_card(loaded, now)
+
+    def thread_post(self, message: OutboxMessage) -> str:
+        """The customer wrote again: their words in the card's thread."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        with self.ctx.sessions() as session:
+            post_id = message.payload.get("post_id")
+            post = session.get(Post, post_id) if isinstance(post_id, int) else None
+        built = blocks.thread_post_message(loaded.conversation, post, ctx_policy=self.ctx.policy, now=now)
+        return self._thread_reply(loaded, built)
+
+    def warning(self, message: OutboxMessage) -> str:
+        """The deadline is near: a line in the card's thread."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        built = blocks.warning_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
+        return self._thread_reply(loaded, built)
+
+    def breach(self, message: OutboxMessage) -> str:
+        """The deadline passed: the card turns overdue and the thread says so."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        if loaded.conversation.slack_ts is None:
+            raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
+        self._refresh_card(loaded, now)
+        built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
+        return self._thread_reply(loaded, built)
+
+    def reassign(self, message: OutboxMessage) -> str:
+        """Nobody claimed it in time: the card shows the new owner and the thread says why."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        if loaded.conversation.slack_ts is None:
+            raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
+        self._refresh_card(loaded, now)
+        payload = message.payload
+        built = blocks.reassign_message(
+            loaded.conversation,
+            ctx_policy=self.ctx.policy,
+            now=now,
+            owner=_text(payload.get("owner")),
+            previous_owner=_text(payload.get("previous_owner")),
+            note=_text(payload.get("note")),
+        )
+        return self._thread_reply(loaded, built)
+
+    def delivery_problem(self, message: OutboxMessage) -> str:
+        """A message to the customer may not have arrived: say so loudly in the thread."""
+        loaded = self._read(message)
+        payload = message.payload
+        built = blocks.delivery_problem_message(
+            loaded.conversation,
+            kind=_text(payload.get("kind")) or "message",
+            problem=message.kind,
+            text=_text(payload.get("text")),
+            error=_text(payload.get("error")),
+        )
+        return self._thread_reply(loaded, built)
+
+    def nag(self, message: OutboxMessage) -> str:
+        """A reminder by DM to the owner, with the card's buttons (in the thread if nobody owns it).
+
+        The sweep only schedules nags in the owner's working hours, so this never checks them.
+        """
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        conversation = loaded.conversation
+        owner = self._expert(conversation.claimed_by) or self._expert(conversation.owner)
+        common: dict[str, Any] = {"ctx_policy": self.ctx.policy, "now": now, "tz": loaded.tz}
+        if owner is None:
+            return self._thread_reply(
+                loaded, blocks.nag_message(conversation, loaded.post, in_thread=True, **common)
+            )
+        return self._dm(owner, blocks.nag_message(conversation, loaded.post, **common), conversation.id)
+
+    def escalation(self, message: OutboxMessage) -> str:
+        """An escalation step: the team channel, or a DM to the manager, the on-call person or the owner.
+
+        Manager and on-call are told whatever the hour (that is what they are for); an owner
+        who is off duty is named in the thread instead of being woken.
+        """
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        conversation = loaded.conversation
+        notify = _text(message.payload.get("notify")) or "team_channel"
+        team = self.ctx.policy.teams.get(conversation.team)
+        common: dict[str, Any] = {
+            "ctx_policy": self.ctx.policy,
+            "now": now,
+            "tz": loaded.tz,
+            "team_label": team.label if team else conversation.team,
+        }
+        if notify in ("manager", "on_call"):
+            role = "manager" if notify == "manager" else "on-call person"
+            target = self._expert(_text(message.payload.get(notify)))
+            if target is None:
+                built = blocks.escalation_message(
+                    conversation, loaded.post, notify="team_channel", in_thread=True, **common
+                )
+                log.warning(
+                    "escalation has nobody to go to; posted in the channel",
+                    extra={"conversation_id": conversation.id, "notify": notify},
+                )
+                return self._thread_reply(loaded, built, broadcast=True)
+            sent = self._dm(
+                target,
+                blocks.escalation_message(conversation, loaded.post, notify=notify, **common),
+                conversation.id,
+            )
+            self._note(loaded, f"Escalated by DM to {target.name}, the {role}.")
+            return sent
+        if notify == "owner":
+            owner = (
+                self._expert(conversation.claimed_by)
+                or self._expert(conversation.owner)
+                or self._expert(_text(message.payload.get("owner")))
+            )
+            if owner is not None and is_on_duty(owner, now):
+                sent = self._dm(
+                    owner,
+                    blocks.escalation_message(conversation, loaded.post, notify="owner", **common),
+                    conversation.id,
+                )
+                self._note(loaded, f"Escalated by DM to {owner.name}, the owner.")
+                return sent
+            if owner is not None:
+                built = blocks.escalation_message(
+                    conversation, loaded.post, notify="owner", in_thread=True, **common
+                )
+                return self._thread_reply(loaded, built)
+        # The team channel: one thread reply also shown in the channel (reply_broadcast), so the
+        # whole team sees it and the card's thread keeps the history, in one message.
+        built = blocks.escalation_message(
+            conversation, loaded.post, notify="team_channel", in_thread=True, **common
+        )
+        return self._thread_reply(loaded, built, broadcast=True)
+
+    def admin_alert(self, message: OutboxMessage) -> str:
+        """An operator alert to the admin channel (skipped, with a log line, when there is none)."""
+        payload = message.payload
+        channel = _text(payload.get("channel")) or self.ctx.policy.settings.admin_channel
+        text = _text(payload.get("text")) or "(no text)"
+        if not channel:
+            log.warning("admin alert not posted: no admin_channel configured", extra={"alert": text})
+            return "skipped: no admin channel"
+        built = blocks.admin_alert_message(text, account=_text(payload.get("account")))
+        posted_channel, ts = self._post(built, channel=channel, conversation_id=message.conversation_id)
+        return f"{posted_channel} {ts}"
+
+    # ----------------------------------------------------------------------------------------
+    # Cards
+
+    def _post_card(self, loaded: _Loaded, now: datetime) -> str:
+        conversation = loaded.conversation
+        built = self._card_message(loaded, now, compact=False)
+        channel, ts = self._post(
+            built,
+            channel=self._team_channel(conversation),
+            conversation_id=conversation.id,
+            metadata=_card_metadata(conversation.id),
+        )
+        if not self._store_card(conversation.id, channel, ts, now=now, thread_ts=None):
+            log.warning(
+                "card posted twice: another sender stored one first",
+                extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
+            )
+        log.info("card posted", extra={"conversation_id": conversation.id, "channel": channel, "ts": ts})
+        return f"{channel} {ts}"
+
+    def _refresh_card(self, loaded: _Loaded, now: datetime) -> str:
+        """Edit the stored card; if someone deleted it in Slack, post it again."""
+        conversation = loaded.conversation
+        assert conversation.slack_ts is not None and conversation.slack_channel is not None
+        built = self._card_message(loaded, now, compact=loaded.card_parent_ts is not None)
+        try:
+            self._call(
+                "chat.update",
+                conversation.slack_channel,
+                conversation.id,
+                lambda: self.client.chat_update(
+                    channel=str(conversation.slack_channel),
+                    ts=str(conversation.slack_ts),
+                    text=built.text,
+                    blocks=built.blocks,
+                    parse="none",
+                    link_names=False,
+                ),
+            )
+        except SlackDeliveryError as error:
+            if error.code != "message_not_found":
+                raise
+            log.warning(
+                "card gone from Slack; posting it again",
+                extra={"conversation_id": conversation.id, "channel": conversation.slack_channel},
+            )
+            fresh = self._card_message(loaded, now, compact=False)
+            channel, ts = self._post(
+                fresh,
+                channel=self._team_channel(conversation),
+                conversation_id=conversation.id,
+                metadata=_card_metadata(conversation.id),
+            )
+            self._store_card(
+                conversation.id, channel, ts, now=now, thread_ts=None, replacing=conversation.slack_ts
+            )
+            return f"reposted {channel} {ts}"
+        return f"updated {conversation.slack_channel} {conversation.slack_ts}"
+
+    def _card_message(self, loaded: _Loaded, now: datetime, *, compact: bool) -> blocks.Message:
+        conversation, post, tz = loaded.conversation, loaded.post, loaded.tz
+        if compact:
+            return blocks.storm_entry(conversation, post, ctx_policy=self.ctx.policy, now=now, tz=tz)
+        return blocks.Message(
+            text=blocks.card_text(conversation, post, ctx_policy=self.ctx.policy, now=now, tz=tz),
+            blocks=blocks.conversation_card(conversation, post, ctx_policy=self.ctx.policy, now=now, tz=tz),
+        )
+
+    def _store_card(
+        self,
+        conversation_id: int,
+        channel: str,
+        ts: str,
+        *,
+        now: datetime,
+        thread_ts: str | None,
+        replacing: str | None = None,
+        settle_outbox_id: int | None = None,
+    ) -> bool:
+        """Remember where the card is (compare-and-set); True if this call stored it.
+
+        `settle_outbox_id` is another conversation's ``card`` row, claimed by a storm: it is
+        marked sent in the same transaction.
+        """
+        with self.ctx.sessions() as session, session.begin():
+            expected = (
+                Conversation.slack_ts.is_(None) if replacing is None else Conversation.slack_ts == replacing
+            )
+            result = session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, expected)
+                .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
+                .execution_options(synchronize_session=False)
+            )
+            stored = bool(result.rowcount)  # type: ignore[attr-defined]
+            if stored:
+                repo.record_event(
+                    session=session,
+                    at=now,
+                    actor="slack",
+                    action=CARD_EVENT,
+                    conversation_id=conversation_id,
+                    channel=channel,
+                    ts=ts,
+                    thread_ts=thread_ts,
+                )
+            if settle_outbox_id is not None:
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id == settle_outbox_id, Outbox.status == SENDING)
+                    .values(
+                        status=SENT,
+                        sent_at=now,
+                        result=f"storm entry {channel} {ts}",
+                        lease_until=None,
+                        last_error=None,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+        return stored
+
+    # ----------------------------------------------------------------------------------------
+    # Storms
+
+    def _claim_storm(
+        self, conversation: Conversation, outbox_id: int, now: datetime
+    ) -> list[tuple[int, int]]:
+        """Claim the other pending cards for this channel, due within the window, if they make a storm.
+
+        They are claimed as the outbox sender claims (``sending`` with a lease, ``SKIP LOCKED``
+        on PostgreSQL), so no other sender posts them meanwhile, and a crash hands them back.
+
+        Returns:
+            (outbox id, conversation id) of the claimed rows; empty when there is no storm.
+        """
+        team = self.ctx.policy.teams.get(conversation.team)
+        if team is None:
+            return []
+        same_channel = [
+            name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
+        ]
+        with self.ctx.sessions() as session, session.begin():
+            query = (
+                select(Outbox)
+                .join(Conversation, Conversation.id == Outbox.conversation_id)
+                .where(
+                    Outbox.kind == "card",
+                    Outbox.status == PENDING,
+                    Outbox.id != outbox_id,
+                    Outbox.next_attempt_at <= now + self.storm_window,
+                    Conversation.team.in_(same_channel),
+                    Conversation.slack_ts.is_(None),
+                )
+                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .limit(MAX_STORM - 1)
+            )
+            if is_postgres(session):
+                query = query.with_for_update(skip_locked=True, of=Outbox)
+            rows = [row for row in session.scalars(query) if row.conversation_id is not None]
+            if len(rows) + 1 <= self.storm_threshold:
+                return []
+            for row in rows:
+                row.status = SENDING
+                row.attempts += 1
+                row.lease_until = now + DEFAULT_LEASE
+            return [(row.id, int(row.conversation_id or 0)) for row in rows]
+
+    def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
+        """A recent storm summary that lists this conversation (its entry is still to be posted)."""
+        recent = session.scalars(
+            select(Event)
+            .where(Event.action == STORM_EVENT, Event.at >= now - STORM_MEMORY)
+            .order_by(Event.id.desc())
+        )
+        for event in recent:
+            detail = event.detail
+            if conversation_id in detail.get("conversations", ()):
+                return _Storm(channel=str(detail["channel"]), ts=str(detail["ts"]))
+        return None
+
+    def _post_storm(self, first: _Loaded, claimed: list[tuple[int, int]], now: datetime) -> str:
+        """One summary in the channel, then each card as a compact entry in its thread.
+
+        Rows whose entry could not be posted (a rate limit midway) go back to ``pending``: their
+        own delivery finds the summary (the ``slack_storm`` event) and joins its thread.
+        """
+        unposted = [outbox_id for outbox_id, _ in claimed]
+        resume_at = now
+        try:
+            with self.ctx.sessions() as session:
+                others = [(outbox_id, self._load(session, cid)) for outbox_id, cid in claimed]
+            everyone = [first, *(loaded for _, loaded in others)]
+            team_channel = self._team_channel(first.conversation)
+            summary = blocks.storm_summary(team_channel, [m.conversation for m in everyone])
+            channel, ts = self._post(summary, channel=team_channel, conversation_id=first.conversation.id)
+            with self.ctx.sessions() as session, session.begin():
+                repo.record_event(
+                    session=session,
+                    at=now,
+                    actor="slack",
+                    action=STORM_EVENT,
+                    channel=channel,
+                    ts=ts,
+                    conversations=[m.conversation.id for m in everyone],
+                )
+            log.info("storm summary posted", extra={"channel": channel, "ts": ts, "cards": len(everyone)})
+            storm = _Storm(channel=channel, ts=ts)
+            entry = self._post_storm_entry(first, storm, now, outbox_id=None)
+            for outbox_id, other in others:
+                try:
+                    self._post_storm_entry(other, storm, now, outbox_id=outbox_id)
+                except (Retry, SlackDeliveryError) as error:
+                    resume_at = (error.after if isinstance(error, Retry) else None) or now
+                    log.warning(
+                        "storm entry not posted yet; it will join the thread on retry",
+                        extra={
+                            "conversation_id": other.conversation.id,
+                            "channel": channel,
+                            "error": str(error),
+                        },
+                    )
+                    break
+                unposted.remove(outbox_id)
+        finally:
+            self._release(unposted, resume_at)
+        posted = len(everyone) - len(unposted)
+        return f"storm {channel} {ts}: {posted} of {len(everyone)} entries; this one {entry}"
+
+    def _release(self, outbox_ids: list[int], when: datetime) -> None:
+        """Hand storm-claimed rows back to the outbox, due at `when`."""
+        if not outbox_ids:
+            return
+        with self.ctx.sessions() as session, session.begin():
+            session.execute(
+                update(Outbox)
+                .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
+                .values(status=PENDING, lease_until=None, next_attempt_at=when)
+                .execution_options(synchronize_session=False)
+            )
+
+    def _post_storm_entry(
+        self, loaded: _Loaded, storm: _Storm, now: datetime, *, outbox_id: int | None
+    ) -> str:
+        conversation = loaded.conversation
+        built = self._card_message(loaded, now, compact=True)
+        channel, ts = self._post(
+            built,
+            channel=storm.channel,
+            thread_ts=storm.ts,
+            conversation_id=conversation.id,
+            metadata=_card_metadata(conversation.id),
+        )
+        if not self._store_card(
+            conversation.id, channel, ts, now=now, thread_ts=storm.ts, settle_outbox_id=outbox_id
+        ):
+            log.warning(
+                "card posted twice: another sender stored one first",
+                extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
+            )
+        return ts
+
+    # ----------------------------------------------------------------------------------------
+    # Reading
+
+    def _read(self, message: OutboxMessage) -> _Loaded:
+        with self.ctx.sessions() as session:
+            return self._load(session, _conversation_id(message))
+
+    def _load(self, session: Session, conversation_id: int, *, post_id: object = None) -> _Loaded:
+        conversation = session.get(Conversation, conversation_id)
+        if conversation is None:
+            raise SlackDeliveryError(f"conversation {conversation_id} not found")
+        post = session.get(Post, post_id) if isinstance(post_id, int) else None
+        if post is None:
+            post = session.scalars(
+                select(Post)
+                .where(Post.conversation_id == conversation_id, Post.direction == "in")
+                .order_by(Post.posted_at, Post.id)
+                .limit(1)
+            ).first()
+        parent: str | None = None
+        if conversation.slack_ts is not None:
+            detail = session.scalars(
+                select(Event.detail)
+                .where(Event.conversation_id == conversation_id, Event.action == CARD_EVENT)
+                .order_by(Event.id.desc())
+                .limit(1)
+            ).first()
+            if detail and detail.get("ts") == conversation.slack_ts:
+                parent = _text(detail.get("thread_ts"))
+        team = self.ctx.policy.teams.get(conversation.team)
+        tz = self.ctx.calendar(team.calendar).tz if team is not None else UTC
+        return _Loaded(conversation=conversation, post=post, tz=tz, card_parent_ts=parent)
+
+    def _expert(self, who: str | None) -> Expert | None:
+        if not who:
+            return None
+        key = who.removeprefix("expert:")
+        return self.ctx.policy.experts.get(key) or next(
+            (e for e in self.ctx.policy.experts.values() if e.slack_id == key), None
+        )
+
+    def _team_channel(self, conversation: Conversation) -> str:
+        team = self.ctx.policy.teams.get(conversation.team)
+        if team is None:
+            raise SlackDeliveryError(
+                f"conversation {conversation.id}: team {conversation.team!r} is not configured"
+            )
+        return team.channel
+
+    # ----------------------------------------------------------------------------------------
+    # Sending
+
+    def _thread_reply(self, loaded: _Loaded, built: blocks.Message, *, broadcast: bool = False) -> str:
+        conversation = loaded.conversation
+        if conversation.slack_ts is None or conversation.slack_channel is None:
+            raise Retry(f"card of conversation {conversation.id} not posted yet")
+        channel, ts = self._post(
+            built,
+            channel=conversation.slack_channel,
+            # A storm entry is itself a thread reply: Slack wants the thread's parent here.
+            thread_ts=loaded.card_parent_ts or conversation.slack_ts,
+            broadcast=broadcast,
+            conversation_id=conversation.id,
+        )
+        return f"thread {channel} {ts}"
+
+    def _note(self, loaded: _Loaded, text: str) -> None:
+        """Best effort: a line of history in the card's thread (the DM it records already went)."""
+        try:
+            self._thread_reply(loaded, blocks.thread_note(text))
+        except (Retry, SlackDeliveryError) as error:
+            log.warning(
+                "thread note not posted",
+                extra={"conversation_id": loaded.conversation.id, "error": str(error)},
+            )
+
+    def _dm(self, expert: Expert, built: blocks.Message, conversation_id: int | None) -> str:
+        opened = self._call(
+            "conversations.open",
+            expert.slack_id,
+            conversation_id,
+            lambda: self.client.conversations_open(users=expert.slack_id),
+        )
+        channel_id = str(opened["channel"]["id"])
+        channel, ts = self._post(built, channel=channel_id, conversation_id=conversation_id)
+        return f"dm {channel} {ts}"
+
+    def _post(
+        self,
+        built: blocks.Message,
+        *,
+        channel: str,
+        conversation_id: int | None,
+        thread_ts: str | None = None,
+        broadcast: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[str, str]:
+        """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl."""
+        response = self._call(
+            "chat.postMessage",
+            channel,
+            conversation_id,
+            lambda: self.client.chat_postMessage(
+                channel=channel,
+                text=built.text,
+                blocks=built.blocks,
+                thread_ts=thread_ts,
+                reply_broadcast=True if broadcast else None,
+                unfurl_links=False,
+                unfurl_media=False,
+                parse="none",
+                link_names=False,
+                metadata=metadata,
+            ),
+        )
+        return str(response["channel"]), str(response["ts"])
+
+    def _call(
+        self, method: str, channel: str | None, conversation_id: int | None, call: Callable[[], SlackResponse]
+    ) -> SlackResponse:
+        """Make one Web API call and translate its failure into Retry or SlackDeliveryError."""
+        try:
+            return call()
+        except SlackApiError as error:
+            raise self._failure(error, method, channel, conversation_id) from error
+        except (OSError, http.client.HTTPException) as error:  # timeouts, resets, refused connections
+            log.warning(
+                "Slack unreachable",
+                extra={"conversation_id": conversation_id, "method": method, "error": repr(error)},
+            )
+            raise Retry(f"Slack {method}: {type(error).__name__}: {error}") from error
+
+    def _failure(
+        self, error: SlackApiError, method: str, channel: str | None, conversation_id: int | None
+    ) -> Exception:
+        response = error.response
+        status = int(getattr(response, "status_code", 0) or 0)
+        data = getattr(response, "data", None)
+        code = data.get("error") if isinstance(data, dict) else None
+        code = str(code) if code is not None else None
+        where = f" to {channel}" if channel else ""
+        if status == 429 or code == "ratelimited":
+            seconds = _retry_after(getattr(response, "headers", None))
+            log.warning(
+                "Slack rate limit",
+                extra={
+                    "conversation_id": conversation_id,
+                    "method": method,
+                    "channel": channel,
+                    "retry_after": seconds,
+                },
+            )
+            return Retry(
+                f"Slack rate limit on {method}{where}: retry after {seconds} s",
+                after=self.ctx.clock.now() + timedelta(seconds=seconds),
+            )
+        if status >= 500 or code in RETRYABLE_ERRORS:
+            return Retry(f"Slack {method}{where}: HTTP {status} {code or ''}".rstrip())
+        hint = PERMANENT_ERRORS.get(code or "")
+        if hint is not None:
+            log.error(
+                "Slack refused the message",
+                extra={
+                    "conversation_id": conversation_id,
+                    "method": method,
+                    "channel": channel,
+                    "error": code,
+                },
+            )
+            return SlackDeliveryError(f"Slack {method}{where} failed: {code} ({hint})", code)
+        return SlackDeliveryError(f"Slack {method}{where} failed: {code or f'HTTP {status}'}", code)
+
+
+def _conversation_id(message: OutboxMessage) -> int:
+    found = message.conversation_id
+    if found is None:
+        candidate = message.payload.get("conversation_id")
+        found = candidate if isinstance(candidate, int) else None
+    if found is None:
+        raise SlackDeliveryError(f"{message.kind} row {message.id} names no conversation")
+    return found
+
+
+def _still_open(loaded: _Loaded) -> bool:
+    """Reminders about a conversation answered or closed since they were queued are dropped."""
+    return loaded.conversation.status == OPEN
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _card_metadata(conversation_id: int) -> dict[str, Any]:
+    return {"event_type": CARD_METADATA_TYPE, "event_payload": {"conversation_id": conversation_id}}
+
+
+def _retry_after(headers: object) -> int:
+    """Seconds from a Retry-After header (any case; a value or a list of one), else the default."""
+    if isinstance(headers, Mapping):
+        for key, value in headers.items():
+            if str(key).lower() == "retry-after":
+                raw = value[0] if isinstance(value, list | tuple) and value else value
+                try:
+                    return max(1, int(float(str(raw))))
+                except ValueError:
+                    break
+    return DEFAULT_RETRY_AFTER

@@ -1,0 +1,425 @@
+"""Slack delivery on a real database, with the real slack_sdk WebClient against the Slack stand-in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from slack_sdk import WebClient
+from sqlalchemy import select
+
+from bot.clock import FakeClock
+from bot.context import AppContext
+from bot.conversations import mark_answered
+from bot.outbox import OutboxMessage, OutboxSender, Retry
+from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
+from bot.slack.ids import ACTION_CLAIM
+from bot.slack.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
+from bot.sweep import earliest_next_action, sweep
+from storage import repo
+from storage.models import Conversation, Event, Outbox
+from tests.conftest import MONDAY
+from tests.test_ingest import ingest, post
+
+CARE, BILLING, ALERTS = "C0CARE0001", "C0BILL0001", "C0ALERTS01"
+MARIA, LEE, SAM, NINA = "U0MARIA01", "U0LEE0001", "U0SAM0001", "U0NINA001"
+USERS = [
+    SlackUser(MARIA, "Maria Keller", tz="Europe/Berlin"),
+    SlackUser(LEE, "Lee Wong", tz="Europe/Berlin"),
+    SlackUser(SAM, "Sam Okafor", tz="Europe/London"),
+    SlackUser(NINA, "Nina Park", tz="America/New_York"),
+]
+NASTY = "I was charged twice on my invoice <!channel> <@U123> <http://evil.example|bank> & *now*"
+
+
+class Crash(BaseException):
+    """The process dies (not an Exception: nothing in the sender catches it)."""
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackStandIn]:
+    with SlackStandIn(channels={CARE: "care", BILLING: "billing", ALERTS: "alerts"}, users=USERS) as standin:
+        yield standin
+        assert standin.internal_errors == []
+
+
+@pytest.fixture
+def client(slack: SlackStandIn) -> WebClient:
+    return WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+
+
+def sender_for(ctx: AppContext, client: WebClient, **options: Any) -> OutboxSender:
+    """The outbox sender with the Slack handlers (customer acknowledgements just succeed)."""
+    return OutboxSender(ctx, {**slack_handlers(ctx, client, **options), "ack": lambda message: "ack sent"})
+
+
+def conversations(ctx: AppContext) -> list[Conversation]:
+    with ctx.sessions() as session:
+        return list(session.scalars(select(Conversation).order_by(Conversation.id)))
+
+
+def outbox(ctx: AppContext, kind: str) -> list[Outbox]:
+    with ctx.sessions() as session:
+        return list(session.scalars(select(Outbox).where(Outbox.kind == kind).order_by(Outbox.id)))
+
+
+def top_level(slack: SlackStandIn, channel: str) -> list[Message]:
+    return [m for m in slack.messages(channel) if not m.is_reply]
+
+
+def action_values(message: Message, action_id: str) -> list[str]:
+    return [
+        str(element.get("value"))
+        for block in message.blocks
+        if block.get("type") == "actions"
+        for element in block["elements"]
+        if element.get("action_id") == action_id
+    ]
+
+
+def enqueue(ctx: AppContext, row_kind: str, key: str, conversation_id: int, payload: dict[str, Any]) -> None:
+    with ctx.sessions() as session, session.begin():
+        repo.enqueue(
+            session=session,
+            kind=row_kind,
+            key=key,
+            payload={"conversation_id": conversation_id, **payload},
+            conversation_id=conversation_id,
+            now=MONDAY,
+        )
+
+
+def as_message(row: Outbox) -> OutboxMessage:
+    return OutboxMessage(row.id, row.kind, row.conversation_id, dict(row.payload), row.idempotency_key, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_new_card_goes_to_the_team_channel_and_its_ts_is_stored(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", NASTY))
+    [before] = conversations(ctx)
+    result = sender_for(ctx, client).send_due()
+    assert (result.sent, result.retried, result.failed) == (2, 0, 0)
+    [card] = slack.messages(BILLING)
+    [after] = conversations(ctx)
+    assert (after.slack_channel, after.slack_ts) == (BILLING, card.ts)
+    assert after.version == before.version + 1
+    assert card.mentions == (MARIA,)  # the proposed owner; nobody the customer named
+    assert "&lt;!channel&gt; &lt;@U123&gt; &lt;http://evil.example|bank&gt; &amp;" in card.display_text
+    assert "due in 8 h" in card.display_text
+    assert action_values(card, ACTION_CLAIM) == [str(after.id)]
+    call = slack.calls_to("chat.postMessage")[0]
+    assert call.params["channel"] == "#billing"
+    assert call.params["unfurl_links"] is False and call.params["parse"] == "none"
+    assert call.params["metadata"]["event_payload"] == {"conversation_id": after.id}
+    assert outbox(ctx, "card")[0].result == f"{BILLING} {card.ts}"
+
+
+def test_a_ladder_run_threads_warnings_dms_nags_and_escalates(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "the site is down!"))  # urgent: 1 h, warn at 45 min, escalate +10 min, +30 min
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    end = MONDAY + timedelta(hours=2)
+    while True:
+        sweep(ctx)
+        sender.send_due()
+        wake = earliest_next_action(ctx)
+        if wake is None or wake > end:
+            break
+        clock.set(max(wake, clock.now()))
+    [conversation] = conversations(ctx)
+    assert conversation.owner == "sam"
+    assert all(row.status == "sent" for row in outbox(ctx, "nag") + outbox(ctx, "escalation"))
+
+    card, *replies = slack.thread(CARE, str(conversation.slack_ts))
+    assert len(top_level(slack, CARE)) == 1
+    assert card.edits == 1 and "*Overdue*" in card.display_text  # the breach refreshed the card
+    said = [reply.display_text for reply in replies]
+    assert len(said) == 4, said
+    assert "is due in 15 min" in said[0]
+    assert said[1].startswith(":red_circle: *Deadline missed*")
+    assert said[2].startswith(":rotating_light: *Escalation*") and "Can someone take it?" in said[2]
+    assert replies[2].data.get("subtype") == "thread_broadcast"  # shown in the channel too
+    assert "Escalated by DM to Lee Wong, the manager." in said[3]
+
+    nags = slack.messages(SAM)
+    assert [m.display_text.split("\n")[0][:26] for m in nags] == [":alarm_clock: Reminder: *#"] * 3
+    assert all(action_values(m, ACTION_CLAIM) == [str(conversation.id)] for m in nags)
+    [to_manager] = slack.messages(LEE)
+    assert "Escalation* to you as manager for Customer Care" in to_manager.display_text
+    assert action_values(to_manager, ACTION_CLAIM) == [str(conversation.id)]
+    assert slack.calls_to("conversations.open")[0].params["users"] == SAM
+    every = [m for channel in (CARE, SAM, LEE) for m in slack.messages(channel)]
+    assert {uid for m in every for uid in m.mentions} <= {SAM}
+
+
+def test_card_update_edits_the_same_message(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", NASTY))
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    clock.advance(timedelta(minutes=42))
+    with ctx.sessions() as session, session.begin():
+        conversation = session.scalars(select(Conversation)).one()
+        mark_answered(session, conversation, at=clock.now(), by="expert:maria", now=clock.now())
+    assert sender.send_due().sent == 1
+    assert len(slack.calls_to("chat.postMessage")) == 1 and len(slack.calls_to("chat.update")) == 1
+    [card] = slack.messages(BILLING)
+    assert card.edits == 1
+    assert "Answered by *Maria Keller* after 42 min (in time)" in card.display_text
+    assert not action_values(card, ACTION_CLAIM)
+    assert slack.calls_to("chat.update")[0].params["parse"] == "none"  # chat.update would re-parse otherwise
+
+
+def test_a_card_retried_after_a_crash_is_not_posted_twice(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    handlers = slack_handlers(ctx, client)
+    real_card = handlers["card"]
+
+    def card_then_crash(message: OutboxMessage) -> str | None:
+        real_card(message)  # posted to Slack and stored on the conversation...
+        raise Crash  # ...and the process dies before the outbox row is marked sent
+
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")  # no acknowledgement
+    with pytest.raises(Crash):
+        OutboxSender(ctx, {**handlers, "card": card_then_crash}).send_due()
+    assert outbox(ctx, "card")[0].status == "sending"
+    restarted = OutboxSender(ctx, slack_handlers(ctx, client))
+    assert restarted.recover(all_sending=True) == 1
+    assert restarted.send_due().sent == 1
+    assert len(slack.calls_to("chat.postMessage")) == 1
+    assert len(slack.calls_to("chat.update")) == 1
+    [card] = slack.messages(BILLING)
+    assert outbox(ctx, "card")[0].result == f"updated {BILLING} {card.ts}"
+
+
+def test_a_card_deleted_in_slack_is_posted_again_on_update(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    [first] = conversations(ctx)
+    slack.clear()  # the workspace lost the message (someone deleted it)
+    enqueue(ctx, "card_update", "after-delete", first.id, {"reason": "claimed"})
+    assert sender.send_due().sent == 1
+    [card] = slack.messages(BILLING)
+    [again] = conversations(ctx)
+    assert again.slack_ts == card.ts and card.edits == 0  # a new message (the stand-in's ts restarted)
+    assert slack.calls_to("chat.update")[0].error == "message_not_found"
+    assert outbox(ctx, "card_update")[0].result == f"reposted {BILLING} {card.ts}"
+
+
+def test_rate_limit_is_retried_after_retry_after_then_delivered(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    slack.fail_next("chat.postMessage", status=429, retry_after=7)
+    with pytest.raises(Retry) as caught:
+        slack_handlers(ctx, client)["card"](as_message(outbox(ctx, "card")[0]))
+    assert caught.value.after == MONDAY + timedelta(seconds=7)
+
+    slack.fail_next("chat.postMessage", status=429, retry_after=7)
+    sender = sender_for(ctx, client)
+    assert sender.send_due().retried == 1
+    [row] = outbox(ctx, "card")
+    assert row.status == "pending" and row.next_attempt_at == MONDAY + timedelta(seconds=7)
+    assert "rate limit" in str(row.last_error) and "#billing" in str(row.last_error)
+    assert slack.messages(BILLING) == []
+    clock.advance(timedelta(seconds=6))
+    assert sender.send_due().sent == 0  # not before Slack said
+    clock.advance(timedelta(seconds=1))
+    assert sender.send_due().sent == 1
+    assert len(slack.messages(BILLING)) == 1
+
+
+def test_server_errors_and_dropped_connections_are_retried(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    handler = slack_handlers(ctx, client)["card"]
+    message = as_message(outbox(ctx, "card")[0])
+    slack.fail_next("chat.postMessage", status=500, error="internal_error")
+    with pytest.raises(Retry, match="HTTP 500"):
+        handler(message)
+    slack.fail_next("chat.postMessage", status=0, times=2)  # WebClient retries a dropped connection once
+    with pytest.raises(Retry):
+        handler(message)
+    assert handler(message) == f"{BILLING} {slack.messages(BILLING)[0].ts}"
+
+
+def test_channel_not_found_fails_clearly(
+    ctx: AppContext, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    with SlackStandIn(channels={CARE: "care"}, users=USERS) as slack:  # no #billing
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        with pytest.raises(SlackDeliveryError) as caught:
+            slack_handlers(ctx, client)["card"](as_message(outbox(ctx, "card")[0]))
+        assert caught.value.code == "channel_not_found"
+        assert "#billing" in str(caught.value) and "replyclock.toml" in str(caught.value)
+
+        sender = OutboxSender(ctx, slack_handlers(ctx, client), max_attempts=2)
+        with caplog.at_level(logging.ERROR, logger="replyclock.slack"):
+            assert sender.send_due().retried == 1
+            clock.advance(timedelta(hours=1))
+            assert sender.send_due().failed == 1
+    [row] = outbox(ctx, "card")
+    assert row.status == "failed" and "channel_not_found" in str(row.last_error)
+    refused = [r for r in caplog.records if r.getMessage() == "Slack refused the message"]
+    assert refused and all(getattr(r, "channel", None) == "#billing" for r in refused)
+    assert getattr(refused[0], "error", None) == "channel_not_found"
+
+
+def test_a_storm_becomes_one_summary_with_every_card_in_its_thread(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    posts = [
+        post(str(i), "the site is down!" if i < 3 else f"a question, number {i}", author=f"user{i}")
+        for i in range(14)
+    ]
+    ingest(ctx, *posts)  # 14 new conversations for Customer Care (#care), 3 urgent
+    delivery = SlackDelivery(ctx, client, storm_threshold=5)
+    real_entry = delivery._post_storm_entry
+    entries_tried = 0
+
+    def rate_limit_the_fourth_entry(*args: Any, **kwargs: Any) -> str:
+        nonlocal entries_tried
+        entries_tried += 1
+        if entries_tried == 4:
+            slack.fail_next("chat.postMessage", status=429, retry_after=1)  # Slack says "slow down"
+        return real_entry(*args, **kwargs)
+
+    delivery._post_storm_entry = rate_limit_the_fourth_entry  # type: ignore[method-assign]
+    sender = OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"})
+    result = sender.send_due()
+    assert result.failed == 0 and result.retried == 0
+    [summary] = top_level(slack, CARE)
+    assert summary.text == "14 new mentions, 3 urgent"
+    assert len([m for m in slack.messages(CARE) if m.thread_ts == summary.ts]) == 3
+    waiting = [row for row in outbox(ctx, "card") if row.status == "pending"]
+    assert len(waiting) == 11 and {row.next_attempt_at for row in waiting} == {MONDAY + timedelta(seconds=1)}
+
+    clock.advance(timedelta(seconds=1))  # as Slack asked: the rest join the summary's thread
+    assert sender.send_due().sent == 11
+    assert len(top_level(slack, CARE)) == 1
+    entries = [m for m in slack.messages(CARE) if m.thread_ts == summary.ts]
+    assert len(entries) == 14
+    assert len(slack.calls_to("chat.postMessage")) == 16  # summary, 14 entries, one refused by the rate limit
+    stored = conversations(ctx)
+    assert sorted(c.slack_ts or "" for c in stored) == sorted(m.ts for m in entries)
+    assert {c.slack_channel for c in stored} == {CARE}
+    by_ts = {m.ts: m for m in entries}
+    for conversation in stored:
+        entry = by_ts[str(conversation.slack_ts)]
+        assert action_values(entry, ACTION_CLAIM) == [str(conversation.id)]  # each a card with its buttons
+    assert all(row.status == "sent" for row in outbox(ctx, "card"))
+    with ctx.sessions() as session:
+        assert len(list(session.scalars(select(Event).where(Event.action == STORM_EVENT)))) == 1
+
+    # The card is the thread entry: an update edits it, and its history joins the summary's thread.
+    target = stored[5]
+    with ctx.sessions() as session, session.begin():
+        answered = session.get(Conversation, target.id)
+        assert answered is not None
+        mark_answered(session, answered, at=clock.now(), by="expert:sam", now=clock.now())
+    enqueue(
+        ctx,
+        "delivery_unknown",
+        "check-5",
+        target.id,
+        {"kind": "ack", "text": "Thanks @user5!", "error": "timeout"},
+    )
+    assert sender.send_due().sent == 2
+    edited = slack.message(CARE, str(target.slack_ts))
+    assert edited is not None and edited.edits == 1 and len(edited.blocks) == 1  # still the compact card
+    assert "Answered by" in edited.display_text
+    assert "CHECK BY HAND" in slack.messages(CARE)[-1].display_text
+    assert (
+        slack.calls_to("chat.postMessage")[-1].params["thread_ts"] == summary.ts
+    )  # the parent, not the entry
+    assert slack.messages(CARE)[-1].thread_ts == summary.ts
+    assert len(top_level(slack, CARE)) == 1
+
+
+def test_a_few_cards_are_not_a_storm(ctx: AppContext, slack: SlackStandIn, client: WebClient) -> None:
+    ingest(ctx, *[post(str(i), f"question {i}", author=f"user{i}") for i in range(5)])
+    sender_for(ctx, client, storm_threshold=5).send_due()
+    assert len(top_level(slack, CARE)) == 5 and not [m for m in slack.messages(CARE) if m.is_reply]
+
+
+def test_an_owner_off_duty_is_named_in_the_thread_not_woken(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    [conversation] = conversations(ctx)
+    assert conversation.owner == "maria"
+    clock.set(datetime.fromisoformat("2026-11-23T22:00:00+00:00"))  # 23:00 in Berlin
+    enqueue(ctx, "escalation", "owner-night", conversation.id, {"notify": "owner", "owner": "maria"})
+    assert sender.send_due().sent == 1
+    assert slack.messages(MARIA) == [] and not slack.calls_to("conversations.open")
+    note = slack.messages(BILLING)[-1]
+    assert note.is_reply and MARIA not in note.mentions
+    assert "*Maria Keller* (off duty)" not in note.display_text and "They are off duty" in note.display_text
+
+    clock.set(datetime.fromisoformat("2026-11-24T09:00:00+00:00"))  # 10:00 in Berlin
+    enqueue(ctx, "escalation", "owner-day", conversation.id, {"notify": "owner", "owner": "maria"})
+    assert sender.send_due().sent == 1
+    [dm] = slack.messages(MARIA)
+    assert "Please answer it now" in dm.display_text
+
+
+def test_thread_messages_wait_for_the_card_and_skip_answered_conversations(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "my invoice is wrong", thread="a"), account="blog")
+    [conversation] = conversations(ctx)
+    enqueue(ctx, "card_update", "early", conversation.id, {"reason": "answered"})
+    handlers = slack_handlers(ctx, client)
+    with pytest.raises(Retry, match="not posted yet"):
+        handlers["card_update"](as_message(outbox(ctx, "card_update")[0]))
+    ingest(ctx, post("2", "also <!here> please", thread="a"), account="blog")  # the customer writes again
+    sender_for(ctx, client).send_due()
+    _card, again = slack.thread(BILLING, str(conversations(ctx)[0].slack_ts))
+    assert "wrote again" in again.display_text and "&lt;!here&gt;" in again.display_text
+    assert again.mentions == (MARIA,)
+
+    with ctx.sessions() as session, session.begin():
+        found = session.get(Conversation, conversation.id)
+        assert found is not None
+        mark_answered(session, found, at=clock.now(), by="expert:maria", now=clock.now())
+    enqueue(ctx, "nag", "late-nag", conversation.id, {"owner": "maria"})
+    sender_for(ctx, client).send_due()
+    assert outbox(ctx, "nag")[0].result == "skipped: conversation is answered"
+    assert slack.messages(MARIA) == []
+
+
+def test_admin_alerts_go_to_the_admin_channel(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    handler = slack_handlers(ctx, client)["admin_alert"]
+    alert = OutboxMessage(
+        1,
+        "admin_alert",
+        None,
+        {"account": "social", "text": "credentials <!here> refused", "channel": "#alerts"},
+        "k",
+        1,
+    )
+    assert str(handler(alert)).startswith(ALERTS)
+    [posted] = slack.messages(ALERTS)
+    assert "replyclock alert* (social): credentials &lt;!here&gt; refused" in posted.display_text
+    nowhere = OutboxMessage(2, "admin_alert", None, {"text": "x", "channel": None}, "k2", 1)
+    assert handler(nowhere) == "skipped: no admin channel"  # the test policy has no admin_channel
