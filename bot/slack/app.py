@@ -1,0 +1,429 @@
+"""The slack_bolt app: middleware, the per-request database session, and the ways to serve it.
+
+`create_bolt_app` builds one `slack_bolt.App` for a process. Every request goes through, in order:
+
+1. bolt's own checks (HTTP mode: signature and a timestamp within five minutes, else 401);
+2. `ReplayGuard`: a signed body seen before within that window is refused with 401 (bolt does
+   not dedupe: a captured request could otherwise be replayed for five minutes);
+3. `StaffCheck`: a click, modal submission or slash command from anyone who is not one of the
+   teams' experts is refused (an ephemeral note, or the modal's error) before any listener or
+   database work; the expert's id goes into ``context["expert_id"]``;
+4. `DatabaseSession`: one SQLAlchemy session per request in ``context["db_session"]``.
+
+bolt's sync middleware cannot wrap a listener (``next()`` only marks the chain as continued, and
+with ``process_before_response=False`` the listener runs later on another thread), so the
+session is *finished* by the listener runner's completion handler: committed when the listener
+returned, rolled back when it raised (the error handler marks the request), closed either way.
+Handlers that talk to Slack after a change call `commit` first, so no database lock is held
+across a Web API call and nobody is told "done" before it is durable; the completion handler's
+commit is then a no-op safety net.
+
+Cards are not edited here: every change writes a ``card_update`` outbox row in the same
+transaction (see bot.staff) and the outbox sender edits the card. The optional ``on_change``
+hook runs after each such commit so `replyclock run` can wake the sender at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from slack_bolt import App, BoltContext, BoltRequest, BoltResponse
+from slack_bolt.adapter.socket_mode import SocketModeHandler
+from slack_bolt.adapter.starlette.handler import SlackRequestHandler, to_bolt_request, to_starlette_response
+from slack_bolt.listener.listener_completion_handler import ListenerCompletionHandler
+from slack_bolt.listener.listener_error_handler import ListenerErrorHandler
+from slack_bolt.middleware import Middleware
+from slack_bolt.request.payload_utils import is_block_actions, is_slash_command, is_view_submission
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from slack_sdk.webhook import WebhookClient
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bot import staff
+from bot.context import AppContext
+from bot.slack.ids import REPLY_BLOCK, VIEW_REPLY
+
+log = logging.getLogger("replyclock.slack")
+
+DB_SESSION = "db_session"
+"""Context key of the request's SQLAlchemy session."""
+APP_CONTEXT = "replyclock"
+"""Context key of the process's `AppContext`."""
+EXPERT_ID = "expert_id"
+"""Context key of the acting expert's id (set for clicks, submissions and commands)."""
+_ON_CHANGE = "replyclock_on_change"
+_FAILED = "replyclock_failed"
+
+EVENTS_PATH = "/slack/events"
+SIGNATURE_WINDOW_SECONDS = 5 * 60  # bolt refuses timestamps further than this from its clock
+NOT_STAFF = "Only replyclock staff (the teams' experts) can do that. Ask your admin to add you to a team."
+
+
+# --------------------------------------------------------------------------------------------
+# What handlers use
+
+
+def session_of(context: BoltContext) -> Session:
+    """The request's database session (opened by `DatabaseSession`)."""
+    session = context.get(DB_SESSION)
+    if not isinstance(session, Session):
+        raise RuntimeError("no database session in the bolt context: was create_bolt_app used?")
+    return session
+
+
+def replyclock_of(context: BoltContext) -> AppContext:
+    """The process's policy, clock and database."""
+    found = context.get(APP_CONTEXT)
+    if not isinstance(found, AppContext):
+        raise RuntimeError("no replyclock context in the bolt context: was create_bolt_app used?")
+    return found
+
+
+def expert_of(context: BoltContext) -> str:
+    """The acting expert's id (`StaffCheck` refused everyone else)."""
+    expert_id = context.get(EXPERT_ID)
+    if not isinstance(expert_id, str):
+        raise staff.PermissionDenied(NOT_STAFF)
+    return expert_id
+
+
+def commit(context: BoltContext) -> None:
+    """Make the request's changes durable now (before telling anyone), then run ``on_change``."""
+    session_of(context).commit()
+    hook = context.get(_ON_CHANGE)
+    if callable(hook):
+        try:
+            hook()
+        except Exception:
+            log.exception("on_change hook failed")
+
+
+def discard(context: BoltContext) -> None:
+    """Throw away whatever the request changed so far."""
+    session_of(context).rollback()
+
+
+def tell(client: WebClient, body: Mapping[str, Any], text: str) -> None:
+    """Show `text` to the person who clicked, and only to them.
+
+    In a channel: an ephemeral message. Elsewhere (the App Home tab has no channel): the
+    interaction's ``response_url`` if it has one, else a DM from the app.
+    """
+    user_id = str((body.get("user") or {}).get("id") or body.get("user_id") or "")
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+    try:
+        if channel:
+            client.chat_postEphemeral(channel=channel, user=user_id, text=text)
+            return
+        response_url = body.get("response_url")
+        if isinstance(response_url, str) and response_url:
+            WebhookClient(response_url).send(text=text, response_type="ephemeral", replace_original=False)
+            return
+        client.chat_postMessage(channel=user_id, text=text)
+    except SlackApiError as error:
+        log.warning(
+            "could not tell the user", extra={"user": user_id, "error": str(error.response.get("error"))}
+        )
+
+
+def user_timezone(client: WebClient, user_id: str, fallback: str = "UTC") -> ZoneInfo:
+    """The Slack member's own time zone (``users.info``), else `fallback`."""
+    name = fallback
+    try:
+        found = client.users_info(user=user_id).get("user") or {}
+        name = str(found.get("tz") or fallback)
+    except SlackApiError as error:
+        log.warning("users.info failed", extra={"user": user_id, "error": str(error.response.get("error"))})
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def clock_time(at: datetime, tz: ZoneInfo, now: datetime) -> str:
+    """``10:42`` on the same local day as `now`, else ``Tue 24 Nov 10:42``."""
+    local = at.astimezone(tz)
+    if local.date() == now.astimezone(tz).date():
+        return local.strftime("%H:%M")
+    return local.strftime("%a %d %b %H:%M")
+
+
+def mention(ctx: AppContext, expert_id: str | None) -> str:
+    """``<@U...>`` for an expert with a Slack id, else their name (or "nobody")."""
+    if expert_id is None:
+        return "nobody"
+    expert = ctx.policy.experts.get(expert_id)
+    if expert is None:
+        return expert_id
+    return f"<@{expert.slack_id}>" if expert.slack_id else expert.name
+
+
+# --------------------------------------------------------------------------------------------
+# Middleware
+
+
+def _header(req: BoltRequest, name: str) -> str | None:
+    values = req.headers.get(name)
+    if not values:
+        return None
+    return str(next(iter(values)))
+
+
+class ReplayGuard(Middleware):
+    """Refuse (401) a signed request whose signature was already seen inside the signature window.
+
+    Slack signs ``v0:<timestamp>:<body>``, so the signature identifies one delivery; bolt accepts
+    it again and again for five minutes. Remembering each signature until its timestamp leaves
+    the window makes a replay fail and change nothing (Slack's own retries are re-signed with a
+    new timestamp, so they pass). Memory, not the database: a signature older than the window
+    is refused by bolt anyway, so a process only needs five minutes of them. Behind several web
+    processes a replay could reach another one: then keep the set in a table instead (signature
+    as primary key, inserted ignoring conflicts; a conflict means a replay; rows older than the
+    window deleted by the retention job).
+    """
+
+    def __init__(
+        self,
+        *,
+        window_seconds: int = SIGNATURE_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = 200_000,
+    ) -> None:
+        self.window_seconds = window_seconds
+        self.clock = clock
+        self.max_entries = max_entries
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def process(
+        self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
+    ) -> BoltResponse | None:
+        if req.mode == "socket_mode":
+            return next()
+        signature = _header(req, "x-slack-signature")
+        timestamp = _header(req, "x-slack-request-timestamp")
+        if signature is None or timestamp is None:
+            return next()  # unsigned: only possible with request verification off
+        try:
+            expires = float(timestamp) + self.window_seconds + 60
+        except ValueError:
+            return BoltResponse(status=401, body="")
+        now = self.clock()
+        with self._lock:
+            if len(self._seen) >= self.max_entries or len(self._seen) % 512 == 0:
+                self._seen = {key: until for key, until in self._seen.items() if until > now}
+            if signature in self._seen:
+                log.warning("replayed Slack request refused", extra={"timestamp": timestamp})
+                return BoltResponse(status=401, body="")
+            if len(self._seen) >= self.max_entries:
+                return BoltResponse(status=503, body="")
+            self._seen[signature] = expires
+        return next()
+
+
+class StaffCheck(Middleware):
+    """Let only the teams' experts click, submit and run commands; tell everyone else why not."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def process(
+        self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
+    ) -> BoltResponse | None:
+        body = req.body
+        interactive = is_block_actions(body) or is_view_submission(body) or is_slash_command(body)
+        if not interactive:
+            return next()
+        user_id = req.context.user_id or ""
+        expert = staff.expert_for_slack_user(self.ctx.policy, user_id)
+        if expert is not None:
+            req.context[EXPERT_ID] = expert.id
+            return next()
+        log.info("refused a non-staff Slack user", extra={"user": user_id})
+        if is_slash_command(body):
+            return BoltResponse(status=200, body={"response_type": "ephemeral", "text": NOT_STAFF})
+        if is_view_submission(body):
+            if (body.get("view") or {}).get("callback_id") == VIEW_REPLY:
+                return BoltResponse(
+                    status=200, body={"response_action": "errors", "errors": {REPLY_BLOCK: NOT_STAFF}}
+                )
+            return BoltResponse(status=200, body="")
+        tell(req.context.client, body, NOT_STAFF)
+        return BoltResponse(status=200, body="")
+
+
+class DatabaseSession(Middleware):
+    """Open one database session per request and put it in ``context["db_session"]``.
+
+    The session connects lazily (a request that never queries never takes a connection) and is
+    committed or rolled back and closed when the listener finishes (`_FinishSession`).
+    """
+
+    def __init__(self, ctx: AppContext, on_change: Callable[[], None] | None = None) -> None:
+        self.ctx = ctx
+        self.on_change = on_change
+
+    def process(
+        self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
+    ) -> BoltResponse | None:
+        req.context[APP_CONTEXT] = self.ctx
+        req.context[DB_SESSION] = self.ctx.sessions()
+        if self.on_change is not None:
+            req.context[_ON_CHANGE] = self.on_change
+        return next()
+
+
+class _FinishSession(ListenerCompletionHandler):
+    """Commit (or, after an error, roll back) and close the request's session."""
+
+    def handle(self, request: BoltRequest, response: BoltResponse | None) -> None:
+        session = request.context.get(DB_SESSION)
+        if not isinstance(session, Session):
+            return
+        try:
+            if request.context.get(_FAILED):
+                session.rollback()
+            else:
+                session.commit()
+        except Exception:
+            log.exception("could not finish the request's database transaction")
+            session.rollback()
+        finally:
+            session.close()
+
+
+class _MarkFailed(ListenerErrorHandler):
+    """Remember that the listener raised (so the session is rolled back), then let bolt report it."""
+
+    def __init__(self, inner: ListenerErrorHandler) -> None:
+        self.inner = inner
+
+    def handle(self, error: Exception, request: BoltRequest, response: BoltResponse | None) -> None:
+        request.context[_FAILED] = True
+        self.inner.handle(error=error, request=request, response=response)
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+
+
+def create_bolt_app(
+    ctx: AppContext,
+    *,
+    token: str,
+    signing_secret: str,
+    client: WebClient | None = None,
+    process_before_response: bool = False,
+    on_change: Callable[[], None] | None = None,
+) -> App:
+    """The replyclock Slack app, with its middleware and every listener registered.
+
+    Args:
+        ctx: the process context (policy, clock, database).
+        token: the bot token (``xoxb-...``); checked with ``auth.test`` at start.
+        signing_secret: verifies HTTP-mode requests.
+        client: the Web API client to use (tests point one at the stand-in); by default one
+            for `token`.
+        process_before_response: finish the listener before answering Slack (FaaS); by
+            default bolt answers as soon as the listener acks and finishes on a thread.
+        on_change: called after a listener commits a change (e.g. wake the outbox sender so
+            the card follows at once).
+
+    Returns:
+        The bolt app, ready for `slack_routes` (HTTP) or `start_socket_mode`.
+    """
+    if client is None:
+        # Slack answers 429 with Retry-After under load: wait and retry a couple of times.
+        client = WebClient(token=token, retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=2)])
+    elif client.token is None:
+        client.token = token
+    # bolt takes the token from the client (passing both only logs a warning).
+    app = App(
+        signing_secret=signing_secret,
+        client=client,
+        process_before_response=process_before_response,
+        # Not "replyclock": bolt copies the root logger's level and handlers onto the logger of
+        # this name, which would mute (and double) every replyclock.* log line.
+        name="replyclock-bolt",
+    )
+    app.use(ReplayGuard())
+    app.use(StaffCheck(ctx))
+    app.use(DatabaseSession(ctx, on_change))
+    runner = app.listener_runner
+    runner.listener_completion_handler = _FinishSession()
+    runner.listener_error_handler = _MarkFailed(runner.listener_error_handler)
+    register_handlers(app)
+    return app
+
+
+def register_handlers(app: App) -> None:
+    """Register every feature's listeners: actions, views, commands and the App Home."""
+    # Imported here: the feature modules use this module's helpers.
+    from bot.slack import actions, commands, home, views
+
+    actions.register(app)
+    views.register(app)
+    commands.register(app)
+    home.register(app)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+class _ThreadedSlackRequestHandler(SlackRequestHandler):
+    """bolt's Starlette adapter, with the (blocking) dispatch moved off the event loop.
+
+    The stock handler calls the sync ``App.dispatch`` inside ``async def handle``: every Slack
+    request (database work, the wait for ``ack()``) would stall the loop that also serves
+    webhooks, ``/healthz`` and ``/metrics``, and two clicks could never be processed at once.
+    """
+
+    async def handle(
+        self, req: Request, addition_context_properties: dict[str, Any] | None = None
+    ) -> Response:
+        if req.method != "POST":
+            return await super().handle(req, addition_context_properties)
+        body = await req.body()
+        bolt_request = to_bolt_request(req, body, addition_context_properties)
+        bolt_response = await run_in_threadpool(self.app.dispatch, bolt_request)
+        return to_starlette_response(bolt_response)
+
+
+def slack_routes(bolt_app: App, path: str = EVENTS_PATH) -> list[Route]:
+    """Routes serving the app over HTTP (events, interactivity and the slash command share one URL).
+
+    Pass them to ``bot.web.create_app(..., extra_routes=slack_routes(app))``.
+    """
+    handler = _ThreadedSlackRequestHandler(bolt_app)
+
+    async def events(request: Request) -> Response:
+        return await handler.handle(request)
+
+    return [Route(path, events, methods=["POST"])]
+
+
+def start_socket_mode(app: App, app_token: str) -> SocketModeHandler:
+    """Connect the app to Slack over Socket Mode (no public URL) and return at once.
+
+    Args:
+        app: from `create_bolt_app`.
+        app_token: the app-level token (``xapp-...``) with ``connections:write``.
+
+    Returns:
+        The handler; call ``close()`` on it at shutdown.
+    """
+    handler = SocketModeHandler(app, app_token)
+    handler.connect()  # type: ignore[no-untyped-call]
+    return handler
