@@ -6,17 +6,51 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
 
 from bot.policy import Policy, parse_duration
 
+if TYPE_CHECKING:
+    from slack_sdk import WebClient
+
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "replyclock.toml"
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """Slack credentials from the environment; Slack is optional (staff messages are logged without it)."""
+
+    bot_token: str
+    app_token: str
+    signing_secret: str
+    api_url: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SlackSettings:
+        return cls(
+            bot_token=environ.get("SLACK_BOT_TOKEN", "").strip(),
+            app_token=environ.get("SLACK_APP_TOKEN", "").strip(),
+            signing_secret=environ.get("SLACK_SIGNING_SECRET", "").strip(),
+            api_url=environ.get("SLACK_API_URL", "").strip(),
+        )
+
+    def client(self) -> WebClient | None:
+        """A Web API client, or None without a bot token. SLACK_API_URL points it elsewhere (a proxy)."""
+        if not self.bot_token:
+            return None
+        from slack_sdk import WebClient
+
+        if self.api_url:
+            return WebClient(token=self.bot_token, base_url=self.api_url)
+        return WebClient(token=self.bot_token)
 
 
 def config_path(given: str | None) -> Path:
@@ -105,9 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.channels import ConnectorSetupError, build_connectors
     from bot.context import AppContext
     from bot.delivery import customer_handlers, text_handlers
-    from bot.jobs import Jobs
+    from bot.jobs import OUTBOX_JOB, Jobs
     from bot.outbox import OutboxSender
     from bot.runlock import RunLockError, single_writer_lock
+    from bot.slack.delivery import slack_handlers
     from storage.db import make_engine
     from storage.migrate import upgrade
 
@@ -131,9 +166,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if engine.dialect.name == "sqlite":
             upgrade(engine)  # embedded default: keep the file's schema current without a release step
         ctx = AppContext(policy=policy, engine=engine)
-        staff = text_handlers(
-            ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})
-        )
+        slack = SlackSettings.from_env(os.environ)
+        client = slack.client()
+        if client is not None:
+            staff = slack_handlers(ctx, client)
+        else:
+            staff = text_handlers(
+                ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})
+            )
         sender = OutboxSender(ctx, {**staff, **customer_handlers(ctx, connectors)})
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
@@ -149,11 +189,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        socket = None
+        if client is not None and slack.app_token:
+            from bot.slack.app import create_bolt_app, start_socket_mode
+
+            def wake_outbox() -> None:
+                scheduler.modify_job(OUTBOX_JOB, next_run_time=datetime.now(UTC))
+
+            try:
+                bolt = create_bolt_app(
+                    ctx,
+                    token=slack.bot_token,
+                    signing_secret=slack.signing_secret,
+                    client=client,
+                    on_change=wake_outbox,
+                )
+                socket = start_socket_mode(bolt, slack.app_token)
+            except Exception as error:
+                print(f"error: Slack refused to start: {error}", file=sys.stderr)
+                return EXIT_CONFIG
         log.info(
-            "replyclock running", extra={"accounts": sorted(connectors), "database": engine.dialect.name}
+            "replyclock running",
+            extra={
+                "accounts": sorted(connectors),
+                "database": engine.dialect.name,
+                "slack": "socket mode" if socket else ("web api only" if client else "not configured"),
+            },
         )
         jobs.run_sweep()
         scheduler.start()
+        if socket is not None:
+            socket.close()  # type: ignore[no-untyped-call]
     engine.dispose()
     return 0
 
@@ -174,7 +240,34 @@ def cmd_web(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     ctx = AppContext(policy=policy, engine=make_engine())
-    serve(create_app(ctx, connectors), host, port)
+    slack = SlackSettings.from_env(os.environ)
+    client = slack.client()
+    routes = []
+    if client is not None and slack.signing_secret:
+        from bot.slack.app import create_bolt_app, slack_routes
+
+        try:
+            routes = slack_routes(
+                create_bolt_app(
+                    ctx, token=slack.bot_token, signing_secret=slack.signing_secret, client=client
+                )
+            )
+        except Exception as error:
+            print(f"error: Slack refused to start: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+    serve(create_app(ctx, connectors, extra_routes=routes), host, port)
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from bot.slack.manifest import manifest, render
+
+    try:
+        document = manifest(args.name, socket_mode=args.request_url is None, request_url=args.request_url)
+        print(render(document, args.format))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -189,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve HTTP: webhooks, /healthz, /metrics (HOST, PORT)")
     web.add_argument("--config")
     web.set_defaults(func=cmd_web)
+
+    man = sub.add_parser("manifest", help="print the Slack app manifest (paste it at api.slack.com/apps)")
+    man.add_argument("--name", default="replyclock")
+    man.add_argument("--request-url", help="public base URL for HTTP mode (default: Socket Mode)")
+    man.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    man.set_defaults(func=cmd_manifest)
 
     db = sub.add_parser("db", help="database commands")
     db_sub = db.add_subparsers(dest="db_command", required=True)

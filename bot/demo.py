@@ -2,30 +2,40 @@
 
 A scripted stream of customer posts comes in through a real connector class, is stored,
 routed and given deadlines by the real ingest; the real sweep climbs the ladder and the
-real outbox sender delivers, while a fake clock jumps ahead a minute at a time. Staff
-messages are printed as the Slack app would post them.
+real outbox sender delivers, while a fake clock jumps ahead a minute at a time. Slack is the
+local stand-in (bot.slack.standin): the real slack_sdk client posts cards, threads and DMs to
+it, and simulated staff click Claim and answer through the Reply modal with signed requests
+to the real bolt app served by uvicorn on loopback. At the end the Slack side is printed.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 import tomllib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
+from slack_sdk import WebClient
 from sqlalchemy import func, select
 
 from bot.clock import FakeClock
 from bot.config import parse_policy
 from bot.context import AppContext
-from bot.delivery import customer_handlers, text_handlers
+from bot.delivery import customer_handlers
 from bot.jobs import Jobs
 from bot.messages import duration_in_words
 from bot.outbox import OutboxSender
+from bot.slack.app import create_bolt_app, slack_routes
+from bot.slack.delivery import slack_handlers
+from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY, REPLY_BLOCK, REPLY_INPUT
+from bot.slack.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
 from bot.sweep import sweep
+from bot.web import create_app, serve_in_thread
 from connectors.demo import DemoConnector, ScriptedPost
 from storage.db import make_engine
 from storage.migrate import upgrade
@@ -67,7 +77,7 @@ hours = { mon-fri = ["09:00-17:00"] }
 
 [teams.care]
 display_name = "Customer Care"
-channel = "#care"
+channel = "C0CARE0001"
 experts = ["sam", "lee"]
 calendar = "always"
 on_call = "lee"
@@ -75,7 +85,7 @@ manager = "lee"
 
 [teams.billing]
 display_name = "Billing"
-channel = "#billing"
+channel = "C0BILLING1"
 experts = ["maria", "lee"]
 calendar = "berlin"
 manager = "lee"
@@ -165,15 +175,7 @@ def _script() -> list[ScriptedPost]:
             "@ben_k Sorry! We found the fault and it is fixed now. Please try again.",
             reply_to_id="1002",
         ),
-        ScriptedPost(
-            150 * minutes,
-            "1005",
-            "own",
-            "acme_support",
-            "ACME Support",
-            "@ana_lima Refund for the duplicate charge is on its way, 3-5 days.",
-            reply_to_id="1001",
-        ),
+        # 12:00 Maria answers Ana from Slack (STAFF_SCRIPT); Ana writes again in the same thread.
         ScriptedPost(
             170 * minutes,
             "1006",
@@ -181,7 +183,7 @@ def _script() -> list[ScriptedPost]:
             "ana_lima",
             "Ana Lima",
             "Thanks! Will I get a corrected invoice too?",
-            reply_to_id="1005",
+            thread_id="1001",
         ),
         ScriptedPost(
             200 * minutes,
@@ -211,9 +213,18 @@ class Transcript:
         print(text, file=self.out, flush=True)
 
 
+# Simulated staff at work, by minute of the story: who clicks what on which conversation.
+STAFF_SCRIPT: dict[int, tuple[str, int, str, str]] = {
+    10: ("claim", 1, "maria", ""),
+    11: ("claim", 1, "lee", ""),  # a moment too late: told who has it
+    150: ("reply", 1, "maria", "@ana_lima Sorry about that! The duplicate charge is refunded, 3-5 days."),
+}
+
+
 def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | None = None) -> int:
     """Run the scripted story and print its transcript; returns the exit code."""
     policy = parse_policy(tomllib.loads(DEMO_POLICY), source="<demo policy>", text=DEMO_POLICY)
+    users = [SlackUser(e.slack_id, e.name, tz=e.timezone) for e in policy.experts.values()]
     with tempfile.TemporaryDirectory(prefix="replyclock-demo-") as tmp:
         path = database or Path(tmp) / "demo.db"
         engine = make_engine(f"sqlite:///{path}")
@@ -224,32 +235,126 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
         connector = DemoConnector(
             "social", own_ids=("acme_support",), clock=clock, script=_script(), start=DEMO_START
         )
-        seen_replies = 0
-
-        handlers = {
-            **text_handlers(ctx, lambda line: say("slack " + line)),
-            **customer_handlers(ctx, {"social": connector}),
-        }
-        sender = OutboxSender(ctx, handlers)
-        jobs = Jobs(ctx, {"social": connector}, sender, send_after_poll=False)
-
-        say(
-            "replyclock demo: a sped-up Monday on a temporary SQLite database; staff messages show what Slack gets"
-        )
-        for _minute in range(minutes + 1):
-            before = _event_count(ctx)
-            jobs.poll("social")
-            _narrate_ingest(ctx, say, before)
-            sweep(ctx)
-            sender.send_due()
-            while seen_replies < len(connector.sent):
-                target, text, external_id = connector.sent[seen_replies]
-                say(f"social \u2192 @{target.author_handle} (public reply {external_id}): {text}")
-                seen_replies += 1
-            clock.advance(timedelta(minutes=1))
-        _print_figures(ctx, say)
+        channels = {"C0CARE0001": "care", "C0BILLING1": "billing"}
+        with SlackStandIn(channels=channels, users=users, clock=lambda: clock.now().timestamp()) as slack:
+            client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+            bolt = create_bolt_app(
+                ctx, token=DEFAULT_TOKEN, signing_secret=DEFAULT_SIGNING_SECRET, client=client
+            )
+            handlers = {**slack_handlers(ctx, client), **customer_handlers(ctx, {"social": connector})}
+            sender = OutboxSender(ctx, handlers)
+            jobs = Jobs(ctx, {"social": connector}, sender, send_after_poll=False)
+            with serve_in_thread(create_app(ctx, {}, extra_routes=slack_routes(bolt))) as base:
+                staff = _Staff(ctx, slack, f"{base}/slack/events", say)
+                say(
+                    "replyclock demo: a sped-up Monday; SQLite in a temporary folder, Slack on a local stand-in"
+                )
+                seen_calls = seen_replies = 0
+                for minute in range(minutes + 1):
+                    before = _event_count(ctx)
+                    jobs.poll("social")
+                    _narrate_ingest(ctx, say, before)
+                    if minute in STAFF_SCRIPT:
+                        staff.act(*STAFF_SCRIPT[minute])
+                    sweep(ctx)
+                    sender.send_due()
+                    seen_calls = _narrate_slack(
+                        slack, say, seen_calls, {u.id: u.real_name for u in users}, channels
+                    )
+                    while seen_replies < len(connector.sent):
+                        target, text, external_id = connector.sent[seen_replies]
+                        say(f"social \u2192 @{target.author_handle} (public reply {external_id}): {text}")
+                        seen_replies += 1
+                    clock.advance(timedelta(minutes=1))
+                _print_figures(ctx, say)
+                print("\nThe Slack side (the stand-in's record of every Web API call; times UTC):", file=out)
+                for line in slack.transcript():
+                    print("  " + line, file=out)
+            if slack.internal_errors:
+                print("stand-in errors:", *slack.internal_errors, sep="\n", file=sys.stderr)
+                return 1
         engine.dispose()
     return 0
+
+
+class _Staff:
+    """Simulated staff: signed interactions sent to the real bolt app, as Slack would."""
+
+    def __init__(self, ctx: AppContext, slack: SlackStandIn, url: str, say: Transcript) -> None:
+        self.ctx, self.slack, self.url, self.say = ctx, slack, url, say
+
+    def act(self, action: str, conversation_id: int, expert_id: str, text: str) -> None:
+        expert = self.ctx.policy.experts[expert_id]
+        with self.ctx.sessions() as session:
+            card = session.get(Conversation, conversation_id)
+            assert card is not None and card.slack_channel and card.slack_ts, (
+                "the card must be in Slack first"
+            )
+            channel, ts = card.slack_channel, card.slack_ts
+        if action == "claim":
+            told = len(self.slack.calls_to("chat.postEphemeral"))
+            self._send(
+                self.slack.button_click(ACTION_CLAIM, str(conversation_id), expert.slack_id, channel, ts)
+            )
+            claimed = self._until(lambda c: c.claimed_by is not None, conversation_id)
+            if claimed.claimed_by == expert_id and claimed.claimed_at == self.ctx.clock.now():
+                self.say(f"{expert.name} clicks Claim on #{conversation_id}: it is theirs")
+            else:
+                notes = self.slack.wait_for("chat.postEphemeral", count=told + 1)
+                note = str(notes[-1].params.get("text", ""))
+                self.say(
+                    f"{expert.name} clicks Claim on #{conversation_id} too late; Slack tells them: {note}"
+                )
+        elif action == "reply":
+            opened = len(self.slack.calls_to("views.open"))
+            self._send(
+                self.slack.button_click(ACTION_REPLY, str(conversation_id), expert.slack_id, channel, ts)
+            )
+            view = self.slack.wait_for("views.open", count=opened + 1)[-1].response
+            assert view is not None
+            self.say(f"{expert.name} clicks Reply on #{conversation_id} and writes: {text}")
+            payload = self.slack.view_submission(
+                expert.slack_id, {REPLY_BLOCK: {REPLY_INPUT: text}}, view_id=view["view"]["id"]
+            )
+            self._send(payload)
+            self._until(lambda c: c.status == "answered", conversation_id)
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        answer = self.slack.send_interaction(self.url, payload)
+        if answer.status != 200:
+            raise RuntimeError(f"the Slack app answered {answer.status}")
+
+    def _until(self, done: Callable[[Conversation], bool], conversation_id: int) -> Conversation:
+        """Bolt acknowledges first and acts just after: wait (briefly, in real time) for the change."""
+        deadline = time.monotonic() + 10
+        while True:
+            with self.ctx.sessions() as session:
+                found = session.get(Conversation, conversation_id)
+                assert found is not None
+                if done(found):
+                    return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Slack app did not act on #{conversation_id}")
+            time.sleep(0.02)
+
+
+def _narrate_slack(
+    slack: SlackStandIn, say: Transcript, seen: int, names: dict[str, str], channels: dict[str, str]
+) -> int:
+    """One line per message the app posted or edited since the last look."""
+    calls = slack.calls
+    for call in calls[seen:]:
+        if call.method not in ("chat.postMessage", "chat.update") or not call.ok:
+            continue
+        channel = str(call.params.get("channel", ""))
+        where = "DM" if channel.startswith("D") else "#" + channels.get(channel, channel)
+        thread = " thread" if call.params.get("thread_ts") else ""
+        verb = "edits" if call.method == "chat.update" else "posts"
+        text = " ".join(str(call.params.get("text", "")).split())
+        for user_id, name in names.items():
+            text = text.replace(f"<@{user_id}>", f"@{name}")
+        say(f"slack {verb} {where}{thread}: {text[:140]}")
+    return len(calls)
 
 
 def _event_count(ctx: AppContext) -> int:

@@ -215,6 +215,7 @@ class _Batch:
         self.result = result
         self.gap = ctx.policy.settings.conversation_gap
         self.teams: dict[str, _TeamState] = {}
+        self.away: frozenset[str] | None = None  # experts away via /replyclock away, read when first needed
         self.events: list[tuple[Conversation | None, dict[str, Any]]] = []
         self.messages: list[tuple[Conversation, str, str, dict[str, Any]]] = []
         self.links: list[_Post] = []
@@ -464,10 +465,13 @@ class _Batch:
         sla = ctx.policy.policy_for(team=route.team, account=self.account, priority=route.priority)
         deadline = deadline_for(ctx, sla, route.team, post.posted_at, "first")
         state = self._team(route.team)
+        if self.away is None:
+            self.away = repo.away_experts(session=self.session, now=now)
         choice = choose_owner(
             ctx.policy,
             team=route.team,
             topics=route.topics,
+            exclude=self.away,
             at=now,
             load=state.load,
             last_assigned=state.last,

@@ -741,7 +741,7 @@ def back(session: Session, ctx: AppContext, expert_id: str, now: datetime) -> bo
 
 def away_experts(session: Session, now: datetime) -> frozenset[str]:
     """Experts who said they are away at `now` (for routing's ``exclude``)."""
-    return frozenset(session.scalars(select(ExpertRow.id).where(ExpertRow.away_until > now)))
+    return repo.away_experts(session=session, now=now)
 
 
 def away_until(session: Session, expert_id: str, now: datetime) -> datetime | None:

@@ -160,7 +160,7 @@ def _carry_out(
             at=now,
             load=repo.open_loads(session=session, team=conversation.team),
             last_assigned=previous,
-            exclude=(previous,) if previous else (),
+            exclude=repo.away_experts(session=session, now=now) | ({previous} if previous else set()),
         )
         if choice.expert_id is not None and choice.expert_id != previous:
             conversation.owner = choice.expert_id

@@ -19,6 +19,7 @@ from storage.models import (
     Base,
     Conversation,
     Event,
+    Expert,
     Outbox,
     Post,
 )
@@ -134,6 +135,11 @@ def record_opt_out(*, session: Session, account_id: int, author_id: str, now: da
             account_id=account_id, author_id=author_id, at=now
         )
     )
+
+
+def away_experts(*, session: Session, now: datetime) -> frozenset[str]:
+    """Experts who said (with /replyclock away) that they are away at `now`."""
+    return frozenset(session.scalars(select(Expert.id).where(Expert.away_until > now)))
 
 
 def open_loads(*, session: Session, team: str) -> dict[str, int]:

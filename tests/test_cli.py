@@ -38,25 +38,34 @@ def test_demo_tells_the_whole_story() -> None:
     for expected in (
         "post in from @ana_lima",  # a post arrives and is routed
         "owner Maria Keller",  # to a named expert
+        "slack posts #billing: #1 from Ana Lima",  # the card goes to the team's channel
         "public reply demo-reply-1): Thanks @ana_lima!",  # acknowledged at once
-        "warning to Sam Okafor",  # warned before the deadline
-        "DEADLINE MISSED",  # breach
-        "DM to Sam Okafor",  # nag
-        "DM to manager Lee Wong",  # escalation up the ladder
-        "escalation, #2",
+        "&lt;!channel&gt;",  # the customer's <!channel> reaches Slack escaped
+        "Maria Keller clicks Claim on #1: it is theirs",  # staff claim from Slack
+        "Lee Wong clicks Claim on #1 too late; Slack tells them: #1 is already claimed by",
+        "slack posts #care thread: #2 is due in 15 min",  # warned before the deadline
+        "slack posts #care thread: Deadline missed",  # breach
+        "slack posts DM: Reminder: #2 is overdue by 20 min",  # nag to the owner
+        "slack posts #care thread: Escalation: #2 is overdue by 10 min",  # escalation up the ladder
+        "Escalated by DM to Lee Wong, the manager",
         "on the ignore list",
-        "answer seen from our account in #2",  # answered: the clock stops
+        "answer seen from our account in #2",  # answered on the platform: the clock stops
+        "Maria Keller clicks Reply on #1 and writes",  # answered from Slack
+        "social \u2192 @ana_lima (public reply demo-reply-3): @ana_lima Sorry about that!",
         "figures: 2 conversations, 2 answered, 1 within SLA, 1 breached",
+        "The Slack side",
     ):
         assert expected in out, f"{expected!r} missing from the demo transcript:\n{out}"
     assert (
-        out.index("warning to Sam")
-        < out.index("DEADLINE MISSED")
-        < out.index("DM to Sam")
+        out.index("#2 is due in 15 min")
+        < out.index("Deadline missed")
+        < out.index("Reminder: #2")
         < out.index("answer seen from our account in #2")
     )
-    after_answer = out[out.index("answer seen from our account in #2") :]
-    assert "DM to Sam" not in after_answer  # nothing nags after the answer
+    story = out[: out.index("The Slack side")]
+    after_answer = story[story.index("answer seen from our account in #2") :]
+    assert "Reminder: #2" not in after_answer  # nothing nags after the answer
+    assert "<!channel>" not in story  # never sent raw to Slack
 
 
 def test_check_prints_a_summary_of_a_good_file() -> None:

@@ -218,3 +218,16 @@ def test_our_reply_stored_before_the_question_still_answers_it(ctx: AppContext, 
     assert conversation.status == "answered"
     assert conversation.first_response_at == MONDAY + timedelta(minutes=30)
     assert "ack" not in outbox_kinds(ctx)
+
+
+def test_an_expert_who_said_they_are_away_gets_nothing_new(ctx: AppContext) -> None:
+    from storage.models import Expert
+
+    with ctx.sessions() as session, session.begin():
+        session.add(
+            Expert(
+                id="maria", name="Maria Keller", slack_id="U0MARIA01", away_until=MONDAY + timedelta(days=3)
+            )
+        )
+    ingest(ctx, post("1", "refund for my invoice please"))
+    assert only_conversation(ctx).owner == "lee"  # maria has the topic, but is away
