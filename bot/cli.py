@@ -139,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.channels import ConnectorSetupError, build_connectors
     from bot.context import AppContext
     from bot.delivery import customer_handlers, text_handlers
+    from bot.digest_delivery import digest_handlers
     from bot.jobs import OUTBOX_JOB, Jobs
     from bot.outbox import OutboxSender
     from bot.runlock import RunLockError, single_writer_lock
@@ -174,7 +175,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             staff = text_handlers(
                 ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})
             )
-        sender = OutboxSender(ctx, {**staff, **customer_handlers(ctx, connectors)})
+        digests = digest_handlers(
+            ctx, client, lambda text: log.info("digest (Slack not configured)", extra={"text": text})
+        )
+        sender = OutboxSender(ctx, {**staff, **digests, **customer_handlers(ctx, connectors)})
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
@@ -185,7 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
         def stop(_signum: int, _frame: FrameType | None) -> None:
-            scheduler.shutdown(wait=False)
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            else:
+                raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -216,12 +223,44 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "slack": "socket mode" if socket else ("web api only" if client else "not configured"),
             },
         )
-        jobs.run_sweep()
         scheduler.start()
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]
     engine.dispose()
     return 0
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    from bot.context import AppContext
+    from bot.digest_delivery import digest_command
+    from storage.db import make_engine
+
+    policy = _load(config_path(args.config))
+    client = SlackSettings.from_env(os.environ).client() if args.post else None
+    engine = make_engine()
+    try:
+        return digest_command(
+            AppContext(policy=policy, engine=engine),
+            team=args.team,
+            week=args.week,
+            post=args.post,
+            png=Path(args.png) if args.png else None,
+            client=client,
+        )
+    finally:
+        engine.dispose()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bot.export import export_command
+    from storage.db import make_engine, make_sessionmaker
+
+    engine = make_engine()
+    try:
+        with make_sessionmaker(engine)() as session:
+            return export_command(session, since=args.since, until=args.until, team=args.team)
+    finally:
+        engine.dispose()
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -307,6 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--at", action="append", help="start time, ISO 8601 (repeatable; default: stdin lines)"
     )
     deadline.set_defaults(func=cmd_deadline)
+
+    digest = sub.add_parser("digest", help="a team's weekly digest: print it, post it, or write its chart")
+    digest.add_argument("--config")
+    digest.add_argument("--team", help="one team (default: every team)")
+    digest.add_argument("--week", help="ISO week such as 2026-W47 (default: the last completed week)")
+    digest.add_argument(
+        "--post", action="store_true", help="post to the team channel (needs SLACK_BOT_TOKEN)"
+    )
+    digest.add_argument(
+        "--png", metavar="FILE", help="write the chart as PNG (FILE-<team>.png for several teams)"
+    )
+    digest.set_defaults(func=cmd_digest)
+
+    export = sub.add_parser("export", help="conversations opened in a period, as CSV on stdout")
+    export.add_argument(
+        "--since", required=True, help="date or date-time, inclusive (UTC unless an offset is given)"
+    )
+    export.add_argument("--until", help="date (inclusive: the whole day) or date-time (exclusive)")
+    export.add_argument("--team", help="one team (default: all)")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
     demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")

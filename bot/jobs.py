@@ -16,6 +16,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import update
 
 from bot.context import AppContext
+from bot.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.ingest import ingest_batch
 from bot.metrics import record_ingested
 from bot.outbox import OutboxSender
@@ -30,6 +31,7 @@ SWEEP_JOB = "sweep"
 SWEEP_WAKE_JOB = "sweep-wake"
 OUTBOX_JOB = "outbox"
 OUTBOX_RECOVER_JOB = "outbox-recover"
+STARTUP_JOB = "startup"
 MAX_PAGES_PER_POLL = 20
 
 
@@ -59,6 +61,10 @@ class Jobs:
         """Register every job on `scheduler` (not yet started)."""
         self.scheduler = scheduler
         common = {"max_instances": 1, "coalesce": True, "replace_existing": True}
+        # At start-up: sweep what fell due while the process was down, and post a digest missed then (once).
+        scheduler.add_job(
+            self.catch_up, "date", id=STARTUP_JOB, replace_existing=True, misfire_grace_time=None
+        )
         scheduler.add_job(
             self.run_sweep, "interval", seconds=sweep_max_interval().total_seconds(), id=SWEEP_JOB, **common
         )
@@ -72,6 +78,15 @@ class Jobs:
             id=OUTBOX_RECOVER_JOB,
             **common,
         )
+        for team in self.ctx.policy.teams:
+            # Each team's cron fires at its digest time in its own zone; run_digests is idempotent.
+            scheduler.add_job(
+                self.run_digests,
+                digest_trigger(self.ctx, team),
+                id=f"{DIGEST_JOB_PREFIX}{team}",
+                misfire_grace_time=None,
+                **common,
+            )
         for name, connector in self.connectors.items():
             if connector.push:
                 continue
@@ -85,6 +100,11 @@ class Jobs:
                 next_run_time=datetime.now(UTC),
                 **common,
             )
+
+    def catch_up(self) -> None:
+        """What a process does first: sweep everything due, then queue any digest whose time passed."""
+        self.run_sweep()
+        self.run_digests()
 
     def run_sweep(self) -> None:
         """Sweep now, then set the wake-up for the next due conversation."""
@@ -116,6 +136,11 @@ class Jobs:
             replace_existing=True,
             misfire_grace_time=None,
         )
+
+    def run_digests(self) -> None:
+        """Queue each team's digest of last week once its time has come (idempotent), then send."""
+        if enqueue_due_digests(self.ctx):
+            self.run_outbox()
 
     def run_outbox(self) -> None:
         result = self.sender.send_due()

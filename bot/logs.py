@@ -44,7 +44,8 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                event[key] = value
+                # An extra field never overwrites the line's own ts/level/logger/event.
+                event[key if key not in event else f"extra_{key}"] = value
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
         line = json.dumps(event, default=str, ensure_ascii=False)

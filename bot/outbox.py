@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from bot.context import AppContext
 from connectors.base import NotSent, RateLimited
@@ -148,14 +148,29 @@ class OutboxSender:
     def _claim(self, limit: int) -> list[OutboxMessage]:
         now = self.ctx.clock.now()
         with self.ctx.sessions() as session, session.begin():
+            # Messages of one conversation go out in the order they were written, separately for the
+            # customer and for staff: a row waits while an earlier one of its lane is still unsent.
+            earlier = aliased(Outbox)
+            customer = Outbox.kind.in_(CUSTOMER_KINDS)
+            earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
+            waits = (
+                exists()
+                .where(
+                    earlier.conversation_id == Outbox.conversation_id,
+                    earlier.id < Outbox.id,
+                    earlier.status.in_((PENDING, SENDING)),
+                    or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
+                )
+                .correlate(Outbox)
+            )
             query = (
                 select(Outbox)
-                .where(Outbox.status == PENDING, Outbox.next_attempt_at <= now)
+                .where(Outbox.status == PENDING, Outbox.next_attempt_at <= now, ~waits)
                 .order_by(Outbox.next_attempt_at, Outbox.id)
                 .limit(limit)
             )
             if is_postgres(session):
-                query = query.with_for_update(skip_locked=True)
+                query = query.with_for_update(skip_locked=True, of=Outbox)
             rows = list(session.scalars(query))
             claimed = []
             for row in rows:

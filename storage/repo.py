@@ -182,8 +182,8 @@ def enqueue(
         created_at=now,
         next_attempt_at=now,
     )
-    result = session.execute(statement)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    # RETURNING, not rowcount: with ON CONFLICT DO NOTHING some drivers report -1 either way.
+    return session.scalar(statement.returning(Outbox.id)) is not None
 
 
 def record_event(

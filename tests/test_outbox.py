@@ -161,3 +161,34 @@ def test_acknowledgement_is_not_sent_after_a_human_answered(ctx: AppContext, clo
     ).send_due()
     assert connector.sent == []
     assert rows(ctx)["ack"][0].result == "skipped: a human answered first"
+
+
+def test_staff_messages_of_a_conversation_keep_their_order_through_retries(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    ingest(ctx, post("1", "the site is down"), post("2", "hello", author="ben"))
+    clock.advance(timedelta(hours=1, minutes=25))
+    from bot.sweep import sweep
+
+    sweep(ctx)  # conversation 1 (urgent, 1 h): breach, escalation and a nag; conversation 2 has time
+    order: list[tuple[int | None, str]] = []
+    failures = {"card": 1}
+
+    def flaky(message: OutboxMessage) -> str:
+        if failures.get(message.kind, 0) and message.conversation_id == 1:
+            failures[message.kind] -= 1
+            raise Retry("slack said 500")
+        order.append((message.conversation_id, message.kind))
+        return "ok"
+
+    handlers = {kind: flaky for kind in ("card", "breach", "escalation", "nag", "warning")}
+    sender = OutboxSender(ctx, {**handlers, "ack": lambda m: "ok"})
+    sender.send_due()
+    # Conversation 1's card failed: nothing after it in its lane went out; the customer lane and
+    # conversation 2 were not held up.
+    assert [kind for cid, kind in order if cid == 1] == []
+    assert (2, "card") in order
+    assert rows(ctx)["ack"][0].status == "sent"
+    clock.advance(timedelta(minutes=5))
+    sender.send_due()
+    assert [kind for cid, kind in order if cid == 1] == ["card", "breach", "escalation", "nag"]
