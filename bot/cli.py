@@ -182,6 +182,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
+        metrics_port = os.environ.get("METRICS_PORT", "").strip()
+        if metrics_port:
+            from prometheus_client import start_http_server
+
+            from bot.metrics import build_registry
+
+            # The worker's own counters (ladder lateness, connector and Slack errors) on :METRICS_PORT/metrics.
+            start_http_server(
+                int(metrics_port),
+                addr=os.environ.get("METRICS_HOST", "0.0.0.0"),
+                registry=build_registry(ctx),
+            )
         scheduler = BlockingScheduler(timezone="UTC")
         jobs = Jobs(ctx, connectors, sender)
         jobs.install(

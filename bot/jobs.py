@@ -18,7 +18,7 @@ from sqlalchemy import update
 from bot.context import AppContext
 from bot.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.ingest import ingest_batch
-from bot.metrics import record_ingested
+from bot.metrics import record_connector_error, record_ingested, record_rate_limit
 from bot.outbox import OutboxSender
 from bot.sweep import earliest_next_action, sweep
 from connectors.base import AuthFailed, Connector, RateLimited
@@ -169,18 +169,21 @@ class Jobs:
             try:
                 batch = connector.fetch(cursor)
             except RateLimited as error:
+                record_rate_limit(name, (error.reset_at - now).total_seconds())
                 self._park(account_id, error.reset_at, str(error))
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
                 )
                 return stored
             except AuthFailed as error:
+                record_connector_error(name, "auth")
                 connector.record_failure()
                 self._park(account_id, now + timedelta(minutes=15), str(error))
                 log.error("connector credentials refused", extra={"account": name, "error": str(error)})
                 self._alert_admins(name, f"{name}: credentials refused ({error}); polling paused for 15 min")
                 return stored
             except Exception as error:
+                record_connector_error(name, "error")
                 connector.record_failure()
                 self._park(account_id, now + connector.next_poll_delay(timedelta(seconds=30)), str(error))
                 log.exception("connector fetch failed", extra={"account": name})

@@ -24,6 +24,7 @@ from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from bot.context import AppContext
+from bot.metrics import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
 from storage.db import is_postgres
@@ -32,6 +33,7 @@ from storage.models import FAILED, PENDING, SENDING, SENT, UNKNOWN, Outbox
 log = logging.getLogger("replyclock.outbox")
 
 CUSTOMER_KINDS = frozenset({"ack", "reply"})
+LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
 DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
@@ -228,6 +230,9 @@ class OutboxSender:
             )
             return
         self._settle(message, status=SENT, result_text=outcome)
+        scheduled = message.payload.get("scheduled_at")
+        if message.kind in LADDER_KINDS and isinstance(scheduled, str):
+            record_step_delivered(message.kind, datetime.fromisoformat(scheduled), self.ctx.clock.now())
         result.sent += 1
         result.by_kind[message.kind] = result.by_kind.get(message.kind, 0) + 1
 

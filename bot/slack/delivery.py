@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from bot.context import AppContext
 from bot.delivery import STAFF_KINDS
+from bot.metrics import record_slack_error
 from bot.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
 from bot.policy import Expert
 from bot.routing import is_on_duty
@@ -745,8 +746,12 @@ class SlackDelivery:
         try:
             return call()
         except SlackApiError as error:
+            data = getattr(error.response, "data", None)
+            code = data.get("error") if isinstance(data, dict) else None
+            record_slack_error(method, str(code or f"http_{getattr(error.response, 'status_code', 0)}"))
             raise self._failure(error, method, channel, conversation_id) from error
         except (OSError, http.client.HTTPException) as error:  # timeouts, resets, refused connections
+            record_slack_error(method, "unreachable")
             log.warning(
                 "Slack unreachable",
                 extra={"conversation_id": conversation_id, "method": method, "error": repr(error)},
