@@ -32,6 +32,7 @@ class SlackSettings:
     app_token: str
     signing_secret: str
     api_url: str
+    timeout: int = 30  # seconds per Web API call (SLACK_TIMEOUT; slack_sdk's default is 30)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SlackSettings:
@@ -40,6 +41,7 @@ class SlackSettings:
             app_token=environ.get("SLACK_APP_TOKEN", "").strip(),
             signing_secret=environ.get("SLACK_SIGNING_SECRET", "").strip(),
             api_url=environ.get("SLACK_API_URL", "").strip(),
+            timeout=max(1, int(float(environ.get("SLACK_TIMEOUT", "").strip() or 30))),
         )
 
     def client(self) -> WebClient | None:
@@ -49,8 +51,8 @@ class SlackSettings:
         from slack_sdk import WebClient
 
         if self.api_url:
-            return WebClient(token=self.bot_token, base_url=self.api_url)
-        return WebClient(token=self.bot_token)
+            return WebClient(token=self.bot_token, base_url=self.api_url, timeout=self.timeout)
+        return WebClient(token=self.bot_token, timeout=self.timeout)
 
 
 def config_path(given: str | None) -> Path:
@@ -269,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     engine = make_engine()
     try:
-        with make_sessionmaker(engine)() as session:
+        with make_sessionmaker(engine, read_only=True)() as session:
             return export_command(session, since=args.since, until=args.until, team=args.team)
     finally:
         engine.dispose()

@@ -60,6 +60,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     ``manager``      expert id (managers are listed under ``[experts]`` too).
     ``language``     language code for acknowledgements, default ``"en"``.
     ``display_name`` name shown in Slack, default the team's key.
+    ``digest``       when the weekly digest is posted to the channel: ``"<day> HH:MM"`` in the
+                     team calendar's time zone (a day as in working hours, a 24-hour time),
+                     default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
+                     completed ISO week (Monday to Sunday), on that day of the week after.
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
     ``name``                   (required, unique)
@@ -147,6 +151,7 @@ from bot.policy import (
     WEEKDAY_NAMES,
     Account,
     CalendarSpec,
+    DigestSchedule,
     EscalationStep,
     EscalationTarget,
     Expert,
@@ -213,7 +218,7 @@ _EXPERT_KEYS = (
     "away_until",
     "holidays",
 )
-_TEAM_KEYS = ("channel", "experts", "calendar", "on_call", "manager", "language", "display_name")
+_TEAM_KEYS = ("channel", "experts", "calendar", "on_call", "manager", "language", "display_name", "digest")
 _POLICY_KEYS = (
     "name",
     "clock",
@@ -897,6 +902,20 @@ class _Validator:
     def language(self, value: object, path: KeyPath) -> str | None:
         return self.matching(_LANGUAGE_RE, "a language code such as 'en' or 'de'")(value, path)
 
+    def digest_time(self, value: object, path: KeyPath) -> DigestSchedule | Literal["off"] | None:
+        """A team's digest time such as ``"mon 09:00"``, or ``"off"``."""
+        expected = '"mon 09:00" or "off"'
+        if not isinstance(value, str):
+            self.wrong_type(path, expected, value)
+            return None
+        if value.strip().lower() == "off":
+            return "off"
+        try:
+            return DigestSchedule.parse(value)
+        except ValueError:
+            self.add(path, f"expected {expected}, got {_quote(value)}")
+            return None
+
     def string_list(self, value: object, path: KeyPath) -> tuple[str, ...] | None:
         return self.list_of(self.string, "an array of strings")(value, path)
 
@@ -1213,6 +1232,9 @@ class _Validator:
             manager = self.field(table, path, "manager", expert_ref)
             language = self.field(table, path, "language", self.language)
             display_name = self.field(table, path, "display_name", self.string)
+            digest: DigestSchedule | Literal["off"] | None = self.field(
+                table, path, "digest", self.digest_time
+            )
             if channel is None or members is None or calendar is None:
                 continue
             out[name] = Team(
@@ -1224,6 +1246,7 @@ class _Validator:
                 manager=manager,
                 language=language or "en",
                 display_name=display_name,
+                digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
             )
         if data.get("teams", {}) == {}:
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")
@@ -1850,7 +1873,8 @@ def summarize(policy: Policy) -> str:
         label = f"{team.name} ({team.display_name})" if team.display_name else team.name
         lines.append(
             f"  {label}: {team.channel}, calendar {team.calendar}, language {team.language}; "
-            f"experts {', '.join(team.experts)}; on call {team.on_call or '-'}; manager {team.manager or '-'}"
+            f"experts {', '.join(team.experts)}; on call {team.on_call or '-'}; manager {team.manager or '-'}; "
+            f"digest {team.digest or 'off'}"
         )
     lines += ["", "Experts:"]
     for expert in policy.experts.values():

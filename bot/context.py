@@ -22,12 +22,15 @@ class AppContext:
     engine: Engine
     clock: Clock = field(default_factory=SystemClock)
     sessions: sessionmaker[Session] = field(init=False)
+    # Sessions that only read (metrics, health, digests): no write lock on SQLite.
+    read_sessions: sessionmaker[Session] = field(init=False)
     _calendars: dict[str, BusinessCalendar] = field(default_factory=dict, init=False, repr=False)
     _expert_calendars: dict[str, BusinessCalendar] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sessions = make_sessionmaker(self.engine)
+        self.read_sessions = make_sessionmaker(self.engine, read_only=True)
 
     def calendar(self, name: str) -> BusinessCalendar:
         """The named calendar, built once (holiday tables are not cheap)."""

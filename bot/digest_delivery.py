@@ -5,8 +5,8 @@ The scheduled path never posts directly. `enqueue_due_digests` writes one outbox
 the outbox sender hands it to the handler from `digest_handlers`. So:
 
 * several processes, a cron firing twice, or a start-up catch-up racing the cron write one row;
-* a week whose digest was missed (the process was down on Monday morning) is enqueued by the
-  next run of `enqueue_due_digests` after start-up, once: the job looks at the most recent
+* a week whose digest was missed (the process was down at the team's digest time) is enqueued
+  by the next run of `enqueue_due_digests` after start-up, once: the job looks at the most recent
   completed week of each team and enqueues it if the team's digest time for it has passed and
   its row does not exist yet;
 * a crash while posting re-runs the handler (staff messages are at-least-once), and the
@@ -14,6 +14,11 @@ the outbox sender hands it to the handler from `digest_handlers`. So:
   retry skips what Slack already has instead of posting the text twice.
 
 The digest is computed when it is sent, from the database as it is then.
+
+Each team's digest time is ``[teams.<name>] digest`` (`Team.digest`, default Monday 09:00 in
+the team calendar's zone): the weekday and time *after* the ISO week reported on. A team with
+``digest = "off"`` (``Team.digest is None``) gets no cron trigger (`digest_trigger` returns None)
+and no outbox row; a row queued before it was switched off is skipped when sent.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +38,7 @@ from bot.chart import render_chart
 from bot.context import AppContext
 from bot.digest import Digest, WeekRange, build_digest, render_text, team_week
 from bot.outbox import Handler, OutboxMessage
-from bot.policy import WEEKDAY_NAMES
+from bot.policy import WEEKDAY_NAMES, DigestSchedule
 from storage import repo
 from storage.models import Outbox
 
@@ -44,50 +48,9 @@ DIGEST_KIND = "digest"
 DIGEST_JOB_PREFIX = "digest:"
 
 
-@dataclass(frozen=True)
-class DigestSchedule:
-    """When a team's digest of last week is due: a weekday and a local time in the team's zone.
-
-    Attributes:
-        weekday: 0 = Monday ... 6 = Sunday, of the week after the one reported on.
-        at: Local time of day in the team calendar's time zone.
-    """
-
-    weekday: int = 0
-    at: time = time(9, 0)
-
-    @classmethod
-    def parse(cls, text: str) -> DigestSchedule:
-        """``"mon 09:00"`` (weekday name as in working hours, then HH:MM).
-
-        Raises:
-            ValueError: not that shape.
-        """
-        parts = text.strip().lower().split()
-        if len(parts) != 2 or parts[0] not in WEEKDAY_NAMES:
-            raise ValueError(f'not a digest time: {text!r} (use e.g. "mon 09:00")')
-        try:
-            at = time.fromisoformat(parts[1])
-        except ValueError as error:
-            raise ValueError(f'not a digest time: {text!r} (use e.g. "mon 09:00")') from error
-        if len(parts[1]) != 5 or at.second:
-            raise ValueError(f'not a digest time: {text!r} (use e.g. "mon 09:00")')
-        return cls(WEEKDAY_NAMES.index(parts[0]), at)
-
-    def __str__(self) -> str:
-        return f"{WEEKDAY_NAMES[self.weekday]} {self.at:%H:%M}"
-
-
-DEFAULT_SCHEDULE = DigestSchedule()
-
-
-def schedule_of(ctx: AppContext, team: str) -> DigestSchedule:
-    """The team's digest time. No config key exists yet, so every team gets Monday 09:00.
-
-    Once ``[teams.<name>] digest = "mon 09:00"`` is parsed into ``Team.digest``, return it here.
-    """
-    _ = ctx.policy.teams[team]
-    return DEFAULT_SCHEDULE
+def schedule_of(ctx: AppContext, team: str) -> DigestSchedule | None:
+    """The team's digest time (``[teams.<name>] digest``, default Monday 09:00), or None when it is off."""
+    return ctx.policy.teams[team].digest
 
 
 def team_timezone(ctx: AppContext, team: str) -> str:
@@ -118,7 +81,8 @@ def enqueue_due_digests(
     """Write the outbox row of each team's last completed week whose digest time has passed.
 
     Safe to call any number of times and from any number of processes: the idempotency key
-    makes the second row a no-op. Call it from the cron trigger and once at start-up.
+    makes the second row a no-op. Call it from the cron trigger and once at start-up. Teams
+    whose digest is off are skipped, also when named in `teams`.
 
     Returns:
         The keys of the rows written by this call.
@@ -127,7 +91,10 @@ def enqueue_due_digests(
     written: list[str] = []
     for team in teams if teams is not None else ctx.policy.teams:
         try:
-            week = week_to_post(moment, team_timezone(ctx, team), schedule_of(ctx, team))
+            schedule = schedule_of(ctx, team)
+            if schedule is None:
+                continue  # digest = "off"
+            week = week_to_post(moment, team_timezone(ctx, team), schedule)
             if week is None:
                 continue
             key = digest_key(team, week)
@@ -151,11 +118,18 @@ def enqueue_due_digests(
     return written
 
 
-def digest_trigger(ctx: AppContext, team: str) -> Any:
-    """An APScheduler cron trigger firing at the team's digest time in the team's own zone."""
+def digest_trigger(ctx: AppContext, team: str) -> Any | None:
+    """An APScheduler cron trigger firing at the team's digest time in the team's own zone.
+
+    Returns:
+        The trigger, or None when the team's digest is off: then schedule no job for the team
+        (do not pass None on to ``add_job``, which would take it for "run once, now").
+    """
     from apscheduler.triggers.cron import CronTrigger
 
     schedule = schedule_of(ctx, team)
+    if schedule is None:
+        return None
     return CronTrigger(
         day_of_week=WEEKDAY_NAMES[schedule.weekday],
         hour=schedule.at.hour,
@@ -230,8 +204,10 @@ def digest_handlers(
         team = str(message.payload["team"])
         if team not in ctx.policy.teams:
             return f"skipped: team {team!r} is no longer in the policy"
+        if ctx.policy.teams[team].digest is None:
+            return f"skipped: the digest of team {team!r} is off"
         week = WeekRange.parse(str(message.payload["week"]), team_timezone(ctx, team))
-        with ctx.sessions() as session:
+        with ctx.read_sessions() as session:
             digest = build_digest(session, ctx, team, week)
         if client is None:
             emit(f"{ctx.policy.teams[team].channel}: {render_text(digest, mrkdwn=False)}")
@@ -297,7 +273,7 @@ def digest_command(
             except ValueError as error:
                 print(f"error: --week: {error}", file=err)
                 return 2
-            with ctx.sessions() as session:
+            with ctx.read_sessions() as session:
                 digest = build_digest(session, ctx, name, wanted)
             if png is not None:
                 target = png_path(png, name, len(teams) > 1)

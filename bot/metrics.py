@@ -136,7 +136,7 @@ class DatabaseCollector:
         return list(families.all())
 
     def _fill(self, families: _Families, now: datetime) -> None:
-        with self.ctx.sessions() as session:
+        with self.ctx.read_sessions() as session:
             open_by_team = dict.fromkeys(self.ctx.policy.teams, 0)
             overdue_by_team = dict.fromkeys(self.ctx.policy.teams, 0)
             open_rows = session.execute(

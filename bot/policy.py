@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, time, timedelta
 from typing import Literal
 
 Priority = Literal["low", "normal", "high", "urgent"]
@@ -22,6 +22,8 @@ WeekHours = dict[int, tuple[Period, ...]]
 
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
+_DIGEST_TIME = re.compile(r"^(\S+)\s+(\S+)$")
+_CLOCK_TIME = re.compile(r"^([0-9]{2}):([0-9]{2})$")
 _DURATION_PART = re.compile(r"(\d+)\s*(w|d|h|m|s)")
 _DURATION_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
@@ -60,6 +62,51 @@ def format_duration(value: timedelta) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return sign + "".join(parts)
+
+
+@dataclass(frozen=True)
+class DigestSchedule:
+    """When a team's digest of last week is due: a weekday and a local time in the team's zone.
+
+    Attributes:
+        weekday: 0 = Monday ... 6 = Sunday, of the week after the one reported on.
+        at: Local time of day (whole minutes) in the team calendar's time zone.
+    """
+
+    weekday: int = 0
+    at: time = time(9, 0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weekday <= 6:
+            raise ValueError(f"weekday must be 0 (Monday) to 6 (Sunday), got {self.weekday}")
+
+    @classmethod
+    def parse(cls, text: str) -> DigestSchedule:
+        """Parse ``"mon 09:00"``: a weekday named as in working hours, then a 24-hour ``HH:MM``.
+
+        Case and surrounding spaces do not matter: ``" Fri 17:30 "`` is Friday 17:30.
+
+        Raises:
+            ValueError: not that shape, an unknown weekday, or a time outside 00:00-23:59.
+        """
+        match = _DIGEST_TIME.match(text.strip())
+        if match is None:
+            raise ValueError(f'not a digest time: {text!r} (expected a weekday and HH:MM, e.g. "mon 09:00")')
+        day, clock = match.group(1).lower(), match.group(2)
+        if day not in WEEKDAY_NAMES:
+            raise ValueError(
+                f"not a digest time: {text!r} (unknown weekday {day!r}; expected one of "
+                f'{", ".join(WEEKDAY_NAMES)}, e.g. "mon 09:00")'
+            )
+        hhmm = _CLOCK_TIME.match(clock)
+        if hhmm is None or int(hhmm.group(1)) > 23 or int(hhmm.group(2)) > 59:
+            raise ValueError(
+                f'not a digest time: {text!r} (expected the time as HH:MM from 00:00 to 23:59, e.g. "mon 09:00")'
+            )
+        return cls(WEEKDAY_NAMES.index(day), time(int(hhmm.group(1)), int(hhmm.group(2))))
+
+    def __str__(self) -> str:
+        return f"{WEEKDAY_NAMES[self.weekday]} {self.at:%H:%M}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +166,8 @@ class Team:
     manager: str | None = None
     language: str = "en"
     display_name: str | None = None
+    # When the weekly digest of last week is posted to the channel; None: no digest ("off").
+    digest: DigestSchedule | None = DigestSchedule()
 
     @property
     def label(self) -> str:

@@ -197,7 +197,7 @@ def _carry_out(
 
 def earliest_next_action(ctx: AppContext) -> datetime | None:
     """When the sweep must next wake (the partial index makes this a single index probe)."""
-    with ctx.sessions() as session:
+    with ctx.read_sessions() as session:
         return session.scalar(
             select(Conversation.next_action_at)
             .where(Conversation.next_action_at.is_not(None))

@@ -35,6 +35,7 @@ from bot.ingest import ingest_batch
 from bot.metrics import build_registry, exposition, record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
 from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
+from storage.db import READ_ONLY
 from storage.models import Account, Post
 
 log = logging.getLogger("replyclock.web")
@@ -225,7 +226,7 @@ def _health(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
         for name, account in sorted(ctx.policy.accounts.items())
     }
     try:
-        with ctx.engine.connect() as connection:
+        with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as connection:
             connection.execute(text("SELECT 1"))
             rows = list(
                 connection.execute(

@@ -25,6 +25,8 @@ hook runs after each such commit so `replyclock run` can wake the sender at once
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -46,7 +48,7 @@ from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -382,21 +384,204 @@ def register_handlers(app: App) -> None:
 # Serving
 
 
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest request /slack/events reads. replyclock's own payloads (a card click, the reply
+modal, a slash command, ``app_home_opened``) are a few KiB; a 100-block view with every input
+full stays under it."""
+
+_ID_HOLDERS = ("user", "team", "enterprise", "channel")
+_OBJECTS = ("container", "message", "previous_message", "item", "assistant_thread", "function_data", "state")
+_STRINGS = (
+    "type",
+    "command",
+    "text",
+    "user_id",
+    "channel_id",
+    "team_id",
+    "trigger_id",
+    "response_url",
+    "callback_id",
+    "action_id",
+    "api_app_id",
+)
+
+
+def payload_problem(body: Any, *, depth: int = 0) -> str | None:
+    """Why a (signed) request body is not shaped like anything Slack sends, or None.
+
+    bolt's context extraction, its listener matchers and the middleware here index payloads
+    without checking types (``body["actions"][0]["action_id"]``, ``"id" in body["user"]``):
+    ``actions`` as a string or ``user`` as a number would raise inside ``App.dispatch`` and
+    answer 500. This checks the types of every field those read, so such a body is a 400 and
+    never reaches a listener.
+    """
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    for key in _STRINGS:
+        if key in body and not isinstance(body[key], str | None):
+            return f"{key} is not a string"
+    for key in _ID_HOLDERS:
+        value = body.get(key)
+        if isinstance(value, dict):
+            if not isinstance(value.get("id"), str | None):
+                return f"{key}.id is not a string"
+        elif not isinstance(value, str | None):
+            return f"{key} is neither an object nor a string"
+    for key in _OBJECTS:
+        if not isinstance(body.get(key), dict | None):
+            return f"{key} is not an object"
+        if depth < 2 and isinstance(body.get(key), dict) and key != "state":
+            problem = payload_problem(body[key], depth=depth + 1)
+            if problem is not None:
+                return f"{key}.{problem}"
+    if "event" in body:
+        event = body["event"]
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return "event is not an object with a type"
+        if depth == 0:
+            problem = payload_problem(event, depth=depth + 1)
+            if problem is not None:
+                return f"event.{problem}"
+    if "actions" in body:
+        actions = body["actions"]
+        if not isinstance(actions, list) or not actions:
+            return "actions is not a non-empty list"
+        for action in actions:
+            if not isinstance(action, dict) or not isinstance(action.get("action_id"), str):
+                return "actions[] is not an object with an action_id"
+            if not isinstance(action.get("block_id"), str | None):
+                return "actions[].block_id is not a string"
+    if "view" in body:
+        view = body["view"]
+        if not isinstance(view, dict):
+            return "view is not an object"
+        for key in ("type", "callback_id"):
+            if not isinstance(view.get(key), str):
+                return f"view.{key} is not a string"
+        if not isinstance(view.get("private_metadata"), str | None):
+            return "view.private_metadata is not a string"
+        state = view.get("state")
+        if state is not None:
+            values = state.get("values") if isinstance(state, dict) else None
+            if not isinstance(values, dict | None) or not all(
+                isinstance(block, dict) and all(isinstance(element, dict) for element in block.values())
+                for block in (values or {}).values()
+            ):
+                return "view.state is not {values: {block: {action: object}}}"
+    for key in ("authorizations", "response_urls"):
+        if key in body and not (
+            isinstance(body[key], list) and all(isinstance(item, dict) for item in body[key])
+        ):
+            return f"{key} is not a list of objects"
+    return None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (without reading on) anything over `limit` bytes.
+
+    Raises:
+        _TooLarge: Content-Length or the bytes actually received exceed `limit`.
+        ValueError: the Content-Length header is not a number.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ValueError("Content-Length is not a number")
+        if int(declared) > limit:
+            raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def signature_valid(
+    signing_secret: str, body: bytes, timestamp: str | None, signature: str | None, now: float
+) -> bool:
+    """Slack's ``v0`` signature over the raw bytes, with the timestamp inside bolt's window.
+
+    Unlike ``SignatureVerifier.is_valid`` this never raises: a timestamp that is not a number,
+    a body that is not UTF-8 or a signature with non-ASCII characters is simply not valid.
+    """
+    if not timestamp or not signature:
+        return False
+    try:
+        sent = int(timestamp)
+    except ValueError:
+        return False
+    if abs(now - sent) > SIGNATURE_WINDOW_SECONDS:
+        return False
+    base = b"v0:" + timestamp.encode("latin-1") + b":" + body
+    expected = "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), signature.encode("latin-1", errors="replace"))
+
+
+def _refuse(status: int, reason: str, *, close: bool = False) -> Response:
+    log.info("Slack request refused", extra={"status": status, "reason": reason})
+    headers = {"Connection": "close"} if close else None
+    return Response(reason, status_code=status, media_type="text/plain", headers=headers)
+
+
 class _ThreadedSlackRequestHandler(SlackRequestHandler):
-    """bolt's Starlette adapter, with the (blocking) dispatch moved off the event loop.
+    """bolt's Starlette adapter, with the (blocking) dispatch moved off the event loop, and a
+    front door that answers every hostile request with a 4xx before bolt sees it.
 
     The stock handler calls the sync ``App.dispatch`` inside ``async def handle``: every Slack
     request (database work, the wait for ``ack()``) would stall the loop that also serves
     webhooks, ``/healthz`` and ``/metrics``, and two clicks could never be processed at once.
+
+    It also reads the whole body into memory (``await req.body()``) and parses it before bolt
+    checks the signature: a 10 MB body was read, a body that is not UTF-8 or not JSON, or nested
+    100,000 deep, raised in the adapter (500), and bolt logged every badly signed body in full.
+    Here the body is capped at `MAX_BODY_BYTES` (413), the signature is checked over the raw
+    bytes before anything parses them (401), and a signed body that does not parse or is not
+    shaped like a Slack payload (`payload_problem`) is a 400. bolt then verifies again as usual.
     """
+
+    def __init__(self, app: App, signing_secret: str | None = None) -> None:
+        super().__init__(app)
+        # create_bolt_app always passes one; bolt keeps it (its own check uses the same value).
+        found = signing_secret if signing_secret is not None else getattr(app, "_signing_secret", None)
+        self.signing_secret = found if isinstance(found, str) and found else None
 
     async def handle(
         self, req: Request, addition_context_properties: dict[str, Any] | None = None
     ) -> Response:
         if req.method != "POST":
             return await super().handle(req, addition_context_properties)
-        body = await req.body()
-        bolt_request = to_bolt_request(req, body, addition_context_properties)
+        try:
+            body = await _read_body(req, MAX_BODY_BYTES)
+        except _TooLarge:
+            return _refuse(413, f"body larger than {MAX_BODY_BYTES} bytes", close=True)
+        except ValueError as error:
+            return _refuse(400, str(error))
+        except ClientDisconnect:
+            return _refuse(400, "client disconnected")
+        if self.signing_secret is not None and not signature_valid(
+            self.signing_secret,
+            body,
+            req.headers.get("x-slack-request-timestamp"),
+            req.headers.get("x-slack-signature"),
+            time.time(),
+        ):
+            return _refuse(401, "missing, bad or stale Slack signature")
+        try:
+            bolt_request = to_bolt_request(req, body, addition_context_properties)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as error:
+            # UnicodeDecodeError and JSONDecodeError are ValueErrors; the others come from
+            # bolt's context extraction on a body of the wrong shape.
+            return _refuse(400, f"unreadable body ({type(error).__name__})")
+        problem = payload_problem(bolt_request.body)
+        if problem is not None:
+            return _refuse(400, f"not a Slack payload: {problem}")
         bolt_response = await run_in_threadpool(self.app.dispatch, bolt_request)
         return to_starlette_response(bolt_response)
 
