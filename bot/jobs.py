@@ -33,6 +33,7 @@ OUTBOX_JOB = "outbox"
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
 MAX_PAGES_PER_POLL = 20
+ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
 
 
 def sweep_max_interval() -> timedelta:
@@ -80,9 +81,12 @@ class Jobs:
         )
         for team in self.ctx.policy.teams:
             # Each team's cron fires at its digest time in its own zone; run_digests is idempotent.
+            trigger = digest_trigger(self.ctx, team)
+            if trigger is None:  # digest = "off"
+                continue
             scheduler.add_job(
                 self.run_digests,
-                digest_trigger(self.ctx, team),
+                trigger,
                 id=f"{DIGEST_JOB_PREFIX}{team}",
                 misfire_grace_time=None,
                 **common,
@@ -185,7 +189,10 @@ class Jobs:
             except Exception as error:
                 record_connector_error(name, "error")
                 connector.record_failure()
-                self._park(account_id, now + connector.next_poll_delay(timedelta(seconds=30)), str(error))
+                # Back off from the account's own interval (at most 30 s), not a fixed 30 s: an account
+                # polled every few seconds should not go quiet for a minute after one 503.
+                base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
+                self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
                 return stored
             connector.record_success()

@@ -25,7 +25,7 @@ from bot.config import (
     render_key,
     summarize,
 )
-from bot.policy import Policy
+from bot.policy import DigestSchedule, Policy
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "replyclock.toml"
 EXAMPLE_TEXT = EXAMPLE.read_text(encoding="utf-8")
@@ -130,6 +130,8 @@ def test_example_loads_and_summarises() -> None:
     summary = summarize(policy)
     assert "2 calendars, 6 experts, 2 teams, 4 SLA policies, 5 routing rules, 4 accounts" in summary
     assert "billing (Billing): #billing, calendar eu-office" in summary
+    assert policy.teams["care"].digest == policy.teams["billing"].digest == DigestSchedule(0, time(9, 0))
+    assert "manager dora; digest mon 09:00" in summary
     assert "4. standard [everything else]: wall clock" in summary
     assert "1. outage: regex" in summary and "otherwise -> team care" in summary
 
@@ -863,6 +865,104 @@ def test_bad_acknowledgement_language(tmp_path: Path) -> None:
         line=line_of(text, "English"),
         key="acknowledgements.default.English",
         message="bad language code 'English' (expected e.g. en or de)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the weekly digest time of a team
+
+
+def test_digest_time_defaults_to_monday_nine(tmp_path: Path) -> None:
+    team = load_policy(write(tmp_path, MINIMAL)).teams["care"]
+    assert team.digest == DigestSchedule() == DigestSchedule(weekday=0, at=time(9, 0))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "shown"),
+    [
+        ('"mon 09:00"', DigestSchedule(0, time(9, 0)), "digest mon 09:00"),
+        ('"fri 17:30"', DigestSchedule(4, time(17, 30)), "digest fri 17:30"),
+        ('" Sun  00:00 "', DigestSchedule(6, time(0, 0)), "digest sun 00:00"),
+        ('"SAT 23:59"', DigestSchedule(5, time(23, 59)), "digest sat 23:59"),
+        ('"off"', None, "digest off"),
+        ("'Off'", None, "digest off"),
+    ],
+)
+def test_digest_time_accepted(
+    tmp_path: Path, value: str, expected: DigestSchedule | None, shown: str
+) -> None:
+    text = replace(MINIMAL, 'manager = "anna"', f'manager = "anna"\ndigest = {value}')
+    policy = load_policy(write(tmp_path, text))
+    assert policy.teams["care"].digest == expected
+    assert f"manager anna; {shown}" in summarize(policy)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"monday 9"', """expected "mon 09:00" or "off", got 'monday 9'"""),
+        ('"monday 09:00"', """expected "mon 09:00" or "off", got 'monday 09:00'"""),
+        ('"mon 9:00"', """expected "mon 09:00" or "off", got 'mon 9:00'"""),
+        ('"mon 24:00"', """expected "mon 09:00" or "off", got 'mon 24:00'"""),
+        ('"mon 09:60"', """expected "mon 09:00" or "off", got 'mon 09:60'"""),
+        ('"mon 09:00:00"', """expected "mon 09:00" or "off", got 'mon 09:00:00'"""),
+        ('"09:00"', """expected "mon 09:00" or "off", got '09:00'"""),
+        ('"mon-fri 09:00"', """expected "mon 09:00" or "off", got 'mon-fri 09:00'"""),
+        ('"mon 09:00 Europe/Berlin"', """expected "mon 09:00" or "off", got 'mon 09:00 Europe/Berlin'"""),
+        ('"no"', """expected "mon 09:00" or "off", got 'no'"""),
+        ('""', """expected "mon 09:00" or "off", got ''"""),
+        ("false", 'expected "mon 09:00" or "off", got the boolean false'),
+        ("9", 'expected "mon 09:00" or "off", got the integer 9'),
+        ("09:00:00", 'expected "mon 09:00" or "off", got the time 09:00:00'),
+        ('["mon 09:00"]', 'expected "mon 09:00" or "off", got an array'),
+        ('{ day = "mon", at = "09:00" }', 'expected "mon 09:00" or "off", got a table'),
+    ],
+)
+def test_bad_digest_time(tmp_path: Path, value: str, message: str) -> None:
+    text = replace(MINIMAL, 'manager = "anna"', f'manager = "anna"\ndigest = {value}')
+    assert_problem(
+        only_problem(tmp_path, text),
+        line=line_of(text, "digest = "),
+        key="teams.care.digest",
+        message=message,
+    )
+
+
+def test_bad_digest_time_in_the_example_names_its_line(tmp_path: Path) -> None:
+    text = replace(
+        EXAMPLE_TEXT,
+        'digest = "mon 09:00"                                  # weekly',
+        'digest = "monday 9"  # weekly',
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path)
+    (problem,) = caught.value.problems
+    line = line_of(text, 'digest = "monday 9"')
+    assert line == line_of(text, 'language = "en"') + 1  # in [teams.care]
+    assert (
+        str(problem) == f"""{path}:{line}: teams.care.digest: expected "mon 09:00" or "off", got 'monday 9'"""
+    )
+
+
+def test_digest_time_in_an_inline_team_table_and_a_misspelt_key(tmp_path: Path) -> None:
+    inline = MINIMAL.replace(
+        '[teams.care]\nchannel = "#care"\nexperts = ["anna"]\ncalendar = "office"\nmanager = "anna"\n',
+        '[teams]\ncare = { channel = "#care", experts = ["anna"], calendar = "office", digest = "fri 5pm" }\n',
+    )
+    assert inline != MINIMAL
+    assert_problem(
+        only_problem(tmp_path, inline),
+        line=line_of(inline, "digest = "),
+        key="teams.care.digest",
+        message="""expected "mon 09:00" or "off", got 'fri 5pm'""",
+    )
+    text = replace(MINIMAL, 'manager = "anna"', 'manager = "anna"\ndigets = "fri 17:00"')
+    assert_problem(
+        only_problem(tmp_path, text),
+        line=line_of(text, "digets"),
+        key="teams.care.digets",
+        message="unknown key 'digets' (did you mean 'digest'?)",
     )
 
 

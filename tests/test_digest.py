@@ -6,7 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from fractions import Fraction
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -41,11 +41,14 @@ from bot.digest_delivery import (
     digest_command,
     digest_due_at,
     digest_handlers,
+    digest_trigger,
     enqueue_due_digests,
     post_digest,
+    schedule_of,
 )
 from bot.outbox import Handler, OutboxMessage, OutboxSender
 from bot.policy import CalendarSpec, Policy, SlaPolicy
+from bot.policy import DigestSchedule as PolicyDigestSchedule
 from bot.sla import BusinessCalendar
 from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
 from bot.sweep import sweep
@@ -56,6 +59,7 @@ from storage.models import CLOSED, Conversation, Outbox
 from tests.test_ingest import ingest, post
 
 BERLIN = ZoneInfo("Europe/Berlin")
+NEW_YORK = ZoneInfo("America/New_York")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 H = timedelta(hours=1)
 
@@ -67,6 +71,11 @@ def utc(year: int, month: int, day: int, hour: int, minute: int = 0) -> datetime
 def berlin(month: int, day: int, hour: int, minute: int = 0) -> datetime:
     """A Berlin wall time in 2026, as UTC."""
     return datetime(2026, month, day, hour, minute, tzinfo=BERLIN).astimezone(UTC)
+
+
+def new_york(month: int, day: int, hour: int, minute: int = 0) -> datetime:
+    """A New York wall time in 2026, as UTC."""
+    return datetime(2026, month, day, hour, minute, tzinfo=NEW_YORK).astimezone(UTC)
 
 
 # --- percentiles and shares ----------------------------------------------------------------------
@@ -522,13 +531,91 @@ def digest_rows(ctx: AppContext) -> list[tuple[str, dict[str, object]]]:
 
 
 def test_digest_time_is_monday_nine_in_the_team_zone() -> None:
+    assert DigestSchedule is PolicyDigestSchedule  # one class, defined in bot.policy
     week = WeekRange.parse("2026-W43", "Europe/Berlin")  # the DST week: Monday after is CET
     assert digest_due_at(week, DigestSchedule()) == utc(2026, 10, 26, 8)
     assert digest_due_at(week, DigestSchedule.parse("fri 17:30")) == utc(2026, 10, 30, 16, 30)
     assert str(DigestSchedule.parse(" Mon 09:00 ")) == "mon 09:00"
-    for bad in ("monday 9:00", "mon 9", "mon 25:00", "mon", "mon 09:00:30"):
+    assert DigestSchedule.parse("SUN\t23:59") == DigestSchedule(6, time(23, 59))
+    for bad in ("monday 9:00", "mon 9", "mon 25:00", "mon", "mon 09:00:30", "off", "", "mon 24:00"):
         with pytest.raises(ValueError):
             DigestSchedule.parse(bad)
+    with pytest.raises(ValueError, match=r"unknown weekday 'monday'"):
+        DigestSchedule.parse("monday 09:00")
+    with pytest.raises(ValueError, match=r"HH:MM from 00:00 to 23:59"):
+        DigestSchedule.parse("mon 09:60")
+    with pytest.raises(ValueError, match=r"weekday must be 0 \(Monday\) to 6 \(Sunday\), got 7"):
+        DigestSchedule(7)
+
+
+def test_a_friday_evening_digest_follows_new_york_daylight_saving_time() -> None:
+    friday = DigestSchedule.parse("fri 17:30")
+    # The US leaves summer time on 1 November 2026, a week after Europe: 17:30 EDT, then EST.
+    assert digest_due_at(WeekRange.parse("2026-W43", "America/New_York"), friday) == utc(2026, 10, 30, 21, 30)
+    assert digest_due_at(WeekRange.parse("2026-W44", "America/New_York"), friday) == utc(2026, 11, 6, 22, 30)
+
+
+def with_digests(ctx: AppContext, **digests: str) -> AppContext:
+    """The same database and clock, the care team working from New York, and these digest times."""
+    policy = ctx.policy
+    calendars = {
+        **policy.calendars,
+        "new-york": CalendarSpec("new-york", "America/New_York", {day: ((540, 1020),) for day in range(5)}),
+    }
+    teams = dict(policy.teams)
+    teams["care"] = replace(teams["care"], calendar="new-york")
+    for team, text in digests.items():
+        teams[team] = replace(teams[team], digest=None if text == "off" else DigestSchedule.parse(text))
+    return AppContext(
+        policy=replace(policy, calendars=calendars, teams=teams), engine=ctx.engine, clock=ctx.clock
+    )
+
+
+def test_a_team_digest_on_friday_evening_in_new_york(ctx: AppContext) -> None:
+    ny = with_digests(ctx, care="fri 17:30")
+    assert schedule_of(ny, "care") == DigestSchedule(4, time(17, 30))
+    assert schedule_of(ny, "billing") == DigestSchedule()
+    # Monday 09:00 in Berlin: billing's week 48 is due; care's (New York's week) waits for Friday.
+    assert enqueue_due_digests(ny, now=berlin(11, 30, 9)) == ["digest:billing:2026-W48"]
+    assert enqueue_due_digests(ny, now=new_york(12, 4, 17, 29)) == []
+    assert enqueue_due_digests(ny, now=new_york(12, 4, 17, 30)) == ["digest:care:2026-W48"]
+    assert enqueue_due_digests(ny, now=new_york(12, 4, 18)) == []
+    # Billing's next Monday comes first again; then a Friday missed while down is caught up, once.
+    assert enqueue_due_digests(ny, now=berlin(12, 7, 9)) == ["digest:billing:2026-W49"]
+    assert enqueue_due_digests(ny, now=new_york(12, 12, 10)) == ["digest:care:2026-W49"]
+    assert enqueue_due_digests(ny, now=new_york(12, 12, 11)) == []
+    assert [key for key, _ in digest_rows(ctx)] == [
+        "digest:billing:2026-W48",
+        "digest:care:2026-W48",
+        "digest:billing:2026-W49",
+        "digest:care:2026-W49",
+    ]
+    trigger = digest_trigger(ny, "care")
+    assert trigger.get_next_fire_time(None, new_york(12, 1, 12)) == new_york(12, 4, 17, 30)
+    assert trigger.get_next_fire_time(None, new_york(12, 4, 17, 31)) == new_york(12, 11, 17, 30)
+    billing = digest_trigger(ny, "billing")
+    assert billing.get_next_fire_time(None, new_york(12, 1, 12)) == berlin(12, 7, 9)
+
+
+def test_a_team_whose_digest_is_off_gets_no_trigger_no_row_and_no_post(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    off = with_digests(ctx, care="off")
+    assert schedule_of(off, "care") is None
+    assert digest_trigger(off, "care") is None
+    assert digest_trigger(off, "billing") is not None
+    assert enqueue_due_digests(off, now=berlin(11, 30, 9)) == ["digest:billing:2026-W48"]
+    assert enqueue_due_digests(off, now=berlin(12, 14, 9), teams=["care"]) == []  # even when asked by name
+    assert [key for key, _ in digest_rows(ctx)] == ["digest:billing:2026-W48"]
+    # A row queued while the digest was still on is not posted once it is off.
+    assert enqueue_due_digests(ctx, now=berlin(11, 30, 9), teams=["care"]) == ["digest:care:2026-W48"]
+    emitted: list[str] = []
+    clock.set(berlin(11, 30, 9))
+    assert OutboxSender(off, digest_handlers(off, None, emitted.append)).send_due().sent == 2
+    assert [line.split(":")[0] for line in emitted] == ["#billing"]
+    with ctx.sessions() as session:
+        results = {row.idempotency_key: row.result for row in session.scalars(select(Outbox))}
+    assert results["digest:care:2026-W48"] == "skipped: the digest of team 'care' is off"
 
 
 def test_enqueue_is_idempotent_and_waits_for_the_team_time(ctx: AppContext) -> None:

@@ -94,3 +94,19 @@ def test_a_crashing_fetch_is_logged_and_backed_off(ctx: AppContext) -> None:
         account = session.scalars(select(Account)).one()
     assert account.parked_until is not None and account.parked_until > MONDAY
     assert connector.consecutive_failures == 1
+
+
+def test_each_team_gets_its_digest_job_unless_off(ctx: AppContext) -> None:
+    import dataclasses
+
+    teams = dict(ctx.policy.teams)
+    teams["care"] = dataclasses.replace(teams["care"], digest=None)
+    ctx.policy = dataclasses.replace(ctx.policy, teams=teams)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    Jobs(ctx, {}, OutboxSender(ctx, {})).install(scheduler)
+    scheduler.start(paused=True)
+    try:
+        assert scheduler.get_job("digest:care") is None
+        assert scheduler.get_job("digest:billing") is not None
+    finally:
+        scheduler.shutdown(wait=False)
