@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+from bot import logs
 from bot.policy import Policy
 from connectors.base import Connector, connector_classes
 
@@ -26,6 +27,8 @@ def build_connectors(
     classes = connector_classes()
     built: dict[str, Connector] = {}
     problems = []
+    if not dry_run:
+        logs.add_secrets(named_secrets(policy, environ))
     for name, account in policy.accounts.items():
         cls = classes.get(account.kind)
         if cls is None:
@@ -44,3 +47,14 @@ def build_connectors(
     if problems:
         raise ConnectorSetupError("; ".join(problems))
     return built
+
+
+def named_secrets(policy: Policy, environ: Mapping[str, str]) -> list[str]:
+    """The values of the environment variables an account's settings name (``*_env`` keys, such
+    as ``bearer_token_env`` or ``secret_env``): credentials, whatever the variables are called."""
+    return [
+        environ[value]
+        for account in policy.accounts.values()
+        for key, value in account.settings.items()
+        if key.endswith("_env") and isinstance(value, str) and environ.get(value)
+    ]

@@ -295,6 +295,9 @@ class ConfigError(Exception):
         return self._text()
 
 
+_KEY_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def render_key(path: Sequence[str | int]) -> str:
     """Render a key path as TOML-ish dotted text: ``("policies", 0, "match")`` -> ``policies[0].match``."""
     out = ""
@@ -304,7 +307,9 @@ def render_key(path: Sequence[str | int]) -> str:
             continue
         text = part if isinstance(part, str) else str(part)
         if not _BARE_KEY_RE.match(text):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            # As a TOML basic string writes them: an ESC or NUL in a key never reaches a terminal raw.
+            text = '"' + _KEY_CONTROL_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
         out += f".{text}" if out else text
     return out
 
@@ -697,11 +702,11 @@ def _parse_days(key: str) -> tuple[int, ...] | str:
     if dash and first.strip() in WEEKDAY_NAMES and last.strip() in WEEKDAY_NAMES:
         start, end = WEEKDAY_NAMES.index(first.strip()), WEEKDAY_NAMES.index(last.strip())
         if start > end:
-            return f"day range '{key}' runs backwards ({expected})"
+            return f"day range {_quote(key)} runs backwards ({expected})"
         return tuple(range(start, end + 1))
     guess = _suggest(lowered, [*WEEKDAY_NAMES, "mon-fri", "sat-sun"])
     hint = f"did you mean '{guess}'? " if guess else ""
-    return f"unknown day '{key}' ({hint}{expected})"
+    return f"unknown day {_quote(key)} ({hint}{expected})"
 
 
 def _template_problem(template: str) -> str | None:

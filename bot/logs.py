@@ -1,6 +1,11 @@
 """Structured logs: one JSON object per line, with the conversation id where there is one.
 
-Secret values from the environment are scrubbed from every line, whatever logged them.
+Secret values from the environment are scrubbed from every line, whatever logged them: as they
+are, and in the forms a library may log them in (JSON-escaped, percent-encoded once or twice as
+in an OAuth 1.0a signature base string, form-encoded). Which values are secret: those of
+variables ending in ``_TOKEN``, ``_SECRET``, ``_PASSWORD`` or ``_KEY``, of ``WEBHOOK_SECRET_*``,
+the database password, and (`add_secrets`) the variables the policy names for its connectors'
+credentials (``bearer_token_env = "ACME_X_BEARER"``), whatever they are called.
 """
 
 from __future__ import annotations
@@ -9,23 +14,48 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 SECRET_ENV_SUFFIXES = ("_TOKEN", "_SECRET", "_PASSWORD", "_KEY")
+SECRET_ENV_PREFIXES = ("WEBHOOK_SECRET_",)
+MIN_SECRET_CHARS = 6
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables that hold secrets (long enough to be worth scrubbing)."""
     env = os.environ if environ is None else environ
-    values = [v for k, v in env.items() if k.endswith(SECRET_ENV_SUFFIXES) and len(v) >= 6]
+    values = [
+        v
+        for k, v in env.items()
+        if (k.endswith(SECRET_ENV_SUFFIXES) or k.startswith(SECRET_ENV_PREFIXES))
+        and len(v) >= MIN_SECRET_CHARS
+    ]
     url = env.get("DATABASE_URL", "")
     if "@" in url and ":" in url.split("@", 1)[0].rsplit("/", 1)[-1]:
         password = url.split("@", 1)[0].rsplit(":", 1)[-1]
         if len(password) >= 4:
             values.append(password)
+            values.append(urllib.parse.unquote(password))  # the URL holds it percent-encoded
     return sorted(set(values), key=len, reverse=True)
+
+
+def scrubbed_forms(secret: str) -> set[str]:
+    """`secret` and the encodings of it a log line may carry."""
+    once = urllib.parse.quote(secret, safe="")
+    return {
+        secret,
+        json.dumps(secret)[1:-1],  # how it looks inside a JSON string
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        once,
+        json.dumps(once)[1:-1],
+        urllib.parse.quote(secret, safe="~"),  # RFC 3986 unreserved, as OAuth encodes
+        urllib.parse.quote(urllib.parse.quote(secret, safe="~"), safe="~"),  # an OAuth base string
+        urllib.parse.quote_plus(secret),
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +63,17 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
-        self.secrets = secrets if secrets is not None else secret_values()
+        self.secrets: list[str] = []
+        self.add_secrets(secrets if secrets is not None else secret_values())
+
+    def add_secrets(self, values: Iterable[str]) -> None:
+        """Scrub these values (and their encoded forms) too, from now on."""
+        forms = set(self.secrets)
+        for value in values:
+            if len(value) >= MIN_SECRET_CHARS:
+                forms |= scrubbed_forms(value)
+        # Longest first, so a secret is never half-replaced through a shorter one inside it.
+        self.secrets = sorted(forms, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {
@@ -52,6 +92,18 @@ class JsonFormatter(logging.Formatter):
         for secret in self.secrets:
             line = line.replace(secret, "[redacted]")
         return line
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Scrub these values too, in every JSON line the root logger writes from now on.
+
+    For secrets whose variable names come from the policy (``bearer_token_env`` and the like),
+    known only once it is loaded, after `configure`.
+    """
+    found = [value for value in values if len(value) >= MIN_SECRET_CHARS]
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.add_secrets(found)
 
 
 def configure(level: str | None = None, stream: Any = None) -> None:

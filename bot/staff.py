@@ -50,6 +50,7 @@ __all__ = [
     "away_experts",
     "away_until",
     "back",
+    "can_read_team",
     "claim",
     "close",
     "expert_for_slack_user",
@@ -61,6 +62,7 @@ __all__ = [
     "reply_limit",
     "reply_limit_for",
     "require_staff",
+    "require_team_reader",
     "set_away",
     "snooze",
     "snooze_until",
@@ -240,6 +242,28 @@ def teams_of(policy: Policy, expert_id: str) -> tuple[str, ...]:
         for name, team in policy.teams.items()
         if expert_id in team.experts or expert_id in (team.on_call, team.manager)
     )
+
+
+def can_read_team(policy: Policy, expert_id: str, team: str) -> bool:
+    """Whether an expert may read a team's queue and figures: only the teams they work in.
+
+    Working in a team means being one of its experts, its on-call person or its manager, so a
+    manager reads the queues of the teams they manage. Acting on a conversation (claim, reply,
+    reassign, close...) stays open to every staff member: a misrouted conversation is handed
+    across teams from its card.
+    """
+    return team in teams_of(policy, expert_id)
+
+
+def require_team_reader(policy: Policy, expert_id: str, team: str) -> None:
+    """Raise `PermissionDenied` unless the expert may read `team`'s queue (`can_read_team`)."""
+    if not can_read_team(policy, expert_id, team):
+        found = policy.teams.get(team)
+        label = found.label if found is not None else team
+        mine = ", ".join(teams_of(policy, expert_id)) or "none"
+        raise PermissionDenied(
+            f"You can only see the queues of your own teams ({mine}); {label} is not one of them."
+        )
 
 
 def _require_expert(policy: Policy, expert_id: str) -> None:

@@ -494,8 +494,9 @@ def test_replyclock_command(harness: Harness) -> None:
     harness.seed("2", "the site is down", author="bo")  # care, urgent: Sam's
     assert harness.command("mine").startswith("*Your queue*: 1 open")
     assert f"#{mine}" in harness.command("mine") and "@ana" in harness.command("mine")
-    queue = harness.command("queue care")
+    queue = harness.command("queue care", user_id=LEE)  # Lee manages care
     assert queue.startswith("*Customer Care*: 1 open") and "<@U0SAM0001>" in queue
+    assert harness.command("queue care").startswith("You can only see the queues of your own teams")
     assert harness.command("queue").startswith("*Billing*: 1 open")  # Maria's own team
     assert "No team called 'nope'" in harness.command("queue nope")
     stats = harness.command("stats billing")

@@ -10,6 +10,7 @@ the person who clicked hears back directly only when something did not happen as
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from bot import staff
 from bot.context import AppContext
+from bot.messages import escape_mrkdwn
 from bot.slack.app import (
     clock_time,
     commit,
@@ -44,6 +46,7 @@ from bot.slack.ids import (
     ACTION_UNCLAIM,
     CLOSE_REASONS,
     SNOOZE_CHOICES,
+    parse_conversation_id,
 )
 from storage.models import CLOSED, Conversation, Post
 
@@ -51,6 +54,7 @@ log = logging.getLogger("replyclock.slack.actions")
 
 Body = dict[str, Any]
 _T = TypeVar("_T")
+_SLACK_USER = re.compile(r"[UW][A-Z0-9]{2,20}")
 
 
 def register(app: App) -> None:
@@ -74,18 +78,18 @@ def conversation_id_of(session: Session, body: Body) -> int | None:
     Buttons carry the id as their value; menus (whose option values are the choice) sit in the
     card's ``conversation:<id>`` actions block; failing both, the card message is looked up.
     """
-    action = (body.get("actions") or [{}])[0]
-    value = action.get("value")
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    action = _first_action(body)
+    from_value = parse_conversation_id(action.get("value"))
+    if from_value is not None:
+        return from_value
     from_block = conversation_id_from_block_id(action.get("block_id"))
     if from_block is not None:
         return from_block
-    container = body.get("container") or {}
-    ts = container.get("message_ts") or (body.get("message") or {}).get("ts")
-    if not ts:
+    container = _dict(body.get("container"))
+    ts = container.get("message_ts") or _dict(body.get("message")).get("ts")
+    if not isinstance(ts, str) or not ts:
         return None
-    channel = container.get("channel_id") or (body.get("channel") or {}).get("id")
+    channel = container.get("channel_id") or _dict(body.get("channel")).get("id")
     found = list(
         session.execute(
             select(Conversation.id, Conversation.slack_channel).where(Conversation.slack_ts == ts)
@@ -119,15 +123,22 @@ def _run(
     return result
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _first_action(body: Body) -> dict[str, Any]:
+    actions = body.get("actions")
+    return _dict(actions[0]) if isinstance(actions, list) and actions else {}
+
+
 def _selected_option(body: Body) -> str | None:
-    action = (body.get("actions") or [{}])[0]
-    option = action.get("selected_option") or {}
-    value = option.get("value")
+    value = _dict(_first_action(body).get("selected_option")).get("value")
     return value if isinstance(value, str) else None
 
 
 def _user_id(body: Body) -> str:
-    return str((body.get("user") or {}).get("id") or "")
+    return str(_dict(body.get("user")).get("id") or "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,11 +181,15 @@ def handle_reassign_action(ack: Ack, body: Body, context: BoltContext, client: W
     """Reassign (a users_select): the chosen member must be one of the teams' experts."""
     ack()
     ctx = replyclock_of(context)
-    action = (body.get("actions") or [{}])[0]
-    selected = str(action.get("selected_user") or "")
-    target = staff.expert_for_slack_user(ctx.policy, selected)
+    selected = _first_action(body).get("selected_user")
+    target = staff.expert_for_slack_user(ctx.policy, selected) if isinstance(selected, str) else None
     if target is None:
-        tell(client, body, f"<@{selected}> is not one of replyclock's experts; pick someone from a team.")
+        who = (
+            f"<@{selected}>"
+            if isinstance(selected, str) and _SLACK_USER.fullmatch(selected)
+            else "That member"
+        )
+        tell(client, body, f"{who} is not one of replyclock's experts; pick someone from a team.")
         return
     _run(
         context,
@@ -232,7 +247,7 @@ def handle_snooze_action(ack: Ack, body: Body, context: BoltContext, client: Web
     ctx = replyclock_of(context)
     choice = _selected_option(body)
     if choice not in SNOOZE_CHOICES:
-        tell(client, body, f"Unknown snooze choice {choice!r}.")
+        tell(client, body, f"Unknown snooze choice {escape_mrkdwn(repr(choice))}.")
         return
     assert choice is not None
     until = staff.snooze_until(ctx, expert_of(context), choice, ctx.clock.now())
@@ -265,7 +280,7 @@ def handle_close_action(ack: Ack, body: Body, context: BoltContext, client: WebC
     ack()
     reason = _selected_option(body)
     if reason not in CLOSE_REASONS:
-        tell(client, body, f"Unknown close reason {reason!r}.")
+        tell(client, body, f"Unknown close reason {escape_mrkdwn(repr(reason))}.")
         return
     assert reason is not None
     _run(

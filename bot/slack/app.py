@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ from slack_bolt.listener.listener_error_handler import ListenerErrorHandler
 from slack_bolt.middleware import Middleware
 from slack_bolt.request.payload_utils import is_block_actions, is_slash_command, is_view_submission
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 from sqlalchemy.orm import Session
@@ -121,11 +122,15 @@ def tell(client: WebClient, body: Mapping[str, Any], text: str) -> None:
 
     In a channel: an ephemeral message. Elsewhere (the App Home tab has no channel): the
     interaction's ``response_url`` if it has one, else a DM from the app.
+
+    Best effort, whatever the payload holds (a ``user`` that is a bare id, a ``response_url``
+    that is no URL): a failure is logged, never raised, so a refusal never becomes a 500.
     """
-    user_id = str((body.get("user") or {}).get("id") or body.get("user_id") or "")
-    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+    user = body.get("user")
+    user_id = str((user.get("id") if isinstance(user, dict) else user) or body.get("user_id") or "")
+    channel = _object(body.get("channel")).get("id") or _object(body.get("container")).get("channel_id")
     try:
-        if channel:
+        if isinstance(channel, str) and channel:
             client.chat_postEphemeral(channel=channel, user=user_id, text=text)
             return
         response_url = body.get("response_url")
@@ -137,6 +142,12 @@ def tell(client: WebClient, body: Mapping[str, Any], text: str) -> None:
         log.warning(
             "could not tell the user", extra={"user": user_id, "error": str(error.response.get("error"))}
         )
+    except (SlackClientError, OSError, ValueError, http.client.HTTPException) as error:  # bad response_url
+        log.warning("could not tell the user", extra={"user": user_id, "error": type(error).__name__})
+
+
+def _object(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def user_timezone(client: WebClient, user_id: str, fallback: str = "UTC") -> ZoneInfo:
@@ -390,7 +401,9 @@ modal, a slash command, ``app_home_opened``) are a few KiB; a 100-block view wit
 full stays under it."""
 
 _ID_HOLDERS = ("user", "team", "enterprise", "channel")
-_OBJECTS = ("container", "message", "previous_message", "item", "assistant_thread", "function_data", "state")
+# Objects bolt's context extraction looks into (``body["event"]["message"]["user"]``...).
+_NESTED = ("event", "message", "previous_message", "item", "assistant_thread")
+_OBJECTS = ("container", "message", "previous_message", "item", "assistant_thread", "function_data")
 _STRINGS = (
     "type",
     "command",
@@ -412,14 +425,12 @@ def payload_problem(body: Any, *, depth: int = 0) -> str | None:
     bolt's context extraction, its listener matchers and the middleware here index payloads
     without checking types (``body["actions"][0]["action_id"]``, ``"id" in body["user"]``):
     ``actions`` as a string or ``user`` as a number would raise inside ``App.dispatch`` and
-    answer 500. This checks the types of every field those read, so such a body is a 400 and
-    never reaches a listener.
+    answer 500. This checks the types of the fields those read (at the top, and the ids bolt
+    looks for inside ``event``, ``message`` and the like), so such a body is a 400 and never
+    reaches a listener. Anything else in a payload may be whatever Slack sends.
     """
     if not isinstance(body, dict):
         return "the body is not a JSON object"
-    for key in _STRINGS:
-        if key in body and not isinstance(body[key], str | None):
-            return f"{key} is not a string"
     for key in _ID_HOLDERS:
         value = body.get(key)
         if isinstance(value, dict):
@@ -427,28 +438,42 @@ def payload_problem(body: Any, *, depth: int = 0) -> str | None:
                 return f"{key}.id is not a string"
         elif not isinstance(value, str | None):
             return f"{key} is neither an object nor a string"
-    for key in _OBJECTS:
-        if not isinstance(body.get(key), dict | None):
-            return f"{key} is not an object"
-        if depth < 2 and isinstance(body.get(key), dict) and key != "state":
+    if "authorizations" in body:
+        authorizations = body["authorizations"]
+        if not isinstance(authorizations, list) or not all(isinstance(item, dict) for item in authorizations):
+            return "authorizations is not a list of objects"
+        if authorizations and depth < 3:
+            problem = payload_problem(authorizations[0], depth=depth + 1)
+            if problem is not None:
+                return f"authorizations[0].{problem}"
+    for key in _NESTED:
+        if isinstance(body.get(key), dict) and depth < 3:
             problem = payload_problem(body[key], depth=depth + 1)
             if problem is not None:
                 return f"{key}.{problem}"
+    if depth > 0:
+        return None
+    # The top level: what bolt's matchers, the middleware here and the listeners read.
+    for key in _STRINGS:
+        if key in body and not isinstance(body[key], str | None):
+            return f"{key} is not a string"
+    for key in _OBJECTS:
+        if not isinstance(body.get(key), dict | None):
+            return f"{key} is not an object"
     if "event" in body:
         event = body["event"]
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return "event is not an object with a type"
-        if depth == 0:
-            problem = payload_problem(event, depth=depth + 1)
-            if problem is not None:
-                return f"event.{problem}"
     if "actions" in body:
         actions = body["actions"]
         if not isinstance(actions, list) or not actions:
             return "actions is not a non-empty list"
         for action in actions:
-            if not isinstance(action, dict) or not isinstance(action.get("action_id"), str):
-                return "actions[] is not an object with an action_id"
+            if not isinstance(action, dict):
+                return "actions[] is not an object"
+            # Block actions name their element; legacy attachment actions have a name instead.
+            if body.get("type") == "block_actions" and not isinstance(action.get("action_id"), str):
+                return "actions[].action_id is not a string"
             if not isinstance(action.get("block_id"), str | None):
                 return "actions[].block_id is not a string"
     if "view" in body:
@@ -462,17 +487,17 @@ def payload_problem(body: Any, *, depth: int = 0) -> str | None:
             return "view.private_metadata is not a string"
         state = view.get("state")
         if state is not None:
-            values = state.get("values") if isinstance(state, dict) else None
+            values = state.get("values") if isinstance(state, dict) else []
             if not isinstance(values, dict | None) or not all(
                 isinstance(block, dict) and all(isinstance(element, dict) for element in block.values())
                 for block in (values or {}).values()
             ):
                 return "view.state is not {values: {block: {action: object}}}"
-    for key in ("authorizations", "response_urls"):
-        if key in body and not (
-            isinstance(body[key], list) and all(isinstance(item, dict) for item in body[key])
-        ):
-            return f"{key} is not a list of objects"
+    if "response_urls" in body and not (
+        isinstance(body["response_urls"], list)
+        and all(isinstance(item, dict) for item in body["response_urls"])
+    ):
+        return "response_urls is not a list of objects"
     return None
 
 
@@ -508,8 +533,9 @@ def signature_valid(
 ) -> bool:
     """Slack's ``v0`` signature over the raw bytes, with the timestamp inside bolt's window.
 
-    Unlike ``SignatureVerifier.is_valid`` this never raises: a timestamp that is not a number,
-    a body that is not UTF-8 or a signature with non-ASCII characters is simply not valid.
+    Unlike ``SignatureVerifier.is_valid`` (which bolt uses) this never raises: a timestamp that
+    is not a number or too big for a float, a body that is not UTF-8 or a signature with
+    non-ASCII characters is simply not valid.
     """
     if not timestamp or not signature:
         return False
@@ -517,7 +543,7 @@ def signature_valid(
         sent = int(timestamp)
     except ValueError:
         return False
-    if abs(now - sent) > SIGNATURE_WINDOW_SECONDS:
+    if abs(int(now) - sent) > SIGNATURE_WINDOW_SECONDS:  # ints: a 400-digit timestamp is no float
         return False
     base = b"v0:" + timestamp.encode("latin-1") + b":" + body
     expected = "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()

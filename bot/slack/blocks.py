@@ -41,6 +41,7 @@ from bot.slack.ids import (
     REPLY_INPUT,
     SNOOZE_CHOICES,
     VIEW_REPLY,
+    parse_conversation_id,
 )
 from storage.models import ANSWERED, CLOSED, Conversation, Post
 
@@ -405,12 +406,12 @@ def card_actions(conversation: Conversation) -> Block:
     }
 
 
-def conversation_id_from_block_id(block_id: str | None) -> int | None:
-    """The conversation id of a card's actions block (``conversation:42`` -> 42)."""
-    if not block_id or not block_id.startswith(ACTIONS_BLOCK_PREFIX):
+def conversation_id_from_block_id(block_id: object) -> int | None:
+    """The conversation id of a card's actions block (``conversation:42`` -> 42), else None."""
+    if not isinstance(block_id, str) or not block_id.startswith(ACTIONS_BLOCK_PREFIX):
         return None
     tail = block_id[len(ACTIONS_BLOCK_PREFIX) :]
-    return int(tail) if tail.isdigit() else None
+    return parse_conversation_id(tail) if tail == tail.strip() else None
 
 
 def _post_text(post: Post | None) -> str:

@@ -3,7 +3,8 @@
 Every answer is ephemeral (only the person who typed it sees it) and is the command's own
 HTTP answer (``ack(text=...)``): the queries are single indexed reads, well inside Slack's three
 seconds. ``away`` and ``back`` commit before answering, so "you are away" is never said about a
-change that was not stored.
+change that was not stored. ``queue`` and ``stats`` answer only for the asker's own teams (as
+expert, on-call or manager; see `bot.staff.can_read_team`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ HELP = "\n".join(
     [
         "*/replyclock* — what you can ask:",
         "• `/replyclock mine` — the conversations you own or claimed, soonest deadline first",
-        "• `/replyclock queue [team]` — a team's open conversations (default: your first team)",
-        "• `/replyclock stats [team]` — open, overdue, answered this week and the share in time",
+        "• `/replyclock queue [team]` — one of your teams' open conversations (default: your first team)",
+        "• `/replyclock stats [team]` — open, overdue, answered this week and the share in time, for one of your teams",
         "• `/replyclock away until YYYY-MM-DD` — get no new conversations through that day",
         "• `/replyclock back` — take new conversations again",
         "• `/replyclock help` — this list",
@@ -105,13 +106,17 @@ def _mine(context: BoltContext, ctx: AppContext, expert_id: str) -> str:
 
 
 def _team(ctx: AppContext, expert_id: str, arguments: list[str]) -> str:
+    """The team named in `arguments` (default: the expert's first team); only one of their own."""
     if arguments:
         wanted = " ".join(arguments).lstrip("#").casefold()
         for name, team in ctx.policy.teams.items():
             if wanted in (name.casefold(), team.label.casefold(), team.channel.lstrip("#").casefold()):
+                staff.require_team_reader(ctx.policy, expert_id, name)
                 return name
-        known = ", ".join(sorted(ctx.policy.teams))
-        raise staff.InvalidState(f"No team called {' '.join(arguments)!r}. Teams: {known}.")
+        known = ", ".join(staff.teams_of(ctx.policy, expert_id)) or "none"
+        raise staff.InvalidState(
+            f"No team called {escape_mrkdwn(repr(' '.join(arguments)))}. Your teams: {known}."
+        )
     mine = staff.teams_of(ctx.policy, expert_id)
     if not mine:
         raise staff.InvalidState("You are in no team; name one: `/replyclock queue <team>`.")
@@ -153,7 +158,7 @@ def _away(context: BoltContext, ctx: AppContext, expert_id: str, arguments: list
     try:
         until = date.fromisoformat(words[0])
     except ValueError:
-        return f"{words[0]!r} is not a date; write it as YYYY-MM-DD."
+        return f"{escape_mrkdwn(repr(words[0]))} is not a date; write it as YYYY-MM-DD."
     back_at = staff.set_away(session_of(context), ctx, expert_id, until, ctx.clock.now())
     commit(context)
     last_day = (back_at.astimezone(_tz(ctx, expert_id)) - timedelta(seconds=1)).date()

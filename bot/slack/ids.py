@@ -6,6 +6,8 @@ view's `private_metadata` (modals), so a handler needs nothing else to find its 
 
 from __future__ import annotations
 
+import re
+
 # Card buttons and menus (block_actions).
 ACTION_CLAIM = "claim"
 ACTION_UNCLAIM = "unclaim"
@@ -30,3 +32,18 @@ REPLY_INPUT = "text"
 
 # Slash command.
 COMMAND = "/replyclock"
+
+
+_CONVERSATION_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and below 2**63
+
+
+def parse_conversation_id(value: object) -> int | None:
+    """A conversation id from a payload string (``"42"``, surrounding spaces allowed), else None.
+
+    Anything else (a number in another script such as ``"²"`` that ``str.isdigit`` accepts, a
+    string too long for a 64-bit id, a dict where a string belongs) is None, never an exception.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return int(text) if _CONVERSATION_ID.fullmatch(text) else None

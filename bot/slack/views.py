@@ -10,9 +10,11 @@ from slack_bolt import Ack, App, BoltContext
 
 from bot import staff
 from bot.slack.app import commit, discard, expert_of, replyclock_of, session_of
-from bot.slack.ids import REPLY_BLOCK, REPLY_INPUT, VIEW_REPLY
+from bot.slack.ids import REPLY_BLOCK, REPLY_INPUT, VIEW_REPLY, parse_conversation_id
 
 log = logging.getLogger("replyclock.slack.views")
+
+MAX_METADATA_CHARS = 3000  # Slack's own limit on private_metadata
 
 
 def register(app: App) -> None:
@@ -22,21 +24,29 @@ def register(app: App) -> None:
 
 def _conversation_id(view: dict[str, Any]) -> int | None:
     """The conversation id from ``private_metadata`` (a bare id, or JSON with ``conversation_id``)."""
-    metadata = str(view.get("private_metadata") or "").strip()
-    if metadata.isdigit():
-        return int(metadata)
+    metadata = view.get("private_metadata")
+    if not isinstance(metadata, str):
+        return None
+    found = parse_conversation_id(metadata)
+    if found is not None or len(metadata) > MAX_METADATA_CHARS:
+        return found
     try:
         decoded = json.loads(metadata)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    if isinstance(decoded, dict) and str(decoded.get("conversation_id", "")).isdigit():
-        return int(decoded["conversation_id"])
+    if isinstance(decoded, dict):
+        inner = decoded.get("conversation_id")
+        return parse_conversation_id(str(inner) if isinstance(inner, int) else inner)
     return None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _reply_text(view: dict[str, Any]) -> str:
-    state = ((view.get("state") or {}).get("values") or {}).get(REPLY_BLOCK) or {}
-    value = (state.get(REPLY_INPUT) or {}).get("value")
+    state = _dict(_dict(_dict(view.get("state")).get("values")).get(REPLY_BLOCK))
+    value = _dict(state.get(REPLY_INPUT)).get("value")
     return value if isinstance(value, str) else ""
 
 
