@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from bot.context import AppContext
@@ -38,6 +40,10 @@ DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
 MAX_BACKOFF = timedelta(minutes=30)
+# How long a sender waits for the database to record a send's outcome (see OutboxSender._settle).
+SETTLE_PATIENCE = timedelta(minutes=2)
+SETTLE_FIRST_PAUSE = 0.25  # seconds, doubling
+SETTLE_MAX_PAUSE = 5.0
 
 
 @dataclass(frozen=True)
@@ -253,12 +259,37 @@ class OutboxSender:
             values["last_error"] = error[:2000]
         if next_attempt_at is not None:
             values["next_attempt_at"] = next_attempt_at
-        with self.ctx.sessions() as session, session.begin():
-            session.execute(
-                update(Outbox).where(Outbox.id == message.id, Outbox.status == SENDING).values(**values)
-            )
-            if status in (UNKNOWN, FAILED):
-                _report(session, message, status, error, now)
+        # The call is made and its outcome is known only here: if the database is away (restarting,
+        # failing over), wait for it rather than lose the outcome, which would leave the row
+        # `sending` and its conversation's later messages waiting until the lease runs out, then
+        # repeat a staff message or call a delivered customer message "unknown".
+        pause, waited = SETTLE_FIRST_PAUSE, 0.0
+        while True:
+            try:
+                with self.ctx.sessions() as session, session.begin():
+                    changed = session.execute(
+                        update(Outbox)
+                        .where(Outbox.id == message.id, Outbox.status == SENDING)
+                        .values(**values)
+                    ).rowcount  # type: ignore[attr-defined]
+                    if changed and status in (UNKNOWN, FAILED):
+                        _report(session, message, status, error, now)
+                return
+            except (OperationalError, InterfaceError) as problem:
+                if waited >= SETTLE_PATIENCE.total_seconds():
+                    raise
+                log.warning(
+                    "database unavailable: outcome of a send not recorded yet, retrying",
+                    extra={
+                        "conversation_id": message.conversation_id,
+                        "outbox_id": message.id,
+                        "status": status,
+                        "error": f"{type(problem.orig).__name__}: {problem.orig}".strip()[:500],
+                    },
+                )
+                time.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, SETTLE_MAX_PAUSE)
 
 
 def _detached(row: Outbox) -> OutboxMessage:
