@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
@@ -134,8 +133,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(minutes=args.minutes)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from apscheduler.schedulers.blocking import BlockingScheduler
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    # SIGTERM/SIGINT are taken by sigwait in the main thread, never by a handler: a handler runs
+    # between any two bytecodes, also inside the scheduler's locked sections (ThreadPoolExecutor.
+    # submit holds its shutdown lock), and shutting the scheduler down from there deadlocks.
+    # Blocked before any thread starts, so that every thread inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     from bot import logs
     from bot.channels import ConnectorSetupError, build_connectors
@@ -196,20 +204,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 addr=os.environ.get("METRICS_HOST", "0.0.0.0"),
                 registry=build_registry(ctx),
             )
-        scheduler = BlockingScheduler(timezone="UTC")
+        scheduler = BackgroundScheduler(timezone="UTC")
         jobs = Jobs(ctx, connectors, sender)
         jobs.install(
             scheduler, outbox_interval=timedelta(seconds=float(os.environ.get("OUTBOX_INTERVAL", "2")))
         )
 
-        def stop(_signum: int, _frame: FrameType | None) -> None:
-            if scheduler.running:
-                scheduler.shutdown(wait=False)
-            else:
-                raise SystemExit(0)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         socket = None
         if client is not None and slack.app_token:
             from bot.slack.app import create_bolt_app, start_socket_mode
@@ -238,6 +238,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             },
         )
         scheduler.start()
+        received = signal.sigwait(STOP_SIGNALS)
+        log.info("stopping", extra={"signal": signal.Signals(received).name})
+        scheduler.shutdown(wait=False)
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]
     engine.dispose()

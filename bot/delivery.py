@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bot.context import AppContext
@@ -16,7 +17,7 @@ from bot.messages import due_in_words, duration_in_words
 from bot.outbox import CUSTOMER_KINDS, Handler, OutboxMessage
 from connectors.base import Connector, NotSent, ReplyTarget
 from storage import repo
-from storage.models import Account, Conversation, Post
+from storage.models import Account, AckOptOut, Conversation, Post
 
 STAFF_KINDS = (
     "card",
@@ -45,6 +46,12 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
             post = session.get(Post, message.payload["post_id"])
             if post is None:
                 raise NotSent(f"post {message.payload['post_id']} not found")
+            if message.kind == "ack" and session.scalar(
+                select(AckOptOut.author_id).where(
+                    AckOptOut.account_id == post.account_id, AckOptOut.author_id == post.author_id
+                )
+            ):
+                return "skipped: the customer asked us to stop"
             account = session.get(Account, post.account_id)
             assert account is not None
         connector = connectors.get(account.name)

@@ -392,6 +392,31 @@ class _Batch:
         self._link(post, conversation)
         if conversation.status == OPEN:
             self._answer(conversation, post)
+            later = self._customer_post_after(conversation, post)
+            if later is not None:
+                # The customer wrote again after this answer, and that post was stored first
+                # (platforms page newest first): the answer ends this cycle, the post opens the next.
+                self._reopen(conversation, later)
+
+    def _customer_post_after(self, conversation: Conversation, reply: _Post) -> _Post | None:
+        """The conversation's earliest stored customer post after `reply`, if one came before it."""
+        if conversation.id is None or conversation.last_customer_post_at <= reply.posted_at:
+            return None
+        row = self.session.execute(
+            select(Post.id, Post.external_id, Post.author_id, Post.posted_at)
+            .where(
+                Post.conversation_id == conversation.id,
+                Post.direction == "in",
+                Post.posted_at > reply.posted_at,
+            )
+            .order_by(Post.posted_at, Post.id)
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        return _Post(
+            row.id, row.external_id, False, row.author_id, None, None, "", None, row.posted_at, None, None
+        )
 
     def _answer(self, conversation: Conversation, reply: _Post) -> None:
         by = f"account:{reply.author_handle or reply.author_id}"

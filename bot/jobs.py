@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import update
+from sqlalchemy.orm.exc import StaleDataError
 
 from bot.context import AppContext
 from bot.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
-from bot.ingest import ingest_batch
+from bot.ingest import IngestResult, ingest_batch
 from bot.metrics import record_connector_error, record_ingested, record_rate_limit
 from bot.outbox import OutboxSender
 from bot.sweep import earliest_next_action, sweep
-from connectors.base import AuthFailed, Connector, RateLimited
+from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
 from storage import repo
 from storage.models import Account
 
@@ -29,10 +31,20 @@ log = logging.getLogger("replyclock.jobs")
 
 SWEEP_JOB = "sweep"
 SWEEP_WAKE_JOB = "sweep-wake"
+SWEEP_WATCH_JOB = "sweep-watch"
+# How often a process looks for ladder steps written elsewhere (a webhook's new conversation in the
+# web process, another worker): one index probe; the wake-up moves earlier when a step is due sooner.
+SWEEP_WATCH_INTERVAL = timedelta(seconds=1)
+# A wake-up is never set sooner than this after a sweep ends: a step still due then is being taken
+# by another process (SKIP LOCKED), and looking again at once would only spin until it commits.
+MIN_WAKE_GAP = timedelta(milliseconds=100)
+# Outbox drains that may run at once in a process: the interval job's and one started by a sweep.
+OUTBOX_DRAINS = 2
 OUTBOX_JOB = "outbox"
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
 MAX_PAGES_PER_POLL = 20
+INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
 
 
@@ -57,6 +69,8 @@ class Jobs:
         self.connectors = dict(connectors)
         self.sender = sender
         self.scheduler: BaseScheduler | None = None
+        self._lock = threading.Lock()
+        self._sweeping = 0  # run_sweep calls under way in this process (each sets the wake-up at its end)
 
     def install(self, scheduler: BaseScheduler, *, outbox_interval: timedelta = timedelta(seconds=2)) -> None:
         """Register every job on `scheduler` (not yet started)."""
@@ -70,7 +84,14 @@ class Jobs:
             self.run_sweep, "interval", seconds=sweep_max_interval().total_seconds(), id=SWEEP_JOB, **common
         )
         scheduler.add_job(
-            self.run_outbox, "interval", seconds=outbox_interval.total_seconds(), id=OUTBOX_JOB, **common
+            self.watch, "interval", seconds=SWEEP_WATCH_INTERVAL.total_seconds(), id=SWEEP_WATCH_JOB, **common
+        )
+        scheduler.add_job(
+            self.run_outbox,
+            "interval",
+            seconds=outbox_interval.total_seconds(),
+            id=OUTBOX_JOB,
+            **{**common, "max_instances": OUTBOX_DRAINS},
         )
         scheduler.add_job(
             self.sender.recover,
@@ -111,17 +132,59 @@ class Jobs:
         self.run_digests()
 
     def run_sweep(self) -> None:
-        """Sweep now, then set the wake-up for the next due conversation."""
+        """Sweep now, set the wake-up for the next due conversation, then have what it wrote sent.
+
+        The sending is the outbox job's, started now: a sweep that sent its own messages would
+        set its next wake-up only after the whole outbox was drained, seconds or minutes late
+        in a storm.
+        """
+        with self._lock:
+            self._sweeping += 1
         try:
             result = sweep(self.ctx)
-            if result.processed:
-                log.info(
-                    "sweep",
-                    extra={"processed": result.processed, "steps": result.steps, "failed": result.failed},
-                )
-                self.run_outbox()
         finally:
-            self.schedule_wake()
+            try:
+                self.schedule_wake()
+            finally:
+                with self._lock:
+                    self._sweeping -= 1
+        if result.processed:
+            log.info(
+                "sweep",
+                extra={"processed": result.processed, "steps": result.steps, "failed": result.failed},
+            )
+            self.send_soon()
+
+    def send_soon(self) -> None:
+        """Start the outbox job now (send here and now without a scheduler).
+
+        When OUTBOX_DRAINS drains already run, the scheduler skips this start: they take the
+        new rows, as each drain claims until nothing is due.
+        """
+        if self.scheduler is None:
+            self.run_outbox()
+            return
+        self.scheduler.modify_job(OUTBOX_JOB, next_run_time=datetime.now(UTC))
+
+    def watch(self) -> None:
+        """Wake the sweep sooner when a step written elsewhere falls due before the planned wake-up.
+
+        Another process's writes (a webhook's new conversation, a step another worker planned)
+        are otherwise seen only at this process's next sweep, up to SWEEP_MAX_INTERVAL later;
+        and a wake-up the scheduler skipped because the sweep was still running is set again here.
+        """
+        if self.scheduler is None:
+            return
+        with self._lock:
+            if self._sweeping:
+                return  # the sweep under way sets the wake-up when it ends
+        earliest = earliest_next_action(self.ctx)
+        if earliest is None:
+            return
+        wake = self.scheduler.get_job(SWEEP_WAKE_JOB)
+        if wake is not None and wake.next_run_time is not None and wake.next_run_time <= earliest:
+            return
+        self.schedule_wake()
 
     def schedule_wake(self) -> None:
         """Wake the sweep at the earliest next_action_at (the interval job is the safety net)."""
@@ -130,8 +193,8 @@ class Jobs:
         earliest = earliest_next_action(self.ctx)
         if earliest is None:
             return
-        limit = self.ctx.clock.now() + sweep_max_interval()
-        when = max(min(earliest, limit), self.ctx.clock.now())
+        now = self.ctx.clock.now()
+        when = max(min(earliest, now + sweep_max_interval()), now + MIN_WAKE_GAP)
         self.scheduler.add_job(
             self.run_sweep,
             "date",
@@ -168,24 +231,30 @@ class Jobs:
             cursor, parked_until, account_id = account.cursor, account.parked_until, account.id
         if parked_until is not None and parked_until > now:
             return 0
-        stored = 0
+        # The pages of one poll are ingested together, in one transaction with the last cursor, and
+        # so in time order: platforms page newest first, and a page acted on before the older posts
+        # on the next one are known answers a conversation for good although the customer wrote
+        # again after our answer, or acknowledges a post whose author's earlier STOP is on the next
+        # page. A failure part-way ingests the pages fetched so far, with their cursor.
+        posts: list[InboundPost] = []
+        fetched = cursor
         for _page in range(MAX_PAGES_PER_POLL):
             try:
-                batch = connector.fetch(cursor)
+                batch = connector.fetch(fetched)
             except RateLimited as error:
                 record_rate_limit(name, (error.reset_at - now).total_seconds())
                 self._park(account_id, error.reset_at, str(error))
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
                 )
-                return stored
+                break
             except AuthFailed as error:
                 record_connector_error(name, "auth")
                 connector.record_failure()
                 self._park(account_id, now + timedelta(minutes=15), str(error))
                 log.error("connector credentials refused", extra={"account": name, "error": str(error)})
                 self._alert_admins(name, f"{name}: credentials refused ({error}); polling paused for 15 min")
-                return stored
+                break
             except Exception as error:
                 record_connector_error(name, "error")
                 connector.record_failure()
@@ -194,27 +263,45 @@ class Jobs:
                 base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
                 self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
-                return stored
+                break
             connector.record_success()
-            with self.ctx.sessions() as session, session.begin():
-                result = ingest_batch(
-                    session,
-                    self.ctx,
-                    account=name,
-                    posts=batch.posts,
-                    is_own=connector.is_own,
-                    cursor=batch.cursor,
-                )
-            stored += result.stored
-            record_ingested(name, connector.kind, result.stored)
-            cursor = batch.cursor
+            posts.extend(batch.posts)
+            fetched = batch.cursor
             if not batch.more:
                 break
+        stored = 0
+        if posts or fetched != cursor:
+            result = self._ingest(name, connector, posts, fetched)
+            stored = result.stored
+            record_ingested(name, connector.kind, result.stored)
         if stored:
             if self.send_after_poll:
                 self.run_outbox()
             self.schedule_wake()
         return stored
+
+    def _ingest(
+        self, name: str, connector: Connector, posts: list[InboundPost], cursor: str | None
+    ) -> IngestResult:
+        """One batch in one transaction; again if a conversation changed under it (PostgreSQL).
+
+        Ingest reads conversations without locking them and updates them with the optimistic
+        version check, so a sweep that moved one meanwhile fails the batch with StaleDataError.
+        The batch is idempotent (posts are stored once per external id): doing it again is safe.
+        """
+        for attempt in range(1, INGEST_ATTEMPTS + 1):
+            try:
+                with self.ctx.sessions() as session, session.begin():
+                    return ingest_batch(
+                        session, self.ctx, account=name, posts=posts, is_own=connector.is_own, cursor=cursor
+                    )
+            except StaleDataError:
+                if attempt == INGEST_ATTEMPTS:
+                    raise
+                log.info(
+                    "a conversation changed during ingest; ingesting the batch again", extra={"account": name}
+                )
+        raise AssertionError("unreachable")
 
     def _alert_admins(self, account: str, text: str) -> None:
         """One alert per account and hour to the admin channel (through the outbox, like everything)."""

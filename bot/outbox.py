@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class OutboxSender:
         self.handlers = dict(handlers)
         self.lease = lease
         self.max_attempts = max_attempts
+        # One send loop per process: the outbox job, a poll and a sweep all call send_due, and a
+        # kill must find at most one customer message in flight (see send_due).
+        self._sending = threading.Lock()
 
     def recover(self, *, all_sending: bool = False) -> int:
         """Settle rows left `sending` by a process that died.
@@ -146,11 +150,16 @@ class OutboxSender:
         next call.
         """
         result = SendResult()
-        for _ in range(limit):
-            claimed = self._claim(1)
-            if not claimed:
-                break
-            self._deliver(claimed[0], result)
+        if not self._sending.acquire(blocking=False):
+            return result  # another thread of this process is sending; it takes these rows too
+        try:
+            for _ in range(limit):
+                claimed = self._claim(1)
+                if not claimed:
+                    break
+                self._deliver(claimed[0], result)
+        finally:
+            self._sending.release()
         return result
 
     def _claim(self, limit: int) -> list[OutboxMessage]:

@@ -15,14 +15,16 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import uvicorn
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -45,6 +47,12 @@ MAX_BODY_BYTES = 64 * 1024
 UNKNOWN_ACCOUNT = "-"
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
+STALE_RETRIES = 5  # attempts to store a delivery whose conversation another process changed meanwhile
+# How long a delivery waits for its turn to write on SQLite before the answer is 503 (retry
+# later): as long as SQLite's own busy timeout (storage.db) let it wait before.
+SQLITE_WRITE_WAIT = 30.0
+
+_T = TypeVar("_T")
 
 
 class _TooLarge(Exception):
@@ -83,6 +91,11 @@ def create_app(
                 extra={"account": name},
             )
     registry = build_registry(ctx)
+    # SQLite has one writer at a time and every delivery is a write transaction (BEGIN IMMEDIATE).
+    # Concurrent deliveries take turns here, first come first served, instead of waiting in
+    # SQLite's busy handler, which sleeps and retries: under load that let one delivery wait
+    # seconds while later ones overtook it, each waiting one holding a worker thread.
+    write_turn = anyio.Lock() if ctx.engine.dialect.name == "sqlite" else None
 
     async def receive_hook(request: Request) -> Response:
         name = request.path_params["account"]
@@ -112,8 +125,8 @@ def create_app(
                 request, name, 400, {"error": error.message, "field": error.field}, field=error.field
             )
         try:
-            stored = await run_in_threadpool(_store, ctx, name, hook, post)
-        except SQLAlchemyError as error:
+            stored = await _in_turn(write_turn, _store, ctx, name, hook, post)
+        except (SQLAlchemyError, TimeoutError) as error:
             log.error(
                 "webhook delivery not stored: database error",
                 extra={"account": name, "error": type(error).__name__},
@@ -197,7 +210,23 @@ def _answer(
 
 
 def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
-    """Ingest one delivery in one transaction; a repeated id is stored once."""
+    """Ingest one delivery in one transaction; a repeated id is stored once.
+
+    When another process changed the delivery's conversation between our read and our write (a
+    sweep, a Slack action: its version moved on), the transaction fails with StaleDataError and
+    keeps nothing: it is run again on fresh rows, a few times, before the sender hears 503.
+    """
+    for attempt in range(1, STALE_RETRIES + 1):
+        try:
+            return _store_once(ctx, name, hook, post)
+        except StaleDataError:
+            if attempt == STALE_RETRIES:
+                raise
+            log.info("webhook delivery met a concurrent change; storing it again", extra={"account": name})
+    raise AssertionError("unreachable")
+
+
+def _store_once(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
     now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
         result = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own)
@@ -210,6 +239,23 @@ def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost
             .where(Account.name == name, Post.external_id == post.external_id)
         )
     return _Stored(duplicate=result.stored == 0, conversation_id=conversation_id, stored=result.stored)
+
+
+async def _in_turn(turn: anyio.Lock | None, func: Callable[..., _T], *args: Any) -> _T:
+    """Run blocking `func` in a worker thread; with a `turn`, once it is this call's turn.
+
+    Raises:
+        TimeoutError: the turn did not come within SQLITE_WRITE_WAIT seconds.
+    """
+    if turn is None:
+        return await run_in_threadpool(func, *args)
+    with anyio.fail_after(SQLITE_WRITE_WAIT):
+        await turn.acquire()
+    try:
+        # Not abandoned on cancellation: the turn passes on only once the thread has finished.
+        return await run_in_threadpool(func, *args)
+    finally:
+        turn.release()
 
 
 def _health(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
@@ -294,7 +340,11 @@ def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Ite
     Yields:
         The base URL, such as ``http://127.0.0.1:54321`` (port 0 picks a free port).
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections of a socket whose proto
+    # says TCP; without it every answer on a kept-alive connection waited ~40 ms (delayed ACK).
+    sock = socket.socket(
+        socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
