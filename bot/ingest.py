@@ -14,6 +14,7 @@ post links are written with one statement each.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from bot.context import AppContext
@@ -30,6 +31,7 @@ from bot.messages import render_acknowledgement
 from bot.routing import Route, choose_owner, classify
 from connectors.base import InboundPost
 from storage import repo
+from storage.db import is_postgres
 from storage.models import ANSWERED, CLOSED, OPEN, AckOptOut, Conversation, Event, Outbox, Post
 
 log = logging.getLogger("replyclock.ingest")
@@ -131,6 +133,11 @@ class _Post:
     conversation: Conversation | None = None
 
 
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock key for `name` (the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def _insert_posts(
     session: Session,
     account_id: int,
@@ -225,6 +232,27 @@ class _Batch:
         self.answered: list[Conversation] = []
 
     # -- reading what the batch may touch -------------------------------------------------
+
+    def _serialize(self, posts: list[_Post]) -> None:
+        """On PostgreSQL, wait for other transactions storing posts by the same authors or threads.
+
+        Two posts by one customer stored at the same moment (two webhook requests, a poll and a
+        webhook) would each read that the other's conversation does not exist yet, and each open
+        a conversation and queue an acknowledgement. A transaction-scoped advisory lock per author
+        and per thread makes the second wait until the first commits, then read its conversation.
+        The locks are taken in one order (sorted keys), so two batches never wait in a circle.
+        SQLite needs none: its writers take turns (BEGIN IMMEDIATE).
+        """
+        if not is_postgres(self.session):
+            return
+        names = {f"author:{p.author_id}" for p in posts if not p.own}
+        names |= {f"thread:{p.thread_key}" for p in posts if not p.own and p.thread_key}
+        keys = sorted({_lock_key(f"replyclock:{self.account_id}:{name}") for name in names})
+        if keys:
+            self.session.execute(
+                text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+                {"keys": keys},
+            )
 
     def _prefetch(self, posts: list[_Post]) -> None:
         s, account_id = self.session, self.account_id
@@ -337,6 +365,7 @@ class _Batch:
     # -- deciding, post by post in time order ---------------------------------------------
 
     def run(self, posts: list[_Post]) -> None:
+        self._serialize(posts)
         self._prefetch(posts)
         self.in_batch: dict[str, _Post] = {}
         # New conversations are inserted together in _write, not one by one as queries run.
