@@ -55,7 +55,7 @@ SQLITE_WRITE_WAIT = 30.0
 _T = TypeVar("_T")
 
 
-class _TooLarge(Exception):
+class BodyTooLarge(Exception):
     pass
 
 
@@ -103,8 +103,8 @@ def create_app(
         if hook is None:
             return _answer(request, UNKNOWN_ACCOUNT, 404, {"error": "no such webhook account"})
         try:
-            body = await _read_body(request, MAX_BODY_BYTES)
-        except _TooLarge:
+            body = await read_body(request, MAX_BODY_BYTES)
+        except BodyTooLarge:
             return _answer(
                 request,
                 name,
@@ -166,11 +166,11 @@ def create_app(
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refusing (without reading on) anything over `limit` bytes.
 
     Raises:
-        _TooLarge: Content-Length or the bytes actually received exceed `limit`.
+        BodyTooLarge: Content-Length or the bytes actually received exceed `limit`.
         ValueError: the Content-Length header is not a number.
     """
     declared = request.headers.get("content-length")
@@ -178,13 +178,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if not declared.strip().isdigit():
             raise ValueError("Content-Length is not a number")
         if int(declared) > limit:
-            raise _TooLarge
+            raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -56,6 +56,7 @@ from starlette.routing import Route
 from bot import staff
 from bot.context import AppContext
 from bot.slack.ids import REPLY_BLOCK, VIEW_REPLY
+from bot.web import BodyTooLarge, read_body
 
 log = logging.getLogger("replyclock.slack")
 
@@ -501,33 +502,6 @@ def payload_problem(body: Any, *, depth: int = 0) -> str | None:
     return None
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (without reading on) anything over `limit` bytes.
-
-    Raises:
-        _TooLarge: Content-Length or the bytes actually received exceed `limit`.
-        ValueError: the Content-Length header is not a number.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise ValueError("Content-Length is not a number")
-        if int(declared) > limit:
-            raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def signature_valid(
     signing_secret: str, body: bytes, timestamp: str | None, signature: str | None, now: float
 ) -> bool:
@@ -584,8 +558,8 @@ class _ThreadedSlackRequestHandler(SlackRequestHandler):
         if req.method != "POST":
             return await super().handle(req, addition_context_properties)
         try:
-            body = await _read_body(req, MAX_BODY_BYTES)
-        except _TooLarge:
+            body = await read_body(req, MAX_BODY_BYTES)
+        except BodyTooLarge:
             return _refuse(413, f"body larger than {MAX_BODY_BYTES} bytes", close=True)
         except ValueError as error:
             return _refuse(400, str(error))
