@@ -42,10 +42,8 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -57,9 +55,9 @@ from typing import Any, cast
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, Table, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, Table, insert
 
+from bench.common import postgres_schema, prepare_postgres, sqlite_file
 from bot.export import export_rows, write_export
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
@@ -295,50 +293,17 @@ class Result:
 # --- databases -------------------------------------------------------------------------------
 
 
-def sqlite_url(stack: ExitStack) -> str:
-    directory = Path(tempfile.mkdtemp(prefix="replyclock-export-bench-", dir="/tmp"))
-    stack.callback(shutil.rmtree, directory, True)
-    return f"sqlite:///{directory / 'bench.db'}"
-
-
-def prepare_postgres(url: str) -> None:
-    """Create the bench database if missing. Raises psycopg.Error when unreachable."""
-    parsed = make_url(url)
-    name = parsed.database or ""
-    if "bench" not in name:
-        raise SystemExit(f"refusing to use {name!r}: the bench database's name must contain 'bench'")
-    admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def postgres_schema_url(base_url: str, stack: ExitStack) -> str:
-    """A fresh ``bench_export`` schema (dropped on exit) and a URL whose search_path is it."""
-
-    def recreate(create: bool) -> None:
-        engine = make_engine(base_url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
-                if create:
-                    conn.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
-        finally:
-            engine.dispose()
-
-    recreate(True)
-    stack.callback(recreate, False)
-    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={SCHEMA}"})
-    return url.render_as_string(hide_password=False)
-
-
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def measure(database: str, size: int, postgres_url: str, *, holding_all: bool) -> Result:
     with ExitStack() as stack:
-        url = sqlite_url(stack) if database == "sqlite" else postgres_schema_url(postgres_url, stack)
+        url = (
+            sqlite_file(stack, "replyclock-export-bench-")
+            if database == "sqlite"
+            else postgres_schema(postgres_url, SCHEMA, stack)
+        )
         engine = make_engine(url)
         stack.callback(engine.dispose)
         upgrade(engine)

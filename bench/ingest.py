@@ -22,18 +22,17 @@ import os
 import platform
 import sqlite3
 import statistics
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import Column, Engine, MetaData, Table, UniqueConstraint, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Column, Engine, MetaData, Table, UniqueConstraint, insert
 
+from bench.common import cpu_model, postgres_schema, prepare_postgres, sqlite_file
 from bot.clock import FakeClock
 from bot.config import parse_policy
 from bot.context import AppContext
@@ -135,8 +134,8 @@ def time_core_insert(engine: Engine, posts: int, batch: int) -> float:
 
 @contextmanager
 def sqlite_engine() -> Iterator[Engine]:
-    with tempfile.TemporaryDirectory(prefix="replyclock-bench-ingest-") as tmp:
-        engine = make_engine(f"sqlite:///{tmp}/bench.db")
+    with ExitStack() as stack:
+        engine = make_engine(sqlite_file(stack, "replyclock-bench-ingest-"))
         upgrade(engine)
         yield engine
         engine.dispose()
@@ -144,40 +143,19 @@ def sqlite_engine() -> Iterator[Engine]:
 
 @contextmanager
 def postgres_engine(url: str) -> Iterator[Engine]:
-    parsed = make_url(url)
-    if "bench" not in (parsed.database or ""):
-        raise SystemExit(f"refusing to use {parsed.database!r}: the bench database name must contain 'bench'")
-    admin = make_engine(
-        parsed.set(database="postgres").render_as_string(hide_password=False), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as connection:
-        exists = connection.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": parsed.database}
-        ).scalar()
-        if not exists:
-            connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
-    admin.dispose()
-    schema = "bench_ingest"
-    setup = make_engine(url)
-    with setup.begin() as connection:
-        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    setup.dispose()
-    engine = make_engine(url, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        upgrade(engine)
-        yield engine
-    finally:
-        engine.dispose()
-        cleanup = make_engine(url)
-        with cleanup.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        cleanup.dispose()
+    prepare_postgres(url)
+    with ExitStack() as stack:
+        engine = make_engine(postgres_schema(url, "bench_ingest", stack))
+        try:
+            upgrade(engine)
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def measure(
-    name: str, factory: Callable[[], contextmanager[Engine]], posts: int, batch: int, rounds: int
-) -> None:  # type: ignore[type-arg]
+    name: str, factory: Callable[[], AbstractContextManager[Engine]], posts: int, batch: int, rounds: int
+) -> None:
     ingest_rates: list[float] = []
     raw_rates: list[float] = []
     for _ in range(rounds):
@@ -201,14 +179,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--databases", default="sqlite,postgres")
     args = parser.parse_args()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     print(f"replyclock ingest benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(
         f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; SQLite {sqlite3.sqlite_version}"

@@ -48,11 +48,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
+from bench.common import cpu_model, prepare_postgres
 from storage.db import make_engine
 from tests.storm.analysis import OWED_MARGIN, Spread, timeline
 from tests.storm.scenario import LADDER_KINDS, StormConfig
@@ -69,15 +67,7 @@ def progress(message: str) -> None:
 
 def prepare_database(url: str) -> str:
     """Create the database if missing and empty its public schema; returns the server version."""
-    parsed = make_url(url)
-    name = parsed.database or ""
-    if "storm" not in name and "bench" not in name:
-        raise SystemExit(f"refusing to use {name!r}: the database's name must contain 'storm' or 'bench'")
-    admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = conn.execute("SHOW server_version").fetchone()
+    version = prepare_postgres(url, name_must_contain=("storm", "bench"))
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -85,17 +75,7 @@ def prepare_database(url: str) -> str:
             conn.execute(text("CREATE SCHEMA public"))
     finally:
         engine.dispose()
-    return str(version[0]) if version else "?"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return version
 
 
 def _spread_row(label: str, spread: Spread | None) -> str:

@@ -47,11 +47,9 @@ import argparse
 import os
 import platform
 import random
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -63,9 +61,9 @@ from typing import Any, cast
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, update
 
+from bench.common import cpu_model, postgres_schema, prepare_postgres, sqlite_file
 from bot.clock import FakeClock
 from bot.config import parse_policy
 from bot.context import AppContext
@@ -294,46 +292,6 @@ def make_due(seeder: Seeder, round_: int) -> None:
 # --- databases -------------------------------------------------------------------------------
 
 
-def prepare_postgres(url: str) -> str:
-    """Create the bench database if missing; its server version. Raises psycopg.Error when unreachable."""
-    parsed = make_url(url)
-    name = parsed.database or ""
-    if "bench" not in name:
-        raise SystemExit(f"refusing to use {name!r}: the bench database's name must contain 'bench'")
-    admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = conn.execute("SHOW server_version").fetchone()
-    return str(version[0]) if version else "?"
-
-
-def postgres_schema(base_url: str, schema: str, stack: ExitStack) -> str:
-    """A fresh schema in the bench database (dropped again on exit); a URL whose search_path is it."""
-
-    def recreate(create: bool) -> None:
-        engine = make_engine(base_url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-                if create:
-                    conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        finally:
-            engine.dispose()
-
-    recreate(True)
-    stack.callback(recreate, False)
-    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False)
-
-
-def sqlite_file(stack: ExitStack) -> str:
-    """A URL for a new SQLite file in a temporary directory under /tmp (removed on exit)."""
-    directory = Path(tempfile.mkdtemp(prefix="replyclock-bench-", dir="/tmp"))
-    stack.callback(shutil.rmtree, directory, True)
-    return f"sqlite:///{directory / 'bench.db'}"
-
-
 def settle(engine: Engine) -> None:
     """After the bulk load: fresh statistics, and nothing left for background work to do mid-measurement."""
     raw = engine.raw_connection()
@@ -529,16 +487,6 @@ def run_database(
 
 def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(targets: Sequence[Target]) -> None:

@@ -71,13 +71,11 @@ import os
 import platform
 import pstats
 import random
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -90,10 +88,10 @@ from typing import Any
 
 import httpx
 import psycopg
-from psycopg import sql
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 
+from bench.common import cpu_model, postgres_schema, prepare_postgres, scratch_directory
 from connectors.webhook import SIGNATURE_HEADER, sign
 from storage.db import make_engine
 from storage.migrate import upgrade
@@ -460,20 +458,6 @@ class WebProcess:
 # --- databases ------------------------------------------------------------------------------------
 
 
-def prepare_postgres(url: str) -> str:
-    """Create the load database when missing; the server's version."""
-    parsed = make_url(url)
-    name = parsed.database or ""
-    if "load" not in name and "bench" not in name:
-        raise SystemExit(f"refusing to use database {name!r}: its name must contain 'load' or 'bench'")
-    admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = conn.execute("SHOW server_version").fetchone()
-    return str(version[0]) if version else "?"
-
-
 def postgres_sessions(url: str) -> int | None:
     """Connections ever opened to the load database (pg_stat_database.sessions, PostgreSQL 14+)."""
     parsed = make_url(url)
@@ -487,31 +471,6 @@ def postgres_sessions(url: str) -> int | None:
     except psycopg.Error:
         return None
     return int(row[0]) if row and row[0] is not None else None
-
-
-def postgres_schema(base_url: str, schema: str, stack: ExitStack) -> str:
-    """A fresh schema in the load database (dropped again on exit); a URL whose search_path is it."""
-
-    def recreate(create: bool) -> None:
-        engine = make_engine(base_url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-                if create:
-                    conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        finally:
-            engine.dispose()
-
-    recreate(True)
-    stack.callback(recreate, False)
-    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False)
-
-
-def scratch_directory(stack: ExitStack) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix="replyclock-load-", dir="/tmp"))
-    stack.callback(shutil.rmtree, directory, True)
-    return directory
 
 
 def migrated(url: str) -> None:
@@ -727,7 +686,7 @@ def run_level(
 ) -> Run:
     """A fresh database and server; drive the plan at `concurrency`; check everything."""
     with ExitStack() as stack:
-        directory = scratch_directory(stack)
+        directory = scratch_directory(stack, "replyclock-load-")
         if database == "sqlite":
             url = f"sqlite:///{directory / 'load.db'}"
         else:
@@ -933,7 +892,7 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
     from bot.context import AppContext
 
     with ExitStack() as stack:
-        directory = scratch_directory(stack)
+        directory = scratch_directory(stack, "replyclock-load-")
         url = (
             f"sqlite:///{directory / 'load.db'}"
             if database == "sqlite"
@@ -1007,16 +966,6 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
 
 def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def seconds_or_dash(value: float | None) -> str:
@@ -1154,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped: list[str] = []
     if "postgres" in databases:
         try:
-            postgres_version = prepare_postgres(args.postgres_url)
+            postgres_version = prepare_postgres(args.postgres_url, name_must_contain=("load", "bench"))
         except psycopg.Error as error:
             postgres_version = "unreachable"
             skipped.append(f"postgres: skipped, not reachable ({' '.join(str(error).split())})")
