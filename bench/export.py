@@ -1,6 +1,6 @@
 """How fast `replyclock export` writes CSV, and whether its memory stays flat as the table grows.
 
-`bot.export.write_export` streams conversations with ``yield_per`` (a server-side cursor on
+`bot.reports.export.write_export` streams conversations with ``yield_per`` (a server-side cursor on
 PostgreSQL) and writes each row as it arrives, so its memory should not depend on the number
 of rows. For every database and size N (default 10,000 and 100,000) this benchmark
 
@@ -58,7 +58,7 @@ from psycopg import sql
 from sqlalchemy import Engine, Table, insert
 
 from bench.common import postgres_schema, prepare_postgres, sqlite_file
-from bot.export import export_rows, write_export
+from bot.reports.export import export_rows, write_export
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
 from storage.models import Account, Conversation

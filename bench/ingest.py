@@ -33,10 +33,10 @@ from pathlib import Path
 from sqlalchemy import Column, Engine, MetaData, Table, UniqueConstraint, insert
 
 from bench.common import cpu_model, postgres_schema, prepare_postgres, sqlite_file
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.ingest import ingest_batch
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.ingest import ingest_batch
 from connectors.base import InboundPost
 from storage.db import make_engine
 from storage.migrate import upgrade

@@ -1,6 +1,6 @@
 """How long the sweep takes to claim and process 1,000 due conversations, by size of the open backlog.
 
-The sweep (`bot.sweep.sweep`) asks the database for the conversations whose ``next_action_at``
+The sweep (`bot.flow.sweep.sweep`) asks the database for the conversations whose ``next_action_at``
 has come. The partial index ``ix_conversations_next_action_at`` should make that cost depend on
 the number *due*, not on the number *open*; this benchmark checks it. For every database it
 
@@ -64,13 +64,13 @@ from psycopg import sql
 from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, update
 
 from bench.common import cpu_model, postgres_schema, prepare_postgres, sqlite_file
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.conversations import deadline_for
-from bot.ladder import LadderState, plan
-from bot.policy import Policy, SlaPolicy
-from bot.sweep import earliest_next_action, sweep
+from bot.core.clock import FakeClock
+from bot.core.ladder import LadderState, plan
+from bot.core.policy import Policy, SlaPolicy
+from bot.flow.context import AppContext
+from bot.flow.conversations import deadline_for
+from bot.flow.sweep import earliest_next_action, sweep
 from storage.db import make_engine
 from storage.migrate import upgrade
 from storage.models import OPEN, Account, Conversation, Outbox

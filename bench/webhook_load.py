@@ -887,9 +887,9 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
     """Serve in this process (profiled), load it from a generator process, print where the time goes."""
     import bot.web
     from bot import logs
-    from bot.channels import build_connectors
     from bot.config import load_policy
-    from bot.context import AppContext
+    from bot.flow.channels import build_connectors
+    from bot.flow.context import AppContext
 
     with ExitStack() as stack:
         directory = scratch_directory(stack, "replyclock-load-")

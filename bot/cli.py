@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
 
-from bot.policy import Policy, parse_duration
+from bot.core.policy import Policy, parse_duration
 
 if TYPE_CHECKING:
     from slack_sdk import WebClient
@@ -78,8 +78,8 @@ def _load(path: Path) -> Policy:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bot.channels import ConnectorSetupError, build_connectors
     from bot.config import summarize
+    from bot.flow.channels import ConnectorSetupError, build_connectors
 
     path = config_path(args.config)
     policy = _load(path)
@@ -94,7 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_deadline(args: argparse.Namespace) -> int:
-    from bot.sla import BusinessCalendar, deadline_lines
+    from bot.core.sla import BusinessCalendar, deadline_lines
 
     policy = _load(config_path(args.config))
     spec = policy.calendars.get(args.calendar)
@@ -128,7 +128,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bot.demo import run_demo
+    from bot.demo.story import run_demo
 
     return run_demo(minutes=args.minutes)
 
@@ -146,12 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     from bot import logs
-    from bot.channels import ConnectorSetupError, build_connectors
-    from bot.context import AppContext
-    from bot.delivery import customer_handlers, text_handlers
-    from bot.digest_delivery import digest_handlers
+    from bot.flow.channels import ConnectorSetupError, build_connectors
+    from bot.flow.context import AppContext
+    from bot.flow.delivery import customer_handlers, text_handlers
+    from bot.flow.outbox import OutboxSender
     from bot.jobs import OUTBOX_JOB, Jobs
-    from bot.outbox import OutboxSender
+    from bot.reports.digest_delivery import digest_handlers
     from bot.runlock import RunLockError, single_writer_lock
     from bot.slack.delivery import slack_handlers
     from storage.db import make_engine
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if metrics_port:
             from prometheus_client import start_http_server
 
-            from bot.metrics import build_registry
+            from bot.reports.metrics import build_registry
 
             # The worker's own counters (ladder lateness, connector and Slack errors) on :METRICS_PORT/metrics.
             start_http_server(
@@ -248,8 +248,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
-    from bot.context import AppContext
-    from bot.digest_delivery import digest_command
+    from bot.flow.context import AppContext
+    from bot.reports.digest_delivery import digest_command
     from storage.db import make_engine
 
     policy = _load(config_path(args.config))
@@ -269,7 +269,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bot.export import export_command
+    from bot.reports.export import export_command
     from storage.db import make_engine, make_sessionmaker
 
     engine = make_engine()
@@ -282,8 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     from bot import logs
-    from bot.channels import ConnectorSetupError, build_connectors
-    from bot.context import AppContext
+    from bot.flow.channels import ConnectorSetupError, build_connectors
+    from bot.flow.context import AppContext
     from bot.web import bind_address, create_app, serve
     from storage.db import make_engine
 

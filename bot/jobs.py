@@ -1,7 +1,7 @@
 """Every scheduled job of a replyclock process, in one place, each with a stable id.
 
 APScheduler (3.x, in-memory job store, one scheduler per process) only decides *when* a
-process looks; the database decides *who* does the work (see bot.sweep, bot.outbox), so
+process looks; the database decides *who* does the work (see bot.flow.sweep, bot.flow.outbox), so
 any number of processes can run these jobs against one PostgreSQL.
 """
 
@@ -17,12 +17,12 @@ from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import update
 from sqlalchemy.orm.exc import StaleDataError
 
-from bot.context import AppContext
-from bot.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
-from bot.ingest import IngestResult, ingest_batch
-from bot.metrics import record_connector_error, record_ingested, record_rate_limit
-from bot.outbox import OutboxSender
-from bot.sweep import earliest_next_action, sweep
+from bot.flow.context import AppContext
+from bot.flow.ingest import IngestResult, ingest_batch
+from bot.flow.outbox import OutboxSender
+from bot.flow.sweep import earliest_next_action, sweep
+from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
+from bot.reports.metrics import record_connector_error, record_ingested, record_rate_limit
 from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
 from storage import repo
 from storage.models import Account

@@ -6,7 +6,7 @@ features (Slack's ``/slack/events``) join through ``extra_routes``.
 Routes:
     ``POST /hooks/{account}``  a signed delivery for a webhook account (see connectors.webhook).
     ``GET /healthz``           database reachability and each account's last success.
-    ``GET /metrics``           Prometheus text format (see bot.metrics).
+    ``GET /metrics``           Prometheus text format (see bot.reports.metrics).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from bot.context import AppContext
-from bot.ingest import ingest_batch
-from bot.metrics import build_registry, exposition, record_ingested, record_webhook_request
+from bot.flow.context import AppContext
+from bot.flow.ingest import ingest_batch
+from bot.reports.metrics import build_registry, exposition, record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
 from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
 from storage.db import READ_ONLY

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from bot.clock import Clock, SystemClock
+from bot.core.clock import Clock, SystemClock
 from connectors.base import Batch, Connector, InboundPost, ReplyTarget
 
 

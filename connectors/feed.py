@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import feedparser
 
-from bot.clock import Clock, SystemClock
+from bot.core.clock import Clock, SystemClock
 from connectors.base import (
     AuthFailed,
     Batch,

@@ -45,7 +45,7 @@ from mastodon import (
     MastodonUnauthorizedError,
 )
 
-from bot.clock import Clock, SystemClock
+from bot.core.clock import Clock, SystemClock
 from connectors.base import (
     AuthFailed,
     Batch,

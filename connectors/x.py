@@ -41,7 +41,7 @@ import tweepy
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from bot.clock import Clock, SystemClock
+from bot.core.clock import Clock, SystemClock
 from connectors.base import (
     AuthFailed,
     Batch,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.policy import Policy
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.context import AppContext
 from storage.db import make_engine
 from storage.migrate import upgrade
 

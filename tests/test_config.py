@@ -25,7 +25,7 @@ from bot.config import (
     render_key,
     summarize,
 )
-from bot.policy import DigestSchedule, Policy
+from bot.core.policy import DigestSchedule, Policy
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "replyclock.toml"
 EXAMPLE_TEXT = EXAMPLE.read_text(encoding="utf-8")

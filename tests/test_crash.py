@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from bot.slack.standin import SlackStandIn
+from bot.demo.standin import SlackStandIn
 from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
 from tests.crash.harness import Harness, main_command, policy_text, slack_standin, tail_logs

@@ -17,12 +17,18 @@ from hypothesis import strategies as st
 from slack_sdk import WebClient
 from sqlalchemy import select
 
-from bot.chart import render_chart
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.conversations import mark_answered
-from bot.delivery import STAFF_KINDS
-from bot.digest import (
+from bot.core.clock import FakeClock
+from bot.core.policy import CalendarSpec, Policy, SlaPolicy
+from bot.core.policy import DigestSchedule as PolicyDigestSchedule
+from bot.core.sla import BusinessCalendar
+from bot.demo.standin import DEFAULT_TOKEN, SlackStandIn
+from bot.flow.context import AppContext
+from bot.flow.conversations import mark_answered
+from bot.flow.delivery import STAFF_KINDS
+from bot.flow.outbox import Handler, OutboxMessage, OutboxSender
+from bot.flow.sweep import sweep
+from bot.reports.chart import render_chart
+from bot.reports.digest import (
     ConversationFacts,
     Digest,
     WeekData,
@@ -36,7 +42,7 @@ from bot.digest import (
     render_text,
     share,
 )
-from bot.digest_delivery import (
+from bot.reports.digest_delivery import (
     DigestSchedule,
     digest_command,
     digest_due_at,
@@ -46,12 +52,6 @@ from bot.digest_delivery import (
     post_digest,
     schedule_of,
 )
-from bot.outbox import Handler, OutboxMessage, OutboxSender
-from bot.policy import CalendarSpec, Policy, SlaPolicy
-from bot.policy import DigestSchedule as PolicyDigestSchedule
-from bot.sla import BusinessCalendar
-from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
-from bot.sweep import sweep
 from connectors.base import InboundPost
 from storage.db import make_engine
 from storage.migrate import upgrade
@@ -531,7 +531,7 @@ def digest_rows(ctx: AppContext) -> list[tuple[str, dict[str, object]]]:
 
 
 def test_digest_time_is_monday_nine_in_the_team_zone() -> None:
-    assert DigestSchedule is PolicyDigestSchedule  # one class, defined in bot.policy
+    assert DigestSchedule is PolicyDigestSchedule  # one class, defined in bot.core.policy
     week = WeekRange.parse("2026-W43", "Europe/Berlin")  # the DST week: Monday after is CET
     assert digest_due_at(week, DigestSchedule()) == utc(2026, 10, 26, 8)
     assert digest_due_at(week, DigestSchedule.parse("fri 17:30")) == utc(2026, 10, 30, 16, 30)

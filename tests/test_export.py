@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import Engine, Table, insert
 
-from bot.export import COLUMNS, export_command, export_rows, iso_utc, parse_bound, write_export
+from bot.reports.export import COLUMNS, export_command, export_rows, iso_utc, parse_bound, write_export
 from storage.db import make_sessionmaker
 from storage.models import Account, Conversation
 

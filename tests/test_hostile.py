@@ -46,13 +46,14 @@ from slack_bolt.listener.listener_completion_handler import ListenerCompletionHa
 from slack_sdk import WebClient
 from sqlalchemy import func, inspect, select
 
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.delivery import customer_handlers
-from bot.ingest import ingest_batch
-from bot.outbox import OutboxSender
-from bot.policy import Policy
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.demo.standin import AppResponse, SlackStandIn, SlackUser
+from bot.flow.context import AppContext
+from bot.flow.delivery import customer_handlers
+from bot.flow.ingest import ingest_batch
+from bot.flow.outbox import OutboxSender
 from bot.slack.app import EVENTS_PATH, MAX_BODY_BYTES, create_bolt_app, slack_routes
 from bot.slack.delivery import slack_handlers
 from bot.slack.ids import (
@@ -69,7 +70,6 @@ from bot.slack.ids import (
     SNOOZE_CHOICES,
     VIEW_REPLY,
 )
-from bot.slack.standin import AppResponse, SlackStandIn, SlackUser
 from bot.web import MAX_BODY_BYTES as HOOK_MAX_BODY_BYTES
 from bot.web import create_app, serve_in_thread
 from connectors.base import Connector, InboundPost

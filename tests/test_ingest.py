@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.ingest import IngestResult, ingest_batch
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.ingest import IngestResult, ingest_batch
 from connectors.base import InboundPost
 from storage.models import Account, Conversation, Event, Outbox, Post
 from tests.conftest import MONDAY

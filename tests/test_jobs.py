@@ -7,10 +7,10 @@ from datetime import timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.outbox import OutboxSender
 from bot.jobs import OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, Jobs
-from bot.outbox import OutboxSender
 from connectors.base import AuthFailed, Batch, Connector, RateLimited, ReplyTarget
 from connectors.demo import DemoConnector, ScriptedPost
 from storage.models import Account, Conversation, Outbox

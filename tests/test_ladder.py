@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.ladder import LadderState, Plan, plan
-from bot.policy import EscalationStep, SlaPolicy
+from bot.core.ladder import LadderState, Plan, plan
+from bot.core.policy import EscalationStep, SlaPolicy
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 DUE = T0 + timedelta(hours=4)

@@ -25,7 +25,11 @@ def test_one_json_line_per_event_with_extras_and_no_secrets() -> None:
     logger.setLevel(logging.INFO)
     logger.info(
         "card posted",
-        extra={"conversation_id": 7, "ts": "1700000000.000100", "detail": "token xoxb-very-secret-token, pa55word"},
+        extra={
+            "conversation_id": 7,
+            "ts": "1700000000.000100",
+            "detail": "token xoxb-very-secret-token, pa55word",
+        },
     )
     logger.removeHandler(handler)
     [line] = stream.getvalue().splitlines()

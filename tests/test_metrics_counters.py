@@ -7,14 +7,14 @@ from datetime import timedelta
 from prometheus_client import generate_latest
 from slack_sdk import WebClient
 
-from bot.clock import FakeClock
-from bot.context import AppContext
+from bot.core.clock import FakeClock
+from bot.demo.standin import DEFAULT_TOKEN, SlackStandIn
+from bot.flow.context import AppContext
+from bot.flow.outbox import OutboxSender
+from bot.flow.sweep import sweep
 from bot.jobs import Jobs
-from bot.metrics import build_registry
-from bot.outbox import OutboxSender
+from bot.reports.metrics import build_registry
 from bot.slack.delivery import slack_handlers
-from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
-from bot.sweep import sweep
 from connectors.base import RateLimited
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post

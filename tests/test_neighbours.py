@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, func, select
 
-from bot.slack.standin import SlackUser
+from bot.demo.standin import SlackUser
 from storage.db import make_engine
 from storage.migrate import upgrade
 from storage.models import SENT, Account, Conversation, Event, Outbox, Post

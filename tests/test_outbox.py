@@ -6,10 +6,10 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.delivery import customer_handlers
-from bot.outbox import OutboxMessage, OutboxSender, Retry
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.delivery import customer_handlers
+from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage.models import Conversation, Outbox, Post
@@ -168,7 +168,7 @@ def test_staff_messages_of_a_conversation_keep_their_order_through_retries(
 ) -> None:
     ingest(ctx, post("1", "the site is down"), post("2", "hello", author="ben"))
     clock.advance(timedelta(hours=1, minutes=25))
-    from bot.sweep import sweep
+    from bot.flow.sweep import sweep
 
     sweep(ctx)  # conversation 1 (urgent, 1 h): breach, escalation and a nag; conversation 2 has time
     order: list[tuple[int | None, str]] = []

@@ -1,7 +1,7 @@
 """Who may do what in Slack: one test per button, the reply modal, each /replyclock subcommand and
 App Home, each for a Slack member outside the staff and for a staff member of another team.
 
-The rules (bot.staff):
+The rules (bot.flow.staff):
 
 - Acting on a conversation (every card button and the reply modal) is for staff only: the teams'
   experts, on-call people and managers. Anyone else is refused before anything is read or
@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from bot.clock import FakeClock
-from bot.context import AppContext
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
 from bot.slack.ids import (
     ACTION_ANSWERED,
     ACTION_CLAIM,

@@ -22,9 +22,9 @@ from typing import IO, Any
 import pytest
 from sqlalchemy import func, select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.outbox import DEFAULT_LEASE, OutboxSender
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.outbox import DEFAULT_LEASE, OutboxSender
 from storage.models import SENDING, SENT, UNKNOWN, Conversation, Event, Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post

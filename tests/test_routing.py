@@ -1,4 +1,4 @@
-"""Tests for bot.routing: rule classification and owner choice, from plain policy data."""
+"""Tests for bot.core.routing: rule classification and owner choice, from plain policy data."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import routing
-from bot.policy import Expert, Policy, RoutingRule, Settings, Team, WeekHours
-from bot.routing import OwnerChoice, Route, choose_owner, classify, is_on_duty
-from bot.sla import BusinessCalendar
+from bot.core import routing
+from bot.core.policy import Expert, Policy, RoutingRule, Settings, Team, WeekHours
+from bot.core.routing import OwnerChoice, Route, choose_owner, classify, is_on_duty
+from bot.core.sla import BusinessCalendar
 
 ALWAYS: WeekHours = {day: ((0, 1440),) for day in range(7)}
 NINE_TO_FIVE: WeekHours = {day: ((9 * 60, 17 * 60),) for day in range(5)}

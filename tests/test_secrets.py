@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
+from bot.demo.standin import SlackStandIn, SlackUser
 from bot.slack.ids import ACTION_CLAIM, REPLY_BLOCK, REPLY_INPUT, VIEW_REPLY
-from bot.slack.standin import SlackStandIn, SlackUser
 from connectors.webhook import SIGNATURE_HEADER, sign
 from tests.conftest import fresh_database_url
 from tests.connectors.mastodon_server import MastodonStandIn, own_account_from_recording

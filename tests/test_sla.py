@@ -1,4 +1,4 @@
-"""Tests for the SLA clock (bot/sla.py).
+"""Tests for the SLA clock (bot/core/sla.py).
 
 Two kinds: hand-checked examples (the numbers were worked out on paper), and property tests that
 compare the interval arithmetic with a deliberately naive oracle that walks UTC minute by minute
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.policy import CalendarSpec, Period, SlaPolicy, WeekHours
-from bot.sla import BusinessCalendar, Deadline, compute_deadline, deadline_lines, elapsed
+from bot.core.policy import CalendarSpec, Period, SlaPolicy, WeekHours
+from bot.core.sla import BusinessCalendar, Deadline, compute_deadline, deadline_lines, elapsed
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")

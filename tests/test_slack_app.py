@@ -20,12 +20,13 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from sqlalchemy import func, select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.delivery import customer_handlers
-from bot.ingest import ingest_batch
-from bot.outbox import OutboxSender
-from bot.policy import Account as AccountSpec
+from bot.core.clock import FakeClock
+from bot.core.policy import Account as AccountSpec
+from bot.demo.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
+from bot.flow.context import AppContext
+from bot.flow.delivery import customer_handlers
+from bot.flow.ingest import ingest_batch
+from bot.flow.outbox import OutboxSender
 from bot.slack.app import ReplayGuard, create_bolt_app, slack_routes, start_socket_mode
 from bot.slack.delivery import slack_handlers
 from bot.slack.home import home_view
@@ -42,7 +43,6 @@ from bot.slack.ids import (
     VIEW_REPLY,
 )
 from bot.slack.manifest import BOT_SCOPES, manifest, render
-from bot.slack.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
 from bot.web import create_app, serve_in_thread
 from connectors.base import InboundPost
 from connectors.demo import DemoConnector
@@ -540,7 +540,7 @@ def test_app_home_shows_the_users_queue_and_team_figures(harness: Harness) -> No
 def test_home_view_escapes_customer_text(ctx: AppContext) -> None:
     from zoneinfo import ZoneInfo
 
-    from bot.staff import QueueItem
+    from bot.flow.staff import QueueItem
 
     item = QueueItem(
         conversation_id=7,

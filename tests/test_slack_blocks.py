@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.messages import escape_mrkdwn
-from bot.policy import Policy
+from bot.core.messages import escape_mrkdwn
+from bot.core.policy import Policy
 from bot.slack import blocks
 from bot.slack.ids import (
     ACTION_ANSWERED,

@@ -11,14 +11,14 @@ import pytest
 from slack_sdk import WebClient
 from sqlalchemy import select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.conversations import mark_answered
-from bot.outbox import OutboxMessage, OutboxSender, Retry
+from bot.core.clock import FakeClock
+from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
+from bot.flow.context import AppContext
+from bot.flow.conversations import mark_answered
+from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
+from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
 from bot.slack.ids import ACTION_CLAIM
-from bot.slack.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
-from bot.sweep import earliest_next_action, sweep
 from storage import repo
 from storage.models import Conversation, Event, Outbox
 from tests.conftest import MONDAY

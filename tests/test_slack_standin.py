@@ -24,7 +24,7 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 from slack_sdk.http_retry.builtin_interval_calculators import FixedValueRetryIntervalCalculator
 from slack_sdk.signature import SignatureVerifier
 
-from bot.slack.standin import (
+from bot.demo.standin import (
     DEFAULT_SIGNING_SECRET,
     DEFAULT_TOKEN,
     RESPONSE_URL_METHOD,

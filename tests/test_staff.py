@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from bot import staff
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.ingest import IngestResult, ingest_batch
-from bot.policy import Account as AccountSpec
-from bot.sweep import sweep
+from bot.core.clock import FakeClock
+from bot.core.policy import Account as AccountSpec
+from bot.flow import staff
+from bot.flow.context import AppContext
+from bot.flow.ingest import IngestResult, ingest_batch
+from bot.flow.sweep import sweep
 from connectors.base import InboundPost
 from storage.models import Conversation, Event, Outbox
 from storage.models import Expert as ExpertRow

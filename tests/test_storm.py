@@ -40,12 +40,12 @@ from sqlalchemy.orm.exc import StaleDataError
 
 import bot.web
 import connectors.webhook
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.ingest import ingest_batch
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.context import AppContext
+from bot.flow.ingest import ingest_batch
+from bot.flow.outbox import OutboxSender
 from bot.jobs import SWEEP_WAKE_JOB, Jobs
-from bot.outbox import OutboxSender
-from bot.policy import Policy
 from bot.web import create_app
 from connectors.base import ReplyTarget
 from connectors.webhook import WebhookConnector

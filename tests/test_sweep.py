@@ -6,10 +6,10 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.conversations import mark_answered
-from bot.sweep import earliest_next_action, sweep
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.conversations import mark_answered
+from bot.flow.sweep import earliest_next_action, sweep
 from storage.models import Conversation, Event, Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post

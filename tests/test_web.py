@@ -11,11 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, func, select, update
 
-from bot.clock import FakeClock
-from bot.context import AppContext
-from bot.ingest import ingest_batch
-from bot.metrics import record_ingested
-from bot.policy import Policy
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.context import AppContext
+from bot.flow.ingest import ingest_batch
+from bot.reports.metrics import record_ingested
 from bot.web import bind_address, create_app
 from connectors.base import InboundPost
 from storage.db import make_engine

@@ -29,11 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import bot.channels
+import bot.flow.channels
 import bot.web
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.policy import Policy
+from bot.core.policy import Policy
+from bot.flow.context import AppContext
 from bot.web import MAX_BODY_BYTES, create_app, serve_in_thread
 from connectors.base import Connector, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 from connectors.demo import DemoConnector
@@ -376,14 +376,14 @@ def test_connector_settings_and_secret() -> None:
 
 def test_build_connectors_passes_the_environment(monkeypatch: pytest.MonkeyPatch, policy: Policy) -> None:
     monkeypatch.setattr(
-        bot.channels, "connector_classes", lambda: {"demo": DemoConnector, "webhook": WebhookConnector}
+        bot.flow.channels, "connector_classes", lambda: {"demo": DemoConnector, "webhook": WebhookConnector}
     )
-    built = bot.channels.build_connectors(policy, ENVIRON)
+    built = bot.flow.channels.build_connectors(policy, ENVIRON)
     shop = built["shop"]
     assert isinstance(shop, WebhookConnector) and shop.reply_url == "http://127.0.0.1:9/replies"
     assert shop.own_ids == ("shop_support",)
-    with pytest.raises(bot.channels.ConnectorSetupError, match=r"accounts\.form: .*CONTACT_FORM_SECRET"):
-        bot.channels.build_connectors(policy, {"WEBHOOK_SECRET_SHOP": SHOP_SECRET})
+    with pytest.raises(bot.flow.channels.ConnectorSetupError, match=r"accounts\.form: .*CONTACT_FORM_SECRET"):
+        bot.flow.channels.build_connectors(policy, {"WEBHOOK_SECRET_SHOP": SHOP_SECRET})
 
 
 TARGET = ReplyTarget(

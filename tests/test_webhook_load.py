@@ -42,7 +42,7 @@ from bench.webhook_load import (
     stored_state,
 )
 from bot.config import parse_policy
-from bot.context import AppContext
+from bot.flow.context import AppContext
 from bot.web import create_app, serve_in_thread
 from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, sign
 from storage.db import make_engine

@@ -1,8 +1,8 @@
 """The card's buttons and menus: Claim, Unclaim, Reassign, Reply, Snooze, Mark answered, Close.
 
-Each handler acks at once, does its work in the request's session through bot.staff, commits,
+Each handler acks at once, does its work in the request's session through bot.flow.staff, commits,
 and only then talks to Slack (so no database lock is held across a Web API call). The card
-itself is refreshed by the outbox (the ``card_update`` row bot.staff writes with the change);
+itself is refreshed by the outbox (the ``card_update`` row bot.flow.staff writes with the change);
 the person who clicked hears back directly only when something did not happen as they asked
 (lost the claim race, refused) or when the card cannot show it (until when it is snoozed).
 """
@@ -21,9 +21,9 @@ from slack_sdk.errors import SlackApiError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot import staff
-from bot.context import AppContext
-from bot.messages import escape_mrkdwn
+from bot.core.messages import escape_mrkdwn
+from bot.flow import staff
+from bot.flow.context import AppContext
 from bot.slack.app import (
     clock_time,
     commit,

@@ -19,7 +19,7 @@ across a Web API call and nobody is told "done" before it is durable; the comple
 commit is then a no-op safety net.
 
 Cards are not edited here: every change writes a ``card_update`` outbox row in the same
-transaction (see bot.staff) and the outbox sender edits the card. The optional ``on_change``
+transaction (see bot.flow.staff) and the outbox sender edits the card. The optional ``on_change``
 hook runs after each such commit so `replyclock run` can wake the sender at once.
 """
 
@@ -53,8 +53,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bot import staff
-from bot.context import AppContext
+from bot.flow import staff
+from bot.flow.context import AppContext
 from bot.slack.ids import REPLY_BLOCK, VIEW_REPLY
 from bot.web import BodyTooLarge, read_body
 

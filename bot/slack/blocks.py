@@ -1,7 +1,7 @@
 """Block Kit for replyclock's Slack messages, built by pure functions (plain dicts, no I/O).
 
 Customer-written text (the post, the author's name and handle, links) reaches a block only
-through `bot.messages.escape_mrkdwn`, inside mrkdwn text objects marked ``verbatim`` (so
+through `bot.core.messages.escape_mrkdwn`, inside mrkdwn text objects marked ``verbatim`` (so
 Slack does not auto-link a bare ``@here`` or ``#channel`` either), and is cut to Slack's limits
 *before* it is escaped: a cut never lands inside ``&amp;`` or inside an emoji sequence.
 The only ``<...>`` sequences in our blocks are ours: mentions of our own experts (intended
@@ -25,9 +25,9 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bot.messages import duration_in_words, escape_mrkdwn
-from bot.policy import Expert, Policy
-from bot.routing import is_on_duty
+from bot.core.messages import duration_in_words, escape_mrkdwn
+from bot.core.policy import Expert, Policy
+from bot.core.routing import is_on_duty
 from bot.slack.ids import (
     ACTION_ANSWERED,
     ACTION_CLAIM,

@@ -4,7 +4,7 @@ Every answer is ephemeral (only the person who typed it sees it) and is the comm
 HTTP answer (``ack(text=...)``): the queries are single indexed reads, well inside Slack's three
 seconds. ``away`` and ``back`` commit before answering, so "you are away" is never said about a
 change that was not stored. ``queue`` and ``stats`` answer only for the asker's own teams (as
-expert, on-call or manager; see `bot.staff.can_read_team`).
+expert, on-call or manager; see `bot.flow.staff.can_read_team`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 
 from slack_bolt import Ack, App, BoltContext
 
-from bot import staff
-from bot.context import AppContext
-from bot.messages import due_in_words, escape_mrkdwn
+from bot.core.messages import due_in_words, escape_mrkdwn
+from bot.flow import staff
+from bot.flow.context import AppContext
 from bot.slack.app import commit, discard, expert_of, mention, replyclock_of, session_of
 from bot.slack.ids import COMMAND
 

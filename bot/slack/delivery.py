@@ -2,7 +2,7 @@
 
 Each handler reads what it needs in one short session, makes its Slack calls with no
 transaction open, then records the outcome in another short transaction. Slack messages are
-delivered at least once (bot.outbox); what makes a repeat harmless:
+delivered at least once (bot.flow.outbox); what makes a repeat harmless:
 
 - A card's channel id and ``ts`` are stored on the conversation right after the post, with a
   compare-and-set (``slack_ts IS NULL``) that also bumps its version. A ``card`` row retried
@@ -46,12 +46,12 @@ from slack_sdk.web import SlackResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.delivery import STAFF_KINDS
-from bot.metrics import record_slack_error
-from bot.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
-from bot.policy import Expert
-from bot.routing import is_on_duty
+from bot.core.policy import Expert
+from bot.core.routing import is_on_duty
+from bot.flow.context import AppContext
+from bot.flow.delivery import STAFF_KINDS
+from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
+from bot.reports.metrics import record_slack_error
 from bot.slack import blocks
 from storage import repo
 from storage.db import is_postgres
@@ -124,7 +124,7 @@ def slack_handlers(
     storm_threshold: int = 5,
     storm_window: timedelta = timedelta(minutes=1),
 ) -> dict[str, Handler]:
-    """Outbox handlers for every staff kind (bot.delivery.STAFF_KINDS), delivering to Slack.
+    """Outbox handlers for every staff kind (bot.flow.delivery.STAFF_KINDS), delivering to Slack.
 
     Args:
         ctx: the process context (policy, clock, database).
@@ -134,7 +134,7 @@ def slack_handlers(
         storm_window: see `storm_threshold`.
 
     Returns:
-        kind -> handler, for bot.outbox.OutboxSender.
+        kind -> handler, for bot.flow.outbox.OutboxSender.
     """
     return SlackDelivery(ctx, client, storm_threshold=storm_threshold, storm_window=storm_window).handlers()
 
@@ -156,7 +156,7 @@ class SlackDelivery:
         self.storm_window = storm_window
 
     def handlers(self) -> dict[str, Handler]:
-        """kind -> handler for every kind in bot.delivery.STAFF_KINDS."""
+        """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
         found: dict[str, Handler] = {
             "card": self.card,
             "card_update": self.card_update,

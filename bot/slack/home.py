@@ -11,9 +11,9 @@ from slack_bolt import App, BoltContext
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot import staff
-from bot.context import AppContext
-from bot.messages import due_in_words, escape_mrkdwn
+from bot.core.messages import due_in_words, escape_mrkdwn
+from bot.flow import staff
+from bot.flow.context import AppContext
 from bot.slack.app import replyclock_of, session_of
 
 log = logging.getLogger("replyclock.slack.home")

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from bot.channels import build_connectors
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.channels import build_connectors
+from bot.flow.context import AppContext
+from bot.flow.outbox import OutboxSender
 from bot.jobs import Jobs
-from bot.outbox import OutboxSender
-from bot.policy import Policy
 from connectors.base import AuthFailed, ConnectorError, NotSent, RateLimited, ReplyTarget
 from connectors.feed import SEEN_LIMIT, FeedConnector, FeedCursor, thread_of
 from connectors.text import html_to_text

@@ -11,15 +11,15 @@ import pytest
 from mastodon import MastodonServerError
 from sqlalchemy import Engine, func, select
 
-from bot.channels import ConnectorSetupError, build_connectors
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.delivery import STAFF_KINDS, customer_handlers
-from bot.ingest import ingest_batch
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.channels import ConnectorSetupError, build_connectors
+from bot.flow.context import AppContext
+from bot.flow.delivery import STAFF_KINDS, customer_handlers
+from bot.flow.ingest import ingest_batch
+from bot.flow.outbox import OutboxMessage, OutboxSender
 from bot.jobs import Jobs
-from bot.outbox import OutboxMessage, OutboxSender
-from bot.policy import Policy
 from connectors.base import AuthFailed, Batch, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 from connectors.mastodon import MastodonConnector, ReplyAuthFailed, rate_limit_reset, with_mention
 from connectors.text import html_to_text

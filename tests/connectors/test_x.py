@@ -18,14 +18,14 @@ import pytest
 from oauthlib.oauth1.rfc5849 import signature as oauth_signature  # type: ignore[import-untyped]
 from sqlalchemy import select
 
-from bot.channels import ConnectorSetupError, build_connectors
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.delivery import STAFF_KINDS, customer_handlers
+from bot.core.clock import FakeClock
+from bot.core.policy import Policy
+from bot.flow.channels import ConnectorSetupError, build_connectors
+from bot.flow.context import AppContext
+from bot.flow.delivery import STAFF_KINDS, customer_handlers
+from bot.flow.outbox import OutboxMessage, OutboxSender
 from bot.jobs import Jobs
-from bot.outbox import OutboxMessage, OutboxSender
-from bot.policy import Policy
 from connectors.base import AuthFailed, ConnectorError, NotSent, RateLimited, ReplyTarget
 from connectors.x import (
     ReplyAuthFailed,

@@ -14,7 +14,7 @@ n-th not before n x window / kills seconds), and each waits for a trigger chosen
                    outbox row not yet settled);
 ``slack_step``     just after Slack received a ladder-step message (warning, breach, escalation,
                    nag, reassignment): the outbox, right after a sweep;
-``sweep_step``     as soon as the process logs a ladder step (bot.sweep logs each step inside the
+``sweep_step``     as soon as the process logs a ladder step (bot.flow.sweep logs each step inside the
                    sweep's transaction, before the commit); the process is left down before this
                    start, so that its catch-up sweep has many steps to take in one transaction.
 
@@ -44,8 +44,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.outbox import CUSTOMER_KINDS
-from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn, SlackUser
+from bot.demo.standin import DEFAULT_TOKEN, SlackStandIn, SlackUser
+from bot.flow.outbox import CUSTOMER_KINDS
 from storage.db import make_engine, make_sessionmaker
 from storage.models import ANSWERED, OPEN, PENDING, SENDING, Conversation, Outbox, Post
 from tests.crash.story import CUSTOMER_ROLES, IGNORED, OUR_ID, Publisher, Story
@@ -64,7 +64,7 @@ TRIGGERS = ("random", "page", "ack_in_flight", "ack_answered", "slack_step", "sw
 TRIGGER_WEIGHTS = (3, 2, 2, 1, 2, 2)
 LADDER_TEXT = re.compile(r"^(?:Deadline missed: |Reminder: |Escalation: )#\d+|^#\d+ (?:is |reassigned)")
 STALL_SECONDS = 3.0  # the longest X holds a stalled answer (the kill comes long before)
-LADDER_LOG = b'"event": "ladder step"'  # bot.sweep logs each step before the sweep commits
+LADDER_LOG = b'"event": "ladder step"'  # bot.flow.sweep logs each step before the sweep commits
 RUNNING = "replyclock running"  # the log line `replyclock run` writes once its jobs are installed
 CHILD_APPLICATION_NAME = "replyclock-crash-child"
 STOP_PATIENCE = 20.0  # seconds for the final run to stop on SIGTERM

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot.outbox import CUSTOMER_KINDS
-from bot.slack.standin import SlackStandIn
+from bot.demo.standin import SlackStandIn
+from bot.flow.outbox import CUSTOMER_KINDS
 from storage.models import (
     ANSWERED,
     FAILED,

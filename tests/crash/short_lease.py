@@ -15,12 +15,12 @@ from datetime import timedelta
 
 
 def main(argv: list[str]) -> int:
-    import bot.outbox
+    import bot.flow.outbox
     import bot.slack.delivery
     from bot.cli import main as cli_main
 
     lease = timedelta(seconds=float(argv[0]))
-    defaults = bot.outbox.OutboxSender.__init__.__kwdefaults__
+    defaults = bot.flow.outbox.OutboxSender.__init__.__kwdefaults__
     assert defaults is not None and "lease" in defaults
     defaults["lease"] = lease
     setattr(bot.slack.delivery, "DEFAULT_LEASE", lease)  # noqa: B010 - the storm claim reads it at call time

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bot.slack.standin import Call, SlackStandIn, _Fault, _Reply
+from bot.demo.standin import Call, SlackStandIn, _Fault, _Reply
 from tests.connectors.x_server import Reply, Request, Timeline, XServer
 
 MENTIONS = r"/2/users/[0-9]+/mentions"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from bot.slack.standin import DEFAULT_TOKEN
+from bot.demo.standin import DEFAULT_TOKEN
 from tests.connectors.x_server import RECORDED_USER_ID
 
 ROOT = Path(__file__).resolve().parents[2]

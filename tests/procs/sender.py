@@ -3,7 +3,7 @@
 It builds an AppContext on the given database with a FakeClock, optionally settles rows left
 `sending` by a killed predecessor (``--recover all`` as `replyclock run` does on SQLite,
 ``--recover lease`` for expired leases only, as on PostgreSQL), then runs
-``OutboxSender.send_due(limit=...)`` until a round finds nothing due, with real handlers of the shape bot.outbox expects:
+``OutboxSender.send_due(limit=...)`` until a round finds nothing due, with real handlers of the shape bot.flow.outbox expects:
 
 * customer kinds (ack, reply) POST ``{"key", "kind", "text", "outbox_id"}`` to ``<server>/customer``
   and return the id the server answers;
@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from bot.clock import FakeClock
 from bot.config import load_policy
-from bot.context import AppContext
-from bot.delivery import STAFF_KINDS
-from bot.outbox import CUSTOMER_KINDS, Handler, OutboxMessage, OutboxSender
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.delivery import STAFF_KINDS
+from bot.flow.outbox import CUSTOMER_KINDS, Handler, OutboxMessage, OutboxSender
 from storage.db import make_engine
 
 NEVER_KILLED_EXIT = 3

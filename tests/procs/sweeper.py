@@ -1,4 +1,4 @@
-"""A sweeper process for tests/test_processes.py: one real `bot.sweep.sweep` per instant it is given.
+"""A sweeper process for tests/test_processes.py: one real `bot.flow.sweep.sweep` per instant it is given.
 
 Protocol, one JSON object per line on stdout (logs go to stderr):
 
@@ -22,10 +22,10 @@ from datetime import datetime
 
 from sqlalchemy import text
 
-from bot.clock import FakeClock
 from bot.config import load_policy
-from bot.context import AppContext
-from bot.sweep import sweep
+from bot.core.clock import FakeClock
+from bot.flow.context import AppContext
+from bot.flow.sweep import sweep
 from storage.db import make_engine
 
 

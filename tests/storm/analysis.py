@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from bot.slack.standin import Call
+from bot.demo.standin import Call
 from storage.models import Account, Conversation, Event, Outbox, Post
 from tests.storm.loader import Outcome
 from tests.storm.scenario import ACCOUNT, LADDER_KINDS, Schedule, StormConfig

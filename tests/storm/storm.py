@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
-from bot.slack.standin import DEFAULT_TOKEN, Call, SlackStandIn, SlackUser
+from bot.demo.standin import DEFAULT_TOKEN, Call, SlackStandIn, SlackUser
 from storage.db import make_engine
 from storage.models import PENDING, SENDING, Conversation, Outbox
 from tests.storm.analysis import Report, analyse

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.context import AppContext
+from bot.flow.context import AppContext
 from storage.models import OPEN, Account, Conversation, Outbox
 
 log = logging.getLogger("replyclock.metrics")

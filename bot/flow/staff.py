@@ -27,9 +27,9 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from bot import conversations
-from bot.context import AppContext
-from bot.policy import Expert, Policy, parse_duration
+from bot.core.policy import Expert, Policy, parse_duration
+from bot.flow import conversations
+from bot.flow.context import AppContext
 from storage import repo
 from storage.models import CLOSED, OPEN, Account, Conversation, Outbox, Post
 from storage.models import Expert as ExpertRow

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
 
-from bot.policy import CalendarSpec, Period, SlaPolicy
+from bot.core.policy import CalendarSpec, Period, SlaPolicy
 
 __all__ = [
     "BusinessCalendar",

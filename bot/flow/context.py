@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.clock import Clock, SystemClock
-from bot.policy import Policy, SlaPolicy
-from bot.sla import BusinessCalendar
+from bot.core.clock import Clock, SystemClock
+from bot.core.policy import Policy, SlaPolicy
+from bot.core.sla import BusinessCalendar
 from storage.db import make_sessionmaker
 
 

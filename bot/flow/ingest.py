@@ -25,10 +25,10 @@ from typing import Any, Final
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.conversations import answer, deadline_for, policy_of
-from bot.messages import render_acknowledgement
-from bot.routing import Route, choose_owner, classify
+from bot.core.messages import render_acknowledgement
+from bot.core.routing import Route, choose_owner, classify
+from bot.flow.context import AppContext
+from bot.flow.conversations import answer, deadline_for, policy_of
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.conversations import current_deadline, policy_of
-from bot.ladder import LadderState, Plan, Step, plan
-from bot.routing import choose_owner
+from bot.core.ladder import LadderState, Plan, Step, plan
+from bot.core.routing import choose_owner
+from bot.flow.context import AppContext
+from bot.flow.conversations import current_deadline, policy_of
 from storage import repo
 from storage.db import is_postgres
 from storage.models import OPEN, Conversation

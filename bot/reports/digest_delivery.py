@@ -34,11 +34,11 @@ from typing import Any, TextIO
 from slack_sdk import WebClient
 from sqlalchemy import select, update
 
-from bot.chart import render_chart
-from bot.context import AppContext
-from bot.digest import Digest, WeekRange, build_digest, render_text, team_week
-from bot.outbox import Handler, OutboxMessage
-from bot.policy import WEEKDAY_NAMES, DigestSchedule
+from bot.core.policy import WEEKDAY_NAMES, DigestSchedule
+from bot.flow.context import AppContext
+from bot.flow.outbox import Handler, OutboxMessage
+from bot.reports.chart import render_chart
+from bot.reports.digest import Digest, WeekRange, build_digest, render_text, team_week
 from storage import repo
 from storage.models import Outbox
 

@@ -26,8 +26,8 @@ from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
-from bot.context import AppContext
-from bot.metrics import record_step_delivered
+from bot.flow.context import AppContext
+from bot.reports.metrics import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
 from storage.db import is_postgres

@@ -1,7 +1,7 @@
 """Load and validate ``replyclock.toml``: the policy file.
 
 `load_policy` reads the file with `tomllib`, checks *everything* and either returns a
-`bot.policy.Policy` or raises `ConfigError` listing every problem it found, each one
+`bot.core.policy.Policy` or raises `ConfigError` listing every problem it found, each one
 naming the file, the line, the dotted key and what was expected::
 
     replyclock.toml:14: teams.billing.calendar: unknown calendar 'eu-ofice' (known: eu-office, us-office)
@@ -146,7 +146,7 @@ from typing import Final, Literal, TypeVar
 
 import holidays
 
-from bot.policy import (
+from bot.core.policy import (
     PRIORITIES,
     WEEKDAY_NAMES,
     Account,

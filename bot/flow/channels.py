@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Mapping
 
 from bot import logs
-from bot.policy import Policy
+from bot.core.policy import Policy
 from connectors.base import Connector, connector_classes
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
 
-from bot.policy import Expert, Policy, Priority, RoutingRule
-from bot.sla import BusinessCalendar
+from bot.core.policy import Expert, Policy, Priority, RoutingRule
+from bot.core.sla import BusinessCalendar
 
 __all__ = ["OwnerChoice", "Route", "choose_owner", "classify", "is_on_duty"]
 

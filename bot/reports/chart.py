@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from bot.digest import Digest
+from bot.reports.digest import Digest
 
 WIDTH_INCHES, HEIGHT_INCHES, DPI = 6.4, 3.6, 100
 ON_TIME = "#2f6db5"

@@ -7,9 +7,9 @@ from typing import Literal
 
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.policy import SlaPolicy
-from bot.sla import Deadline, compute_deadline
+from bot.core.policy import SlaPolicy
+from bot.core.sla import Deadline, compute_deadline
+from bot.flow.context import AppContext
 from storage import repo
 from storage.models import ANSWERED, Account, Conversation
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from bot.policy import Expert, Team
+from bot.core.policy import Expert, Team
 
 
 def escape_mrkdwn(text: str) -> str:

@@ -12,9 +12,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.messages import due_in_words, duration_in_words
-from bot.outbox import CUSTOMER_KINDS, Handler, OutboxMessage
+from bot.core.messages import due_in_words, duration_in_words
+from bot.flow.context import AppContext
+from bot.flow.outbox import CUSTOMER_KINDS, Handler, OutboxMessage
 from connectors.base import Connector, NotSent, ReplyTarget
 from storage import repo
 from storage.models import Account, AckOptOut, Conversation, Post

@@ -3,7 +3,7 @@
 The figures are pure functions of `ConversationFacts` (small frozen rows extracted from the
 database by `load_facts`), so they are tested on hand-checked data without a database. The
 database edge (`load_week`, `build_digest`) and the text (`render_text`) sit around them; the
-chart is `bot.chart.render_chart`.
+chart is `bot.reports.chart.render_chart`.
 
 What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's time zone):
 
@@ -16,7 +16,7 @@ What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's
 
   - *wall*: plain elapsed time;
   - *business*: open time on the calendar the conversation's policy counts with (the policy's
-    own calendar, else the team's), measured with `bot.sla.elapsed` on a business clock whatever
+    own calendar, else the team's), measured with `bot.core.sla.elapsed` on a business clock whatever
     clock the policy's deadline runs on, so wall-clock teams also see how many working hours
     customers waited.
 
@@ -24,7 +24,7 @@ What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's
   reason. They leave every compliance figure (share within SLA, breaches), as the design says.
 * **Within SLA** means ``first_response_at <= first_due_at``, where ``first_due_at`` is the
   deadline of the *first* cycle (the stored ``due_at`` while the conversation is in cycle 0,
-  else recomputed from policy and calendar with `bot.conversations.deadline_for`). Next-response
+  else recomputed from policy and calendar with `bot.flow.conversations.deadline_for`). Next-response
   cycles are not judged here: the row only keeps the current cycle.
 * **Share answered within SLA**: every conversation is judged once, in the week its verdict
   became known: on time in the week of its first response (if that came by the deadline),
@@ -67,11 +67,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from bot.context import AppContext
-from bot.conversations import deadline_for, policy_of
-from bot.messages import duration_in_words, escape_mrkdwn
-from bot.policy import SlaPolicy
-from bot.sla import BusinessCalendar, elapsed
+from bot.core.messages import duration_in_words, escape_mrkdwn
+from bot.core.policy import SlaPolicy
+from bot.core.sla import BusinessCalendar, elapsed
+from bot.flow.context import AppContext
+from bot.flow.conversations import deadline_for, policy_of
 from storage.models import SENT, Conversation, Event, Outbox, Post
 
 __all__ = [
@@ -835,7 +835,7 @@ def render_text(digest: Digest, *, mrkdwn: bool = True) -> str:
     """The digest as Slack mrkdwn (``mrkdwn=True``) or plain terminal text.
 
     Last week's figures follow each of this week's in brackets. Customer-derived text
-    (handles) and configured names are escaped with `bot.messages.escape_mrkdwn` for Slack.
+    (handles) and configured names are escaped with `bot.core.messages.escape_mrkdwn` for Slack.
     """
     now, before = digest.current, digest.previous
     tz_name = now.week.timezone

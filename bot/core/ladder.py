@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from bot.policy import EscalationTarget, SlaPolicy
+from bot.core.policy import EscalationTarget, SlaPolicy
 
 StepKind = Literal["warning", "breach", "escalation", "nag", "reassign"]
 

@@ -3,7 +3,7 @@
 A scripted stream of customer posts comes in through a real connector class, is stored,
 routed and given deadlines by the real ingest; the real sweep climbs the ladder and the
 real outbox sender delivers, while a fake clock jumps ahead a minute at a time. Slack is the
-local stand-in (bot.slack.standin): the real slack_sdk client posts cards, threads and DMs to
+local stand-in (bot.demo.standin): the real slack_sdk client posts cards, threads and DMs to
 it, and simulated staff click Claim and answer through the Reply modal with signed requests
 to the real bolt app served by uvicorn on loopback. At the end the Slack side is printed.
 """
@@ -23,18 +23,18 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from sqlalchemy import func, select
 
-from bot.clock import FakeClock
 from bot.config import parse_policy
-from bot.context import AppContext
-from bot.delivery import customer_handlers
+from bot.core.clock import FakeClock
+from bot.core.messages import duration_in_words
+from bot.demo.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
+from bot.flow.context import AppContext
+from bot.flow.delivery import customer_handlers
+from bot.flow.outbox import OutboxSender
+from bot.flow.sweep import sweep
 from bot.jobs import Jobs
-from bot.messages import duration_in_words
-from bot.outbox import OutboxSender
 from bot.slack.app import create_bolt_app, slack_routes
 from bot.slack.delivery import slack_handlers
 from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY, REPLY_BLOCK, REPLY_INPUT
-from bot.slack.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
-from bot.sweep import sweep
 from bot.web import create_app, serve_in_thread
 from connectors.demo import DemoConnector, ScriptedPost
 from storage.db import make_engine
