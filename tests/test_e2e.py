@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from bot.demo.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
 from bot.slack.ids import ACTION_CLAIM
-from bot.slack.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,9 @@ def test_webhook_to_card_to_claim_across_two_processes(
 
         # The worker posts the card to the team's channel (billing: "invoice", "charged").
         def card_posts() -> list[Any]:
-            return [c for c in slack.calls_to("chat.postMessage") if "invoice was charged" in json.dumps(c.params)]
+            return [
+                c for c in slack.calls_to("chat.postMessage") if "invoice was charged" in json.dumps(c.params)
+            ]
 
         [card_call] = eventually(card_posts)
         assert card_call.params["channel"] == BILLING
