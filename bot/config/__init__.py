@@ -40,6 +40,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     ``closed``    array of extra closed dates.
     ``overrides`` table from date to the periods open that day instead of the usual
                   ones (``[]`` = closed): ``{ "2026-12-31" = ["09:00-12:00"] }``.
+    ``weekend``   array of days (names or ranges) that are the weekend, default
+                  ``["sat", "sun"]``, whatever the open hours; ``[]`` for none. Posts arriving
+                  on a weekend day, a public holiday or a closed date get
+                  ``weekend_first_response``.
 
 ``[experts.<id>]``
     ``name``       (required) full name; the first word is used in acknowledgements.
@@ -73,8 +77,9 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                                ``weekend_first_response`` (to tell working days).
     ``first_response``         (required) duration to the first human answer.
     ``next_response``          duration to answer a customer's further post.
-    ``weekend_first_response`` wall clock only: target for posts arriving on a closed day
-                               (the classic "24 hours, 48 at weekends").
+    ``weekend_first_response`` wall clock only: target for posts arriving (in the calendar's
+                               zone) on one of its ``weekend`` days, a public holiday or a
+                               closed date (the classic "24 hours, 48 at weekends").
     ``warn_at``                array of fractions in (0, 1) of the target at which to warn,
                                default ``[0.75]``; ``[]`` for none.
     ``nag_every``              duration between reminders once overdue, default ``"1h"``.
@@ -147,6 +152,7 @@ from typing import Final, Literal, TypeVar
 import holidays
 
 from bot.core.policy import (
+    DEFAULT_WEEKEND,
     PRIORITIES,
     WEEKDAY_NAMES,
     Account,
@@ -205,7 +211,7 @@ _TOP_KEYS = (
     "acknowledgements",
 )
 _SETTINGS_KEYS = ("conversation_gap", "default_team", "admin_channel")
-_CALENDAR_KEYS = ("timezone", "hours", "holidays", "closed", "overrides")
+_CALENDAR_KEYS = ("timezone", "hours", "holidays", "closed", "overrides", "weekend")
 _HOLIDAY_KEYS = ("country", "subdivision")
 _EXPERT_KEYS = (
     "name",
@@ -1125,7 +1131,8 @@ class _Validator:
             spec = self.field(table, path, "holidays", self.holidays_spec)
             closed = self.field(table, path, "closed", self.list_of(self.date_value, "an array of dates"))
             overrides = self.field(table, path, "overrides", self.overrides)
-            if zone is None or hours is None:
+            weekend = self.field(table, path, "weekend", self.weekend_days)
+            if zone is None or hours is None or ("weekend" in table and weekend is None):
                 continue
             out[name] = CalendarSpec(
                 name=name,
@@ -1135,8 +1142,29 @@ class _Validator:
                 holiday_subdivision=spec[1] if spec else None,
                 closed_dates=frozenset(closed or ()),
                 overrides=overrides or {},
+                weekend=weekend if weekend is not None else DEFAULT_WEEKEND,
             )
         return out
+
+    def weekend_days(self, value: object, path: KeyPath) -> frozenset[int] | None:
+        """A calendar's weekend: an array of day names or ranges (``["fri", "sat"]``, ``[]``)."""
+        if not isinstance(value, list):
+            self.wrong_type(path, 'an array of days such as ["sat", "sun"] ([] = no weekend)', value)
+            return None
+        days: set[int] = set()
+        ok = True
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.wrong_type((*path, index), "a day such as 'sat'", item)
+                ok = False
+                continue
+            parsed = _parse_days(item)
+            if isinstance(parsed, str):
+                self.add((*path, index), parsed)
+                ok = False
+                continue
+            days.update(parsed)
+        return frozenset(days) if ok else None
 
     def overrides(self, value: object, path: KeyPath) -> dict[date, tuple[Period, ...]] | None:
         table = self.table(value, path, 'a table of dates, such as { "2026-12-31" = ["09:00-12:00"] }')
@@ -1893,10 +1921,10 @@ def summarize(policy: Policy) -> str:
     for number, sla in enumerate(policy.policies, start=1):
         clock = f"business clock on {sla.calendar}" if sla.clock == "business" else "wall clock"
         if sla.clock == "wall" and sla.calendar:
-            clock += f" ({sla.calendar} for working days)"
+            clock += f" ({sla.calendar} for weekends and holidays)"
         targets = [f"first response {format_duration(sla.first_response)}"]
         if sla.weekend_first_response is not None:
-            targets.append(f"{format_duration(sla.weekend_first_response)} from a closed day")
+            targets.append(f"{format_duration(sla.weekend_first_response)} from a weekend day or holiday")
         if sla.next_response is not None:
             targets.append(f"next response {format_duration(sla.next_response)}")
         if sla.claim_within is not None:

@@ -21,6 +21,8 @@ Period = tuple[int, int]
 WeekHours = dict[int, tuple[Period, ...]]
 
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# The days a calendar calls its weekend unless it says otherwise (5 = Saturday, 6 = Sunday).
+DEFAULT_WEEKEND: frozenset[int] = frozenset({5, 6})
 
 _DIGEST_TIME = re.compile(r"^(\S+)\s+(\S+)$")
 _CLOCK_TIME = re.compile(r"^([0-9]{2}):([0-9]{2})$")
@@ -121,6 +123,9 @@ class CalendarSpec:
     closed_dates: frozenset[date] = frozenset()
     # A date listed here uses these periods instead of its weekday's (empty tuple = closed).
     overrides: dict[date, tuple[Period, ...]] = field(default_factory=dict)
+    # Weekdays (0 = Monday) that are the weekend, whatever the open hours say: a post arriving on
+    # one of them (or on a public holiday or closed date) gets `weekend_first_response`.
+    weekend: frozenset[int] = DEFAULT_WEEKEND
 
 
 @dataclass(frozen=True)
