@@ -127,6 +127,9 @@ class Conversation(Base):
     cycle_started_at: Mapped[datetime]
     clock_started_at: Mapped[datetime]
     due_at: Mapped[datetime]
+    # The first-response deadline the customer was promised (kept when later cycles move due_at);
+    # None only on rows from before migration 0004 that were already past their first cycle.
+    first_due_at: Mapped[datetime | None]
     last_customer_post_at: Mapped[datetime]
     first_response_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]

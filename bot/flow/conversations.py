@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from bot.core.policy import SlaPolicy
 from bot.core.sla import Deadline, compute_deadline
+from bot.core.sla_outcome import SlaOutcome, sla_outcome
 from bot.flow.context import AppContext
 from storage import repo
 from storage.models import ANSWERED, Account, Conversation
@@ -41,6 +42,42 @@ def current_deadline(session: Session, ctx: AppContext, conversation: Conversati
     sla = policy_of(session, ctx, conversation)
     kind: Literal["first", "next"] = "first" if conversation.cycle == 0 else "next"
     return deadline_for(ctx, sla, conversation.team, conversation.cycle_started_at, kind)
+
+
+def first_due_at(session: Session, ctx: AppContext, conversation: Conversation) -> datetime:
+    """The first-response deadline the customer was promised.
+
+    Stored since migration 0004; in cycle 0 it is also the current `due_at`; an older row already
+    past its first cycle has it recomputed from the policy and calendar.
+    """
+    if conversation.first_due_at is not None:
+        return conversation.first_due_at
+    if conversation.cycle == 0:
+        return conversation.due_at
+    sla = policy_of(session, ctx, conversation)
+    return deadline_for(ctx, sla, conversation.team, conversation.opened_at, "first").due_at
+
+
+def first_response_outcome(
+    session: Session, ctx: AppContext, conversation: Conversation, now: datetime
+) -> SlaOutcome:
+    """The one verdict on a conversation's first response (see `bot.core.sla_outcome`)."""
+    return sla_outcome(
+        due_at=first_due_at(session, ctx, conversation),
+        responded_at=conversation.first_response_at,
+        closed_at=conversation.closed_at,
+        now=now,
+    )
+
+
+def current_cycle_outcome(conversation: Conversation, now: datetime) -> SlaOutcome:
+    """The verdict on the current cycle's deadline (for cycle 0, the first response)."""
+    return sla_outcome(
+        due_at=conversation.due_at,
+        responded_at=conversation.answered_at,
+        closed_at=conversation.closed_at,
+        now=now,
+    )
 
 
 def answer(conversation: Conversation, *, at: datetime, by: str) -> None:

@@ -554,6 +554,7 @@ class _Batch:
             cycle_started_at=post.posted_at,
             clock_started_at=deadline.clock_started_at,
             due_at=deadline.due_at,
+            first_due_at=deadline.due_at,
             last_customer_post_at=post.posted_at,
             next_action_at=first_action,
             slack_channel=ctx.policy.teams[route.team].channel,

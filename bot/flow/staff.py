@@ -181,7 +181,7 @@ class QueueItem:
 class TeamStats:
     """A team's figures for the current week (Monday 00:00 in the team's time zone until now).
 
-    ``within_sla_share`` is None when nothing was answered this week. Conversations closed
+    ``within_sla_share`` is None when nothing was judged this week. Conversations closed
     without a reply are counted apart (``closed_this_week``) and are not in the compliance share.
     """
 
@@ -192,12 +192,16 @@ class TeamStats:
     answered_this_week: int
     answered_within_sla: int
     closed_this_week: int
+    # First deadlines that passed this week unanswered or answered late (as the digest counts them).
+    breached_this_week: int = 0
 
     @property
     def within_sla_share(self) -> float | None:
-        if not self.answered_this_week:
+        """In time / (in time + breached), as in the digest; None when nothing was judged yet."""
+        judged = self.answered_within_sla + self.breached_this_week
+        if not judged:
             return None
-        return self.answered_within_sla / self.answered_this_week
+        return self.answered_within_sla / judged
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,6 +838,10 @@ def team_queue(session: Session, team: str) -> list[QueueItem]:
     return _queue(session, Conversation.status == OPEN, Conversation.team == team)
 
 
+# How far back the stats look for old rows whose first deadline was never stored.
+_STATS_LOOKBACK = timedelta(days=60)
+
+
 def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
     """Monday 00:00 of the current week in the team's time zone, in UTC."""
     tz = ctx.calendar(ctx.policy.teams[team].calendar).tz
@@ -843,7 +851,11 @@ def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
 
 
 def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> TeamStats:
-    """Open and overdue now; answered, answered in time and closed unanswered this week.
+    """Open and overdue now; first responses, their verdicts and closed unanswered this week.
+
+    The verdicts come from `bot.core.sla_outcome` on the first-response deadline, exactly as in
+    the weekly digest: answered in time this week, or first deadline passed unanswered (or
+    answered late) this week.
 
     Raises:
         KeyError: no such team.
@@ -858,14 +870,35 @@ def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> T
             or 0
         )
 
-    answered_this_week = (Conversation.answered_at >= start, Conversation.answered_at <= now)
+    candidates = session.scalars(
+        select(Conversation).where(
+            Conversation.team == team,
+            Conversation.opened_at <= now,
+            or_(
+                Conversation.first_response_at >= start,
+                Conversation.first_due_at >= start,
+                # Rows from before the first deadline was stored, past their first cycle.
+                (Conversation.first_due_at.is_(None) & (Conversation.opened_at >= start - _STATS_LOOKBACK)),
+            ),
+        )
+    )
+    answered = within = breached = 0
+    for conversation in candidates:
+        outcome = conversations.first_response_outcome(session, ctx, conversation, now)
+        responded = conversation.first_response_at
+        if responded is not None and start <= responded <= now:
+            answered += 1
+            within += outcome.within
+        if start <= outcome.due_at < now and outcome.breached:
+            breached += 1
     return TeamStats(
         team=team,
         week_start=start,
         open=count(Conversation.status == OPEN),
         overdue=count(Conversation.status == OPEN, Conversation.due_at < now),
-        answered_this_week=count(*answered_this_week),
-        answered_within_sla=count(*answered_this_week, Conversation.answered_at <= Conversation.due_at),
+        answered_this_week=answered,
+        answered_within_sla=within,
+        breached_this_week=breached,
         closed_this_week=count(
             Conversation.status == CLOSED,
             Conversation.closed_at >= start,

@@ -22,10 +22,10 @@ What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's
 
 * **Closed without reply**: conversations never answered whose ``closed_at`` falls in W, by
   reason. They leave every compliance figure (share within SLA, breaches), as the design says.
-* **Within SLA** means ``first_response_at <= first_due_at``, where ``first_due_at`` is the
-  deadline of the *first* cycle (the stored ``due_at`` while the conversation is in cycle 0,
-  else recomputed from policy and calendar with `bot.flow.conversations.deadline_for`). Next-response
-  cycles are not judged here: the row only keeps the current cycle.
+* **Within SLA** and **breached** are the verdict of `bot.core.sla_outcome.sla_outcome` on the
+  *first* cycle's deadline ``first_due_at`` (stored at opening; recomputed from policy and
+  calendar for rows older than that), the same function the export, ``/replyclock stats``, the
+  App Home and the metrics use. Next-response cycles are not judged here.
 * **Share answered within SLA**: every conversation is judged once, in the week its verdict
   became known: on time in the week of its first response (if that came by the deadline),
   missed in the week its first deadline passed unanswered. So
@@ -70,8 +70,9 @@ from sqlalchemy.orm import Session
 from bot.core.messages import duration_in_words, escape_mrkdwn
 from bot.core.policy import SlaPolicy
 from bot.core.sla import BusinessCalendar, elapsed
+from bot.core.sla_outcome import SlaOutcome, sla_outcome
 from bot.flow.context import AppContext
-from bot.flow.conversations import deadline_for, policy_of
+from bot.flow.conversations import deadline_for, first_due_at, policy_of
 from storage.models import SENT, Conversation, Event, Outbox, Post
 
 __all__ = [
@@ -331,9 +332,15 @@ class ConversationFacts:
     def closed_without_reply(self) -> bool:
         return self.closed_at is not None and self.first_response_at is None
 
+    def outcome(self, now: datetime) -> SlaOutcome:
+        """The one verdict on the first response, as read at `now` (see `bot.core.sla_outcome`)."""
+        return sla_outcome(
+            due_at=self.first_due_at, responded_at=self.first_response_at, closed_at=self.closed_at, now=now
+        )
+
     @property
     def answered_in_time(self) -> bool:
-        return self.first_response_at is not None and self.first_response_at <= self.first_due_at
+        return self.outcome(self.first_due_at).within
 
     def waiting_since(self, at: datetime) -> datetime | None:
         """Since when the customer was waiting for us at instant `at`, None if not waiting then."""
@@ -526,11 +533,7 @@ def compute_week(
         f.close_reason or NO_REASON for f in facts if f.first_response_at is None and in_week(f.closed_at)
     )
     missed = sorted(
-        (
-            f
-            for f in facts
-            if not f.closed_without_reply and in_week(f.first_due_at) and not f.answered_in_time
-        ),
+        (f for f in facts if in_week(f.first_due_at) and f.outcome(week.end).breached),
         key=lambda f: (f.first_due_at, f.id),
     )
     on_time = [f for f in first_responses if f.answered_in_time]
@@ -555,7 +558,7 @@ def compute_week(
             owner_name=name_of(f.owner),
             due_at=f.first_due_at,
             first_response_at=f.first_response_at,
-            late_by=(f.first_response_at or week.end) - f.first_due_at,
+            late_by=f.outcome(week.end).late_by,
         )
         for f in missed
     )
@@ -719,7 +722,7 @@ def load_facts(session: Session, ctx: AppContext, team: str, week: WeekRange) ->
                 opened_at=row.opened_at,
                 # The stored deadline is what the customer was promised; recompute only when a
                 # later cycle has overwritten it.
-                first_due_at=row.due_at if row.cycle == 0 else deadline.due_at,
+                first_due_at=first_due_at(session, ctx, row),
                 first_target=deadline.target,
                 first_response_at=row.first_response_at,
                 first_responder=_expert_of_actor(ctx, responders.get(row.id)),

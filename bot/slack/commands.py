@@ -140,12 +140,18 @@ def _stats(context: BoltContext, ctx: AppContext, expert_id: str, arguments: lis
     team = _team(ctx, expert_id, arguments)
     figures = staff.team_stats(session_of(context), ctx, team, now)
     share = figures.within_sla_share
-    in_time = "no answers yet this week" if share is None else f"{share:.0%} within the deadline"
+    in_time = (
+        "no answers yet this week"
+        if share is None
+        else f"{share:.0%} within the deadline, {figures.answered_within_sla} of "
+        f"{figures.answered_within_sla + figures.breached_this_week}"
+    )
     return "\n".join(
         [
             f"*{ctx.policy.teams[team].label}*, this week (since {figures.week_start.astimezone(_tz(ctx, expert_id)):%a %d %b %H:%M}):",
             f"• open: {figures.open} ({figures.overdue} overdue)",
             f"• answered: {figures.answered_this_week} ({in_time})",
+            f"• deadlines missed: {figures.breached_this_week}",
             f"• closed without reply: {figures.closed_this_week}",
         ]
     )

@@ -1,0 +1,31 @@
+"""promises kept to the letter: the first deadline kept apart from the current cycle's
+
+Revision ID: 0004
+Revises: 0001
+Create Date: 2026-12-06 02:40:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+import storage.types
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("first_due_at", storage.types.UTCDateTime(timezone=True), nullable=True))
+    # While a conversation is in its first cycle, its due_at is the first deadline; later cycles
+    # have overwritten it, and readers recompute it from the policy (bot.flow.conversations).
+    op.execute("UPDATE conversations SET first_due_at = due_at WHERE cycle = 0")
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.drop_column("first_due_at")
