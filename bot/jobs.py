@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -23,7 +23,7 @@ from bot.flow.outbox import OutboxSender
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.reports.metrics import record_connector_error, record_ingested, record_rate_limit
-from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
+from connectors.base import AuthFailed, Connector, InboundPost, RateLimited, SkippedItem
 from storage import repo
 from storage.models import Account
 
@@ -237,6 +237,7 @@ class Jobs:
         # again after our answer, or acknowledges a post whose author's earlier STOP is on the next
         # page. A failure part-way ingests the pages fetched so far, with their cursor.
         posts: list[InboundPost] = []
+        skipped: list[SkippedItem] = []
         fetched = cursor
         for _page in range(MAX_PAGES_PER_POLL):
             try:
@@ -266,14 +267,32 @@ class Jobs:
                 break
             connector.record_success()
             posts.extend(batch.posts)
+            skipped.extend(batch.skipped)
             fetched = batch.cursor
             if not batch.more:
                 break
         stored = 0
-        if posts or fetched != cursor:
-            result = self._ingest(name, connector, posts, fetched)
+        if posts or skipped or fetched != cursor:
+            result = self._ingest(name, connector, posts, fetched, skipped)
             stored = result.stored
             record_ingested(name, connector.kind, result.stored)
+        if skipped:
+            record_connector_error(name, "malformed")
+            log.warning(
+                "connector items skipped",
+                extra={
+                    "account": name,
+                    "skipped": len(skipped),
+                    "fields": sorted({s.field for s in skipped}),
+                },
+            )
+            first = skipped[0]
+            self._alert_admins(
+                name,
+                f"{name}: {len(skipped)} malformed item(s) skipped ({first.field}: {first.reason}); "
+                "the rest of the page was ingested. The raw items are kept in skipped_items.",
+                topic="skipped",
+            )
         if stored:
             if self.send_after_poll:
                 self.run_outbox()
@@ -281,7 +300,12 @@ class Jobs:
         return stored
 
     def _ingest(
-        self, name: str, connector: Connector, posts: list[InboundPost], cursor: str | None
+        self,
+        name: str,
+        connector: Connector,
+        posts: list[InboundPost],
+        cursor: str | None,
+        skipped: Sequence[SkippedItem] = (),
     ) -> IngestResult:
         """One batch in one transaction; again if a conversation changed under it (PostgreSQL).
 
@@ -292,9 +316,14 @@ class Jobs:
         for attempt in range(1, INGEST_ATTEMPTS + 1):
             try:
                 with self.ctx.sessions() as session, session.begin():
-                    return ingest_batch(
+                    result = ingest_batch(
                         session, self.ctx, account=name, posts=posts, is_own=connector.is_own, cursor=cursor
                     )
+                    # Recorded with the cursor that moved past them, in the same transaction.
+                    repo.record_skipped(
+                        session=session, account=name, items=skipped, now=self.ctx.clock.now()
+                    )
+                    return result
             except StaleDataError:
                 if attempt == INGEST_ATTEMPTS:
                     raise
@@ -303,14 +332,14 @@ class Jobs:
                 )
         raise AssertionError("unreachable")
 
-    def _alert_admins(self, account: str, text: str) -> None:
-        """One alert per account and hour to the admin channel (through the outbox, like everything)."""
+    def _alert_admins(self, account: str, text: str, *, topic: str = "alert") -> None:
+        """One alert per account, topic and hour to the admin channel (through the outbox, like everything)."""
         now = self.ctx.clock.now()
         with self.ctx.sessions() as session, session.begin():
             repo.enqueue(
                 session=session,
                 kind="admin_alert",
-                key=f"alert:{account}:{now:%Y%m%dT%H}",
+                key=f"{topic}:{account}:{now:%Y%m%dT%H}",
                 payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
                 now=now,
             )

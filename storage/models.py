@@ -177,6 +177,22 @@ class Event(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class SkippedItem(Base):
+    """A malformed item a connector left out of a page (the cursor moved past it), kept for staff."""
+
+    __tablename__ = "skipped_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    at: Mapped[datetime]
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    # Where in the page the problem was (``data[2].id``) and what was wrong.
+    field: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    # The item as it came: {"item": <JSON value>}.
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 class Outbox(Base):
     """A message still to be sent (or sent): written in the same transaction as its cause."""
 

@@ -24,8 +24,27 @@ def upgrade() -> None:
     # While a conversation is in its first cycle, its due_at is the first deadline; later cycles
     # have overwritten it, and readers recompute it from the policy (bot.flow.conversations).
     op.execute("UPDATE conversations SET first_due_at = due_at WHERE cycle = 0")
+    op.create_table(
+        "skipped_items",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("account_id", sa.Integer(), nullable=False),
+        sa.Column("at", storage.types.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("external_id", sa.String(length=200), nullable=True),
+        sa.Column("field", sa.String(length=200), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("raw", sa.JSON(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["accounts.id"], name=op.f("fk_skipped_items_account_id_accounts")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_skipped_items")),
+    )
+    with op.batch_alter_table("skipped_items", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_skipped_items_account_id"), ["account_id"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("skipped_items", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_skipped_items_account_id"))
+    op.drop_table("skipped_items")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_column("first_due_at")
