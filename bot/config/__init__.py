@@ -120,9 +120,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     Language code to template, e.g. ``en = "Thanks {author}! {owner_first_name} from our
     {team} team will answer within {due_in}."``. Placeholders: ``{author}`` (the customer's
     handle), ``{owner}`` and ``{owner_first_name}`` (the assigned expert), ``{team}`` (its
-    display name), ``{due}`` (the deadline, e.g. ``Tuesday 14:00 CET``), ``{due_in}`` (the time
-    left, e.g. ``3 h 20 min``); write ``{{`` and ``}}`` for literal braces. The template is
-    looked up in the team's table, then ``default``, in the post's language, then in ``en``.
+    display name), ``{due}`` (the deadline, e.g. ``Dienstag 14:00 MEZ``), ``{due_in}`` (the time
+    left, e.g. ``3 Stunden und 20 Minuten``), both formatted by Babel in the template's language;
+    write ``{{`` and ``}}`` for literal braces. The template is looked up in the team's table,
+    then ``default``, in the post's language (``pt-BR``, then ``pt``), then the team's, then ``en``.
 
 Checks across sections
     Every name used must be defined (calendars, experts, teams, accounts); a policy or routing

@@ -8,6 +8,7 @@ pure parts of replyclock (SLA clock, routing, ladder) can be tested from data al
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, time, timedelta
 from typing import Literal
@@ -277,6 +278,16 @@ class Policy:
             if candidate.matches(team=team, account=account, priority=priority):
                 return candidate
         raise LookupError(f"no SLA policy matches team={team} account={account} priority={priority}")
+
+    def acknowledgement_choice(self, *, team: str, languages: Sequence[str]) -> tuple[str, str] | None:
+        """The first template for `languages` (best first; team's table, then "default") and
+        the language it is written in, which its dates and durations are formatted for."""
+        for wanted in languages:
+            for key in (team, "default"):
+                template = self.acknowledgements.get(key, {}).get(wanted)
+                if template:
+                    return wanted, template
+        return None
 
     def acknowledgement_template(self, *, team: str, language: str) -> str | None:
         """The acknowledgement template for a team in a language, falling back to defaults."""

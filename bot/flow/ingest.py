@@ -25,6 +25,7 @@ from typing import Any, Final
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
+from bot.core.locale_text import language_candidates
 from bot.core.messages import render_acknowledgement
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
@@ -611,11 +612,14 @@ class _Batch:
         if post.author_id in self.acked or post.author_id in self.opted_out or self._replies_to_ours(post):
             return
         team = ctx.policy.teams[conversation.team]
-        template = ctx.policy.acknowledgement_template(
-            team=team.name, language=post.language or team.language
+        # The customer's language from the platform, else the team's; the template found decides
+        # the locale of its dates and durations.
+        choice = ctx.policy.acknowledgement_choice(
+            team=team.name, languages=language_candidates(post.language, team.language)
         )
-        if template is None:
+        if choice is None:
             return
+        language, template = choice
         owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
         text = render_acknowledgement(
             template,
@@ -625,6 +629,7 @@ class _Batch:
             due_at=conversation.due_at,
             timezone=ctx.calendar(team.calendar).tz,
             now=self.now,
+            language=language,
         )
         conversation.acknowledged_at = self.now
         self.acked.add(post.author_id)
