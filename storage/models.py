@@ -130,6 +130,10 @@ class Conversation(Base):
     # The first-response deadline the customer was promised (kept when later cycles move due_at);
     # None only on rows from before migration 0004 that were already past their first cycle.
     first_due_at: Mapped[datetime | None]
+    # The resolution target (policy `resolution`), moved on by the time spent waiting on the customer.
+    resolution_due_at: Mapped[datetime | None]
+    # Since when staff wait on the customer (response and resolution clocks paused); None: not waiting.
+    waiting_since: Mapped[datetime | None]
     last_customer_post_at: Mapped[datetime]
     first_response_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]

@@ -160,7 +160,8 @@ def test_header_and_column_order_are_stable(four: Engine) -> None:
         "claimed_by,answered_by,close_reason,cycle,author_id,author_handle,opened_at,"
         "clock_started_at,assigned_at,claimed_at,acknowledged_at,cycle_started_at,"
         "last_customer_post_at,due_at,first_response_at,answered_at,breached_at,closed_at,"
-        "first_response_seconds,first_due_at,first_response_verdict,late_by_seconds"
+        "first_response_seconds,first_due_at,first_response_verdict,late_by_seconds,"
+        "resolution_due_at,resolution_verdict,waiting_since"
     )
     assert tuple(lines[0].split(",")) == COLUMNS
     assert lines[-1] == "" and len(lines) == 6  # header, 4 rows, final newline

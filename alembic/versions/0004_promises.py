@@ -1,4 +1,4 @@
-"""promises kept to the letter: the first deadline kept apart from the current cycle's
+"""promises kept to the letter: first deadline, resolution target, waiting on the customer, skipped items
 
 Revision ID: 0004
 Revises: 0001
@@ -21,6 +21,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.add_column(sa.Column("first_due_at", storage.types.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(
+            sa.Column("resolution_due_at", storage.types.UTCDateTime(timezone=True), nullable=True)
+        )
+        batch_op.add_column(sa.Column("waiting_since", storage.types.UTCDateTime(timezone=True), nullable=True))
     # While a conversation is in its first cycle, its due_at is the first deadline; later cycles
     # have overwritten it, and readers recompute it from the policy (bot.flow.conversations).
     op.execute("UPDATE conversations SET first_due_at = due_at WHERE cycle = 0")
@@ -47,4 +51,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_skipped_items_account_id"))
     op.drop_table("skipped_items")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.drop_column("waiting_since")
+        batch_op.drop_column("resolution_due_at")
         batch_op.drop_column("first_due_at")

@@ -84,6 +84,9 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                                default ``[0.75]``; ``[]`` for none.
     ``nag_every``              duration between reminders once overdue, default ``"1h"``.
     ``claim_within``           offer the conversation to the next expert if unclaimed by then.
+    ``resolution``             duration to resolution (staff close it after an answer), on the
+                               policy's clock; paused while waiting on the customer.
+    ``close_after_silence``    close a conversation waiting on the customer after this silence.
     ``acknowledge``            boolean, default false: send the auto-acknowledgement.
     ``escalation``             array of ``{ after = <duration past the deadline>, notify =
                                "owner" | "team_channel" | "manager" | "on_call" }`` in order.
@@ -236,6 +239,8 @@ _POLICY_KEYS = (
     "warn_at",
     "nag_every",
     "claim_within",
+    "resolution",
+    "close_after_silence",
     "acknowledge",
     "escalation",
     "match",
@@ -1387,6 +1392,8 @@ class _Validator:
             warn_at = self.field(table, path, "warn_at", self.fractions)
             nag_every = self.field(table, path, "nag_every", self.duration)
             claim_within = self.field(table, path, "claim_within", self.duration)
+            resolution = self.field(table, path, "resolution", self.duration)
+            close_after_silence = self.field(table, path, "close_after_silence", self.duration)
             acknowledge = self.field(table, path, "acknowledge", self.boolean)
             escalation = self.field(table, path, "escalation", self.escalation)
             match = self.field(table, path, "match", self.match_spec(teams, accounts))
@@ -1436,6 +1443,8 @@ class _Validator:
                         ("warn_at", warn_at),
                         ("nag_every", nag_every),
                         ("claim_within", claim_within),
+                        ("resolution", resolution),
+                        ("close_after_silence", close_after_silence),
                         ("acknowledge", acknowledge),
                         ("escalation", escalation),
                         ("match", match),
@@ -1458,6 +1467,8 @@ class _Validator:
                         nag_every=nag_every if nag_every is not None else timedelta(hours=1),
                         escalation=escalation or (),
                         claim_within=claim_within,
+                        resolution=resolution,
+                        close_after_silence=close_after_silence,
                         acknowledge=bool(acknowledge),
                         match_teams=teams_,
                         match_accounts=accounts_,
@@ -1930,6 +1941,10 @@ def summarize(policy: Policy) -> str:
             targets.append(f"next response {format_duration(sla.next_response)}")
         if sla.claim_within is not None:
             targets.append(f"claim within {format_duration(sla.claim_within)}")
+        if sla.resolution is not None:
+            targets.append(f"resolution {format_duration(sla.resolution)}")
+        if sla.close_after_silence is not None:
+            targets.append(f"close after {format_duration(sla.close_after_silence)} of customer silence")
         conditions = [
             f"{label} {', '.join(values)}"
             for label, values in (

@@ -205,6 +205,10 @@ class SlaPolicy:
     nag_every: timedelta = timedelta(hours=1)
     escalation: tuple[EscalationStep, ...] = ()
     claim_within: timedelta | None = None
+    # Time to resolution (staff close it after answering), on the policy's clock; None: no target.
+    resolution: timedelta | None = None
+    # A conversation waiting on the customer is closed after this much silence; None: never.
+    close_after_silence: timedelta | None = None
     acknowledge: bool = False
     match_teams: tuple[str, ...] = ()
     match_accounts: tuple[str, ...] = ()

@@ -36,9 +36,11 @@ from bot.core.policy import CalendarSpec, Period, SlaPolicy
 __all__ = [
     "BusinessCalendar",
     "Deadline",
+    "add_on_clock",
     "compute_deadline",
     "deadline_lines",
     "elapsed",
+    "resume_after_pause",
 ]
 
 Interval = tuple[datetime, datetime]
@@ -532,6 +534,44 @@ def elapsed(
     if policy.clock == "business":
         return _business_calendar(policy, calendar).business_time_between(start_utc, end_utc)
     return max(end_utc - start_utc, _ZERO)
+
+
+def add_on_clock(
+    policy: SlaPolicy, calendar: BusinessCalendar | None, start: datetime, amount: timedelta
+) -> datetime:
+    """The instant `amount` of the policy's clock after `start` (wall: plain; business: open time).
+
+    Raises:
+        ValueError: a naive `start`, a negative amount, or a business clock without a calendar.
+    """
+    start_utc = _require_aware(start, "start")
+    if amount < _ZERO:
+        raise ValueError(f"amount must not be negative, got {amount}")
+    if policy.clock == "business":
+        return _business_calendar(policy, calendar).add_business_time(start_utc, amount)
+    return start_utc + amount
+
+
+def resume_after_pause(
+    policy: SlaPolicy,
+    calendar: BusinessCalendar | None,
+    due_at: datetime,
+    paused_at: datetime,
+    resumed_at: datetime,
+) -> datetime:
+    """A deadline moved by a pause: what was left on the policy's clock when it paused is left
+    when it resumes. A deadline already passed when the pause began does not move.
+
+    Raises:
+        ValueError: a naive argument, or a business clock without a calendar.
+    """
+    due = _require_aware(due_at, "due_at")
+    paused = _require_aware(paused_at, "paused_at")
+    resumed = _require_aware(resumed_at, "resumed_at")
+    if due <= paused or resumed <= paused:
+        return due
+    left = elapsed(policy, calendar, paused, due)
+    return max(add_on_clock(policy, calendar, resumed, left), due)
 
 
 def _format_utc(instant: datetime) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-__all__ = ["SlaOutcome", "Verdict", "sla_outcome"]
+__all__ = ["SlaOutcome", "Verdict", "resolution_outcome", "sla_outcome"]
 
 Verdict = Literal["pending", "within", "breached", "not_judged"]
 
@@ -87,3 +87,22 @@ def sla_outcome(
     if now > due_at:
         return SlaOutcome("breached", due_at, None, now - due_at)
     return SlaOutcome("pending", due_at, None, _ZERO)
+
+
+def resolution_outcome(
+    *,
+    resolution_due_at: datetime,
+    first_response_at: datetime | None,
+    closed_at: datetime | None,
+    waiting_since: datetime | None,
+    now: datetime,
+) -> SlaOutcome:
+    """Judge the resolution target: resolved means closed by staff after a human answer.
+
+    Closed without any answer is not judged (as for responses). While the conversation waits on
+    the customer its clock stands still, so it is judged as of the moment the wait began.
+    """
+    if closed_at is not None and first_response_at is None:
+        return SlaOutcome("not_judged", resolution_due_at, None, _ZERO)
+    as_of = min(now, waiting_since) if waiting_since is not None and closed_at is None else now
+    return sla_outcome(due_at=resolution_due_at, responded_at=closed_at, now=as_of)

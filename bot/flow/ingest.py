@@ -29,7 +29,7 @@ from bot.core.locale_text import language_candidates
 from bot.core.messages import render_acknowledgement
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
-from bot.flow.conversations import answer, deadline_for, policy_of
+from bot.flow.conversations import answer, deadline_for, policy_of, resolution_deadline, resume_from_wait
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
@@ -473,6 +473,13 @@ class _Batch:
         if conversation is not None:
             self._link(post, conversation)
             conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
+            if conversation.waiting_since is not None and post.posted_at >= conversation.waiting_since:
+                # We were waiting on them: the paused clocks run again.
+                waited_since = conversation.waiting_since
+                resume_from_wait(self.session, self.ctx, conversation, post.posted_at)
+                self._event(conversation, "resumed", waiting_since=waited_since.isoformat())
+                if conversation.status == OPEN:
+                    conversation.next_action_at = self.now  # the sweep re-plans the ladder
             if conversation.status == ANSWERED:
                 self._reopen(conversation, post)
             else:
@@ -556,6 +563,7 @@ class _Batch:
             clock_started_at=deadline.clock_started_at,
             due_at=deadline.due_at,
             first_due_at=deadline.due_at,
+            resolution_due_at=resolution_deadline(ctx, sla, route.team, post.posted_at),
             last_customer_post_at=post.posted_at,
             next_action_at=first_action,
             slack_channel=ctx.policy.teams[route.team].channel,

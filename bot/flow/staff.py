@@ -27,7 +27,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from bot.core.policy import Expert, Policy, parse_duration
+from bot.core.policy import Expert, Policy, format_duration, parse_duration
 from bot.flow import conversations
 from bot.flow.context import AppContext
 from storage import repo
@@ -194,6 +194,10 @@ class TeamStats:
     closed_this_week: int
     # First deadlines that passed this week unanswered or answered late (as the digest counts them).
     breached_this_week: int = 0
+    # Resolution target (policy `resolution`): closed after an answer in time this week, and
+    # resolution deadlines passed this week unresolved or resolved late.
+    resolved_within_target: int = 0
+    resolution_breached_this_week: int = 0
 
     @property
     def within_sla_share(self) -> float | None:
@@ -514,6 +518,72 @@ def snooze(
             previous_next_action_at=previous.isoformat() if previous else None,
         )
         _card_update(session, conversation, "snoozed", now, until=until.isoformat())
+
+
+def wait_on_customer(
+    session: Session, ctx: AppContext, conversation_id: int, expert_id: str, now: datetime
+) -> datetime | None:
+    """Staff wait on the customer: the response and resolution clocks pause (and the reminders
+    stop) until the customer writes again; with the policy's `close_after_silence`, the sweep
+    closes the conversation after that much silence. Returns when that would be, else None.
+
+    Raises:
+        PermissionDenied, NotFound: as for `claim`.
+        InvalidState: the conversation is closed or already waiting.
+    """
+    _require_expert(ctx.policy, expert_id)
+    with _atomic(session):
+        conversation = _locked(session, conversation_id)
+        if conversation.status == CLOSED:
+            raise InvalidState("This conversation is closed: there is nobody to wait for.")
+        if conversation.waiting_since is not None:
+            raise InvalidState("This conversation is already waiting on the customer.")
+        sla = conversations.policy_of(session, ctx, conversation)
+        conversation.waiting_since = now
+        close_at = now + sla.close_after_silence if sla.close_after_silence is not None else None
+        conversation.next_action_at = close_at
+        repo.record_event(
+            session=session,
+            at=now,
+            actor=expert_id,
+            action="waiting",
+            conversation_id=conversation_id,
+            close_at=close_at.isoformat() if close_at else None,
+        )
+        _card_update(session, conversation, "waiting", now)
+        return close_at
+
+
+def close_silent(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> bool:
+    """Close a conversation that waited on a silent customer for the policy's `close_after_silence`
+    (the sweep calls this); the card says why. Returns whether it closed."""
+    sla = conversations.policy_of(session, ctx, conversation)
+    since = conversation.waiting_since
+    if since is None or sla.close_after_silence is None or conversation.status == CLOSED:
+        conversation.next_action_at = None if since is not None else conversation.next_action_at
+        return False
+    if now < since + sla.close_after_silence:
+        conversation.next_action_at = since + sla.close_after_silence
+        return False
+    was = conversation.status
+    conversation.status = CLOSED
+    conversation.closed_at = now
+    conversation.close_reason = f"no word from the customer for {format_duration(sla.close_after_silence)}"[
+        :CLOSE_REASON_MAX
+    ]
+    conversation.next_action_at = None
+    repo.record_event(
+        session=session,
+        at=now,
+        actor="sweep",
+        action="closed",
+        conversation_id=conversation.id,
+        reason=conversation.close_reason,
+        was=was,
+        waiting_since=since.isoformat(),
+    )
+    _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
+    return True
 
 
 def mark_answered(
@@ -877,12 +947,14 @@ def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> T
             or_(
                 Conversation.first_response_at >= start,
                 Conversation.first_due_at >= start,
+                Conversation.resolution_due_at >= start,
+                Conversation.closed_at >= start,
                 # Rows from before the first deadline was stored, past their first cycle.
                 (Conversation.first_due_at.is_(None) & (Conversation.opened_at >= start - _STATS_LOOKBACK)),
             ),
         )
     )
-    answered = within = breached = 0
+    answered = within = breached = resolved_within = resolution_breached = 0
     for conversation in candidates:
         outcome = conversations.first_response_outcome(session, ctx, conversation, now)
         responded = conversation.first_response_at
@@ -891,14 +963,25 @@ def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> T
             within += outcome.within
         if start <= outcome.due_at < now and outcome.breached:
             breached += 1
+        resolution = conversations.resolution_verdict(conversation, now)
+        if resolution is not None:
+            closed = conversation.closed_at
+            if resolution.within and closed is not None and start <= closed <= now:
+                resolved_within += 1
+            if resolution.breached and start <= resolution.due_at < now:
+                resolution_breached += 1
     return TeamStats(
         team=team,
         week_start=start,
         open=count(Conversation.status == OPEN),
-        overdue=count(Conversation.status == OPEN, Conversation.due_at < now),
+        overdue=count(
+            Conversation.status == OPEN, Conversation.due_at < now, Conversation.waiting_since.is_(None)
+        ),
         answered_this_week=answered,
         answered_within_sla=within,
         breached_this_week=breached,
+        resolved_within_target=resolved_within,
+        resolution_breached_this_week=resolution_breached,
         closed_this_week=count(
             Conversation.status == CLOSED,
             Conversation.closed_at >= start,

@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from bot.core.ladder import LadderState, Plan, Step, plan
 from bot.core.routing import choose_owner
+from bot.flow import staff
 from bot.flow.context import AppContext
 from bot.flow.conversations import current_deadline, policy_of
 from storage import repo
@@ -57,7 +58,10 @@ def sweep(ctx: AppContext, *, batch_size: int = 200, max_batches: int | None = N
 def _claim(session: Session, now: datetime, limit: int) -> list[Conversation]:
     query = (
         select(Conversation)
-        .where(Conversation.next_action_at <= now, Conversation.status == OPEN)
+        .where(
+            Conversation.next_action_at <= now,
+            or_(Conversation.status == OPEN, Conversation.waiting_since.is_not(None)),
+        )
         .order_by(Conversation.next_action_at)
         .limit(limit)
     )
@@ -72,7 +76,15 @@ def _process_one(
     conversation_id = conversation.id
     try:
         with session.begin_nested():
-            steps = apply_ladder(session, ctx, conversation, now)
+            if conversation.waiting_since is not None:
+                # Waiting on the customer: no ladder, only the close after silence.
+                closed = staff.close_silent(session, ctx, conversation, now)
+                session.flush()
+                steps: tuple[Step, ...] = ()
+                if closed:
+                    result.steps["closed_silent"] = result.steps.get("closed_silent", 0) + 1
+            else:
+                steps = apply_ladder(session, ctx, conversation, now)
         result.processed += 1
         for step in steps:
             result.steps[step.kind] = result.steps.get(step.kind, 0) + 1

@@ -43,6 +43,10 @@ Columns, in this order (the order is part of the interface: add new columns at t
                             without reply), at the time of the export; empty for rows from
                             before migration 0004 already past their first cycle
 ``late_by_seconds``         how late the first response was (so far, if still unanswered)
+``resolution_due_at``       the resolution target (policy ``resolution``), moved on by waits
+``resolution_verdict``      ``within``, ``breached``, ``pending`` or ``not_judged`` (resolved =
+                            closed after an answer); empty without a resolution target
+``waiting_since``           since when staff wait on the customer (clocks paused), else empty
 ==========================  =====================================================================
 
 Times are ISO 8601 in UTC with a ``Z`` suffix (``2026-11-23T08:00:00Z``; fractional seconds
@@ -66,7 +70,7 @@ from typing import Any, TextIO
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from bot.core.sla_outcome import sla_outcome
+from bot.core.sla_outcome import resolution_outcome, sla_outcome
 from storage.models import CLOSED, OPEN, Account, Conversation
 
 COLUMNS: tuple[str, ...] = (
@@ -102,6 +106,9 @@ COLUMNS: tuple[str, ...] = (
     "first_due_at",
     "first_response_verdict",
     "late_by_seconds",
+    "resolution_due_at",
+    "resolution_verdict",
+    "waiting_since",
 )
 BATCH = 1000
 
@@ -159,6 +166,8 @@ def export_query(
             Conversation.breached_at,
             Conversation.closed_at,
             Conversation.first_due_at,
+            Conversation.resolution_due_at,
+            Conversation.waiting_since,
         )
         .join(Account, Account.id == Conversation.account_id)
         .where(Conversation.opened_at >= since)
@@ -216,6 +225,8 @@ def export_rows(
         breached_at,
         closed_at,
         first_due_at,
+        resolution_due_at,
+        waiting_since,
     ) in result:
         first_due = first_due_at if first_due_at is not None else (due_at if cycle == 0 else None)
         first = (
@@ -223,7 +234,24 @@ def export_rows(
             if first_due is not None
             else None
         )
-        current = sla_outcome(due_at=due_at, responded_at=answered_at, closed_at=closed_at, now=at)
+        # While waiting on the customer the cycle's clock stands still.
+        current = sla_outcome(
+            due_at=due_at,
+            responded_at=answered_at,
+            closed_at=closed_at,
+            now=min(at, waiting_since) if waiting_since is not None else at,
+        )
+        resolution = (
+            resolution_outcome(
+                resolution_due_at=resolution_due_at,
+                first_response_at=first_response_at,
+                closed_at=closed_at,
+                waiting_since=waiting_since,
+                now=at,
+            )
+            if resolution_due_at is not None
+            else None
+        )
         breached = (
             (first is not None and first.breached)
             or current.breached
@@ -262,6 +290,9 @@ def export_rows(
             iso_utc(first_due),
             first.verdict if first is not None else "",
             _seconds(first.late_by) if first is not None else "",
+            iso_utc(resolution_due_at),
+            resolution.verdict if resolution is not None else "",
+            iso_utc(waiting_since),
         ]
 
 

@@ -148,7 +148,11 @@ class DatabaseCollector:
             open_by_team.update({team: count for team, count in open_rows})
             overdue_rows = session.execute(
                 select(Conversation.team, func.count())
-                .where(Conversation.status == OPEN, Conversation.due_at < now)
+                .where(
+                    Conversation.status == OPEN,
+                    Conversation.due_at < now,
+                    Conversation.waiting_since.is_(None),
+                )
                 .group_by(Conversation.team)
             )
             overdue_by_team.update({team: count for team, count in overdue_rows})
@@ -171,6 +175,8 @@ class DatabaseCollector:
         for team, figures in week.items():
             families.first_responses.add_metric([team, "within"], figures.answered_within_sla)
             families.first_responses.add_metric([team, "breached"], figures.breached_this_week)
+            families.resolutions.add_metric([team, "within"], figures.resolved_within_target)
+            families.resolutions.add_metric([team, "breached"], figures.resolution_breached_this_week)
         for status, kind, count in sorted(outbox_rows):
             families.outbox.add_metric([status, kind], count)
         seen = set()
@@ -224,12 +230,20 @@ class _Families:
             labels=["team", "verdict"],
         )
 
+        self.resolutions = GaugeMetricFamily(
+            "replyclock_resolutions_this_week",
+            "Resolution-target verdicts of the team's current week: within = closed after an answer in "
+            "time this week, breached = resolution deadline passed this week unresolved or resolved late.",
+            labels=["team", "verdict"],
+        )
+
     def all(self) -> Iterator[Metric]:
         yield from (
             self.database_up,
             self.open,
             self.overdue,
             self.first_responses,
+            self.resolutions,
             self.outbox,
             self.last_success,
             self.parked,

@@ -36,6 +36,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     REPLY_BLOCK,
     REPLY_INPUT,
@@ -377,6 +378,12 @@ def card_actions(conversation: Conversation) -> Block:
                 "action_id": ACTION_SNOOZE,
                 "placeholder": _plain("Snooze"),
                 "options": [{"text": _plain(label), "value": key} for key, label in SNOOZE_CHOICES.items()],
+            },
+            {
+                "type": "button",
+                "action_id": ACTION_WAIT,
+                "text": _plain("Waiting on customer"),
+                "value": value,
             },
             {
                 "type": "button",
