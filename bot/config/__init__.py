@@ -84,6 +84,8 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                                default ``[0.75]``; ``[]`` for none.
     ``nag_every``              duration between reminders once overdue, default ``"1h"``.
     ``claim_within``           offer the conversation to the next expert if unclaimed by then.
+    ``reassign_if_silent``     hand a claimed conversation to the next expert (releasing the
+                               claim) when its owner neither answered nor acted for this long.
     ``resolution``             duration to resolution (staff close it after an answer), on the
                                policy's clock; paused while waiting on the customer.
     ``close_after_silence``    close a conversation waiting on the customer after this silence.
@@ -239,6 +241,7 @@ _POLICY_KEYS = (
     "warn_at",
     "nag_every",
     "claim_within",
+    "reassign_if_silent",
     "resolution",
     "close_after_silence",
     "acknowledge",
@@ -1392,6 +1395,7 @@ class _Validator:
             warn_at = self.field(table, path, "warn_at", self.fractions)
             nag_every = self.field(table, path, "nag_every", self.duration)
             claim_within = self.field(table, path, "claim_within", self.duration)
+            reassign_if_silent = self.field(table, path, "reassign_if_silent", self.duration)
             resolution = self.field(table, path, "resolution", self.duration)
             close_after_silence = self.field(table, path, "close_after_silence", self.duration)
             acknowledge = self.field(table, path, "acknowledge", self.boolean)
@@ -1443,6 +1447,7 @@ class _Validator:
                         ("warn_at", warn_at),
                         ("nag_every", nag_every),
                         ("claim_within", claim_within),
+                        ("reassign_if_silent", reassign_if_silent),
                         ("resolution", resolution),
                         ("close_after_silence", close_after_silence),
                         ("acknowledge", acknowledge),
@@ -1467,6 +1472,7 @@ class _Validator:
                         nag_every=nag_every if nag_every is not None else timedelta(hours=1),
                         escalation=escalation or (),
                         claim_within=claim_within,
+                        reassign_if_silent=reassign_if_silent,
                         resolution=resolution,
                         close_after_silence=close_after_silence,
                         acknowledge=bool(acknowledge),
@@ -1941,6 +1947,8 @@ def summarize(policy: Policy) -> str:
             targets.append(f"next response {format_duration(sla.next_response)}")
         if sla.claim_within is not None:
             targets.append(f"claim within {format_duration(sla.claim_within)}")
+        if sla.reassign_if_silent is not None:
+            targets.append(f"reassign after {format_duration(sla.reassign_if_silent)} of owner silence")
         if sla.resolution is not None:
             targets.append(f"resolution {format_duration(sla.resolution)}")
         if sla.close_after_silence is not None:

@@ -205,6 +205,9 @@ class SlaPolicy:
     nag_every: timedelta = timedelta(hours=1)
     escalation: tuple[EscalationStep, ...] = ()
     claim_within: timedelta | None = None
+    # A claimed conversation whose owner neither answered nor acted for this long goes to the next
+    # expert (the claim is released); None: a claim is kept however long.
+    reassign_if_silent: timedelta | None = None
     # Time to resolution (staff close it after answering), on the policy's clock; None: no target.
     resolution: timedelta | None = None
     # A conversation waiting on the customer is closed after this much silence; None: never.

@@ -387,6 +387,12 @@ def claim(
             repo.record_event(
                 session=session, at=now, actor=expert_id, action="claimed", conversation_id=conversation_id
             )
+            silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
+            if silence is not None:
+                # The sweep must look when the owner's silence would run out (reassign_if_silent).
+                check_at = now + silence
+                if conversation.next_action_at is None or conversation.next_action_at > check_at:
+                    conversation.next_action_at = check_at
             _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
         return ClaimResult(
             won=won,

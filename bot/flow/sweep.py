@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from bot.core.ladder import LadderState, Plan, Step, plan
@@ -23,7 +23,7 @@ from bot.flow.context import AppContext
 from bot.flow.conversations import current_deadline, policy_of
 from storage import repo
 from storage.db import is_postgres
-from storage.models import OPEN, Conversation
+from storage.models import OPEN, Conversation, Event
 
 log = logging.getLogger("replyclock.sweep")
 
@@ -127,6 +127,9 @@ def apply_ladder(
         reassignments=conversation.reassignments,
         assigned_at=conversation.assigned_at,
         claimed=conversation.claimed_by is not None,
+        owner_active_at=_owner_active_at(session, conversation)
+        if sla.reassign_if_silent is not None
+        else None,
     )
     decided: Plan = plan(
         policy=sla,
@@ -165,6 +168,11 @@ def _carry_out(
     }
     if step.kind == "reassign":
         previous = conversation.owner
+        if conversation.claimed_by is not None:
+            # reassign_if_silent: the owner claimed it but went silent; the claim goes with it.
+            payload["note"] = f"{conversation.claimed_by} claimed it but neither answered nor acted"
+            conversation.claimed_by = None
+            conversation.claimed_at = None
         choice = choose_owner(
             ctx.policy,
             team=conversation.team,
@@ -205,6 +213,22 @@ def _carry_out(
             "ladder step",
             extra={"conversation_id": conversation.id, "step": step.kind, "index": step.index},
         )
+
+
+def _owner_active_at(session: Session, conversation: Conversation) -> datetime | None:
+    """When the claiming owner last acted on the conversation: the claim, or their latest audited
+    action on it (reply, snooze, reassign...), whichever is later."""
+    claimer = conversation.claimed_by
+    if claimer is None:
+        return None
+    latest = session.scalar(
+        select(func.max(Event.at)).where(
+            Event.conversation_id == conversation.id,
+            or_(Event.actor == claimer, Event.actor == f"expert:{claimer}"),
+        )
+    )
+    found = [at for at in (conversation.claimed_at, latest) if at is not None]
+    return max(found) if found else None
 
 
 def earliest_next_action(ctx: AppContext) -> datetime | None:
