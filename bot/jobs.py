@@ -46,6 +46,8 @@ STARTUP_JOB = "startup"
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
+# The admin channel hears of a failing account after this many failed polls in a row.
+ALERT_AFTER_FAILURES = int(os.environ.get("REPLYCLOCK_ALERT_AFTER_FAILURES", "3"))
 
 
 def sweep_max_interval() -> timedelta:
@@ -211,6 +213,15 @@ class Jobs:
 
     def run_outbox(self) -> None:
         result = self.sender.send_due()
+        if result.unknown:
+            # Sent but unconfirmed (a timeout after the request left): never resent, so a human
+            # should look whether the customer got it.
+            self._alert_admins(
+                "outbox",
+                f"{result.unknown} message(s) of unknown fate (the platform may or may not have posted "
+                "them; they are not resent): see the outbox rows with status 'unknown'",
+                topic="unknown",
+            )
         if result.sent or result.retried or result.failed or result.unknown:
             log.info(
                 "outbox",
@@ -229,6 +240,7 @@ class Jobs:
         with self.ctx.sessions() as session, session.begin():
             account = repo.get_or_create_account(session=session, name=name, kind=connector.kind)
             cursor, parked_until, account_id = account.cursor, account.parked_until, account.id
+            last_error = account.last_error or ""
         if parked_until is not None and parked_until > now:
             return 0
         # The pages of one poll are ingested together, in one transaction with the last cursor, and
@@ -248,6 +260,11 @@ class Jobs:
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
                 )
+                self._alert_admins(
+                    name,
+                    f"{name}: rate limited; polling parked until {error.reset_at:%Y-%m-%d %H:%M} UTC",
+                    topic="ratelimit",
+                )
                 break
             except AuthFailed as error:
                 record_connector_error(name, "auth")
@@ -264,7 +281,23 @@ class Jobs:
                 base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
                 self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
+                if connector.consecutive_failures >= ALERT_AFTER_FAILURES:
+                    self._alert_admins(
+                        name,
+                        f"{name}: {connector.consecutive_failures} polls in a row failed "
+                        f"({type(error).__name__}: {str(error)[:300]}); retrying with back-off",
+                        topic="failing",
+                    )
                 break
+            if parked_until is not None and _page == 0:
+                # It had been parked and works again; the admins hear of it when they heard of the
+                # park (a rate limit, or failures enough to be reported), not after one blip.
+                self._resume(account_id)
+                if (
+                    "rate limit" in last_error.lower()
+                    or connector.consecutive_failures >= ALERT_AFTER_FAILURES
+                ):
+                    self._alert_admins(name, f"{name}: polling resumed", topic="resumed")
             connector.record_success()
             posts.extend(batch.posts)
             skipped.extend(batch.skipped)
@@ -343,6 +376,10 @@ class Jobs:
                 payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
                 now=now,
             )
+
+    def _resume(self, account_id: int) -> None:
+        with self.ctx.sessions() as session, session.begin():
+            session.execute(update(Account).where(Account.id == account_id).values(parked_until=None))
 
     def _park(self, account_id: int, until: datetime, error: str) -> None:
         with self.ctx.sessions() as session, session.begin():
