@@ -7,6 +7,7 @@ any number of processes can run these jobs against one PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import OutboxSender
+from bot.flow.startup import configuration_notices
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.reports.metrics import record_connector_error, record_ingested, record_rate_limit
@@ -129,9 +131,32 @@ class Jobs:
             )
 
     def catch_up(self) -> None:
-        """What a process does first: sweep everything due, then queue any digest whose time passed."""
+        """What a process does first: tell the admins of doubtful settings, sweep everything due,
+        then queue any digest whose time passed."""
+        self.report_configuration()
         self.run_sweep()
         self.run_digests()
+
+    def report_configuration(self) -> int:
+        """Configuration problems found at start-up, to the admin channel, each once a day."""
+        now = self.ctx.clock.now()
+        written = 0
+        for text in configuration_notices(self.ctx.policy):
+            log.warning("configuration problem", extra={"problem": text})
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            with self.ctx.sessions() as session, session.begin():
+                written += repo.enqueue(
+                    session=session,
+                    kind="admin_alert",
+                    key=f"config:{digest}:{now:%Y%m%d}",
+                    payload={
+                        "account": "config",
+                        "text": text,
+                        "channel": self.ctx.policy.settings.admin_channel,
+                    },
+                    now=now,
+                )
+        return written
 
     def run_sweep(self) -> None:
         """Sweep now, set the wake-up for the next due conversation, then have what it wrote sent.

@@ -95,3 +95,24 @@ def test_messages_of_unknown_fate_are_told_once_an_hour(ctx: AppContext, clock: 
         clock.advance(timedelta(minutes=10))
     [(key, text)] = alerts(ctx)
     assert key == "unknown:outbox:20261123T08" and "of unknown fate" in text
+
+
+def test_configuration_problems_at_start_up_are_told_once_a_day(ctx: AppContext, clock: FakeClock) -> None:
+    import dataclasses
+
+    teams = dict(ctx.policy.teams)
+    teams["billing"] = dataclasses.replace(teams["billing"], language="sv")  # no Swedish template
+    policies = tuple(
+        dataclasses.replace(p, resolution=timedelta(days=3)) if p.name == "classic" else p
+        for p in ctx.policy.policies
+    )
+    ctx.policy = dataclasses.replace(ctx.policy, teams=teams, policies=policies)
+    jobs = Jobs(ctx, {}, OutboxSender(ctx, {}), send_after_poll=False)
+    assert jobs.report_configuration() == 2
+    texts = [text for _key, text in alerts(ctx)]
+    assert any(t.startswith("team billing: no acknowledgement template in its language 'sv'") for t in texts)
+    assert any(
+        t.startswith("policy classic: has a resolution target but no close_after_silence") for t in texts
+    )
+    clock.advance(timedelta(hours=3))
+    assert jobs.report_configuration() == 0  # a restart the same day says nothing new
