@@ -64,7 +64,7 @@ def test_a_silent_owner_loses_the_claim_an_active_one_keeps_it(ctx: AppContext, 
         assert (silent.owner, silent.claimed_by) == ("lee", None)
         assert (active.owner, active.claimed_by) == ("maria", "maria")
         note = session.scalars(select(Outbox.payload).where(Outbox.kind == "reassign")).one()
-        assert note["previous_owner"] == "maria" and "neither answered nor acted" in note["note"]
+        assert note["previous_owner"] == "maria" and note["reason"] == "silent" and "note" not in note
         assert (
             session.scalars(select(Event.action).where(Event.conversation_id == first)).all()[-1]
             == "reassign"
@@ -79,3 +79,54 @@ def test_a_silent_owner_loses_the_claim_an_active_one_keeps_it(ctx: AppContext, 
     with ctx.sessions() as session:
         active = session.get(Conversation, second)
         assert active is not None and active.claimed_by is None and active.owner == "lee"
+
+
+def _follow_the_sun(ctx: AppContext, enabled: bool) -> None:
+    teams = dict(ctx.policy.teams)
+    teams["care"] = dataclasses.replace(teams["care"], experts=("nina", "sam"), follow_the_sun=enabled)
+    ctx.policy = dataclasses.replace(ctx.policy, teams=teams)
+
+
+def test_follow_the_sun_hands_over_when_the_owners_day_ends_before_the_deadline(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    from bot.slack.blocks import reassign_message
+
+    _follow_the_sun(ctx, True)
+    evening = MONDAY.replace(hour=21, minute=30)  # 16:30 in New York: Nina works until 17:00
+    clock.set(evening)
+    ingest(ctx, post("1", "the site is down", at=evening))  # urgent: due in 1 h, 22:30 UTC
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert conversation.owner == "nina" and conversation.due_at == evening + H
+        assert conversation.next_action_at == MONDAY.replace(hour=22)  # her day's end comes first
+    clock.set(MONDAY.replace(hour=22))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert conversation.owner == "sam" and conversation.claimed_by is None
+        note = session.scalars(select(Outbox).where(Outbox.kind == "reassign")).one()
+        assert note.payload["reason"] == "handover" and note.payload["previous_owner"] == "nina"
+        assert "handover" in session.scalars(select(Event.action)).all()
+        text = reassign_message(
+            conversation,
+            ctx_policy=ctx.policy,
+            now=clock.now(),
+            owner="sam",
+            previous_owner="nina",
+            reason="handover",
+        )
+    assert "Handover: *Nina Park*'s working hours end before *#1*" in str(
+        text
+    ) and "<@U0SAM0001> takes it over" in str(text)
+
+
+def test_without_follow_the_sun_the_owner_keeps_it_overnight(ctx: AppContext, clock: FakeClock) -> None:
+    _follow_the_sun(ctx, False)
+    evening = MONDAY.replace(hour=21, minute=30)
+    clock.set(evening)
+    ingest(ctx, post("1", "the site is down", at=evening))
+    clock.set(MONDAY.replace(hour=22, minute=16))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.owner)).one() == "nina"

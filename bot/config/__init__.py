@@ -68,6 +68,9 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      team calendar's time zone (a day as in working hours, a 24-hour time),
                      default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
                      completed ISO week (Monday to Sunday), on that day of the week after.
+    ``follow_the_sun`` boolean, default false: when an owner's working hours end before the
+                     deadline of an open conversation, hand it to the next expert on duty (with a
+                     handover note in the card's thread).
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
     ``name``                   (required, unique)
@@ -230,7 +233,17 @@ _EXPERT_KEYS = (
     "away_until",
     "holidays",
 )
-_TEAM_KEYS = ("channel", "experts", "calendar", "on_call", "manager", "language", "display_name", "digest")
+_TEAM_KEYS = (
+    "channel",
+    "experts",
+    "calendar",
+    "on_call",
+    "manager",
+    "language",
+    "display_name",
+    "digest",
+    "follow_the_sun",
+)
 _POLICY_KEYS = (
     "name",
     "clock",
@@ -1277,6 +1290,7 @@ class _Validator:
             digest: DigestSchedule | Literal["off"] | None = self.field(
                 table, path, "digest", self.digest_time
             )
+            follow_the_sun = self.field(table, path, "follow_the_sun", self.boolean)
             if channel is None or members is None or calendar is None:
                 continue
             out[name] = Team(
@@ -1289,6 +1303,7 @@ class _Validator:
                 language=language or "en",
                 display_name=display_name,
                 digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
+                follow_the_sun=bool(follow_the_sun),
             )
         if data.get("teams", {}) == {}:
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")

@@ -174,6 +174,9 @@ class Team:
     display_name: str | None = None
     # When the weekly digest of last week is posted to the channel; None: no digest ("off").
     digest: DigestSchedule | None = DigestSchedule()
+    # Follow the sun: an open conversation whose owner's hours end before its deadline is handed
+    # to the next expert on duty when they end.
+    follow_the_sun: bool = False
 
     @property
     def label(self) -> str:

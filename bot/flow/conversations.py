@@ -85,6 +85,19 @@ def resolution_verdict(conversation: Conversation, now: datetime) -> SlaOutcome 
     )
 
 
+def owner_shift_end(ctx: AppContext, owner: str | None, now: datetime, due_at: datetime) -> datetime | None:
+    """When the owner's current working stretch ends, if they are at work now and it ends before
+    `due_at` (follow the sun hands the conversation on then); else None."""
+    if owner is None or owner not in ctx.policy.experts or now >= due_at:
+        return None
+    calendar = ctx.expert_calendar(owner)
+    for start, end in calendar.open_intervals(now, due_at):
+        if start <= now and end < due_at:
+            return end
+        break
+    return None
+
+
 def first_due_at(session: Session, ctx: AppContext, conversation: Conversation) -> datetime:
     """The first-response deadline the customer was promised.
 

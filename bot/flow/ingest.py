@@ -29,7 +29,14 @@ from bot.core.locale_text import language_candidates
 from bot.core.messages import render_acknowledgement
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
-from bot.flow.conversations import answer, deadline_for, policy_of, resolution_deadline, resume_from_wait
+from bot.flow.conversations import (
+    answer,
+    deadline_for,
+    owner_shift_end,
+    policy_of,
+    resolution_deadline,
+    resume_from_wait,
+)
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
@@ -544,6 +551,10 @@ class _Batch:
         first_action = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
         if sla.claim_within is not None and choice.expert_id is not None:
             first_action = min(first_action, now + sla.claim_within)
+        if ctx.policy.teams[route.team].follow_the_sun:
+            shift_end = owner_shift_end(ctx, choice.expert_id, now, deadline.due_at)
+            if shift_end is not None:
+                first_action = min(first_action, shift_end)
         conversation = Conversation(
             account_id=self.account_id,
             thread_key=post.thread_key or post.external_id,

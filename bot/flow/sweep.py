@@ -20,7 +20,7 @@ from bot.core.ladder import LadderState, Plan, Step, plan
 from bot.core.routing import choose_owner
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.flow.conversations import current_deadline, policy_of
+from bot.flow.conversations import current_deadline, owner_shift_end, policy_of
 from storage import repo
 from storage.db import is_postgres
 from storage.models import OPEN, Conversation, Event
@@ -142,6 +142,12 @@ def apply_ladder(
     )
     for step in decided.steps:
         _carry_out(session, ctx, conversation, step, now)
+    team = ctx.policy.teams.get(conversation.team)
+    follow_the_sun = team is not None and team.follow_the_sun and conversation.status == OPEN
+    if follow_the_sun and owner is not None and not any(step.kind == "reassign" for step in decided.steps):
+        back = next_on_duty(now)
+        if not on_duty(now) and (back is None or back > conversation.due_at):
+            _hand_over(session, ctx, conversation, now)
     conversation.warnings_sent = decided.state.warnings_sent
     conversation.escalation_step = decided.state.escalation_step
     conversation.nag_level = decided.state.nag_level
@@ -151,8 +157,63 @@ def apply_ladder(
         if conversation.breached_at is None:
             conversation.breached_at = conversation.due_at
     conversation.next_action_at = decided.next_action_at
+    if follow_the_sun:
+        # Look again when the (possibly new) owner's working hours end before the deadline.
+        shift_end = owner_shift_end(ctx, conversation.owner, now, conversation.due_at)
+        if shift_end is not None and (
+            conversation.next_action_at is None or shift_end < conversation.next_action_at
+        ):
+            conversation.next_action_at = shift_end
     session.flush()
     return decided.steps
+
+
+def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> None:
+    """Follow the sun: the owner's day ended before the deadline; the next expert on duty takes it."""
+    previous = conversation.owner
+    choice = choose_owner(
+        ctx.policy,
+        team=conversation.team,
+        topics=(),
+        at=now,
+        load=repo.open_loads(session=session, team=conversation.team),
+        last_assigned=previous,
+        exclude=repo.away_experts(session=session, now=now) | ({previous} if previous else set()),
+    )
+    if choice.expert_id is None or choice.reason != "on_duty":
+        return  # nobody else at work: it stays, and the ladder goes on as usual
+    index = conversation.reassignments
+    conversation.reassignments += 1
+    conversation.owner = choice.expert_id
+    conversation.assigned_at = now
+    conversation.claimed_by = None
+    conversation.claimed_at = None
+    repo.enqueue(
+        session=session,
+        kind="reassign",
+        key=f"conv:{conversation.id}:c{conversation.cycle}:reassign:{index}",
+        payload={
+            "conversation_id": conversation.id,
+            "step": "reassign",
+            "index": index,
+            "notify": "owner",
+            "scheduled_at": now.isoformat(),
+            "owner": choice.expert_id,
+            "previous_owner": previous,
+            "reason": "handover",
+        },
+        conversation_id=conversation.id,
+        now=now,
+    )
+    repo.record_event(
+        session=session,
+        at=now,
+        actor="sweep",
+        action="handover",
+        conversation_id=conversation.id,
+        owner=choice.expert_id,
+        previous_owner=previous,
+    )
 
 
 def _carry_out(
@@ -170,7 +231,7 @@ def _carry_out(
         previous = conversation.owner
         if conversation.claimed_by is not None:
             # reassign_if_silent: the owner claimed it but went silent; the claim goes with it.
-            payload["note"] = f"{conversation.claimed_by} claimed it but neither answered nor acted"
+            payload["reason"] = "silent"
             conversation.claimed_by = None
             conversation.claimed_at = None
         choice = choose_owner(

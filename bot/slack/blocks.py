@@ -692,8 +692,20 @@ def reassign_message(
     owner: str | None,
     previous_owner: str | None,
     note: str | None = None,
+    reason: str | None = None,
 ) -> Message:
-    """Thread reply: nobody claimed it in time, so it was offered to the next expert."""
+    """Thread reply: nobody claimed it in time (or its owner went silent, or their day ended:
+    `reason` "silent" or "handover"), so it was offered to the next expert."""
+    if reason in ("silent", "handover") and owner != previous_owner:
+        was = _person(ctx_policy, previous_owner, now=None, ping=False)
+        line = (
+            f":arrows_counterclockwise: {was} claimed {_subject(conversation)} but neither answered nor "
+            f"acted: offered to {_person(ctx_policy, owner, now=now)}."
+            if reason == "silent"
+            else f":sunrise: Handover: {was}'s working hours end before {_subject(conversation)} is due: "
+            f"{_person(ctx_policy, owner, now=now)} takes it over."
+        )
+        return _simple(line, f"#{conversation.id} handed over")
     if note or owner == previous_owner:
         line = (
             f":arrows_counterclockwise: Nobody claimed {_subject(conversation)} in time and no other "
