@@ -51,8 +51,8 @@ from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
-from bot.reports.metrics import record_slack_error
 from bot.slack import blocks
+from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
 from storage.models import OPEN, PENDING, SENDING, SENT, Conversation, Event, Outbox, Post
