@@ -121,6 +121,7 @@ class FeedConnector(Connector):
     """Polls one RSS or Atom feed of comments."""
 
     kind: ClassVar[str] = "feed"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
 
     def __init__(
         self,

@@ -86,6 +86,7 @@ class MastodonConnector(Connector):
     """Mentions of our account in, replies out, through Mastodon.py."""
 
     kind: ClassVar[str] = "mastodon"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
 
     def __init__(
         self,

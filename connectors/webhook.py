@@ -253,6 +253,7 @@ class WebhookConnector(Connector):
     """
 
     kind: ClassVar[str] = "webhook"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
     push: ClassVar[bool] = True
 
     def __init__(

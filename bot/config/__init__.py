@@ -135,9 +135,11 @@ from bot.config.loader import load_policy, parse_policy
 from bot.config.locator import KeyLocator
 from bot.config.problems import ConfigError, ConfigProblem, KeyPath, render_key
 from bot.config.summary import summarize
+from bot.config.validator import AccountCheck
 
 __all__ = [
     "PLACEHOLDERS",
+    "AccountCheck",
     "ConfigError",
     "ConfigProblem",
     "KeyLocator",

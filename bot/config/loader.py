@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bot.config.locator import KeyLocator
 from bot.config.problems import ConfigError, ConfigProblem
-from bot.config.validator import _Validator
+from bot.config.validator import AccountCheck, _Validator
 from bot.core.policy import (
     Policy,
 )
@@ -21,19 +21,27 @@ def _sorted(problems: list[ConfigProblem]) -> list[ConfigProblem]:
     return sorted(problems, key=lambda problem: (problem.line is None, problem.line or 0))
 
 
-def parse_policy(data: Mapping[str, object], *, source: str, text: str | None = None) -> Policy:
+def parse_policy(
+    data: Mapping[str, object],
+    *,
+    source: str,
+    text: str | None = None,
+    account_check: AccountCheck | None = None,
+) -> Policy:
     """Validate already-parsed TOML data and build the `Policy`.
 
     Args:
         data: the document as `tomllib` returns it.
         source: the file name used in problems and kept as `Policy.source`.
         text: the TOML source, used only to find the line of each problem (None: no lines).
+        account_check: also check each account with this (its connector's settings and
+            secrets: see bot.flow.channels.validate_setup); its problems join the others.
 
     Raises:
         ConfigError: every problem found, in file order.
     """
     locator = KeyLocator(text) if text is not None else None
-    validator = _Validator(source, locator)
+    validator = _Validator(source, locator, account_check)
     policy = validator.run(data)
     if policy is None:
         raise ConfigError(_sorted(validator.problems))
@@ -56,11 +64,12 @@ def _syntax_problem(source: str, text: str, error: tomllib.TOMLDecodeError) -> C
     return ConfigProblem(source, line, "", f"TOML syntax error: {message}")
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, account_check: AccountCheck | None = None) -> Policy:
     """Read, parse and validate a policy file.
 
     Args:
         path: the TOML file; problems name it as given here.
+        account_check: as for `parse_policy`.
 
     Returns:
         The validated policy.
@@ -91,4 +100,4 @@ def load_policy(path: str | Path) -> Policy:
         raise ConfigError(
             [ConfigProblem(source, None, "", "TOML syntax error: values nested too deeply")]
         ) from None
-    return parse_policy(data, source=source, text=text)
+    return parse_policy(data, source=source, text=text, account_check=account_check)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, timedelta
 from typing import Final, Literal, TypeVar
 
 from bot.config.fields import _Fields
 from bot.config.helpers import _known, _quote, _suggest, _template_problem
+from bot.config.locator import KeyLocator
 from bot.config.problems import KeyPath, render_key
 from bot.core.policy import (
     PRIORITIES,
@@ -86,8 +87,19 @@ _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
 
+AccountCheck = Callable[[Account], Iterable[tuple[KeyPath, str]]]
+"""Checks one account beyond its common keys (its connector's settings and secrets): each problem
+as (key path inside the account's table, message); ``()`` for the account's table itself."""
+
+
 class _Validator(_Fields):
     """Walks the parsed TOML, collecting problems and building the policy objects."""
+
+    def __init__(
+        self, source: str, locator: KeyLocator | None, account_check: AccountCheck | None = None
+    ) -> None:
+        super().__init__(source, locator)
+        self.account_check = account_check
 
     # -- sections
 
@@ -251,12 +263,14 @@ class _Validator(_Fields):
             table = self.table(raw, path)
             if table is None:
                 continue
+            flagged: set[str] = set()
             for key in table:
                 if key in _ACCOUNT_KEYS:
                     continue
                 guess = _suggest(str(key), _ACCOUNT_KEYS, cutoff=0.8)
                 if guess is not None:
                     self.typos.add((path, guess))
+                    flagged.add(key)
                     self.add((*path, key), f"unknown key {_quote(str(key))} (did you mean '{guess}'?)")
             kind = self.field(
                 table,
@@ -278,6 +292,10 @@ class _Validator(_Fields):
                 can_reply=can_reply if can_reply is not None else True,
                 settings={key: value for key, value in table.items() if key not in _ACCOUNT_KEYS},
             )
+            if self.account_check is not None:
+                for where, message in self.account_check(out[name]):
+                    if not (where and where[0] in flagged):
+                        self.add((*path, *where), message)
         return out
 
     def settings(self, data: Mapping[str, object], teams: Collection[str]) -> Settings:
