@@ -92,6 +92,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from bot.config.shape import json_schema_text
+
+    sys.stdout.write(json_schema_text())
+    return 0
+
+
 def cmd_deadline(args: argparse.Namespace) -> int:
     from bot.core.sla import BusinessCalendar, deadline_lines
 
@@ -358,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the secrets connectors read from the environment (for CI without them)",
     )
     check.set_defaults(func=cmd_check)
+
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of replyclock.toml (for Taplo / Even Better TOML)"
+    )
+    schema.set_defaults(func=cmd_schema)
 
     deadline = sub.add_parser("deadline", help="when is a post due? (business time on a calendar)")
     deadline.add_argument("--config")

@@ -22,6 +22,7 @@ from bot.config.helpers import (
 )
 from bot.config.locator import KeyLocator
 from bot.config.problems import ConfigProblem, KeyPath, render_key
+from bot.config.shape import HolidaysTable, keys_of
 from bot.core.policy import (
     WEEKDAY_NAMES,
     DigestSchedule,
@@ -32,7 +33,7 @@ from bot.core.policy import (
 
 T = TypeVar("T")
 
-_HOLIDAY_KEYS = ("country", "subdivision")
+_HOLIDAY_KEYS = keys_of(HolidaysTable)
 _PERIOD_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _CHANNEL_RE = re.compile(r"^(#[^\s#@,.]{1,80}|[CG][A-Z0-9]{6,})$")

@@ -7,10 +7,12 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, timedelta
 from typing import Final, Literal, TypeVar
 
+from bot.config import shape
 from bot.config.fields import _Fields
 from bot.config.helpers import _known, _quote, _suggest, _template_problem
 from bot.config.locator import KeyLocator
 from bot.config.problems import KeyPath, render_key
+from bot.config.shape import keys_of
 from bot.core.policy import (
     PRIORITIES,
     Account,
@@ -35,51 +37,18 @@ ESCALATION_TARGETS: Final[tuple[EscalationTarget, ...]] = ("owner", "team_channe
 _PRIORITY_BY_NAME: Final[dict[str, Priority]] = {name: name for name in PRIORITIES}
 _TARGET_BY_NAME: Final[dict[str, EscalationTarget]] = {name: name for name in ESCALATION_TARGETS}
 _CLOCKS: Final[dict[str, Literal["wall", "business"]]] = {"wall": "wall", "business": "business"}
-_TOP_KEYS = (
-    "settings",
-    "calendars",
-    "experts",
-    "teams",
-    "policies",
-    "routing",
-    "authors",
-    "accounts",
-    "acknowledgements",
-)
-_SETTINGS_KEYS = ("conversation_gap", "default_team", "admin_channel")
-_CALENDAR_KEYS = ("timezone", "hours", "holidays", "closed", "overrides")
-_EXPERT_KEYS = (
-    "name",
-    "slack_id",
-    "email",
-    "timezone",
-    "hours",
-    "topics",
-    "capacity",
-    "away_until",
-    "holidays",
-)
-_TEAM_KEYS = ("channel", "experts", "calendar", "on_call", "manager", "language", "display_name", "digest")
-_POLICY_KEYS = (
-    "name",
-    "clock",
-    "calendar",
-    "first_response",
-    "next_response",
-    "weekend_first_response",
-    "warn_at",
-    "nag_every",
-    "claim_within",
-    "acknowledge",
-    "escalation",
-    "match",
-)
-_STEP_KEYS = ("after", "notify")
-_MATCH_KEYS = ("teams", "accounts", "priorities")
-_RULE_KEYS = ("name", "team", "priority", "accounts", "keywords", "regex", "authors", "languages", "topics")
+_TOP_KEYS = keys_of(shape.PolicyFile)
+_SETTINGS_KEYS = keys_of(shape.SettingsTable)
+_CALENDAR_KEYS = keys_of(shape.CalendarTable)
+_EXPERT_KEYS = keys_of(shape.ExpertTable)
+_TEAM_KEYS = keys_of(shape.TeamTable)
+_POLICY_KEYS = keys_of(shape.PolicyTable)
+_STEP_KEYS = keys_of(shape.StepTable)
+_MATCH_KEYS = keys_of(shape.MatchTable)
+_RULE_KEYS = keys_of(shape.RuleTable)
 _RULE_CONDITIONS = ("accounts", "keywords", "regex", "authors", "languages")
-_AUTHOR_KEYS = ("vip", "ignore")
-_ACCOUNT_KEYS = ("kind", "own_ids", "poll_interval", "can_reply")
+_AUTHOR_KEYS = keys_of(shape.AuthorsTable)
+_ACCOUNT_KEYS = keys_of(shape.AccountTable)
 _DEFAULT_EXPERT_HOURS: Final[WeekHours] = {day: ((540, 1020),) if day < 5 else () for day in range(7)}
 _SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
