@@ -25,22 +25,28 @@ class ConnectorSetupError(Exception):
     """An account names an unknown connector kind, or its connector refused its settings."""
 
 
-def build_connectors(policy: Policy, environ: Mapping[str, str]) -> dict[str, Connector]:
+def build_connectors(
+    policy: Policy, environ: Mapping[str, str], *, dry_run: bool = False
+) -> dict[str, Connector]:
     """One connector per configured account.
 
     Args:
         policy: the validated policy.
         environ: where connectors read their secrets.
+        dry_run: only check that every kind is known (`validate_setup` checks far more).
     """
     classes = connector_classes()
     built: dict[str, Connector] = {}
     problems = []
-    logs.add_secrets(named_secrets(policy, environ))
+    if not dry_run:
+        logs.add_secrets(named_secrets(policy, environ))
     for name, account in policy.accounts.items():
         cls = classes.get(account.kind)
         if cls is None:
             known = ", ".join(sorted(classes)) or "none installed"
             problems.append(f"accounts.{name}.kind: unknown connector kind {account.kind!r} (known: {known})")
+            continue
+        if dry_run:
             continue
         try:
             built[name] = _construct(cls, account, environ)
