@@ -94,8 +94,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from bot.config.shape import json_schema_text
+    from connectors.base import connector_classes
 
-    sys.stdout.write(json_schema_text())
+    keys = {
+        kind: cls.settings_keys for kind, cls in connector_classes().items() if cls.settings_keys is not None
+    }
+    sys.stdout.write(json_schema_text(keys))
     return 0
 
 

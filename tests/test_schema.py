@@ -81,6 +81,12 @@ EXAMPLE_TEXT = EXAMPLE.read_text(encoding="utf-8")
         ('channel = "#billing"', 'channel = "billing"', "teams.billing.channel"),
         ('kind = "feed"', 'kind = "Feed"', "accounts.blog.kind"),
         ("[settings]", "[setting]", ""),  # unknown top-level table
+        (
+            'kind = "feed"',
+            'kind = "feed"\nurll = "https://blog.example/feed"',
+            "accounts.blog",
+        ),  # a connector key
+        ('user_id = "1234567890"', 'user_ids = "1234567890"', "accounts.x"),
     ],
 )
 def test_the_schema_rejects_a_broken_file(old: str, new: str, where: str) -> None:
@@ -104,3 +110,9 @@ def test_the_schema_and_the_validator_know_the_same_keys() -> None:
     assert tuple(definitions["ExpertTable"]["properties"]) == validator._EXPERT_KEYS
     assert tuple(definitions["PolicyTable"]["properties"]) == validator._POLICY_KEYS
     assert tuple(json_schema()["properties"]) == validator._TOP_KEYS
+
+
+def test_a_plug_in_kind_takes_any_keys() -> None:
+    """Only the connectors the schema was made with restrict their accounts' keys."""
+    text = EXAMPLE_TEXT.replace('kind = "feed"', 'kind = "forum"\nboard = "support"', 1)
+    assert errors_of(text) == []

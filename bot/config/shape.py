@@ -14,6 +14,7 @@ pass them.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final, Literal, Required
 
 from pydantic import ConfigDict, Field, TypeAdapter
@@ -228,16 +229,36 @@ def keys_of(table: type[Any]) -> tuple[str, ...]:
     return tuple(name for name in table.__annotations__ if not name.startswith("_"))
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of replyclock.toml."""
+def json_schema(connector_keys: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The JSON Schema of replyclock.toml.
+
+    Args:
+        connector_keys: connector kind -> the account keys its connector reads (see
+            `connectors.base.Connector.settings_keys`); an account of such a kind may hold only
+            those and the common keys. Kinds not given (plug-ins) take any keys.
+    """
     schema = TypeAdapter(PolicyFile).json_schema()
     _name_patterns(schema)
+    if connector_keys:
+        account = schema["$defs"]["AccountTable"]
+        account["properties"]["kind"]["examples"] = sorted(connector_keys)
+        common = keys_of(AccountTable)
+        account["allOf"] = [
+            {
+                "if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
+                "then": {
+                    "properties": dict.fromkeys((*common, *connector_keys[kind]), True),
+                    "additionalProperties": False,
+                },
+            }
+            for kind in sorted(connector_keys)
+        ]
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "replyclock.toml"}
 
 
-def json_schema_text() -> str:
+def json_schema_text(connector_keys: Mapping[str, Sequence[str]] | None = None) -> str:
     """`json_schema` as the text ``replyclock schema`` prints (and examples/ holds)."""
-    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(json_schema(connector_keys), indent=2, ensure_ascii=False) + "\n"
 
 
 def _name_patterns(node: object) -> None:
