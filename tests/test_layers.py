@@ -12,7 +12,10 @@ and relative), maps each module to its layer and reports every import a layer ma
     demo     is imported by nobody but bot/cli.py (and tests)
 
 `connectors/` and `storage/` sit below bot/ and import none of it but `bot.core` and the
-utilities. The last tests run the checker on a small synthetic tree to show it does fail.
+utilities. No two modules import each other, directly or round a longer circle, not even from
+inside a function (the Slack feature modules share helpers through bot/slack/common.py, and
+bot/slack/app.py imports them, not the other way round). The
+synthetic-tree tests show that both checkers do fail.
 """
 
 from __future__ import annotations
@@ -94,6 +97,78 @@ def layer_violations(root: Path) -> list[str]:
                 elif target_layer == "demo" and module not in DEMO_IMPORTERS:
                     problems.append(f"{where}: {module} imports the demo ({target}); only bot.cli may")
     return sorted(set(problems))
+
+
+def _import_nodes(node: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, in functions too, but not those under ``if TYPE_CHECKING:``."""
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return [node]
+    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        return [found for child in node.orelse for found in _import_nodes(child)]
+    return [found for child in ast.iter_child_nodes(node) for found in _import_nodes(child)]
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Circles of imports among our modules: a function-level import that dodges a circle at
+    import time still ties the two modules together, so it counts (``TYPE_CHECKING`` ones do not)."""
+    paths = {
+        module_name(root, path): path
+        for top in ("bot", "connectors", "storage")
+        for path in sorted((root / top).rglob("*.py"))
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        edges: set[str] = set()
+        for node in _import_nodes(tree):
+            found = imported_modules(
+                ast.Module(body=[node], type_ignores=[]), module, path.name == "__init__.py"
+            )
+            names = {target for _, target in found}
+            for target in names:
+                # `from package import submodule` depends on the submodule, not the package.
+                if (
+                    target in paths
+                    and target != module
+                    and not any(other.startswith(target + ".") and other in paths for other in names)
+                ) or (target in paths and target != module and isinstance(node, ast.Import)):
+                    edges.add(target)
+        graph[module] = edges
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles(ROOT) == []
+
+
+def test_a_cycle_is_found(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "bot/slack/app.py": "def register_handlers():\n    from bot.slack import actions\n",
+            "bot/slack/actions.py": "from bot.slack.app import session_of\n",
+            "bot/slack/common.py": "",
+        },
+    )
+    assert import_cycles(root) == [["bot.slack.actions", "bot.slack.app", "bot.slack.actions"]]
 
 
 def test_the_layers_hold() -> None:

@@ -7,12 +7,24 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, timedelta
 from typing import Final, Literal, TypeVar
 
-from bot.config import shape
 from bot.config.fields import _Fields
 from bot.config.helpers import _known, _quote, _suggest, _template_problem
 from bot.config.locator import KeyLocator
 from bot.config.problems import KeyPath, render_key
-from bot.config.shape import keys_of
+from bot.config.shape import (
+    AccountTable,
+    AuthorsTable,
+    CalendarTable,
+    ExpertTable,
+    MatchTable,
+    PolicyFile,
+    PolicyTable,
+    RuleTable,
+    SettingsTable,
+    StepTable,
+    TeamTable,
+    keys_of,
+)
 from bot.core.policy import (
     PRIORITIES,
     Account,
@@ -37,18 +49,18 @@ ESCALATION_TARGETS: Final[tuple[EscalationTarget, ...]] = ("owner", "team_channe
 _PRIORITY_BY_NAME: Final[dict[str, Priority]] = {name: name for name in PRIORITIES}
 _TARGET_BY_NAME: Final[dict[str, EscalationTarget]] = {name: name for name in ESCALATION_TARGETS}
 _CLOCKS: Final[dict[str, Literal["wall", "business"]]] = {"wall": "wall", "business": "business"}
-_TOP_KEYS = keys_of(shape.PolicyFile)
-_SETTINGS_KEYS = keys_of(shape.SettingsTable)
-_CALENDAR_KEYS = keys_of(shape.CalendarTable)
-_EXPERT_KEYS = keys_of(shape.ExpertTable)
-_TEAM_KEYS = keys_of(shape.TeamTable)
-_POLICY_KEYS = keys_of(shape.PolicyTable)
-_STEP_KEYS = keys_of(shape.StepTable)
-_MATCH_KEYS = keys_of(shape.MatchTable)
-_RULE_KEYS = keys_of(shape.RuleTable)
+_TOP_KEYS = keys_of(PolicyFile)
+_SETTINGS_KEYS = keys_of(SettingsTable)
+_CALENDAR_KEYS = keys_of(CalendarTable)
+_EXPERT_KEYS = keys_of(ExpertTable)
+_TEAM_KEYS = keys_of(TeamTable)
+_POLICY_KEYS = keys_of(PolicyTable)
+_STEP_KEYS = keys_of(StepTable)
+_MATCH_KEYS = keys_of(MatchTable)
+_RULE_KEYS = keys_of(RuleTable)
 _RULE_CONDITIONS = ("accounts", "keywords", "regex", "authors", "languages")
-_AUTHOR_KEYS = keys_of(shape.AuthorsTable)
-_ACCOUNT_KEYS = keys_of(shape.AccountTable)
+_AUTHOR_KEYS = keys_of(AuthorsTable)
+_ACCOUNT_KEYS = keys_of(AccountTable)
 _DEFAULT_EXPERT_HOURS: Final[WeekHours] = {day: ((540, 1020),) if day < 5 else () for day in range(7)}
 _SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
