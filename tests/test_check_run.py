@@ -32,6 +32,7 @@ EXPECTED_PROBLEMS = {
     "missing_secrets.toml": 3,
     "policy_problem.toml": 1,
     "toml_syntax.toml": 1,
+    "typo_and_bad_value.toml": 2,  # urll, and the timeout the feed connector refuses
     "unknown_kind.toml": 2,
 }
 

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from bot import logs
@@ -110,24 +111,35 @@ def account_check(
             guess = difflib.get_close_matches(account.kind, list(found), n=1, cutoff=0.6)
             hint = f"did you mean '{guess[0]}'? " if guess else ""
             return [(("kind",), f"unknown connector kind {account.kind!r} ({hint}known: {known})")]
+        problems: list[tuple[KeyPath, str]] = []
+        typo_of: dict[str, str] = {}  # known key -> the unknown key that looks like it
+        checked = account
         if cls.settings_keys is not None:
             allowed = (*COMMON_ACCOUNT_KEYS, *cls.settings_keys)
-            problems: list[tuple[KeyPath, str]] = []
             for key in account.settings:
                 if key in cls.settings_keys:
                     continue
                 guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 hint = f"did you mean '{guess[0]}'?" if guess else f"known: {', '.join(allowed)}"
                 problems.append(((key,), f"unknown key {key!r} for a {account.kind} account ({hint})"))
-            if problems:
-                return problems
+                if guess and guess[0] in cls.settings_keys and guess[0] not in account.settings:
+                    typo_of.setdefault(guess[0], key)
+            # The connector checks the rest as if each typo were fixed ("url is required" would
+            # only repeat "urll: did you mean 'url'?"), so its other mistakes show now too.
+            settings = {key: value for key, value in account.settings.items() if key in cls.settings_keys}
+            settings.update({known: account.settings[typo] for known, typo in typo_of.items()})
+            checked = replace(account, settings=settings)
         # A connector stops at its first mistake: the settings are tried with every secret
         # present, then (unless skipped) with the real environment, so a missing secret is
         # reported beside a bad setting.
-        messages = [_refusal(cls, account, placeholders)]
+        messages = [_refusal(cls, checked, placeholders)]
         if secrets:
-            messages.append(_refusal(cls, account, environ))
-        return [(_key_named(message, account), message) for message in dict.fromkeys(messages) if message]
+            messages.append(_refusal(cls, checked, environ))
+        for message in dict.fromkeys(messages):
+            if message:
+                typo = next((typo for known, typo in typo_of.items() if _mentions(message, known)), None)
+                problems.append(((typo,) if typo else _key_named(message, account), message))
+        return problems
 
     return check
 
@@ -141,10 +153,14 @@ def _refusal(cls: type[Connector], account: Account, environ: Mapping[str, str])
     return None
 
 
+def _mentions(message: str, key: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", message) is not None
+
+
 def _key_named(message: str, account: Account) -> KeyPath:
     """The account key a connector's message is about (for its line), else the account itself."""
     for key in account.settings:
-        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", message):
+        if _mentions(message, key):
             return (key,)
     return ()
 
