@@ -15,10 +15,11 @@ from pathlib import Path
 
 from bot import logs
 from bot.config import AccountCheck, KeyPath, load_policy
+from bot.config.shape import AccountTable, keys_of
 from bot.core.policy import Account, Policy
 from connectors.base import Connector, connector_classes
 
-COMMON_ACCOUNT_KEYS = ("kind", "own_ids", "poll_interval", "can_reply")
+COMMON_ACCOUNT_KEYS = keys_of(AccountTable)  # kind, own_ids, poll_interval, can_reply
 PLACEHOLDER_SECRET = "placeholder"
 
 
