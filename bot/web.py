@@ -34,7 +34,7 @@ from starlette.types import ASGIApp
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
-from bot.http import BodyTooLarge, read_body
+from bot.httputil import BodyTooLarge, read_body
 from bot.reports.metrics import build_registry, exposition
 from bot.telemetry import record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost

@@ -11,7 +11,7 @@ account with ``can_reply = false`` so that no acknowledgement is ever queued for
 on the site itself (the staff comment then shows up in the feed and answers the conversation).
 
 The cursor is JSON: ``{"etag", "modified", "seen"}``. The document is fetched here (httpx
-through `bot.http.client`, our timeout, redirects followed) with ``If-None-Match``/
+through `bot.httputil.client`, our timeout, redirects followed) with ``If-None-Match``/
 ``If-Modified-Since`` from the cursor; 304 gives an empty batch and the same cursor. ``seen`` holds the ids of recent entries (every entry of the last
 document, then older ones, at most `SEEN_LIMIT` unless the document itself holds more), so an
 entry still in the feed is never handed over twice; the unique key on posts covers the rest.
@@ -44,8 +44,8 @@ import feedparser
 import httpx
 
 from bot.core.clock import Clock, SystemClock
-from bot.http import client as http_client
-from bot.http import retry_after
+from bot.httputil import client as http_client
+from bot.httputil import retry_after
 from connectors.base import (
     AuthFailed,
     Batch,

@@ -45,7 +45,7 @@ from mastodon import (
 )
 
 from bot.core.clock import Clock, SystemClock
-from bot.http import http_date, retry_after
+from bot.httputil import http_date, retry_after
 from connectors.base import (
     AuthFailed,
     Batch,

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bot.http import client as http_client
-from bot.http import retry_after
+from bot.httputil import client as http_client
+from bot.httputil import retry_after
 from connectors.base import Batch, Connector, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 
 SIGNATURE_HEADER = "X-Replyclock-Signature"

@@ -1,4 +1,4 @@
-"""bot.http: the one Retry-After reader, and one HTTP client (httpx) for our own calls."""
+"""bot.httputil: the one Retry-After reader, and one HTTP client (httpx) for our own calls."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.http import header, http_date, retry_after
+from bot.httputil import header, http_date, retry_after
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -77,9 +77,9 @@ def test_our_own_calls_use_httpx_only() -> None:
 
 
 def test_one_retry_after_parser() -> None:
-    """Only bot/http.py parses the header; everyone else asks it."""
+    """Only bot/httputil.py parses the header; everyone else asks it."""
     for path in [*(ROOT / "bot").rglob("*.py"), *(ROOT / "connectors").rglob("*.py")]:
         relative = path.relative_to(ROOT).as_posix()
-        if relative in ("bot/http.py", "bot/demo/standin.py"):  # the stand-in sends the header
+        if relative in ("bot/httputil.py", "bot/demo/standin.py"):  # the stand-in sends the header
             continue
         assert "parsedate_to_datetime" not in path.read_text(encoding="utf-8"), relative

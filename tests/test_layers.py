@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-UTILITIES = frozenset({"bot.logs", "bot.runlock", "bot.telemetry", "bot.http"})
+UTILITIES = frozenset({"bot.logs", "bot.runlock", "bot.telemetry", "bot.httputil"})
 ALL_UPPER = ("flow", "reports", "slack", "web", "jobs", "cli", "demo", "config")
 FORBIDDEN: dict[str, frozenset[str]] = {
     "core": frozenset(ALL_UPPER),

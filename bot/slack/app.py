@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.http import BodyTooLarge, read_body
+from bot.httputil import BodyTooLarge, read_body
 from bot.slack import actions, commands, home, views
 from bot.slack.common import APP_CONTEXT, DB_SESSION, EXPERT_ID, NOT_STAFF, ON_CHANGE, tell
 from bot.slack.ids import REPLY_BLOCK, VIEW_REPLY

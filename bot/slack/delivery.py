@@ -51,7 +51,7 @@ from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
-from bot.http import header, retry_after
+from bot.httputil import header, retry_after
 from bot.slack import blocks
 from bot.telemetry import record_slack_error
 from storage import repo

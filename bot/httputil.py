@@ -1,6 +1,7 @@
 """HTTP plumbing shared by both HTTP doors and our own outgoing calls.
 
-A low module (no replyclock imports), usable from connectors too:
+A low module (no replyclock imports), usable from connectors too. (Not ``http.py``: that name
+would shadow the standard library's ``http`` whenever a file of bot/ runs as a script.)
 
 - `read_body`: the size-capped request body reader of both HTTP doors (webhooks, /slack/events);
 - `client`: the httpx client for every call of our own (feed fetches, webhook replies); tweepy
