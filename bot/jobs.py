@@ -275,6 +275,8 @@ class Jobs:
         # page. A failure part-way ingests the pages fetched so far, with their cursor.
         posts: list[InboundPost] = []
         skipped: list[SkippedItem] = []
+        # Admin notices are written after the pages are ingested: the cursor comes first.
+        notices: list[tuple[str, str]] = []
         fetched = cursor
         for _page in range(MAX_PAGES_PER_POLL):
             try:
@@ -285,10 +287,11 @@ class Jobs:
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
                 )
-                self._alert_admins(
-                    name,
-                    f"{name}: rate limited; polling parked until {error.reset_at:%Y-%m-%d %H:%M} UTC",
-                    topic="ratelimit",
+                notices.append(
+                    (
+                        "ratelimit",
+                        f"{name}: rate limited; polling parked until {error.reset_at:%Y-%m-%d %H:%M} UTC",
+                    )
                 )
                 break
             except AuthFailed as error:
@@ -307,11 +310,12 @@ class Jobs:
                 self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
                 if connector.consecutive_failures >= ALERT_AFTER_FAILURES:
-                    self._alert_admins(
-                        name,
-                        f"{name}: {connector.consecutive_failures} polls in a row failed "
-                        f"({type(error).__name__}: {str(error)[:300]}); retrying with back-off",
-                        topic="failing",
+                    notices.append(
+                        (
+                            "failing",
+                            f"{name}: {connector.consecutive_failures} polls in a row failed "
+                            f"({type(error).__name__}: {str(error)[:300]}); retrying with back-off",
+                        )
                     )
                 break
             if parked_until is not None and _page == 0:
@@ -322,7 +326,7 @@ class Jobs:
                     "rate limit" in last_error.lower()
                     or connector.consecutive_failures >= ALERT_AFTER_FAILURES
                 ):
-                    self._alert_admins(name, f"{name}: polling resumed", topic="resumed")
+                    notices.append(("resumed", f"{name}: polling resumed"))
             connector.record_success()
             posts.extend(batch.posts)
             skipped.extend(batch.skipped)
@@ -334,6 +338,8 @@ class Jobs:
             result = self._ingest(name, connector, posts, fetched, skipped)
             stored = result.stored
             record_ingested(name, connector.kind, result.stored)
+        for topic, text in notices:
+            self._alert_admins(name, text, topic=topic)
         if skipped:
             record_connector_error(name, "malformed")
             log.warning(
