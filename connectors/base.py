@@ -24,6 +24,10 @@ class InboundPost:
         posted_at: the platform's timestamp, timezone-aware.
         thread_id: the platform's thread or conversation id, when it has one.
         reply_to_id: external id of the post this one answers, when known.
+        acknowledge: False when the post must never be acknowledged automatically (an automatic
+            e-mail such as an out-of-office reply or a bounce, an X search hit nobody addressed to us).
+        meta: channel details kept with the post and handed back to the connector when answering
+            it (`ReplyTarget.extra`), e.g. an e-mail's subject and Message-ID. JSON-serialisable.
     """
 
     external_id: str
@@ -37,6 +41,8 @@ class InboundPost:
     reply_to_id: str | None = None
     language: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    acknowledge: bool = True
+    meta: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.posted_at.tzinfo is None:
@@ -107,6 +113,12 @@ class Connector(ABC):
         self.own_ids = own_ids
         self.settings: Mapping[str, Any] = settings or {}
         self.consecutive_failures = 0
+
+    @classmethod
+    def check_settings(cls, name: str, settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+        """Problems with an account's settings and secrets, found without touching the network
+        (for `replyclock check`). Connectors that validate in their constructor override this."""
+        return []
 
     @abstractmethod
     def fetch(self, cursor: str | None) -> Batch:

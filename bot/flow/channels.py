@@ -36,6 +36,10 @@ def build_connectors(
             problems.append(f"accounts.{name}.kind: unknown connector kind {account.kind!r} (known: {known})")
             continue
         if dry_run:
+            problems.extend(
+                f"accounts.{name}: {problem}"
+                for problem in cls.check_settings(name, account.settings, environ)
+            )
             continue
         kwargs: dict[str, object] = {"own_ids": account.own_ids, "settings": account.settings}
         if "environ" in inspect.signature(cls.__init__).parameters:

@@ -131,6 +131,8 @@ class _Post:
     reply_to: str | None
     thread_key: str | None
     conversation: Conversation | None = None
+    acknowledge: bool = True
+    automatic: str | None = None
 
 
 def _lock_key(name: str) -> int:
@@ -158,10 +160,13 @@ def _insert_posts(
             posted_at=min(p.posted_at, now),
             reply_to=p.reply_to_id,
             thread_key=p.thread_id,
+            acknowledge=p.acknowledge,
+            automatic=str(p.meta["automatic"]) if p.meta and p.meta.get("automatic") else None,
         )
         for p in fresh
     ]
     urls = {p.external_id: p.url for p in fresh}
+    metas = {p.external_id: dict(p.meta) if p.meta else None for p in fresh}
     rows = [
         {
             "account_id": account_id,
@@ -177,6 +182,7 @@ def _insert_posts(
             "received_at": now,
             "reply_to_external_id": c.reply_to,
             "thread_key": c.thread_key,
+            "meta": metas[c.external_id],
         }
         for c in candidates
     ]
@@ -606,6 +612,9 @@ class _Batch:
         sla = policy_of(self.session, ctx, conversation)
         configured = ctx.policy.accounts.get(self.account)
         if not sla.acknowledge or configured is None or not configured.can_reply:
+            return
+        if not post.acknowledge:
+            self._event(conversation, "ack_skipped", reason=post.automatic or "the connector said not to")
             return
         if post.author_id in self.acked or post.author_id in self.opted_out or self._replies_to_ours(post):
             return
