@@ -18,7 +18,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -26,6 +26,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from bot.core.messages import render_acknowledgement
+from bot.core.policy import PRIORITIES
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
 from bot.flow.conversations import answer, deadline_for, policy_of
@@ -133,6 +134,8 @@ class _Post:
     conversation: Conversation | None = None
     acknowledge: bool = True
     automatic: str | None = None
+    team: str | None = None
+    priority: str | None = None
 
 
 def _lock_key(name: str) -> int:
@@ -161,6 +164,8 @@ def _insert_posts(
             reply_to=p.reply_to_id,
             thread_key=p.thread_id,
             acknowledge=p.acknowledge,
+            team=p.team,
+            priority=p.priority,
             automatic=str(p.meta["automatic"]) if p.meta and p.meta.get("automatic") else None,
         )
         for p in fresh
@@ -493,6 +498,8 @@ class _Batch:
             text=post.text,
             language=post.language,
         )
+        if not route.ignored and (post.team or post.priority):
+            route = self._hinted(route, post)
         if route.ignored:
             self.result.ignored += 1
             self._event(None, "ignored", author=post.author_handle or post.author_id, post_id=post.id)
@@ -505,6 +512,25 @@ class _Batch:
             self._answer(conversation, min(early, key=lambda reply: reply.posted_at))
             return
         self._acknowledge(conversation, post)
+
+    def _hinted(self, route: Route, post: _Post) -> Route:
+        """The connector's team and priority (an X search hit: the listening team, low priority).
+
+        An unknown team falls back to the rules' choice; an urgent route (a VIP, an outage rule)
+        stays urgent.
+        """
+        team = route.team
+        if post.team is not None:
+            if post.team in self.ctx.policy.teams:
+                team = post.team
+            else:
+                log.warning(
+                    "connector named an unknown team", extra={"team": post.team, "account": self.account}
+                )
+        priority = route.priority
+        if post.priority in PRIORITIES and route.priority != "urgent":
+            priority = post.priority
+        return replace(route, team=team, priority=priority)
 
     def _link(self, post: _Post, conversation: Conversation) -> None:
         post.conversation = conversation
