@@ -451,8 +451,13 @@ def build_reply(
     text: str,
     automatic: bool,
     now: datetime,
+    message_id: str | None = None,
 ) -> EmailMessage:
-    """The answer to `to` as a threaded message (RFC 5322 section 3.6.4)."""
+    """The answer to `to` as a threaded message (RFC 5322 section 3.6.4).
+
+    Args:
+        message_id: the new message's id (default: a fresh one in our domain).
+    """
     extra = to.extra
     recipient = extra.get("reply_address") or to.author_id
     if not isinstance(recipient, str) or not _ADDRESS.match(recipient):
@@ -469,7 +474,7 @@ def build_reply(
         extra.get("subject") if isinstance(extra.get("subject"), str) else None
     )
     message["Date"] = email.utils.format_datetime(now.astimezone(UTC))
-    message["Message-ID"] = email.utils.make_msgid(domain=sender.rsplit("@", 1)[1])
+    message["Message-ID"] = message_id or email.utils.make_msgid(domain=sender.rsplit("@", 1)[1])
     message["In-Reply-To"] = parent
     # RFC 5322 allows trimming long References; keep the first (the root) and the newest.
     kept = references if len(references) <= 20 else [references[0], *references[-19:]]

@@ -52,7 +52,17 @@ def test_demo_tells_the_whole_story() -> None:
         "answer seen from our account in #2",  # answered on the platform: the clock stops
         "Maria Keller clicks Reply on #1 and writes",  # answered from Slack
         "social \u2192 @ana_lima (public reply demo-reply-3): @ana_lima Sorry about that!",
-        "figures: 2 conversations, 2 answered, 1 within SLA, 1 breached",
+        # The e-mail conversation: acknowledged with threading headers, answered from Slack in the thread.
+        "post in from Clara Weiss: #3 routed to team care",
+        "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-1@acme.example>, "
+        "In-Reply-To: <7d1c-clara@example.org>, References: <7d1c-clara@example.org>, "
+        "Auto-Submitted: auto-replied): Thanks Clara Weiss!",
+        "slack posts #care thread: Clara Weiss wrote again: It is a gift",
+        "Sam Okafor clicks Reply on #3 and writes",
+        "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-2@acme.example>, "
+        "In-Reply-To: <9e2f-clara@example.org>, "
+        "References: <7d1c-clara@example.org> <demo-mail-1@acme.example> <9e2f-clara@example.org>): Hello Clara",
+        "figures: 3 conversations, 3 answered, 2 within SLA, 1 breached",
         "The Slack side",
     ):
         assert expected in out, f"{expected!r} missing from the demo transcript:\n{out}"
