@@ -35,6 +35,10 @@ def build_connectors(
             known = ", ".join(sorted(classes)) or "none installed"
             problems.append(f"accounts.{name}.kind: unknown connector kind {account.kind!r} (known: {known})")
             continue
+        search_team = account.settings.get("search_team")
+        if isinstance(search_team, str) and search_team not in policy.teams:
+            known = ", ".join(sorted(policy.teams)) or "none"
+            problems.append(f"accounts.{name}.search_team: unknown team {search_team!r} (known: {known})")
         if dry_run:
             problems.extend(
                 f"accounts.{name}: {problem}"

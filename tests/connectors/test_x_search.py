@@ -208,3 +208,16 @@ def test_search_settings_are_checked() -> None:
         XConnector("x", settings={**base, "search": ["a"], "search_acknowledge": "yes"}, environ=ENV)
     assert XState.load('{"since_id": "5"}').mentions.since_id == "5"  # the older cursor still loads
     assert XState.load("17").mentions.since_id == "17"
+
+
+def test_check_reports_an_unknown_search_team() -> None:
+    from bot.flow.channels import ConnectorSetupError, build_connectors
+
+    text = POLICY_TOML + (
+        f'\n[accounts.x]\nkind = "x"\nuser_id = "{RECORDED_USER_ID}"\nsearch = ["acme"]\nsearch_team = "sales"\n'
+    )
+    policy = parse_policy(tomllib.loads(text), source="t", text=text)
+    with pytest.raises(
+        ConnectorSetupError, match=r"accounts.x.search_team: unknown team 'sales' \(known: billing, care\)"
+    ):
+        build_connectors(policy, ENV, dry_run=True)
