@@ -22,6 +22,9 @@ Settings (``[accounts.<name>]`` in replyclock.toml, besides ``kind = "email"``):
     ``batch_size``           messages per fetch (default 50).
     ``timeout``              seconds per network operation (default 30).
     ``reply_languages``      languages the quoted-history detector knows (default ``["en", "de", "fr", "es"]``).
+    ``since_date``           optional ``2026-11-01``: when a folder is first read (or read again after a
+                             UIDVALIDITY change), leave mail received before this date alone; set it
+                             when connecting a mailbox with old mail, which would all be acknowledged.
 
 TLS is always verified (certificate and host name); plain-text IMAP or SMTP is not offered.
 
@@ -54,7 +57,7 @@ import smtplib
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from typing import Any, ClassVar
@@ -99,6 +102,7 @@ SETTINGS_KEYS = (
     "batch_size",
     "timeout",
     "reply_languages",
+    "since_date",
 )
 SECURITY = ("tls", "starttls")
 DEFAULT_IMAP_PASSWORD_ENV = "EMAIL_IMAP_PASSWORD"
@@ -108,6 +112,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_REPLY_LANGUAGES = ("en", "de", "fr", "es")
 MAX_ID_LENGTH = 200  # posts.external_id and thread_key are String(200)
 MAX_TEXT = 20_000  # characters of a message kept for staff
+FETCH_BYTES = 32 * 1024 * 1024  # message bytes asked for in one FETCH (several small, or one large)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 # Senders that are machines (RFC 3834 section 2 and common practice).
 _MACHINE_LOCAL = re.compile(
@@ -486,6 +492,24 @@ def build_reply(
     return message
 
 
+def _by_size(uids: Sequence[int], sizes: Mapping[int, int], limit: int) -> list[list[int]]:
+    """`uids` in order, grouped so that each group's messages add up to at most `limit` bytes
+    (a larger message alone), and at most 20 a group."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if current and (total + size > limit or len(current) >= 20):
+            groups.append(current)
+            current, total = [], 0
+        current.append(uid)
+        total += size
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _raw(message: MailMessage) -> bytes:
     return message.raw if isinstance(message, _RawMessage) else message.obj.as_bytes()
 
@@ -580,6 +604,19 @@ class EmailConnector(Connector):
         if not isinstance(languages, list) or not all(isinstance(x, str) for x in languages):
             raise ValueError(f"setting reply_languages must be a list of language codes, not {languages!r}")
         self.languages = tuple(languages)
+        since = s.get("since_date")
+        if since is not None and not isinstance(since, date):
+            if not isinstance(since, str):
+                raise ValueError(f"setting since_date must be a date such as 2026-11-01, not {since!r}")
+            try:
+                since = date.fromisoformat(since)
+            except ValueError:
+                raise ValueError(
+                    f"setting since_date must be a date such as 2026-11-01, not {since!r}"
+                ) from None
+        if isinstance(since, datetime):
+            since = since.date()
+        self.since_date: date | None = since
 
     @classmethod
     def check_settings(cls, name: str, settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -693,8 +730,14 @@ class EmailConnector(Connector):
             )
             known = None
         last = known.uid if known else 0
+        criteria = f"UID {last + 1}:*"
+        if known is None and self.since_date is not None:
+            # First read (or a re-sync): leave older mail alone, as `since_date` asks.
+            criteria += (
+                f" SINCE {self.since_date.day}-{_MONTHS[self.since_date.month - 1]}-{self.since_date.year}"
+            )
         # "N:*" always names the newest message even below N: keep only UIDs above the cursor.
-        uids = sorted(int(u) for u in mailbox.uids(f"UID {last + 1}:*") if int(u) > last)
+        uids = sorted(int(u) for u in mailbox.uids(criteria) if int(u) > last)
         if not uids:
             state[folder] = FolderCursor(uidvalidity, last)
             return [], False
@@ -708,8 +751,7 @@ class EmailConnector(Connector):
         posts: list[InboundPost] = []
         small = [u for u in chosen if heads.get(u, 0) <= self.max_size]
         bodies: dict[int, bytes] = {}
-        for chunk_start in range(0, len(small), 10):
-            chunk = small[chunk_start : chunk_start + 10]
+        for chunk in _by_size(small, heads, FETCH_BYTES):
             for message in mailbox.fetch(
                 uid_list=[str(u) for u in chunk], mark_seen=False, bulk=len(chunk) >= 2 and len(chunk)
             ):

@@ -88,11 +88,11 @@ def mail_policy(dovecot: Dovecot, smtp: SubmissionServer, **extra: Any) -> Polic
     return parse_policy(tomllib.loads(text), source="tests/connectors/test_email.py", text=text)
 
 
-def append(dovecot: Dovecot, raw: bytes, folder: str = "INBOX") -> None:
+def append(dovecot: Dovecot, raw: bytes, folder: str = "INBOX", received: datetime | None = None) -> None:
     """Deliver a message into the mailbox over IMAP, as an MDA or a mail client's "save to Sent" does."""
     context = ssl.create_default_context(cafile=str(dovecot.ca_file))
     with MailBox("127.0.0.1", dovecot.imaps_port, ssl_context=context).login(USER, PASSWORD) as mailbox:
-        mailbox.append(raw, folder)
+        mailbox.append(raw, folder, dt=received)
 
 
 class Harness:
@@ -376,6 +376,24 @@ def test_batches_follow_on_and_starttls_imap_works(
     assert h.poll() == 4  # the job follows the pages in one poll
 
 
+def test_since_date_leaves_old_mail_alone_also_after_a_uidvalidity_change(
+    engine: Engine, dovecot: Dovecot, smtp: SubmissionServer, clock: FakeClock
+) -> None:
+    h = harness(dovecot, smtp, engine, clock, since_date="2026-11-01")
+    append(
+        dovecot,
+        samples.html_only(date="Tue, 14 Jan 2025 10:00:00 +0000"),
+        received=datetime(2025, 1, 14, tzinfo=UTC),
+    )
+    append(dovecot, samples.plain())
+    assert h.poll() == 1
+    assert [p.author_id for p in h.posts() if p.direction == "in"] == ["jane@example.com"]
+    dovecot.doveadm("mailbox", "update", "-u", USER, "--uid-validity", "777", "INBOX")
+    assert h.poll() == 0
+    assert load_cursor(h.cursor())["INBOX"].uidvalidity == 777
+    assert [r.recipients for r in smtp.received] == [["jane@example.com"]]
+
+
 # -- sending ---------------------------------------------------------------------------------------
 
 
@@ -412,6 +430,7 @@ def connector(dovecot: Dovecot, smtp_port: int, **settings: Any) -> EmailConnect
     )
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # TLS is implicit here
 def test_smtps_and_reply_headers(dovecot: Dovecot) -> None:
     with SubmissionServer(dovecot.ca_file, dovecot.dir / "key.pem", implicit_tls=True) as smtps:
         mail = connector(
