@@ -359,7 +359,10 @@ def parse_message(
         notes.append(f"[attachments: {listed}]")
     if flags:
         notes.append("[replyclock: " + "; ".join(flags) + "]")
-    shown = "\n\n".join(part for part in (text, *notes) if part)
+    # A new subject says what the mail is about (and routing rules match it): it leads the text.
+    # A reply's "Re: ..." adds nothing to the thread.
+    opening = subject if subject and reply_to_id is None and not _SUBJECT_PREFIX.match(subject) else None
+    shown = "\n\n".join(part for part in (opening, text, *notes) if part)
 
     meta: dict[str, Any] = {
         "channel": "email",

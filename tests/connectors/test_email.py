@@ -166,13 +166,18 @@ def test_samples_stored_once_acknowledged_safely_threaded_and_answered(
     assert h.poll() == 6
     posts = {p.external_id: p for p in h.posts()}
     jane = posts["<0b1e2c3d-plain@example.com>"]
-    assert jane.text == "Hello,\n\nI ordered a kettle two weeks ago and it never came. Can you check?"
+    assert jane.text == (
+        "My order #4411 never arrived\n\nHello,\n\nI ordered a kettle two weeks ago and it never came. Can you check?"
+    )  # the subject first, the signature gone
     assert jane.author_id == "jane@example.com" and jane.author_name == "Jane Doe"
     assert jane.meta is not None and jane.meta["subject"] == "My order #4411 never arrived"
     bob = posts["<CAHtml-only-77@mail.example.org>"]
     assert (
-        bob.text == "Hi team,\n\nI was charged twice for invoice 9921.\nPlease fix it."
-    )  # no script, no pixel
+        bob.text
+        == "Rückerstattung bitte\n\nHi team,\n\nI was charged twice for invoice 9921.\nPlease fix it."
+    )
+    with h.ctx.sessions() as session:  # "invoice" in the text: the billing team's routing rule applies
+        assert session.get(Conversation, bob.conversation_id).team == "billing"  # type: ignore[union-attr]
     assert "tracker" not in bob.text and "alert" not in bob.text
     carla = posts["<6A1F0C11-AAAA-4B4B@example.net>"]
     assert carla.text.endswith("[attachments: receipt.pdf (3 KB), lid.png (508 B)]")
