@@ -746,35 +746,40 @@ class EmailConnector(Connector):
             return [], False
         chosen, left = uids[:room], len(uids) > room
         now = self.clock.now()
-        heads = {
-            int(m.uid): m.size_rfc822
-            for m in mailbox.fetch(uid_list=[str(u) for u in chosen], mark_seen=False, headers_only=True)
+        # Headers and sizes first (one FETCH), then the bodies of the messages under the limit.
+        heads: dict[int, tuple[int, bytes]] = {
+            int(m.uid): (m.size_rfc822, _raw(m))
+            for m in mailbox.fetch(
+                uid_list=[str(u) for u in chosen], mark_seen=False, headers_only=True, bulk=True
+            )
             if m.uid
         }
-        posts: list[InboundPost] = []
-        small = [u for u in chosen if heads.get(u, 0) <= self.max_size]
+        sizes = {uid: size for uid, (size, _header) in heads.items()}
+        small = [u for u in chosen if u in heads and sizes[u] <= self.max_size]
         bodies: dict[int, bytes] = {}
-        for chunk in _by_size(small, heads, FETCH_BYTES):
-            for message in mailbox.fetch(
-                uid_list=[str(u) for u in chunk], mark_seen=False, bulk=len(chunk) >= 2 and len(chunk)
-            ):
+        for chunk in _by_size(small, sizes, FETCH_BYTES):
+            for message in mailbox.fetch(uid_list=[str(u) for u in chunk], mark_seen=False, bulk=True):
                 if message.uid:
                     bodies[int(message.uid)] = _raw(message)
+        posts: list[InboundPost] = []
         for uid in chosen:
+            if uid not in heads or (uid not in bodies and sizes[uid] <= self.max_size):
+                # Expunged between the search and the fetch: nothing left to store.
+                log.info(
+                    "e-mail gone before it was read",
+                    extra={"account": self.name, "folder": folder, "uid": uid},
+                )
+                continue
             try:
                 if uid in bodies:
                     post = self._parse(bodies[uid], now, None)
                 else:
-                    header = self._header_of(mailbox, uid)
-                    size = heads.get(uid, 0)
-                    post = self._parse(
-                        header,
-                        now,
+                    size = sizes[uid]
+                    reason = (
                         f"too large ({human_size(size)} over the {human_size(self.max_size)} limit): "
                         "only the header was read"
-                        if size > self.max_size
-                        else "the server returned no body",
                     )
+                    post = self._parse(heads[uid][1], now, reason)
                 posts.append(post)
             except Exception:  # never let one message stop the poll
                 log.exception(
@@ -782,11 +787,6 @@ class EmailConnector(Connector):
                 )
         state[folder] = FolderCursor(uidvalidity, chosen[-1])
         return posts, left
-
-    def _header_of(self, mailbox: BaseMailBox, uid: int) -> bytes:
-        for message in mailbox.fetch(uid_list=[str(uid)], mark_seen=False, headers_only=True):
-            return _raw(message)
-        return b""
 
     def _parse(self, raw: bytes, now: datetime, headers_only_reason: str | None) -> InboundPost:
         return parse_message(
