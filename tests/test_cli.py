@@ -232,3 +232,24 @@ def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_check_validates_email_and_bluesky_settings_and_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "replyclock.toml"
+    config.write_text(
+        POLICY.read_text()
+        + '\n[accounts.mail]\nkind = "email"\naddress = "support@acme.example"\nimap_host = "imap.acme.example"\n'
+        + 'imap_password_env = "ACME_MAIL_PW"\n'
+        + '\n[accounts.sky]\nkind = "bluesky"\nhandle = "acme.bsky.social"\nlimit = 500\n'
+    )
+    clean = {"ACME_MAIL_PW": "", "BLUESKY_APP_PASSWORD": "x"}
+    result = replyclock("check", "--config", str(config), env=clean)
+    assert result.returncode == 2
+    assert "accounts.mail: environment variable(s) ACME_MAIL_PW not set" in result.stderr
+    assert "accounts.sky: setting limit must be an integer from 1 to 100" in result.stderr
+    fixed = config.read_text().replace("limit = 500", "limit = 50")
+    config.write_text(fixed)
+    result = replyclock(
+        "check", "--config", str(config), env={"ACME_MAIL_PW": "secret", "BLUESKY_APP_PASSWORD": "x"}
+    )
+    assert result.returncode == 0, result.stderr
