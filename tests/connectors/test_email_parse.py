@@ -73,3 +73,11 @@ def test_any_body_in_any_charset(body: str, charset: bytes) -> None:
     ) + body.encode("utf-8", "surrogatepass")
     post = parse_message(raw, now=NOW)
     assert post.author_id == "a@example.com"
+
+
+def test_gmail_reply_keeps_only_the_new_text() -> None:
+    post = parse_message(
+        samples.gmail_reply("<demo@acme.test>", "<root@example.com> <demo@acme.test>"), now=NOW
+    )
+    assert post.text == "Thanks, it arrived today!\n\nJane"
+    assert (post.reply_to_id, post.thread_id) == ("<demo@acme.test>", "<root@example.com>")

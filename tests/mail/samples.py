@@ -287,3 +287,38 @@ Content-Transfer-Encoding: base64
 {blob}
 --b1--
 """)
+
+
+def gmail_reply(in_reply_to: str, references: str, date: str = "Mon, 23 Nov 2026 09:40:00 +0000") -> bytes:
+    """Gmail's reply: multipart/alternative, the attribution line wrapped, the quote in both parts."""
+    return crlf(f"""
+MIME-Version: 1.0
+References: {references}
+In-Reply-To: {in_reply_to}
+From: Jane Doe <jane.doe@gmail.example>
+Date: {date}
+Message-ID: <CAF=gmail-reply-1@mail.gmail.example>
+Subject: Re: My order #4411 never arrived
+To: Acme Support <{US}>
+Content-Type: multipart/alternative; boundary="000000000000a1b2c3"
+
+--000000000000a1b2c3
+Content-Type: text/plain; charset="UTF-8"
+
+Thanks, it arrived today!
+
+Jane
+
+On Mon, 23 Nov 2026 at 09:51, Acme Support <{US}>
+wrote:
+
+> Thanks Jane Doe! Sam from our Customer Care team will get back to you.
+>
+
+--000000000000a1b2c3
+Content-Type: text/html; charset="UTF-8"
+
+<div dir=3D"ltr">Thanks, it arrived today!<div><br></div><div>Jane</div></div><br><div class=3D"gmail_quote"><div dir=3D"ltr" class=3D"gmail_attr">On Mon, 23 Nov 2026 at 09:51, Acme Support &lt;{US}&gt; wrote:<br></div><blockquote class=3D"gmail_quote">Thanks Jane Doe!</blockquote></div>
+
+--000000000000a1b2c3--
+""")
