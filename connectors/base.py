@@ -30,6 +30,9 @@ class InboundPost:
             rules (an X search hit goes to the listening team at low priority); None: the rules decide.
         meta: channel details kept with the post and handed back to the connector when answering
             it (`ReplyTarget.extra`), e.g. an e-mail's subject and Message-ID. JSON-serialisable.
+            Ingest reads two keys: ``automatic`` (why the post is machine-written: it is never
+            acknowledged and does not reopen an answered conversation) and ``bounce`` (a delivery
+            failure of our answer: it does reopen).
     """
 
     external_id: str

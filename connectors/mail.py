@@ -268,6 +268,14 @@ def automatic_reason(message: Message, sender: str | None, own: Sequence[str]) -
     return None
 
 
+def is_bounce(message: Message, sender: str | None) -> bool:
+    """A delivery failure report (RFC 3464) or a mail system's notice: the message did not arrive."""
+    if message.get_content_type() == "multipart/report":
+        return str(message.get_param("report-type") or "").lower() == "delivery-status"
+    local = (sender or "").split("@", 1)[0].lower()
+    return local in ("mailer-daemon", "postmaster") or (_header(message, "Return-Path") or "").strip() == "<>"
+
+
 def _first_address(value: str | None) -> tuple[str | None, str | None]:
     """(display name, lowercased address) of the first address in a header."""
     if not value:
@@ -375,6 +383,8 @@ def parse_message(
     }
     if automatic:
         meta["automatic"] = automatic
+        if is_bounce(message, sender):
+            meta["bounce"] = True
     return InboundPost(
         external_id=short_id(message_id),
         author_id=sender or "unknown",

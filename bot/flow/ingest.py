@@ -134,6 +134,7 @@ class _Post:
     conversation: Conversation | None = None
     acknowledge: bool = True
     automatic: str | None = None
+    bounce: bool = False
     team: str | None = None
     priority: str | None = None
 
@@ -167,6 +168,7 @@ def _insert_posts(
             team=p.team,
             priority=p.priority,
             automatic=str(p.meta["automatic"]) if p.meta and p.meta.get("automatic") else None,
+            bounce=bool(p.meta and p.meta.get("bounce")),
         )
         for p in fresh
     ]
@@ -483,9 +485,11 @@ class _Batch:
         if conversation is not None:
             self._link(post, conversation)
             conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
-            if conversation.status == ANSWERED:
+            if conversation.status == ANSWERED and not (post.automatic and not post.bounce):
                 self._reopen(conversation, post)
             else:
+                # An automatic answer (an out-of-office reply to our answer) goes to the thread
+                # without reopening; a bounce of our answer reopens: the customer never got it.
                 self.continued.append(conversation)
                 self._message(conversation, "thread_post", f"post:{post.id}", post_id=post.id)
             return

@@ -308,7 +308,15 @@ def test_a_bounce_of_our_reply_reopens_its_conversation_and_is_not_acknowledged(
         staff.reply(session, h.ctx, conversation.id, "sam", "It is on its way.", clock.now())
     h.sender.send_due()
     ours = str(smtp.received[-1].message["Message-ID"])
-    clock.advance(timedelta(minutes=5))
+    # An out-of-office reply to our answer goes to the thread; the conversation stays answered.
+    clock.advance(timedelta(minutes=2))
+    append(dovecot, samples.out_of_office(ours, date=email.utils.format_datetime(clock.now())))
+    assert h.poll() == 1
+    (conversation,) = h.conversations()
+    assert conversation.status == "answered" and conversation.cycle == 0
+    assert h.staff.count("thread_post") == 1
+    # Then the answer bounces: the customer never got it, so the conversation is open again.
+    clock.advance(timedelta(minutes=3))
     append(dovecot, samples.bounce(ours, date=email.utils.format_datetime(clock.now())))
     assert h.poll() == 1
     (conversation,) = h.conversations()
@@ -316,7 +324,7 @@ def test_a_bounce_of_our_reply_reopens_its_conversation_and_is_not_acknowledged(
     bounce = h.posts()[-1]
     assert bounce.author_id == "mailer-daemon@mx.acme.test"
     assert bounce.meta is not None and bounce.meta["automatic"] == "Auto-Submitted: auto-replied"
-    assert len(smtp.received) == 2  # the bounce was not answered
+    assert len(smtp.received) == 2  # neither the out-of-office nor the bounce was answered
 
 
 def test_new_uidvalidity_with_renumbered_messages_stores_only_the_new_one(
