@@ -112,6 +112,9 @@ class Connector(ABC):
 
     kind: ClassVar[str]
     push: ClassVar[bool] = False  # push connectors (webhook) never poll
+    settings_keys: ClassVar[tuple[str, ...] | None] = None
+    """The account keys this connector understands (besides kind, own_ids, poll_interval, can_reply):
+    `replyclock check` reports any other key with its line. None: the connector checks them itself."""
 
     def __init__(
         self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None
@@ -120,12 +123,6 @@ class Connector(ABC):
         self.own_ids = own_ids
         self.settings: Mapping[str, Any] = settings or {}
         self.consecutive_failures = 0
-
-    @classmethod
-    def check_settings(cls, name: str, settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-        """Problems with an account's settings and secrets, found without touching the network
-        (for `replyclock check`). Connectors that validate in their constructor override this."""
-        return []
 
     @abstractmethod
     def fetch(self, cursor: str | None) -> Batch:

@@ -200,6 +200,7 @@ class BlueskyConnector(Connector):
     """Mentions, replies and quotes of our Bluesky account; replies posted in their thread."""
 
     kind: ClassVar[str] = "bluesky"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
 
     def __init__(
         self,
@@ -256,14 +257,6 @@ class BlueskyConnector(Connector):
         self.timeout = float(timeout)
         self.did: str | None = None
         self._client: Client | None = None
-
-    @classmethod
-    def check_settings(cls, name: str, settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-        try:
-            cls(name, settings=settings, environ=environ)
-        except ValueError as error:
-            return [str(error)]
-        return []
 
     def __repr__(self) -> str:
         return f"BlueskyConnector({self.name!r}, handle={self.handle!r}, service={self.service!r})"

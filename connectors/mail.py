@@ -542,6 +542,7 @@ class EmailConnector(Connector):
     """A mailbox over IMAP in, answers by SMTP out."""
 
     kind: ClassVar[str] = "email"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
 
     def __init__(
         self,
@@ -630,14 +631,6 @@ class EmailConnector(Connector):
         if isinstance(since, datetime):
             since = since.date()
         self.since_date: date | None = since
-
-    @classmethod
-    def check_settings(cls, name: str, settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-        try:
-            cls(name, settings=settings, environ=environ)
-        except ValueError as error:
-            return [str(error)]
-        return []
 
     # -- settings helpers --
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from bot.config import parse_policy
+from bot.config import ConfigError, parse_policy
 from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow import staff as staff_flow
-from bot.flow.channels import ConnectorSetupError, build_connectors
+from bot.flow.channels import account_check, build_connectors
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS, customer_handlers
 from bot.flow.outbox import OutboxMessage, OutboxSender
@@ -341,7 +341,6 @@ def test_settings_and_secrets_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="limit"):
         BlueskyConnector("s", settings={"handle": OUR_HANDLE, "limit": 500}, environ=ENV)
     text = POLICY_TOML + f'\n[accounts.sky]\nkind = "bluesky"\nhandle = "{OUR_HANDLE}"\n'
-    policy = parse_policy(tomllib.loads(text), source="t", text=text)
-    with pytest.raises(ConnectorSetupError, match="BLUESKY_APP_PASSWORD"):
-        build_connectors(policy, {}, dry_run=True)
-    build_connectors(policy, ENV, dry_run=True)
+    with pytest.raises(ConfigError, match="BLUESKY_APP_PASSWORD"):
+        parse_policy(tomllib.loads(text), source="t", text=text, account_check=account_check({}))
+    parse_policy(tomllib.loads(text), source="t", text=text, account_check=account_check(ENV))

@@ -19,11 +19,11 @@ import pytest
 from imap_tools import MailBox
 from sqlalchemy import Engine, func, select
 
-from bot.config import parse_policy
+from bot.config import ConfigError, parse_policy
 from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow import staff
-from bot.flow.channels import ConnectorSetupError, build_connectors
+from bot.flow.channels import account_check, build_connectors
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS, customer_handlers
 from bot.flow.outbox import OutboxMessage, OutboxSender
@@ -517,7 +517,8 @@ def test_settings_and_secrets_are_checked() -> None:
     assert (mail.imap_port, mail.smtp_port, mail.smtp_host) == (993, 587, "imap.example.com")
 
     text = POLICY_TOML + '\n[accounts.mail]\nkind = "email"\naddress = "support@acme.test"\nimap_host = "x"\n'
-    policy = parse_policy(tomllib.loads(text), source="t", text=text)
-    with pytest.raises(ConnectorSetupError, match="EMAIL_IMAP_PASSWORD"):
-        build_connectors(policy, {}, dry_run=True)  # `replyclock check` sees the missing secret
-    build_connectors(policy, env, dry_run=True)
+    with pytest.raises(
+        ConfigError, match="EMAIL_IMAP_PASSWORD"
+    ):  # `replyclock check` sees the missing secret
+        parse_policy(tomllib.loads(text), source="t", text=text, account_check=account_check({}))
+    parse_policy(tomllib.loads(text), source="t", text=text, account_check=account_check(env))

@@ -211,13 +211,13 @@ def test_search_settings_are_checked() -> None:
 
 
 def test_check_reports_an_unknown_search_team() -> None:
-    from bot.flow.channels import ConnectorSetupError, build_connectors
+    from bot.config import ConfigError
+    from bot.flow.channels import account_check
 
     text = POLICY_TOML + (
         f'\n[accounts.x]\nkind = "x"\nuser_id = "{RECORDED_USER_ID}"\nsearch = ["acme"]\nsearch_team = "sales"\n'
     )
-    policy = parse_policy(tomllib.loads(text), source="t", text=text)
     with pytest.raises(
-        ConnectorSetupError, match=r"accounts.x.search_team: unknown team 'sales' \(known: billing, care\)"
+        ConfigError, match=r"accounts.x.search_team: unknown team 'sales' \(known: billing, care\)"
     ):
-        build_connectors(policy, ENV, dry_run=True)
+        parse_policy(tomllib.loads(text), source="t", text=text, account_check=account_check(ENV))
