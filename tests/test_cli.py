@@ -246,7 +246,9 @@ def test_check_validates_email_and_bluesky_settings_and_secrets(tmp_path: Path) 
     result = replyclock("check", "--config", str(config), env=clean)
     assert result.returncode == 2
     assert "accounts.mail: environment variable(s) ACME_MAIL_PW not set" in result.stderr
-    assert re.search(r"accounts\.sky(\.limit)?: setting limit must be an integer from 1 to 100", result.stderr)
+    assert re.search(
+        r"accounts\.sky(\.limit)?: setting limit must be an integer from 1 to 100", result.stderr
+    )
     fixed = config.read_text().replace("limit = 500", "limit = 50")
     config.write_text(fixed)
     result = replyclock(
