@@ -387,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
     demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")
     demo.set_defaults(func=cmd_demo)
+
+    from bot.sim.cli import register as register_simulate
+
+    register_simulate(sub)
     return parser
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
+from sqlalchemy import func
+from sqlalchemy.orm import Session
 
 from bot.core.policy import Policy
-from bot.sim.engine import Arrival
-
-# Imported lazily by callers that have bot.config (it is the policy file's validator).
+from bot.sim.engine import Arrival, SimConversation
 
 
 def _parse(text: str, source: str) -> Policy:
@@ -96,6 +97,11 @@ _BILLING_EXPERTS = (
 
 def realistic_policy(copies: int = 1) -> Policy:
     """Two teams; `copies` > 1 repeats every expert (a bigger helpdesk for bigger volumes)."""
+    return _parse(realistic_policy_text(copies), "realistic.toml")
+
+
+def realistic_policy_text(copies: int = 1) -> str:
+    """The policy file of `realistic_policy`."""
     blocks = []
     care: list[str] = []
     billing: list[str] = []
@@ -154,7 +160,7 @@ warn_at = [0.75]
 nag_every = "1h"
 escalation = [{{ after = "0s", notify = "team_channel" }}, {{ after = "4h", notify = "on_call" }}]
 """
-    return _parse(text, "realistic.toml")
+    return text
 
 
 @dataclass
@@ -282,3 +288,99 @@ def holiday_dates(year: int) -> set[date]:
     import holidays
 
     return set(holidays.country_holidays("GB", years=[year]))
+
+
+def write_history(
+    session: Session, policy: Policy, arrivals: Sequence[Arrival], conversations: Sequence[SimConversation]
+) -> int:
+    """Store a simulated history as if replyclock had recorded it: one account ("x"), a post,
+    a conversation (owner, assignment at arrival, first response, answered) and an "answered"
+    event each. The caller commits. Returns the number of conversations written."""
+    from sqlalchemy import insert, select
+
+    from storage.models import Account, Conversation, Event, Post
+
+    account_id = session.scalar(select(Account.id).where(Account.name == "x"))
+    if account_id is None:
+        account = Account(name="x", kind="demo")
+        session.add(account)
+        session.flush()
+        account_id = account.id
+    base = (session.scalar(select(func.max(Conversation.id))) or 0) + 1
+    conversation_rows: list[dict[str, object]] = []
+    post_rows: list[dict[str, object]] = []
+    event_rows: list[dict[str, object]] = []
+    for offset, (arrival, simulated) in enumerate(zip(arrivals, conversations, strict=True)):
+        ident = base + offset
+        answered = simulated.first_response_at
+        conversation_rows.append(
+            {
+                "id": ident,
+                "account_id": account_id,
+                "thread_key": f"t{arrival.key}",
+                "author_id": arrival.author_id,
+                "status": "answered" if answered else "open",
+                "team": simulated.team,
+                "priority": "normal",
+                "policy": simulated.policy,
+                "owner": simulated.owner,
+                "assigned_at": arrival.at,
+                "opened_at": arrival.at,
+                "cycle": 0,
+                "cycle_started_at": arrival.at,
+                "clock_started_at": arrival.at,
+                "due_at": simulated.first_due_at,
+                "last_customer_post_at": arrival.at,
+                "first_response_at": answered,
+                "answered_at": answered,
+                "answered_by": f"expert:{simulated.answered_by}" if simulated.answered_by else None,
+                "breached_at": simulated.first_due_at if simulated.breached else None,
+                "warnings_sent": simulated.warnings,
+                "nag_level": simulated.nags,
+                "escalation_step": simulated.escalations,
+                "reassignments": 0,
+                "version": 1,
+            }
+        )
+        post_rows.append(
+            {
+                "account_id": account_id,
+                "external_id": f"p{arrival.key}-{ident}",
+                "direction": "in",
+                "author_id": arrival.author_id,
+                "text": arrival.text,
+                "posted_at": arrival.at,
+                "received_at": arrival.at,
+                "thread_key": f"t{arrival.key}",
+                "conversation_id": ident,
+            }
+        )
+        if answered is not None and simulated.answered_by:
+            event_rows.append(
+                {
+                    "conversation_id": ident,
+                    "at": answered,
+                    "actor": f"expert:{simulated.answered_by}",
+                    "action": "answered",
+                    "detail": {},
+                }
+            )
+        for action, count in (
+            ("warning", simulated.warnings),
+            ("nag", simulated.nags),
+            ("escalation", simulated.escalations),
+        ):
+            for _ in range(count):
+                event_rows.append(
+                    {
+                        "conversation_id": ident,
+                        "at": simulated.first_due_at,
+                        "actor": "sweep",
+                        "action": action,
+                        "detail": {},
+                    }
+                )
+    for table, rows in ((Conversation, conversation_rows), (Post, post_rows), (Event, event_rows)):
+        for chunk in range(0, len(rows), 5000):
+            session.execute(insert(table), rows[chunk : chunk + 5000])
+    return len(conversation_rows)
