@@ -64,6 +64,11 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      team calendar's time zone (a day as in working hours, a 24-hour time),
                      default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
                      completed ISO week (Monday to Sunday), on that day of the week after.
+    ``forecast_ack``        boolean, default false: acknowledgements promise the forecast answer
+                            time (never later than the deadline) instead of the deadline.
+    ``at_risk``             boolean, default false: tell owner and team when the forecast for an
+                            open conversation moves past its deadline, before the first warning.
+    ``forecast_percentile`` integer 50-99, default 80: the percentile of the forecast used.
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
     ``name``                   (required, unique)
@@ -219,6 +224,8 @@ _EXPERT_KEYS = (
     "holidays",
 )
 _TEAM_KEYS = ("channel", "experts", "calendar", "on_call", "manager", "language", "display_name", "digest")
+# Forecast keys of a team (issue 15: honest acknowledgements and "at risk" notices).
+_TEAM_FORECAST_KEYS = ("forecast_ack", "at_risk", "forecast_percentile")
 _POLICY_KEYS = (
     "name",
     "clock",
@@ -1217,7 +1224,7 @@ class _Validator:
             table = self.table(raw, path)
             if table is None:
                 continue
-            self.check_keys(table, path, _TEAM_KEYS)
+            self.check_keys(table, path, (*_TEAM_KEYS, *_TEAM_FORECAST_KEYS))
             channel = self.field(
                 table, path, "channel", self.channel, required="a Slack channel such as '#care'"
             )
@@ -1240,6 +1247,12 @@ class _Validator:
             digest: DigestSchedule | Literal["off"] | None = self.field(
                 table, path, "digest", self.digest_time
             )
+            forecast_ack = self.field(table, path, "forecast_ack", self.boolean)
+            at_risk = self.field(table, path, "at_risk", self.boolean)
+            percentile = self.field(table, path, "forecast_percentile", self.positive_integer)
+            if percentile is not None and not 50 <= percentile <= 99:
+                self.add((*path, "forecast_percentile"), f"must be from 50 to 99, got {percentile}")
+                percentile = None
             if channel is None or members is None or calendar is None:
                 continue
             out[name] = Team(
@@ -1252,6 +1265,9 @@ class _Validator:
                 language=language or "en",
                 display_name=display_name,
                 digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
+                forecast_ack=bool(forecast_ack),
+                at_risk=bool(at_risk),
+                forecast_percentile=percentile or 80,
             )
         if data.get("teams", {}) == {}:
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")

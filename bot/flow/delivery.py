@@ -31,6 +31,7 @@ STAFF_KINDS = (
     "delivery_unknown",
     "delivery_failed",
     "admin_alert",
+    "at_risk",
 )
 
 

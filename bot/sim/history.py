@@ -46,7 +46,9 @@ def load_arrivals(session: Session, start: datetime, end: datetime) -> list[Arri
     ]
 
 
-def load_answer_records(session: Session, until: datetime, experts: set[str]) -> list[AnswerRecord]:
+def load_answer_records(
+    session: Session, until: datetime, experts: set[str], *, since: datetime | None = None
+) -> list[AnswerRecord]:
     """Every first response before `until` by a known expert: who, for which team, assigned when.
 
     The responder is the actor of the first "answered" event when that names an expert
@@ -71,7 +73,11 @@ def load_answer_records(session: Session, until: datetime, experts: set[str]) ->
             responder.c.actor,
         )
         .outerjoin(responder, responder.c.conversation_id == Conversation.id)
-        .where(Conversation.first_response_at.is_not(None), Conversation.first_response_at < until)
+        .where(
+            Conversation.first_response_at.is_not(None),
+            Conversation.first_response_at < until,
+            Conversation.first_response_at >= (since or datetime.min.replace(tzinfo=until.tzinfo)),
+        )
     )
     records = []
     for team, owner, assigned_at, opened_at, answered_at, actor in rows:

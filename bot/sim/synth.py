@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import func
 from sqlalchemy.orm import Session
 
 from bot.core.policy import Policy
@@ -306,16 +305,14 @@ def write_history(
         session.add(account)
         session.flush()
         account_id = account.id
-    base = (session.scalar(select(func.max(Conversation.id))) or 0) + 1
     conversation_rows: list[dict[str, object]] = []
     post_rows: list[dict[str, object]] = []
     event_rows: list[dict[str, object]] = []
     for offset, (arrival, simulated) in enumerate(zip(arrivals, conversations, strict=True)):
-        ident = base + offset
+        ident = offset  # replaced by the database's id below
         answered = simulated.first_response_at
         conversation_rows.append(
             {
-                "id": ident,
                 "account_id": account_id,
                 "thread_key": f"t{arrival.key}",
                 "author_id": arrival.author_id,
@@ -345,7 +342,7 @@ def write_history(
         post_rows.append(
             {
                 "account_id": account_id,
-                "external_id": f"p{arrival.key}-{ident}",
+                "external_id": f"p{arrival.key}-{arrival.at.timestamp():.0f}-{ident}",
                 "direction": "in",
                 "author_id": arrival.author_id,
                 "text": arrival.text,
@@ -380,7 +377,17 @@ def write_history(
                         "detail": {},
                     }
                 )
-    for table, rows in ((Conversation, conversation_rows), (Post, post_rows), (Event, event_rows)):
+    ids: list[int] = []
+    for chunk in range(0, len(conversation_rows), 5000):
+        ids.extend(
+            session.scalars(
+                insert(Conversation).returning(Conversation.id, sort_by_parameter_order=True),
+                conversation_rows[chunk : chunk + 5000],
+            )
+        )
+    for row in (*post_rows, *event_rows):
+        row["conversation_id"] = ids[int(str(row["conversation_id"]))]
+    for table, rows in ((Post, post_rows), (Event, event_rows)):
         for chunk in range(0, len(rows), 5000):
             session.execute(insert(table), rows[chunk : chunk + 5000])
     return len(conversation_rows)
