@@ -12,10 +12,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from bot.core.policy import Policy
-from bot.sim.engine import SimConversation, Simulator
+from bot.sim.engine import Probe, SimConversation, Simulator
 from bot.sim.model import AnswerRecord, EmpiricalModel, fit
 from bot.sim.report import weekly_shares, weeks_between
 from bot.sim.synth import realistic_arrivals, realistic_policy, true_times
@@ -31,6 +31,40 @@ class Backtest:
     truth: list[SimConversation] = field(default_factory=list)
     model: EmpiricalModel | None = None
     policy: Policy | None = None
+    # "At risk" notices emulated on what happened after the split (forecast with the fitted model).
+    at_risk: AtRisk | None = None
+
+
+@dataclass(frozen=True)
+class AtRisk:
+    conversations: int
+    breached: int
+    flagged: int
+    flagged_and_breached: int
+    median_lead: timedelta | None  # how long before its deadline a true alarm came
+
+    @property
+    def precision(self) -> float | None:
+        return self.flagged_and_breached / self.flagged if self.flagged else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.flagged_and_breached / self.breached if self.breached else None
+
+
+def at_risk_figures(conversations: Sequence[SimConversation], since: datetime) -> AtRisk:
+    later = [c for c in conversations if c.opened_at >= since]
+    breached = [c for c in later if c.first_response_at is None or c.first_response_at > c.first_due_at]
+    flagged = [c for c in later if c.at_risk_at is not None]
+    hits = [c for c in flagged if c in breached]
+    leads = sorted(c.first_due_at - c.at_risk_at for c in hits if c.at_risk_at is not None)
+    return AtRisk(
+        conversations=len(later),
+        breached=len(breached),
+        flagged=len(flagged),
+        flagged_and_breached=len(hits),
+        median_lead=leads[len(leads) // 2] if leads else None,
+    )
 
 
 def records_of(conversations: Sequence[SimConversation], before: datetime) -> list[AnswerRecord]:
@@ -66,8 +100,10 @@ def run_backtest(
     split_week: int = 21,
     replications: int = 3,
     seed: int = 3,
+    at_risk: int | None = None,
 ) -> Backtest:
-    """Generate, fit on the weeks before ISO week `split_week`, simulate the rest, compare."""
+    """Generate, fit on the weeks before ISO week `split_week`, simulate the rest, compare;
+    with `at_risk` (a percentile), also emulate the at-risk notice on what happened after the split."""
     policy = realistic_policy(copies)
     arrivals = realistic_arrivals(year=year, per_year=per_year, seed=seed)
     start = datetime(year, 1, 1, tzinfo=UTC)
@@ -87,6 +123,12 @@ def run_backtest(
         model=model,
         policy=policy,
     )
+    if at_risk is not None:
+        # The same world (same seed, same answers) with the at-risk check emulated every 15 minutes,
+        # forecasting at percentile `at_risk` with the model fitted before the split.
+        probe = Probe(model, start=split, every=timedelta(minutes=15), percentile=at_risk)
+        probed = world.run(arrivals, seed=seed + 1000, ladder=False, probe=probe)
+        result.at_risk = at_risk_figures(probed.conversations, split)
     for team, spec in policy.teams.items():
         zone = policy.calendars[spec.calendar].timezone
         # Whole weeks after the split (the first one lets the simulated queues fill up).

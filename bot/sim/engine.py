@@ -17,6 +17,7 @@ Everything random comes from one seeded generator, so a seed gives the same resu
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from bot.core.ladder import LadderState, plan
 from bot.core.policy import Expert, Policy, SlaPolicy
 from bot.core.routing import choose_owner, classify, is_on_duty
 from bot.core.sla import BusinessCalendar, Deadline, compute_deadline
-from bot.sim.model import AnswerTimes
-from bot.sim.workclock import WorkClock, to_datetime
+from bot.sim.model import AnswerTimes, EmpiricalModel
+from bot.sim.workclock import TeamCapacity, WorkClock, to_datetime
 
 # Conversations still waiting this long after the last arrival stay unanswered in the result.
 DRAIN = timedelta(days=45)
@@ -67,6 +68,19 @@ class SimConversation:
     breached: bool = False
     nags: int = 0
     escalations: int = 0
+    at_risk_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Emulate the "at risk" check every `every` from `start`: the forecast (`bot.sim.forecast`)
+    of each waiting conversation, with `model`, before its first warning; the first time it is past
+    the deadline is kept as `SimConversation.at_risk_at`."""
+
+    model: EmpiricalModel
+    start: datetime
+    every: timedelta = timedelta(minutes=5)
+    percentile: int = 80
 
 
 @dataclass
@@ -109,13 +123,16 @@ class Simulator:
             expert.id: WorkClock(BusinessCalendar(expert.calendar()), self.start - 86400.0, self.end)
             for expert in policy.experts.values()
         }
+        self._capacities: dict[str, TeamCapacity] = {}
         self.teams_of: dict[str, tuple[str, ...]] = {}
         for team in policy.teams.values():
             for expert_id in dict.fromkeys(team.experts):
                 if expert_id in policy.experts:
                     self.teams_of[expert_id] = (*self.teams_of.get(expert_id, ()), team.name)
 
-    def run(self, arrivals: Sequence[Arrival], *, seed: int = 0, ladder: bool = True) -> SimResult:
+    def run(
+        self, arrivals: Sequence[Arrival], *, seed: int = 0, ladder: bool = True, probe: Probe | None = None
+    ) -> SimResult:
         policy = self.policy
         rng = np.random.default_rng(seed)
         draws = rng.random(len(arrivals) + 16).tolist()
@@ -146,6 +163,11 @@ class Simulator:
             for opening in clock.starts:
                 events.append((opening, 2, seq, 2, expert_id))
                 seq += 1
+        current: dict[str, int] = {}  # expert -> the conversation they are working on
+        probe_until = (arrivals[-1].at.timestamp() if arrivals else 0.0) + 7 * 86400.0
+        if probe is not None and arrivals:
+            events.append((max(probe.start.timestamp(), arrivals[0].at.timestamp()), 3, seq, 3, 0))
+            seq += 1
         heapq.heapify(events)
 
         def dispatch(expert_id: str, now: float) -> None:
@@ -168,6 +190,7 @@ class Simulator:
             worked = self.model.sample(expert_id, best_team, clock.hour_of_week(now), u)
             finish = clock.wall(clock.work(now) + worked)
             busy[expert_id] = True
+            current[expert_id] = index
             busy_seconds[expert_id] += worked
             if finish != float("inf"):
                 heapq.heappush(events, (finish, 0, seq, 0, f"{expert_id}\x00{index}"))
@@ -241,16 +264,69 @@ class Simulator:
                     load[previous_owner] -= 1
                 conversation.owner = expert_id
                 busy[expert_id] = False
+                current.pop(expert_id, None)
                 if clocks[expert_id].is_open(now):
                     dispatch(expert_id, now)
-            else:
+            elif kind == 2:
                 assert isinstance(subject, str)
                 if not busy[subject]:
                     dispatch(subject, now)
+            else:
+                assert probe is not None
+                self._probe(probe, now, waiting, conversations, owner_of)
+                following = now + probe.every.total_seconds()
+                if following <= probe_until:
+                    heapq.heappush(events, (following, 3, seq, 3, 0))
+                    seq += 1
 
         if ladder:
             self._ladder(conversations)
         return SimResult(conversations=conversations, busy_seconds=busy_seconds, policy=policy)
+
+    def _probe(
+        self,
+        probe: Probe,
+        now: float,
+        waiting: Mapping[str, list[tuple[float, int]]],
+        conversations: Sequence[SimConversation],
+        owner_of: Sequence[str | None],
+    ) -> None:
+        from bot.sim.forecast import forecast_finish
+
+        for team, queue in waiting.items():
+            if not queue:
+                continue
+            capacity = self._capacity(team)
+            order = sorted(queue)  # (deadline, arrival order): earliest deadline first, then first come
+            for due, index in queue:
+                conversation = conversations[index]
+                owner = owner_of[index]
+                if conversation.at_risk_at is not None or owner is None or owner not in self.clocks:
+                    continue
+                first = conversation.warn_at[0] if conversation.warn_at else conversation.first_due_at
+                if now >= first.timestamp():
+                    continue
+                finish = forecast_finish(
+                    probe.model,
+                    owner=owner,
+                    team=team,
+                    now=now,
+                    ahead=bisect.bisect_left(order, (due, index)),
+                    capacity=capacity,
+                    owner_clock=self.clocks[owner],
+                    percentile=probe.percentile,
+                    seed=index,
+                )
+                if finish > due:
+                    conversation.at_risk_at = to_datetime(now)
+
+    def _capacity(self, team: str) -> TeamCapacity:
+        found = self._capacities.get(team)
+        if found is None:
+            members = [e for e in dict.fromkeys(self.policy.teams[team].experts) if e in self.clocks]
+            found = TeamCapacity([self.clocks[e] for e in members])
+            self._capacities[team] = found
+        return found
 
     def _ladder(self, conversations: list[SimConversation]) -> None:
         policies = {sla.name: sla for sla in self.policy.policies}
