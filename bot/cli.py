@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bot.sim.cli import register as register_simulate
 
-    register_simulate(sub)
+    register_simulate(sub, load=_load, config_path=config_path)
     return parser
 
 

@@ -9,22 +9,29 @@ conversations (`bot.sim.report`), so both sides are measured alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.core.policy import Policy
+
 if TYPE_CHECKING:
-    from bot.core.policy import Policy
     from bot.reports.digest import WeekFigures
     from bot.sim.report import LadderCounts
 
 EXIT_USAGE = 2
 
 
-def register(sub: Any) -> None:
-    """Add the `simulate` sub-command to the `replyclock` sub-parsers."""
+def register(sub: Any, *, load: Callable[[Path], Policy], config_path: Callable[[str | None], Path]) -> None:
+    """Add the `simulate` sub-command to the `replyclock` sub-parsers.
+
+    `load` reads and validates a policy file (exiting with the problems listed) and
+    `config_path` finds the current one; both come from bot.cli, which this module never imports.
+    """
     parser = sub.add_parser(
         "simulate",
         help="what if? replay a period under a candidate policy or staffing (actual beside simulated)",
@@ -54,7 +61,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--png", metavar="FILE", help="write a chart comparing actual and simulated weeks")
     parser.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
-    parser.set_defaults(func=cmd_simulate)
+    parser.set_defaults(func=functools.partial(cmd_simulate, load=load, config_path=config_path))
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,9 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from bot.cli import _load, config_path
+def cmd_simulate(
+    args: argparse.Namespace, *, load: Callable[[Path], Policy], config_path: Callable[[str | None], Path]
+) -> int:
     from bot.flow.context import AppContext
     from bot.sim.scenario import add_expert, parse_hours, remove_expert
     from storage.db import make_engine
@@ -119,8 +127,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     start = datetime.combine(start_day, datetime.min.time(), tzinfo=UTC)
     end = datetime.combine(end_day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
-    current = _load(config_path(args.current))
-    candidate = _load(Path(args.config)) if args.config else current
+    current = load(config_path(args.current))
+    candidate = load(Path(args.config)) if args.config else current
     try:
         for spec in args.add_expert:
             team, _, hours = spec.partition(":")

@@ -30,6 +30,7 @@ from bot.core.policy import Expert, Policy, SlaPolicy
 from bot.core.routing import choose_owner, classify, is_on_duty
 from bot.core.sla import BusinessCalendar, Deadline, compute_deadline
 from bot.sim.model import AnswerTimes, EmpiricalModel
+from bot.sim.queueing import forecast_finish
 from bot.sim.workclock import TeamCapacity, WorkClock, to_datetime
 
 # Conversations still waiting this long after the last arrival stay unanswered in the result.
@@ -291,8 +292,6 @@ class Simulator:
         conversations: Sequence[SimConversation],
         owner_of: Sequence[str | None],
     ) -> None:
-        from bot.sim.forecast import forecast_finish
-
         for team, queue in waiting.items():
             if not queue:
                 continue
