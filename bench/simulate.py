@@ -35,7 +35,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from bench.common import cpu_model
-from bot.sim.backtest import records_of, run_backtest, summary
+from bot.reports.backtest import records_of, run_backtest, summary
 from bot.sim.engine import Simulator
 from bot.sim.erlang import response_within
 from bot.sim.model import fit

@@ -14,7 +14,7 @@ import pytest
 from bot.config import parse_policy
 from bot.core.policy import CalendarSpec, Policy
 from bot.core.sla import BusinessCalendar
-from bot.sim.backtest import run_backtest, summary
+from bot.reports.backtest import run_backtest, summary
 from bot.sim.engine import Arrival, Simulator
 from bot.sim.erlang import erlang_c, response_within
 from bot.sim.model import AnswerRecord, EmpiricalModel, fit

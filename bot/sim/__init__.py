@@ -1,6 +1,7 @@
 """What if? Replay arrivals through a policy and a model of how fast experts answer.
 
-Layering: everything in this package imports only `bot.core` and `storage` (the flow may use it
-for forecasts), except `bot.sim.cli`, the command line, which also reads the digest figures from
-`bot.reports` so that actual and simulated weeks are measured by the same functions.
+Layering: this package imports only `bot.core`, `bot.config` (the policy validator) and
+`storage`, so the flow may use it (forecasts for acknowledgements and "at risk" notices). The
+parts that measure with the digest live in `bot.reports`: `simulation` (figures of simulated
+weeks), `backtest` and `simulate_command` (`replyclock simulate`).
 """

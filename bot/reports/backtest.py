@@ -1,4 +1,4 @@
-"""The backtest (reads the digest figures through `bot.sim.report`): fit the answer-time model on earlier weeks of a history, simulate later ones.
+"""The backtest (reads the digest figures through `bot.reports.simulation`): fit the answer-time model on earlier weeks of a history, simulate later ones.
 
 `run_backtest` generates a realistic year (`bot.sim.synth`), takes what the synthetic experts
 did as "what happened", fits an `EmpiricalModel` on the weeks before `split`, and simulates the
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from bot.core.policy import Policy
+from bot.reports.simulation import weekly_shares, weeks_between
 from bot.sim.engine import Probe, SimConversation, Simulator
 from bot.sim.model import AnswerRecord, EmpiricalModel, fit
-from bot.sim.report import weekly_shares, weeks_between
 from bot.sim.synth import realistic_arrivals, realistic_policy, true_times
 
 

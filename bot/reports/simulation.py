@@ -1,6 +1,6 @@
 """Weekly figures of simulated conversations, measured by the digest's own functions.
 
-This module (with `bot.sim.cli`) is the only part of `bot.sim` that imports `bot.reports`: the
+This module (with `bot.reports.simulate_command`) is the only part of `bot.sim` that imports `bot.reports`: the
 simulated conversations are turned into the digest's `ConversationFacts` and measured with
 `bot.reports.digest.compute_week`, exactly as the actual weeks are, so "share within target",
 "p50/p90 first response" and "breaches" mean the same thing on both sides.

@@ -3,7 +3,7 @@
 Registered into the main parser by `register` (one line in bot/cli.py); everything heavy is
 imported when the command runs. Actual figures come from the digest (`bot.reports.digest`:
 `load_week` and `compute_week`); simulated ones from the same `compute_week` over the simulated
-conversations (`bot.sim.report`), so both sides are measured alike.
+conversations (`bot.reports.simulation`), so both sides are measured alike.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bot.core.policy import Policy
 
 if TYPE_CHECKING:
     from bot.reports.digest import WeekFigures
-    from bot.sim.report import LadderCounts
+    from bot.reports.simulation import LadderCounts
 
 EXIT_USAGE = 2
 
@@ -155,10 +155,10 @@ def cmd_simulate(
 def run(ctx: Any, candidate: Policy, start: datetime, end: datetime, args: argparse.Namespace) -> int:
     """The command's work once the policies and the database are in hand."""
     from bot.reports.digest import compute_week, load_week
+    from bot.reports.simulation import simulated_weeks, weeks_between
     from bot.sim.engine import Simulator
     from bot.sim.history import load_answer_records, load_arrivals
     from bot.sim.model import fit
-    from bot.sim.report import simulated_weeks, weeks_between
     from bot.sim.scenario import scale_arrivals
     from bot.sim.workclock import WorkClock
 
@@ -230,7 +230,7 @@ def _actual_ladder(session: Any, team: str, weeks: list[Any]) -> list[LadderCoun
     """Warnings, nags and escalations recorded for the team's conversations opened in each week."""
     from sqlalchemy import func, select
 
-    from bot.sim.report import LadderCounts
+    from bot.reports.simulation import LadderCounts
     from storage.models import Conversation, Event
 
     counts = []
