@@ -221,3 +221,84 @@ def test_backtest_on_a_generated_year_predicts_weekly_share() -> None:
         assert figures["median"] <= 2.5, (team, figures)
         assert figures["within5"] >= 0.85, (team, figures)
         assert abs(figures["mean"]) <= 2.0, (team, figures)
+
+
+def test_scaling_arrivals_thins_and_repeats_with_jitter() -> None:
+    from bot.sim.scenario import scale_arrivals
+
+    arrivals = poisson_arrivals(10.0, 4000, start=START, seed=3)
+    half = scale_arrivals(arrivals, 0.5, seed=1)
+    assert 1800 < len(half) < 2200 and {a.key for a in half} <= {a.key for a in arrivals}
+    more = scale_arrivals(arrivals, 1.5, seed=1)
+    assert 5800 < len(more) < 6200
+    assert len({a.key for a in more}) == len(more)
+    assert [a.at for a in more] == sorted(a.at for a in more)
+    copies = [a for a in more if "#" in a.author_id]
+    originals = {a.author_id: a.at for a in arrivals}
+    assert all(abs(a.at - originals[a.author_id.split("#")[0]]) <= timedelta(hours=1) for a in copies)
+    assert scale_arrivals(arrivals, 1.5, seed=1) == more  # seeded
+
+
+def test_hours_and_staffing_changes() -> None:
+    from bot.sim.scenario import add_expert, parse_hours, remove_expert
+
+    assert parse_hours("mon-wed 09:00-17:00,sat 10:00-14:00") == {
+        0: ((540, 1020),),
+        1: ((540, 1020),),
+        2: ((540, 1020),),
+        5: ((600, 840),),
+    }
+    with pytest.raises(ValueError, match="not working hours"):
+        parse_hours("someday 9-5")
+    policy = policy_from(LADDER_POLICY)
+    bigger, ident = add_expert(policy, "care", parse_hours("mon-fri 12:00-20:00"))
+    assert bigger.teams["care"].experts == ("ann", ident) and bigger.experts[ident].timezone == "UTC"
+    assert remove_expert(bigger, "ann").teams["care"].experts == (ident,)
+
+
+def test_team_capacity_pools_working_hours() -> None:
+    from bot.sim.workclock import TeamCapacity
+
+    def clock(start_minute: int, end_minute: int) -> WorkClock:
+        spec = CalendarSpec(
+            name="x", timezone="UTC", hours={d: ((start_minute, end_minute),) for d in range(7)}
+        )
+        return WorkClock(BusinessCalendar(spec), START.timestamp(), (START + timedelta(days=3)).timestamp())
+
+    import numpy as np
+
+    capacity = TeamCapacity([clock(9 * 60, 17 * 60), clock(13 * 60, 21 * 60)])
+    nine = START.replace(hour=9).timestamp()
+    # 09-13 one person (4 h of work), 13-17 two (8 h), 17-21 one (4 h).
+    assert capacity.work(START.replace(hour=17).timestamp()) - capacity.work(nine) == 12 * 3600
+    done = capacity.wall(capacity.work(nine) + np.array([0.0, 2 * 3600, 6 * 3600, 14 * 3600]))
+    assert list(done) == [nine, nine + 2 * 3600, nine + 5 * 3600, nine + 10 * 3600]
+
+
+def test_queue_forecast_grows_with_the_queue_and_counts_working_hours_only() -> None:
+    from bot.sim.queueing import forecast_finish
+    from bot.sim.workclock import TeamCapacity
+
+    spec = CalendarSpec(name="x", timezone="UTC", hours={d: ((540, 1020),) for d in range(5)})
+    clock = WorkClock(BusinessCalendar(spec), START.timestamp(), (START + timedelta(days=20)).timestamp())
+    model = EmpiricalModel(min_samples=1)
+    model.add("ann", "care", 9, 3600.0)  # every answer takes one working hour
+    nine = START.replace(hour=9).timestamp()
+
+    def finish(ahead: int) -> float:
+        return forecast_finish(
+            model,
+            owner="ann",
+            team="care",
+            now=nine,
+            ahead=ahead,
+            capacity=TeamCapacity([clock]),
+            owner_clock=clock,
+            percentile=80,
+            seed=1,
+        )
+
+    assert finish(0) == nine + 3600
+    assert finish(3) == nine + 4 * 3600
+    # Ten ahead: eight hours on Monday, then three more on Tuesday from 09:00.
+    assert finish(10) == START.replace(day=3, hour=12).timestamp()
