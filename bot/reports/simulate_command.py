@@ -141,6 +141,9 @@ def cmd_simulate(
     if args.team and args.team not in candidate.teams:
         print(f"error: unknown team {args.team!r}", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 <= args.arrivals <= 100:
+        print("error: --arrivals must be from 0 to 100 (a factor, e.g. 1.5)", file=sys.stderr)
+        return EXIT_USAGE
     if args.goal and not args.team:
         print("error: --goal needs --team", file=sys.stderr)
         return EXIT_USAGE
