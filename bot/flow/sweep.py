@@ -52,7 +52,10 @@ def sweep(ctx: AppContext, *, batch_size: int = 200, max_batches: int | None = N
                 _process_one(session, ctx, conversation, now, result)
         if len(claimed) < batch_size:
             break
-    result.at_risk = check_at_risk(ctx, ctx.clock.now())
+    try:
+        result.at_risk = check_at_risk(ctx, ctx.clock.now())
+    except Exception:  # a forecast must never stop the ladder: log it and carry on
+        log.exception("at-risk check failed")
     return result
 
 
