@@ -136,6 +136,10 @@ class TeamTable(TypedDict, total=False):
         bool,
         Field(description="Hand a conversation on when its owner's working hours end before its deadline."),
     ]
+    # Issue 15: honest acknowledgements and "at risk" notices (bot.sim.forecast).
+    forecast_ack: bool
+    at_risk: bool
+    forecast_percentile: Annotated[int, Field(ge=50, le=99)]
 
 
 class StepTable(TypedDict, total=False):

@@ -17,7 +17,7 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
-from babel.dates import format_datetime, format_time
+from babel.dates import format_datetime, format_skeleton
 from babel.lists import format_list
 from babel.units import format_unit
 
@@ -90,10 +90,11 @@ def zone_label(at: datetime, tz: ZoneInfo, language: str) -> str:
 
 def local_due_label(at: datetime, tz: ZoneInfo, language: str) -> str:
     """A deadline as the customer reads it: weekday, local time and zone, all in the locale
-    (``Dienstag 12:00 MEZ``, ``Tuesday 12:00 PM Central European Standard Time``)."""
+    (``Dienstag 12:00 MEZ``, ``Tuesday 12:00 Central European Standard Time``)."""
     locale = babel_locale(language)
     weekday = format_datetime(at, "EEEE", tzinfo=tz, locale=locale)
-    clock = format_time(at, format="short", tzinfo=tz, locale=locale)
+    # The locale's own 24-hour pattern (skeleton "Hm"): deadlines read the same on every channel.
+    clock = format_skeleton("Hm", at, tzinfo=tz, locale=locale)
     return f"{weekday} {clock} {zone_label(at, tz, language)}"
 
 

@@ -177,6 +177,12 @@ class Team:
     # Follow the sun: an open conversation whose owner's hours end before its deadline is handed
     # to the next expert on duty when they end.
     follow_the_sun: bool = False
+    # Honest acknowledgements (bot.sim.forecast): promise the forecast answer time, not the deadline.
+    forecast_ack: bool = False
+    # Tell owner and team when the forecast for an open conversation moves past its deadline.
+    at_risk: bool = False
+    # Which percentile of the forecast answer time is promised and compared with the deadline.
+    forecast_percentile: int = 80
 
     @property
     def label(self) -> str:
