@@ -40,9 +40,19 @@ ANSWERED = "answered"  # a human answered; a further customer post reopens it
 CLOSED = "closed"  # closed by staff without (further) reply
 CONVERSATION_STATUSES = (OPEN, ANSWERED, CLOSED)
 
-# Outbox.status values
-PENDING, SENDING, SENT, FAILED, UNKNOWN = "pending", "sending", "sent", "failed", "unknown"
-OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN)
+# Outbox.status values. RETIRED: never sent on purpose, before any attempt (a ladder step of a
+# conversation answered or closed first, a card update superseded by a newer one); `result` says why.
+PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
+    "pending",
+    "sending",
+    "sent",
+    "failed",
+    "unknown",
+    "retired",
+)
+OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
+# Staff messages that only matter while their conversation is open (retired when it is answered).
+LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
 
 
 class Account(Base):
@@ -186,6 +196,16 @@ class Outbox(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_outbox_status", "status"),
+        # The claim's lane check ("is an earlier row of this conversation still unsent?") probes
+        # only unsent rows: a partial index keeps it O(unsent of that conversation) however many
+        # rows were sent before, and the planner does not need fresh statistics to choose it.
+        Index(
+            "ix_outbox_lane",
+            "conversation_id",
+            "id",
+            postgresql_where=text("status IN ('pending', 'sending')"),
+            sqlite_where=text("status IN ('pending', 'sending')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -198,6 +218,9 @@ class Outbox(Base):
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     lease_until: Mapped[datetime | None]
+    # The sender holding a `sending` row (a `Lease` name): while that lease is renewed the row is
+    # in flight; once it lapses the owner is dead and recovery settles the row within seconds.
+    owner: Mapped[str | None] = mapped_column(String(100))
     sent_at: Mapped[datetime | None]
     result: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -211,3 +234,20 @@ class AckOptOut(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     author_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     at: Mapped[datetime]
+
+
+class Lease(Base):
+    """A named lease a live process renews with a heartbeat (`expires_at` a few seconds ahead).
+
+    ``sender:<id>``: one per outbox sender; rows it holds `sending` are abandoned once it lapses.
+    ``run``: the one `replyclock run` allowed on an SQLite database (bot.runlock).
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]

@@ -668,6 +668,18 @@ class _Batch:
                     for c, kind, key, payload in self.messages
                 ],
             )
+            # Steps still waiting to be sent for a conversation this batch answered are moot now,
+            # and of several card updates of one card only the newest matters.
+            repo.retire_ladder(
+                session=session,
+                conversation_ids=sorted({c.id for c in self.answered}),
+                reason="answered first",
+                now=self.now,
+            )
+            repo.supersede_card_updates(
+                session=session,
+                conversation_ids=sorted({c.id for c, kind, _k, _p in self.messages if kind == "card_update"}),
+            )
         if self.links:
             session.execute(
                 update(Post),
