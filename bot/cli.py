@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -134,6 +137,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_GRACE = timedelta(seconds=8)
+
+
+def _hard_exit(log: logging.Logger) -> None:
+    log.error(
+        "jobs still running after the stop signal; exiting now", extra={"grace": STOP_GRACE.total_seconds()}
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -168,14 +180,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     engine = make_engine()
+    if engine.dialect.name == "sqlite":
+        upgrade(engine)  # embedded default: keep the file's schema current without a release step
     try:
         lock = single_writer_lock(engine)
+        lock.__enter__()
     except RunLockError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    with lock:
-        if engine.dialect.name == "sqlite":
-            upgrade(engine)  # embedded default: keep the file's schema current without a release step
+    with contextlib.ExitStack() as held:
+        held.push(lock)
         ctx = AppContext(policy=policy, engine=engine)
         slack = SlackSettings.from_env(os.environ)
         client = slack.client()
@@ -189,6 +203,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             ctx, client, lambda text: log.info("digest (Slack not configured)", extra={"text": text})
         )
         sender = OutboxSender(ctx, {**staff, **digests, **customer_handlers(ctx, connectors)})
+        beating = threading.Event()
+        held.callback(beating.set)
+        sender.heartbeat()
+        sender.start_heartbeat(beating)
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
@@ -240,6 +258,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         scheduler.start()
         received = signal.sigwait(STOP_SIGNALS)
         log.info("stopping", extra={"signal": signal.Signals(received).name})
+        sender.stop()
+        # Whatever a job waits on (a database that is away, a busy SQLite, a slow platform), the
+        # process ends within STOP_GRACE: a send cut short is settled by the next start's recovery.
+        watchdog = threading.Timer(STOP_GRACE.total_seconds(), _hard_exit, args=(log,))
+        watchdog.daemon = True
+        watchdog.start()
         scheduler.shutdown(wait=False)
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]

@@ -190,7 +190,7 @@ class SlackDelivery:
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
-        claimed = self._claim_storm(loaded.conversation, message.id, now)
+        claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
         if claimed:
             return self._post_storm(loaded, claimed, now)
         return self._post_card(loaded, now)
@@ -486,7 +486,7 @@ class SlackDelivery:
     # Storms
 
     def _claim_storm(
-        self, conversation: Conversation, outbox_id: int, now: datetime
+        self, conversation: Conversation, outbox_id: int, now: datetime, *, owner: str | None = None
     ) -> list[tuple[int, int]]:
         """Claim the other pending cards for this channel, due within the window, if they make a storm.
 
@@ -526,6 +526,7 @@ class SlackDelivery:
                 row.status = SENDING
                 row.attempts += 1
                 row.lease_until = now + DEFAULT_LEASE
+                row.owner = owner  # the claiming sender: its death hands them back within seconds
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
@@ -597,7 +598,7 @@ class SlackDelivery:
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
-                .values(status=PENDING, lease_until=None, next_attempt_at=when)
+                .values(status=PENDING, lease_until=None, owner=None, next_attempt_at=when)
                 .execution_options(synchronize_session=False)
             )
 
