@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -161,28 +162,47 @@ def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path
     )
     try:
         deadline = time.monotonic() + 30
-        while (
-            not (tmp_path / "run.db.run.lock").exists()
-            or b"pid" not in (tmp_path / "run.db.run.lock").read_bytes()
-        ):
+        while _run_lease_pid(tmp_path / "run.db") != first.pid:
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "replyclock run did not start"
             time.sleep(0.1)
-        second = subprocess.run(
-            [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert second.returncode == 1
-        assert "SQLite allows one running process" in second.stderr
+        # The guard is a lease row in the database itself: no side file to delete, and a hard
+        # link to the file (another name for the same database) is refused just the same.
+        assert not list(tmp_path.glob("*.lock"))
+        for name, link in (("run.db", False), ("alias.db", True), ("run.db", True)):
+            if link and not (tmp_path / "alias.db").exists():
+                os.link(tmp_path / "run.db", tmp_path / "alias.db")
+            second = subprocess.run(
+                [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
+                cwd=tmp_path,
+                env={**env, "DATABASE_URL": f"sqlite:///{tmp_path / name}"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert second.returncode == 1, second.stderr
+            assert "SQLite allows one running process" in second.stderr
+            assert ("hard links" if link else f"pid {first.pid}") in second.stderr
+        (tmp_path / "alias.db").unlink()
     finally:
         first.send_signal(signal.SIGTERM)
         _out, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
     assert '"event": "replyclock running"' in err  # structured JSON log lines
+    assert _run_lease_pid(tmp_path / "run.db") is None  # given up on a clean stop
+
+
+def _run_lease_pid(database: Path) -> int | None:
+    import sqlite3
+
+    if not database.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
+            row = connection.execute("SELECT pid FROM leases WHERE name = 'run'").fetchone()
+    except sqlite3.OperationalError:  # not migrated yet
+        return None
+    return int(row[0]) if row else None
 
 
 @pytest.mark.slow
