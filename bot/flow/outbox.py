@@ -21,6 +21,7 @@ at start-up).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, exists, literal, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, exists, literal, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import BindParameter
@@ -127,6 +128,7 @@ class OutboxSender:
         # kill must find at most one customer message in flight (see send_due).
         self._sending = threading.Lock()
         self._stopping = threading.Event()
+        self._lease_until: datetime | None = None  # this sender's lease, as last renewed here
 
     def recover(self, *, all_sending: bool = False) -> int:
         """Settle rows left `sending` by a sender that died.
@@ -197,6 +199,7 @@ class OutboxSender:
             self._renew(session, self.ctx.clock.now())
 
     def _renew(self, session: Session, now: datetime) -> None:
+        self._lease_until = now + OWNER_TTL
         repo.renew_lease(
             session=session,
             name=self.owner,
@@ -255,35 +258,12 @@ class OutboxSender:
     def _claim(self, limit: int) -> list[OutboxMessage]:
         now = self.ctx.clock.now()
         with self.ctx.sessions() as session, session.begin():
-            # Messages of one conversation go out in the order they were written, separately for the
-            # customer and for staff: a row waits while an earlier one of its lane is still unsent.
-            earlier = aliased(Outbox)
-            customer = Outbox.kind.in_(CUSTOMER_KINDS)
-            earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
-            # The statuses are written into the SQL as literals, not parameters: only then can the
-            # planner prove that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply
-            # (SQLite always; PostgreSQL once psycopg prepares the statement with a generic plan).
-            waits = (
-                exists()
-                .where(
-                    earlier.conversation_id == Outbox.conversation_id,
-                    earlier.id < Outbox.id,
-                    earlier.status.in_(_UNSENT),
-                    or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
-                )
-                .correlate(Outbox)
-            )
-            query = (
-                select(Outbox)
-                .where(Outbox.status == _PENDING, Outbox.next_attempt_at <= now, ~waits)
-                .order_by(Outbox.next_attempt_at, Outbox.id)
-                .limit(limit)
-            )
-            if is_postgres(session):
-                query = query.with_for_update(skip_locked=True, of=Outbox)
-            rows = list(session.scalars(query))
+            query = _claim_query(is_postgres(session))
+            rows = list(session.scalars(query, {"now": now, "limit": limit}))
             claimed = []
-            if rows:
+            if rows and (
+                self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2
+            ):
                 self._renew(session, now)
             for row in rows:
                 row.status = SENDING
@@ -408,6 +388,40 @@ def one_line(error: BaseException) -> str:
     orig = getattr(error, "orig", None) or error
     text = f"{type(orig).__name__}: {orig}".strip()
     return (text.splitlines() or [text])[0][:500]
+
+
+@functools.cache
+def _claim_query(postgres: bool) -> Select[Outbox]:
+    """The claim's SELECT, built once (parameters ``now`` and ``limit``).
+
+    Messages of one conversation go out in the order they were written, separately for the
+    customer and for staff: a row waits while an earlier one of its lane is still unsent. The
+    statuses are written into the SQL as literals, not parameters: only then can the planner prove
+    that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply (SQLite always; PostgreSQL
+    once psycopg prepares the statement with a generic plan).
+    """
+    earlier = aliased(Outbox)
+    customer = Outbox.kind.in_(CUSTOMER_KINDS)
+    earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
+    waits = (
+        exists()
+        .where(
+            earlier.conversation_id == Outbox.conversation_id,
+            earlier.id < Outbox.id,
+            earlier.status.in_(_UNSENT),
+            or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
+        )
+        .correlate(Outbox)
+    )
+    query = (
+        select(Outbox)
+        .where(Outbox.status == _PENDING, Outbox.next_attempt_at <= bindparam("now"), ~waits)
+        .order_by(Outbox.next_attempt_at, Outbox.id)
+        .limit(bindparam("limit"))
+    )
+    if postgres:
+        query = query.with_for_update(skip_locked=True, of=Outbox)
+    return query
 
 
 def _gone(owner: str) -> bool:
