@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, bindparam, delete, exists, literal, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, exists, literal, or_, select, text, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import BindParameter
@@ -271,6 +271,8 @@ class OutboxSender:
                 row.lease_until = now + self.lease
                 row.owner = self.owner
                 claimed.append(_detached(row))
+            if rows and all(row.kind not in CUSTOMER_KINDS for row in rows):
+                _relaxed(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
 
@@ -351,6 +353,8 @@ class OutboxSender:
         # staff message or call a delivered customer message "unknown".
         def record() -> None:
             with self.ctx.sessions() as session, session.begin():
+                if message.kind not in CUSTOMER_KINDS:
+                    _relaxed(session)
                 changed = session.execute(
                     update(Outbox).where(Outbox.id == message.id, Outbox.status == SENDING).values(**values)
                 ).rowcount  # type: ignore[attr-defined]
@@ -388,6 +392,18 @@ def one_line(error: BaseException) -> str:
     orig = getattr(error, "orig", None) or error
     text = f"{type(orig).__name__}: {orig}".strip()
     return (text.splitlines() or [text])[0][:500]
+
+
+def _relaxed(session: Session) -> None:
+    """On PostgreSQL, commit this transaction without waiting for its WAL flush.
+
+    Only for staff messages, which go out at least once: a database crash that loses the claim
+    or the settle (a fraction of a second of commits) sends the message again. Customer
+    messages keep durable commits: their claim must be on disk before the call (at most once).
+    Saves a disk flush (about 3 ms here, far more on a busy disk) twice per staff message.
+    """
+    if is_postgres(session):
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 @functools.cache
