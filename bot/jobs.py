@@ -307,7 +307,9 @@ class Jobs:
             record_ingested(name, connector.kind, result.stored)
         if stored:
             if self.send_after_poll:
-                self.run_outbox()
+                # Started as the outbox job, not sent from here: a send waiting on a slow Slack
+                # must not hold the poll (the next poll would be skipped while it waits).
+                self.send_soon()
             self.schedule_wake()
         return stored
 

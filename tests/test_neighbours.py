@@ -513,7 +513,7 @@ def test_postgres_restarted_mid_run_the_process_reconnects_and_loses_nothing(
     assert not [line for line in errors if "raised an exception" in str(line.get("event"))]
     raised = [line for line in errors if line.get("event") == "database unavailable"]
     assert raised and all(
-        "OperationalError" in str(line.get("error")) and "exception" not in line and line.get("job")
+        "OperationalError" in str(line.get("error")) and line.get("exception") is None and line.get("job")
         for line in raised
     ), raised[:3]
     waited = [line for line in errors if str(line.get("event")).startswith("database unavailable:")]
