@@ -219,7 +219,9 @@ def sender_bench(database: str, postgres_url: str) -> tuple[float, float, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,1000000")
     parser.add_argument("--databases", default="sqlite")
     parser.add_argument(
