@@ -184,6 +184,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("replyclock.run")
+    # The stop signal is awaited on a thread of its own from here on, so that it is taken even
+    # while the main thread is still starting (migrating, recovering) and waits on the database.
+    # From the signal, the process has STOP_GRACE to end cleanly, then it ends anyway.
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def await_stop() -> None:
+        received.append(signal.sigwait(STOP_SIGNALS))
+        stop_requested.set()
+        watchdog = threading.Timer(STOP_GRACE.total_seconds(), _hard_exit, args=(log,))
+        watchdog.daemon = True
+        watchdog.start()
+
+    threading.Thread(target=await_stop, name="stop-signal", daemon=True).start()
     try:
         connectors = build_connectors(policy, os.environ)
     except ConnectorSetupError as error:
@@ -266,14 +280,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             },
         )
         scheduler.start()
-        received = signal.sigwait(STOP_SIGNALS)
-        log.info("stopping", extra={"signal": signal.Signals(received).name})
-        sender.stop()
+        stop_requested.wait()
+        log.info("stopping", extra={"signal": signal.Signals(received[0]).name})
         # Whatever a job waits on (a database that is away, a busy SQLite, a slow platform), the
-        # process ends within STOP_GRACE: a send cut short is settled by the next start's recovery.
-        watchdog = threading.Timer(STOP_GRACE.total_seconds(), _hard_exit, args=(log,))
-        watchdog.daemon = True
-        watchdog.start()
+        # process ends within STOP_GRACE of the signal: a send cut short is settled by the next
+        # start's recovery.
+        sender.stop()
         scheduler.shutdown(wait=False)
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]
