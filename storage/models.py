@@ -53,6 +53,26 @@ PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
 OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
 # Staff messages that only matter while their conversation is open (retired when it is answered).
 LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
+# Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can
+# send at once (a storm, a rate-limited channel). Within one conversation's lane, order of writing
+# still rules. Kinds not listed: DEFAULT_URGENCY.
+URGENCY = {
+    "breach": 0,
+    "escalation": 0,
+    "delivery_unknown": 0,
+    "delivery_failed": 0,
+    "ack": 1,
+    "reply": 1,
+    "warning": 2,
+    "admin_alert": 2,
+    "card": 3,
+    "thread_post": 3,
+    "reassign": 4,
+    "card_update": 5,
+    "nag": 6,
+    "digest": 7,
+}
+DEFAULT_URGENCY = 5
 
 
 class Account(Base):
@@ -196,6 +216,14 @@ class Outbox(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_outbox_status", "status"),
+        # The claim's order: most urgent kind first, then oldest due.
+        Index(
+            "ix_outbox_urgency",
+            "urgency",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
         # The claim's lane check ("is an earlier row of this conversation still unsent?") probes
         # only unsent rows: a partial index keeps it O(unsent of that conversation) however many
         # rows were sent before, and the planner does not need fresh statistics to choose it.
@@ -214,6 +242,7 @@ class Outbox(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    urgency: Mapped[int] = mapped_column(Integer, default=DEFAULT_URGENCY, server_default=text("5"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]

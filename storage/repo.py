@@ -12,10 +12,12 @@ from sqlalchemy.orm import Session, aliased
 
 from storage.models import (
     CLOSED,
+    DEFAULT_URGENCY,
     LADDER_KINDS,
     OPEN,
     PENDING,
     RETIRED,
+    URGENCY,
     Account,
     AckOptOut,
     Base,
@@ -181,6 +183,7 @@ def enqueue(
         payload=payload,
         idempotency_key=key,
         status=PENDING,
+        urgency=URGENCY.get(kind, DEFAULT_URGENCY),
         attempts=0,
         created_at=now,
         next_attempt_at=now,
@@ -189,7 +192,26 @@ def enqueue(
     written = session.scalar(statement.returning(Outbox.id)) is not None
     if written and kind == "card_update" and conversation_id is not None:
         supersede_card_updates(session=session, conversation_ids=[conversation_id])
+    if written and conversation_id is not None and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY:
+        # An urgent message waits for the earlier unsent ones of its conversation (its lane): they
+        # inherit its urgency, so that a breach is not held back behind its own nag queued behind
+        # every card of a storm.
+        customer = kind in CUSTOMER_LANE
+        session.execute(
+            update(Outbox)
+            .where(
+                Outbox.conversation_id == conversation_id,
+                Outbox.status == PENDING,
+                Outbox.urgency > URGENCY.get(kind, DEFAULT_URGENCY),
+                Outbox.kind.in_(CUSTOMER_LANE) if customer else Outbox.kind.not_in(CUSTOMER_LANE),
+            )
+            .values(urgency=URGENCY.get(kind, DEFAULT_URGENCY))
+            .execution_options(synchronize_session=False)
+        )
     return written
+
+
+CUSTOMER_LANE = ("ack", "reply")  # as bot.flow.outbox.CUSTOMER_KINDS: the customer's lane
 
 
 def retire_ladder(

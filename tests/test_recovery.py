@@ -119,9 +119,9 @@ def test_a_staff_reply_retires_the_ladder(ctx: AppContext, clock: FakeClock) -> 
 
 def test_a_row_being_sent_is_left_to_its_sender(ctx: AppContext, clock: FakeClock) -> None:
     conversation_id = overdue_conversation(ctx, clock)
-    sender = OutboxSender(ctx, {"card": lambda m: "ok", "ack": lambda m: "ok"})
-    assert sender.send_due(limit=2).sent == 2
-    batch = sender._claim(1)
+    sender = OutboxSender(ctx, {})
+    while (batch := sender._claim(1)) and batch[0].kind not in LADDER:
+        sender._settle(batch[0], status="sent", result_text="ok")  # the card and the acknowledgement
     assert batch and batch[0].kind == "warning"  # now `sending`
     act(ctx, lambda s: staff.mark_answered(s, ctx, conversation_id, "maria", clock.now()))
     assert ladder_statuses(ctx) == [("warning", SENDING), ("breach", RETIRED), ("escalation", RETIRED)]
@@ -153,8 +153,8 @@ def test_only_the_newest_pending_card_update_of_a_card_is_kept(ctx: AppContext, 
 def test_rows_of_a_dead_sender_are_recovered_once_its_lease_lapses(ctx: AppContext, clock: FakeClock) -> None:
     ingest(ctx, post("1", "refund my invoice"))
     dead = OutboxSender(ctx, {})
-    card, ack = dead._claim(1)[0], dead._claim(1)[0]  # claimed, then the process died
-    assert (card.kind, ack.kind) == ("card", "ack") and card.owner == dead.owner
+    ack, card = dead._claim(1)[0], dead._claim(1)[0]  # claimed, then the process died
+    assert (ack.kind, card.kind) == ("ack", "card") and card.owner == dead.owner
     other = OutboxSender(ctx, {})
     assert other.recover() == 0  # its lease is live: the sends may be in flight
     clock.advance(OWNER_TTL - timedelta(seconds=1))
@@ -281,3 +281,37 @@ def test_a_database_error_before_the_call_is_a_retry_not_unknown(
         assert connector.sent == [] and sender.recover() == 0
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# Urgency
+
+
+def test_under_a_storm_no_breach_or_escalation_waits_behind_a_card_or_a_nag(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    # Five urgent conversations whose cards are out and whose ladders reach breach, escalation and
+    # nags; then a storm of 30 new posts in the same channel (cards and acknowledgements), all due
+    # at once when the sender comes round.
+    ingest(ctx, *[post(str(i), "the site is down!", author=f"a{i}") for i in range(5)])
+    OutboxSender(ctx, dict.fromkeys(("card", "ack"), lambda m: "ok")).send_due()
+    run_until(ctx, clock, timedelta(minutes=95))
+    ingest(ctx, *[post(f"s{i}", "the site is down!", author=f"s{i}", at=clock.now()) for i in range(30)])
+    order: list[tuple[str, int | None]] = []
+
+    def record(message: OutboxMessage) -> str:
+        order.append((message.kind, message.conversation_id))
+        return "ok"
+
+    OutboxSender(ctx, dict.fromkeys(("card", "ack", *LADDER), record)).send_due()
+    urgent = [i for i, (kind, _) in enumerate(order) if kind in ("breach", "escalation")]
+    assert len(urgent) == 5 * 3  # breach + two escalations each
+    overdue = {cid for kind, cid in order if kind in ("breach", "escalation")}
+    # Before the last breach or escalation went nothing but the overdue conversations' own messages
+    # (one conversation's messages keep the order they were written in: its warning before its
+    # breach, its first nag before its second escalation): no card, no nag of the storm.
+    ahead = order[: max(urgent)]
+    assert {cid for _, cid in ahead} <= overdue, " ".join(kind for kind, _ in order)
+    assert any(kind == "card" for kind, _ in order[max(urgent) :])
+    kinds = [kind for kind, _ in order]
+    assert kinds.index("ack") < kinds.index("card")  # customers before new cards

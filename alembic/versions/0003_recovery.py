@@ -1,4 +1,4 @@
-"""recovery: outbox row owners and leases, the lane index
+"""recovery: outbox row owners and leases, the lane index, urgency
 
 Revision ID: 0003
 Revises: 0001
@@ -31,6 +31,14 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.add_column(sa.Column("owner", sa.String(length=100), nullable=True))
+        batch_op.add_column(sa.Column("urgency", sa.Integer(), server_default=sa.text("5"), nullable=False))
+        batch_op.create_index(
+            "ix_outbox_urgency",
+            ["urgency", "next_attempt_at"],
+            unique=False,
+            postgresql_where=sa.text("status = 'pending'"),
+            sqlite_where=sa.text("status = 'pending'"),
+        )
         batch_op.create_index(
             "ix_outbox_lane",
             ["conversation_id", "id"],
@@ -47,5 +55,11 @@ def downgrade() -> None:
             postgresql_where=sa.text("status IN ('pending', 'sending')"),
             sqlite_where=sa.text("status IN ('pending', 'sending')"),
         )
+        batch_op.drop_index(
+            "ix_outbox_urgency",
+            postgresql_where=sa.text("status = 'pending'"),
+            sqlite_where=sa.text("status = 'pending'"),
+        )
+        batch_op.drop_column("urgency")
         batch_op.drop_column("owner")
     op.drop_table("leases")

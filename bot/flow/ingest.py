@@ -32,7 +32,18 @@ from bot.flow.conversations import answer, deadline_for, policy_of
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
-from storage.models import ANSWERED, CLOSED, OPEN, AckOptOut, Conversation, Event, Outbox, Post
+from storage.models import (
+    ANSWERED,
+    CLOSED,
+    DEFAULT_URGENCY,
+    OPEN,
+    URGENCY,
+    AckOptOut,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
 
 log = logging.getLogger("replyclock.ingest")
 
@@ -661,6 +672,7 @@ class _Batch:
                         "payload": {"conversation_id": c.id, **payload},
                         "idempotency_key": f"conv:{c.id}:{key}",
                         "status": "pending",
+                        "urgency": URGENCY.get(kind, DEFAULT_URGENCY),
                         "attempts": 0,
                         "created_at": self.now,
                         "next_attempt_at": self.now,

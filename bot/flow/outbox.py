@@ -410,6 +410,9 @@ def _relaxed(session: Session) -> None:
 def _claim_query(postgres: bool) -> Select[Outbox]:
     """The claim's SELECT, built once (parameters ``now`` and ``limit``).
 
+    Most urgent kind first (`storage.models.URGENCY`: breach and escalation, then customer
+    messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
+
     Messages of one conversation go out in the order they were written, separately for the
     customer and for staff: a row waits while an earlier one of its lane is still unsent. The
     statuses are written into the SQL as literals, not parameters: only then can the planner prove
@@ -432,7 +435,7 @@ def _claim_query(postgres: bool) -> Select[Outbox]:
     query = (
         select(Outbox)
         .where(Outbox.status == _PENDING, Outbox.next_attempt_at <= bindparam("now"), ~waits)
-        .order_by(Outbox.next_attempt_at, Outbox.id)
+        .order_by(Outbox.urgency, Outbox.next_attempt_at, Outbox.id)
         .limit(bindparam("limit"))
     )
     if postgres:
