@@ -64,6 +64,11 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      team calendar's time zone (a day as in working hours, a 24-hour time),
                      default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
                      completed ISO week (Monday to Sunday), on that day of the week after.
+    ``forecast_ack``        boolean, default false: acknowledgements promise the forecast answer
+                            time (never later than the deadline) instead of the deadline.
+    ``at_risk``             boolean, default false: tell owner and team when the forecast for an
+                            open conversation moves past its deadline, before the first warning.
+    ``forecast_percentile`` integer 50-99, default 80: the percentile of the forecast used.
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
     ``name``                   (required, unique)
@@ -103,13 +108,15 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
 
 ``[accounts.<name>]``
     ``kind``          (required) connector kind: ``"x"``, ``"mastodon"``, ``"feed"``,
-                      ``"webhook"`` or one provided by a plug-in.
+                      ``"webhook"``, ``"email"``, ``"bluesky"`` or one provided by a plug-in.
     ``own_ids``       our own handles/ids on that account (their posts answer conversations).
     ``poll_interval`` duration, default ``"60s"``.
     ``can_reply``     boolean, default true.
     Any other key goes to the connector, which checks it when it starts: e.g. ``user_id``
-    (x), ``api_base_url`` (mastodon), ``url`` (feed), ``secret_env`` and ``reply_url``
-    (webhook). Credentials never go here: connectors read them from the environment.
+    and ``search`` (x), ``api_base_url`` (mastodon), ``url`` (feed), ``secret_env`` and
+    ``reply_url`` (webhook), ``address`` and ``imap_host`` (email), ``handle`` (bluesky).
+    ``replyclock check`` also checks the email and bluesky settings and their secrets.
+    Credentials never go here: connectors read them from the environment.
 
 ``[acknowledgements.<team name or "default">]``
     Language code to template, e.g. ``en = "Thanks {author}! {owner_first_name} from our

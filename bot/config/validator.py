@@ -220,6 +220,12 @@ class _Validator(_Fields):
             digest: DigestSchedule | Literal["off"] | None = self.field(
                 table, path, "digest", self.digest_time
             )
+            forecast_ack = self.field(table, path, "forecast_ack", self.boolean)
+            at_risk = self.field(table, path, "at_risk", self.boolean)
+            percentile = self.field(table, path, "forecast_percentile", self.positive_integer)
+            if percentile is not None and not 50 <= percentile <= 99:
+                self.add((*path, "forecast_percentile"), f"must be from 50 to 99, got {percentile}")
+                percentile = None
             if channel is None or members is None or calendar is None:
                 continue
             out[name] = Team(
@@ -232,12 +238,17 @@ class _Validator(_Fields):
                 language=language or "en",
                 display_name=display_name,
                 digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
+                forecast_ack=bool(forecast_ack),
+                at_risk=bool(at_risk),
+                forecast_percentile=percentile or 80,
             )
         if data.get("teams", {}) == {}:
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")
         return out
 
-    def accounts(self, data: Mapping[str, object]) -> dict[str, Account]:
+    def accounts(
+        self, data: Mapping[str, object], teams: Collection[str] | None = None
+    ) -> dict[str, Account]:
         out: dict[str, Account] = {}
         for name, raw in self.section(data, "accounts").items():
             path: KeyPath = ("accounts", name)
@@ -277,6 +288,11 @@ class _Validator(_Fields):
                 for where, message in self.account_check(out[name]):
                     if not (where and where[0] in flagged):
                         self.add((*path, *where), message)
+            search_team = table.get("search_team")  # x: the team that gets posts found by `search`
+            if teams is not None and isinstance(search_team, str) and search_team not in teams:
+                self.add(
+                    (*path, "search_team"), f"unknown team {_quote(search_team)} (known: {_known(teams)})"
+                )
         return out
 
     def settings(self, data: Mapping[str, object], teams: Collection[str]) -> Settings:
@@ -689,7 +705,7 @@ class _Validator(_Fields):
         calendars = self.calendars(data)
         experts = self.experts(data)
         teams = self.teams(data, raw_names["calendars"], raw_names["experts"])
-        accounts = self.accounts(data)
+        accounts = self.accounts(data, raw_names["teams"])
         settings = self.settings(data, raw_names["teams"])
         vip, ignored = self.authors(data)
         entries = self.policies(data, raw_names["calendars"], raw_names["teams"], raw_names["accounts"])
