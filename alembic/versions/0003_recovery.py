@@ -1,7 +1,7 @@
 """recovery: outbox row owners and leases, the lane index, urgency
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0005
 Create Date: 2026-12-06 02:45:00
 """
 
@@ -13,7 +13,7 @@ import storage.types
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
