@@ -1,7 +1,7 @@
 """promises kept to the letter: first deadline, resolution target, waiting on the customer, skipped items
 
 Revision ID: 0004
-Revises: 0005
+Revises: 0003
 Create Date: 2026-12-06 02:40:00
 """
 
@@ -13,7 +13,7 @@ import storage.types
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0005"  # re-chained after main's 0005 on merge (issued as 0001)
+down_revision: str | None = "0003"  # re-chained after main's head (0001 -> 0005 -> 0003) on merge
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
