@@ -32,6 +32,16 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     account within this gap continues their open conversation.
     ``default_team``      team for posts that no routing rule matches (default: the first team).
     ``admin_channel``     Slack channel for operational notices (``"#replyclock-admin"``).
+    ``ack_greeting``      default ``"there"``: what ``{author}`` becomes when the platform does not
+                          verify handles (webhook, feed); a customer-typed name is never used.
+    ``ack_overdue_wording`` default ``"as soon as possible"``: replaces the time left in an
+                          acknowledgement of a post that arrives already overdue.
+    ``cross_team_actions`` boolean, default false: let any expert act on any team's conversation
+                          (otherwise only its team, its manager and its on-call).
+    ``retention_outbox``  duration or ``"off"``, default ``"30d"``: sent outbox rows are deleted after it.
+    ``retention_events``  default ``"365d"``: events of conversations closed or answered that long ago.
+    ``retention_text``    default ``"180d"``: customer text (and names) of settled conversations is
+                          blanked after it; figures (times, teams, counts) stay.
 
 ``[calendars.<name>]``
     ``timezone``  (required) IANA time zone such as ``"Europe/Berlin"``.
@@ -142,7 +152,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import holidays
 
@@ -204,7 +214,18 @@ _TOP_KEYS = (
     "accounts",
     "acknowledgements",
 )
-_SETTINGS_KEYS = ("conversation_gap", "default_team", "admin_channel")
+_SETTINGS_KEYS = (
+    "conversation_gap",
+    "default_team",
+    "admin_channel",
+    # issue 11 (the public edge): see bot.core.policy.Settings
+    "ack_greeting",
+    "ack_overdue_wording",
+    "cross_team_actions",
+    "retention_outbox",
+    "retention_events",
+    "retention_text",
+)
 _CALENDAR_KEYS = ("timezone", "hours", "holidays", "closed", "overrides")
 _HOLIDAY_KEYS = ("country", "subdivision")
 _EXPERT_KEYS = (
@@ -1302,11 +1323,36 @@ class _Validator:
             table, path, "default_team", self.reference("team", teams, "add a [teams.<name>] table")
         )
         admin_channel = self.field(table, path, "admin_channel", self.channel)
+        edge = self.edge_settings(table, path)
         return Settings(
             conversation_gap=gap if gap is not None else timedelta(hours=24),
             default_team=default_team,
             admin_channel=admin_channel,
+            **edge,
         )
+
+    def edge_settings(self, table: Mapping[str, object], path: KeyPath) -> dict[str, Any]:
+        """The public-edge settings (issue 11): greeting, overdue wording, cross-team, retention."""
+        out: dict[str, Any] = {}
+        for key in ("ack_greeting", "ack_overdue_wording"):
+            value = self.field(table, path, key, self.string)
+            if value is None:
+                continue
+            if not value.strip() or len(value) > 80 or any(ch in value for ch in "<>@{}\n"):
+                self.add((*path, key), "must be 1-80 characters of plain text (no < > @ { } or newline)")
+                continue
+            out[key] = value.strip()
+        cross = self.field(table, path, "cross_team_actions", self.boolean)
+        if cross is not None:
+            out["cross_team_actions"] = cross
+        for key in ("retention_outbox", "retention_events", "retention_text"):
+            if table.get(key) == "off":
+                out[key] = None
+                continue
+            kept = self.field(table, path, key, self.duration)
+            if kept is not None:
+                out[key] = kept
+        return out
 
     def authors(self, data: Mapping[str, object]) -> tuple[frozenset[str], frozenset[str]]:
         table = self.section(data, "authors")

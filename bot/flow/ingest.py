@@ -25,7 +25,7 @@ from typing import Any, Final
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
-from bot.core.messages import render_acknowledgement
+from bot.core.messages import render_acknowledgement, verified_handle
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
 from bot.flow.conversations import answer, deadline_for, policy_of
@@ -618,7 +618,9 @@ class _Batch:
         owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
         text = render_acknowledgement(
             template,
-            author=post.author_handle or post.author_name or "there",
+            author=verified_handle(configured.kind, post.author_handle),
+            greeting=ctx.policy.settings.ack_greeting,
+            overdue_wording=ctx.policy.settings.ack_overdue_wording,
             owner=owner,
             team=team,
             due_at=conversation.due_at,
