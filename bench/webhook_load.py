@@ -101,12 +101,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POLICY_FILE = PROJECT_ROOT / "tests" / "data" / "policy.toml"
 ACCOUNT = "shop"
 UNKNOWN_ACCOUNT = "nobody-here"
-SECRET = "load-bench-secret-0123456789"
+SECRET = "load-bench-secret-0123456789-0123456789"
 SECRET_ENV = "WEBHOOK_SECRET_SHOP"
 WEBHOOK_ACCOUNT = f"""
 [accounts.{ACCOUNT}]
 kind = "webhook"
 can_reply = false
+legacy_signature = true
 """
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/replyclock_load"
 POSTGRES_URL_ENV = "REPLYCLOCK_LOAD_DATABASE_URL"

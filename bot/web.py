@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -36,9 +37,17 @@ from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
 from bot.reports.metrics import build_registry, exposition, record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
-from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
+from connectors.webhook import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_TOLERANCE,
+    WebhookConnector,
+    WebhookError,
+    parse_delivery,
+    timestamp_problem,
+)
 from storage.db import READ_ONLY
 from storage.models import Account, Post
+from storage.seen import remember
 
 log = logging.getLogger("replyclock.web")
 
@@ -53,6 +62,7 @@ STALE_RETRIES = 5  # attempts to store a delivery whose conversation another pro
 SQLITE_WRITE_WAIT = 30.0
 
 _T = TypeVar("_T")
+UNSIGNED = "missing, stale or bad signature (webhook-id, webhook-timestamp, webhook-signature)"
 
 
 class BodyTooLarge(Exception):
@@ -100,8 +110,13 @@ def create_app(
     async def receive_hook(request: Request) -> Response:
         name = request.path_params["account"]
         hook = hooks.get(name)
-        if hook is None:
-            return _answer(request, UNKNOWN_ACCOUNT, 404, {"error": "no such webhook account"})
+        now = ctx.clock.now()
+        # Unknown and known accounts answer an unsigned (or stale) request alike, before any of
+        # the body is read: the answer tells nobody which account names exist.
+        problem = timestamp_problem(request.headers, now)
+        legacy = hook is not None and hook.legacy_signature and SIGNATURE_HEADER in request.headers
+        if hook is None or (problem is not None and not legacy):
+            return _answer(request, name if hook else UNKNOWN_ACCOUNT, 401, {"error": UNSIGNED})
         try:
             body = await read_body(request, MAX_BODY_BYTES)
         except BodyTooLarge:
@@ -116,8 +131,14 @@ def create_app(
             return _answer(request, name, 400, {"error": str(error), "field": "content-length"})
         except ClientDisconnect:
             return _answer(request, name, 400, {"error": "client disconnected"})
-        if not hook.verify(body, request.headers.get(SIGNATURE_HEADER)):
-            return _answer(request, name, 401, {"error": f"missing or bad {SIGNATURE_HEADER} signature"})
+        message_id = hook.verify_standard(body, request.headers, now) if problem is None else None
+        if message_id is None and not (legacy and hook.verify(body, request.headers.get(SIGNATURE_HEADER))):
+            return _answer(request, name, 401, {"error": UNSIGNED})
+        seen = (
+            (f"webhook:{name}:{message_id}", now + TIMESTAMP_TOLERANCE + timedelta(minutes=1))
+            if message_id is not None
+            else None
+        )
         try:
             post = parse_delivery(body, now=ctx.clock.now())
         except WebhookError as error:
@@ -125,7 +146,7 @@ def create_app(
                 request, name, 400, {"error": error.message, "field": error.field}, field=error.field
             )
         try:
-            stored = await _in_turn(write_turn, _store, ctx, name, hook, post)
+            stored = await _in_turn(write_turn, _store, ctx, name, hook, post, seen)
         except (SQLAlchemyError, TimeoutError) as error:
             log.error(
                 "webhook delivery not stored: database error",
@@ -209,7 +230,13 @@ def _answer(
     return JSONResponse(dict(content), status_code=status, headers=dict(headers) if headers else None)
 
 
-def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
+def _store(
+    ctx: AppContext,
+    name: str,
+    hook: WebhookConnector,
+    post: InboundPost,
+    seen: tuple[str, datetime] | None = None,
+) -> _Stored:
     """Ingest one delivery in one transaction; a repeated id is stored once.
 
     When another process changed the delivery's conversation between our read and our write (a
@@ -218,7 +245,7 @@ def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost
     """
     for attempt in range(1, STALE_RETRIES + 1):
         try:
-            return _store_once(ctx, name, hook, post)
+            return _store_once(ctx, name, hook, post, seen)
         except StaleDataError:
             if attempt == STALE_RETRIES:
                 raise
@@ -226,19 +253,35 @@ def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost
     raise AssertionError("unreachable")
 
 
-def _store_once(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
+def _store_once(
+    ctx: AppContext,
+    name: str,
+    hook: WebhookConnector,
+    post: InboundPost,
+    seen: tuple[str, datetime] | None,
+) -> _Stored:
+    """Store one delivery; a replayed ``webhook-id`` (`seen`) or a known post changes nothing.
+
+    The message id is recorded in the same transaction as the post, so a delivery that failed
+    (503) is accepted when the sender retries it with the same id. Only a delivery that stored
+    something marks the account healthy: a duplicate (a replay, a retry) never clears an error.
+    """
     now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
-        result = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own)
-        session.execute(
-            update(Account).where(Account.name == name).values(last_success_at=now, last_error=None)
-        )
+        if seen is not None and not remember(session, seen[0], expires_at=seen[1], now=now):
+            stored = 0
+        else:
+            stored = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own).stored
+        if stored:
+            session.execute(
+                update(Account).where(Account.name == name).values(last_success_at=now, last_error=None)
+            )
         conversation_id = session.scalar(
             select(Post.conversation_id)
             .join(Account, Account.id == Post.account_id)
             .where(Account.name == name, Post.external_id == post.external_id)
         )
-    return _Stored(duplicate=result.stored == 0, conversation_id=conversation_id, stored=result.stored)
+    return _Stored(duplicate=stored == 0, conversation_id=conversation_id, stored=stored)
 
 
 async def _in_turn(turn: anyio.Lock | None, func: Callable[..., _T], *args: Any) -> _T:

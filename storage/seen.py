@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, delete, insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from storage.models import SeenRequest
 
@@ -34,3 +35,15 @@ def prune(engine: Engine, now: datetime) -> int:
     with engine.begin() as connection:
         result = connection.execute(delete(SeenRequest).where(SeenRequest.expires_at <= now))
     return int(result.rowcount or 0)
+
+
+def remember(session: Session, key: str, *, expires_at: datetime, now: datetime) -> bool:
+    """Like `first_time`, inside the caller's transaction (a savepoint): False for a key seen before."""
+    key = key[:200]
+    try:
+        with session.begin_nested():
+            session.execute(delete(SeenRequest).where(SeenRequest.key == key, SeenRequest.expires_at <= now))
+            session.execute(insert(SeenRequest).values(key=key, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True

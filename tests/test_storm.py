@@ -199,7 +199,9 @@ def test_acknowledgements_share_one_ssl_context(monkeypatch: pytest.MonkeyPatch)
     connectors.webhook._ssl_context.cache_clear()
     with ReplyRecorder("reply-secret") as recorder:
         hook = WebhookConnector(
-            "shop", settings={"reply_url": recorder.url}, environ={"WEBHOOK_SECRET_SHOP": "reply-secret"}
+            "shop",
+            settings={"reply_url": recorder.url},
+            environ={"WEBHOOK_SECRET_SHOP": "reply-secret-0123456789-0123456789"},
         )
         ids = [hook.reply(ReplyTarget(f"post-{n}", f"cust-{n}", None, None), "Thanks!") for n in range(3)]
     assert ids == ["r1", "r2", "r3"] and len(recorder.replies) == 3

@@ -122,7 +122,7 @@ def test_healthz_reports_the_database_and_accounts(
         "last_error": None,
     }
     body = encode(delivery())
-    assert client.post("/hooks/shop", content=body, headers=signed(body)).status_code == 202
+    assert client.post("/hooks/shop", content=body, headers=signed(body, now=clock.now())).status_code == 202
     shop = client.get("/healthz").json()["accounts"]["shop"]
     assert shop["last_success_at"] == clock.now().isoformat()
 
@@ -213,7 +213,7 @@ def test_metrics_count_ingested_posts_and_webhook_requests(client: AppClient, ct
                 ("replyclock_posts_ingested_total", {"account": "social", "kind": "demo"}),
                 ("replyclock_webhook_requests_total", {"account": "shop", "code": "202"}),
                 ("replyclock_webhook_requests_total", {"account": "shop", "code": "401"}),
-                ("replyclock_webhook_requests_total", {"account": "-", "code": "404"}),
+                ("replyclock_webhook_requests_total", {"account": "-", "code": "401"}),
             ]
         )
 
@@ -222,7 +222,7 @@ def test_metrics_count_ingested_posts_and_webhook_requests(client: AppClient, ct
     for _ in range(2):  # the second is a duplicate: a request, but no new post
         assert client.post("/hooks/shop", content=body, headers=signed(body)).status_code == 202
     assert client.post("/hooks/shop", content=body).status_code == 401
-    assert client.post("/hooks/attacker-chosen-name", content=body).status_code == 404
+    assert client.post("/hooks/attacker-chosen-name", content=body).status_code == 401
     record_ingested("social", "demo", 3)
     record_ingested("social", "demo", 0)
     after = counts()

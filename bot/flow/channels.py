@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from bot import logs
 from bot.core.policy import Policy
 from connectors.base import Connector, connector_classes
+from connectors.webhook import webhook_secret_problem
 
 
 class ConnectorSetupError(Exception):
@@ -22,7 +23,8 @@ def build_connectors(
     Args:
         policy: the validated policy.
         environ: where connectors read their secrets.
-        dry_run: only check that every kind is known (for `replyclock check`).
+        dry_run: only check that every kind is known and no webhook secret that is set is too
+            short (for `replyclock check`).
     """
     classes = connector_classes()
     built: dict[str, Connector] = {}
@@ -36,6 +38,9 @@ def build_connectors(
             problems.append(f"accounts.{name}.kind: unknown connector kind {account.kind!r} (known: {known})")
             continue
         if dry_run:
+            weak = webhook_secret_problem(name, account.kind, account.settings, environ)
+            if weak is not None:
+                problems.append(f"accounts.{name}: {weak}")
             continue
         kwargs: dict[str, object] = {"own_ids": account.own_ids, "settings": account.settings}
         if "environ" in inspect.signature(cls.__init__).parameters:
