@@ -201,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             # The worker's own counters (ladder lateness, connector and Slack errors) on :METRICS_PORT/metrics.
             start_http_server(
                 int(metrics_port),
-                addr=os.environ.get("METRICS_HOST", "0.0.0.0"),
+                addr=os.environ.get("METRICS_HOST", "127.0.0.1"),  # operator-only (issue 11)
                 registry=build_registry(ctx),
             )
         scheduler = BackgroundScheduler(timezone="UTC")
@@ -284,7 +284,14 @@ def cmd_web(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.flow.channels import ConnectorSetupError, build_connectors
     from bot.flow.context import AppContext
-    from bot.web import bind_address, create_app, serve
+    from bot.web import (
+        bind_address,
+        create_app,
+        create_operator_app,
+        operator_address,
+        operator_token,
+        serve,
+    )
     from storage.db import make_engine
 
     logs.configure()
@@ -311,7 +318,13 @@ def cmd_web(args: argparse.Namespace) -> int:
         except Exception as error:
             print(f"error: Slack refused to start: {error}", file=sys.stderr)
             return EXIT_CONFIG
-    serve(create_app(ctx, connectors, extra_routes=routes), host, port)
+    try:  # issue 11: /metrics and the detailed health apart, on the operator listener
+        token, operator = operator_token(os.environ), operator_address(os.environ)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    public = create_app(ctx, connectors, extra_routes=routes, operator_token=token)
+    serve(public, host, port, operator=(create_operator_app(ctx), *operator) if operator else None)
     return 0
 
 

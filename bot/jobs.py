@@ -21,6 +21,7 @@ from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import OutboxSender
 from bot.flow.sweep import earliest_next_action, sweep
+from bot.logs import redact_urls
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.reports.metrics import record_connector_error, record_ingested, record_rate_limit
 from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
@@ -311,7 +312,11 @@ class Jobs:
                 session=session,
                 kind="admin_alert",
                 key=f"alert:{account}:{now:%Y%m%dT%H}",
-                payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
+                payload={
+                    "account": account,
+                    "text": redact_urls(text),
+                    "channel": self.ctx.policy.settings.admin_channel,
+                },
                 now=now,
             )
 
@@ -320,5 +325,9 @@ class Jobs:
             session.execute(
                 update(Account)
                 .where(Account.id == account_id)
-                .values(parked_until=until, last_error=error[:2000], last_poll_at=self.ctx.clock.now())
+                .values(
+                    parked_until=until,
+                    last_error=redact_urls(error)[:2000],
+                    last_poll_at=self.ctx.clock.now(),
+                )
             )

@@ -478,6 +478,23 @@ def test_a_button_acts_only_on_the_conversation_of_its_card(harness: Harness) ->
     assert harness.conversation(second).claimed_by is None
 
 
+def test_unsigned_or_stale_requests_are_refused_before_the_body_is_read(harness: Harness) -> None:
+    """Issue 11, finding 1: 100 unsigned 1 MiB bodies were read in full before the signature was looked at."""
+    import socket
+
+    host, port = harness.url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
+    stale = str(int(time.time()) - 10 * 60)
+    for extra in ("", f"X-Slack-Request-Timestamp: {stale}\r\nX-Slack-Signature: v0={'0' * 64}\r\n"):
+        head = (
+            f"POST /slack/events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"{extra}Content-Length: 1000000\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head)  # and not one byte of the million announced
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+
+
 def _claim_request(harness: Harness, conversation_id: int, user_id: str = MARIA) -> bytes:
     card = harness.conversation(conversation_id)
     payload = harness.slack.button_click(

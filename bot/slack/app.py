@@ -540,6 +540,15 @@ def signature_valid(
     return hmac.compare_digest(expected.encode(), signature.encode("latin-1", errors="replace"))
 
 
+def _headers_plausible(timestamp: str | None, signature: str | None, now: float) -> bool:
+    """Both signature headers present, the signature shaped ``v0=<64 hex>``, the timestamp fresh."""
+    if not timestamp or not signature or not signature.startswith("v0=") or len(signature) != 67:
+        return False
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        return False
+    return abs(int(now) - int(timestamp)) <= SIGNATURE_WINDOW_SECONDS
+
+
 def _refuse(status: int, reason: str, *, close: bool = False) -> Response:
     log.info("Slack request refused", extra={"status": status, "reason": reason})
     headers = {"Connection": "close"} if close else None
@@ -573,6 +582,11 @@ class _ThreadedSlackRequestHandler(SlackRequestHandler):
     ) -> Response:
         if req.method != "POST":
             return await super().handle(req, addition_context_properties)
+        if self.signing_secret is not None and not _headers_plausible(
+            req.headers.get("x-slack-request-timestamp"), req.headers.get("x-slack-signature"), time.time()
+        ):
+            # Before a byte of the body is read: no signature, or a timestamp outside the window.
+            return _refuse(401, "missing, bad or stale Slack signature", close=True)
         try:
             body = await read_body(req, MAX_BODY_BYTES)
         except BodyTooLarge:
