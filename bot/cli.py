@@ -328,6 +328,27 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase one customer's posts and text everywhere (issue 11; bot.flow.retention.forget_author)."""
+    from bot.flow.context import AppContext
+    from bot.flow.retention import forget_author
+    from storage.db import make_engine
+
+    account, separator, author_id = str(args.author).partition(":")
+    if not separator or not account or not author_id:
+        print("error: --author must be ACCOUNT:AUTHOR_ID, e.g. shop:cust-7", file=sys.stderr)
+        return EXIT_CONFIG
+    policy = _load(config_path(args.config))
+    ctx = AppContext(policy=policy, engine=make_engine())
+    with ctx.sessions() as session, session.begin():
+        done = forget_author(session, account, author_id, ctx.clock.now())
+    print(
+        f"forgot {account}:{author_id}: {done.posts} posts blanked, {done.conversations} conversations "
+        f"anonymised, {done.outbox} queued messages and {done.events} events cleared"
+    )
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from bot.slack.manifest import manifest, render
 
@@ -351,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve HTTP: webhooks, /healthz, /metrics (HOST, PORT)")
     web.add_argument("--config")
     web.set_defaults(func=cmd_web)
+
+    forget = sub.add_parser("forget", help="erase one customer's posts and text (GDPR), keeping figures")
+    forget.add_argument("--author", required=True, metavar="ACCOUNT:ID", help="e.g. shop:cust-7")
+    forget.add_argument("--config")
+    forget.set_defaults(func=cmd_forget)
 
     man = sub.add_parser("manifest", help="print the Slack app manifest (paste it at api.slack.com/apps)")
     man.add_argument("--name", default="replyclock")

@@ -20,6 +20,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import OutboxSender
+from bot.flow.retention import prune
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.logs import redact_urls
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
@@ -44,6 +45,8 @@ OUTBOX_DRAINS = 2
 OUTBOX_JOB = "outbox"
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
+RETENTION_JOB = "retention"
+RETENTION_INTERVAL = timedelta(hours=1)
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
@@ -126,6 +129,27 @@ class Jobs:
                 next_run_time=datetime.now(UTC),
                 **common,
             )
+
+        # What replyclock keeps, and for how long (issue 11; see bot.flow.retention).
+        scheduler.add_job(
+            self.run_retention,
+            "interval",
+            seconds=RETENTION_INTERVAL.total_seconds(),
+            id=RETENTION_JOB,
+            **common,
+        )
+
+    def run_retention(self) -> None:
+        """Prune what the policy's retention says is no longer kept (several processes may run it)."""
+        try:
+            done = prune(self.ctx, self.ctx.clock.now())
+        except Exception:
+            log.exception("retention job failed")
+            return
+        log.info(
+            "retention applied",
+            extra={"outbox": done.outbox, "events": done.events, "texts": done.texts, "seen": done.seen},
+        )
 
     def catch_up(self) -> None:
         """What a process does first: sweep everything due, then queue any digest whose time passed."""

@@ -104,6 +104,8 @@ class Conversation(Base):
         Index("ix_conversations_account_author", "account_id", "author_id", "last_customer_post_at"),
         Index("ix_conversations_team_status", "team", "status"),
         Index("ix_conversations_owner_status", "owner", "status"),
+        # /metrics: open and overdue conversations per team, an index range over open ones only.
+        Index("ix_conversations_status_team_due", "status", "team", "due_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import tomllib
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
+from bot.cli import main as cli_main
 from bot.config import ConfigError, parse_policy
 from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
+from bot.flow.retention import Pruned, prune, pseudonym
 from connectors.base import InboundPost
-from storage.models import Outbox
+from storage.models import Conversation, Event, Outbox, Post
 from tests.conftest import MONDAY, POLICY_TOML
 
 EDGE_ACCOUNTS = """
@@ -106,3 +109,74 @@ def test_a_post_overdue_on_arrival_gets_honest_wording(ctx: AppContext, clock: F
     text = _ack(ctx, "social", _post("1", name=None, handle="ana", at=MONDAY - timedelta(days=3)))
     assert text == "Thanks @ana! Sam from our Customer Care team will get back to you as soon as possible."
     assert " d " not in text
+
+
+# --- finding 3 (and stored data): retention and forgetting one customer ------------------------
+
+
+def _close_all(ctx: AppContext, at: object) -> None:
+    with ctx.sessions() as session, session.begin():
+        session.execute(
+            update(Conversation).values(
+                status="closed", closed_at=at, close_reason="spam", next_action_at=None
+            )
+        )
+        session.execute(update(Outbox).values(status="sent", sent_at=at))
+
+
+def test_retention_prunes_sent_outbox_settled_events_and_old_text(ctx: AppContext, clock: FakeClock) -> None:
+    _ack(ctx, "shop", _post("1", name="Ana Lima", handle=None, text="my card number is 4111..."))
+    _close_all(ctx, MONDAY)
+    with ctx.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Event)) > 0
+    assert prune(ctx, MONDAY + timedelta(days=29)) == Pruned()  # nothing is old enough yet
+    done = prune(ctx, MONDAY + timedelta(days=181))
+    assert (done.outbox, done.texts, done.events) == (2, 1, 0)  # card and ack sent; one post
+    with ctx.sessions() as session:
+        post = session.scalars(select(Post)).one()
+        assert (post.text, post.author_name) == ("", None)
+        conversation = session.scalars(select(Conversation)).one()  # the figures stay
+        assert (conversation.team, conversation.opened_at, conversation.status) == ("care", MONDAY, "closed")
+        assert conversation.author_name is None
+    assert prune(ctx, MONDAY + timedelta(days=366)).events > 0
+    with ctx.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Event)) == 0
+
+
+def test_retention_is_scheduled(ctx: AppContext) -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from bot.flow.outbox import OutboxSender
+    from bot.jobs import RETENTION_JOB, Jobs
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    jobs = Jobs(ctx, {}, OutboxSender(ctx, {}))
+    jobs.install(scheduler)
+    assert scheduler.get_job(RETENTION_JOB) is not None
+
+
+def test_forget_one_customer_everywhere_keeping_figures(
+    ctx: AppContext, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _ack(ctx, "shop", _post("1", name="Ana Lima", handle=None, text="I am Ana, call me on 555-0100"))
+    _ack(ctx, "shop", _post("2", name="Ben", handle=None, text="Ben here"))
+    config = tmp_path / "replyclock.toml"
+    config.write_text(POLICY_TOML + EDGE_ACCOUNTS)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert cli_main(["forget", "--author", "shop:id-1", "--config", str(config)]) == 0
+    with ctx.sessions() as session:
+        posts = {p.external_id: p for p in session.scalars(select(Post))}
+        assert (posts["1"].text, posts["1"].author_name, posts["1"].author_id) == (
+            "",
+            None,
+            pseudonym("shop", "id-1"),
+        )
+        assert posts["2"].text == "Ben here" and posts["2"].author_id == "id-2"
+        conversations = list(session.scalars(select(Conversation).order_by(Conversation.id)))
+        assert len(conversations) == 2 and conversations[0].author_id == pseudonym("shop", "id-1")
+        ack = session.scalars(
+            select(Outbox).where(Outbox.kind == "ack", Outbox.conversation_id == conversations[0].id)
+        ).one()
+        assert "text" not in ack.payload and ack.status == "failed"  # never sent to a forgotten customer
+        dumped = " ".join(str(row.payload) for row in session.scalars(select(Outbox)))
+        assert "555-0100" not in dumped and "Ana" not in dumped

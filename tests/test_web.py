@@ -186,7 +186,9 @@ def test_metrics_from_the_database(client: AppClient, ctx: AppContext, clock: Fa
     with ctx.sessions() as session:
         rows = list(
             session.execute(
-                select(Outbox.status, Outbox.kind, func.count()).group_by(Outbox.status, Outbox.kind)
+                select(Outbox.status, Outbox.kind, func.count())
+                .where(Outbox.status != "sent")  # not counted at scrape time (issue 11)
+                .group_by(Outbox.status, Outbox.kind)
             )
         )
     assert rows
@@ -197,7 +199,7 @@ def test_metrics_from_the_database(client: AppClient, ctx: AppContext, clock: Fa
     }
     assert outbox == {(status, kind): float(count) for status, kind, count in rows}
     assert (
-        outbox[("pending", "card")] == 3 and outbox[("pending", "ack")] == 2 and outbox[("sent", "ack")] == 1
+        outbox[("pending", "card")] == 3 and outbox[("pending", "ack")] == 2 and ("sent", "ack") not in outbox
     )
     assert (
         value(samples, "replyclock_account_last_success_timestamp_seconds", account="social")

@@ -27,9 +27,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_seen_requests_expires_at'), ['expires_at'], unique=False)
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_status_kind', ['status', 'kind'], unique=False)
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.create_index('ix_conversations_status_team_due', ['status', 'team', 'due_at'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.drop_index('ix_conversations_status_team_due')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_status_kind')
     with op.batch_alter_table('seen_requests', schema=None) as batch_op:
