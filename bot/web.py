@@ -202,6 +202,10 @@ def create_app(
             *extra_routes,
         ]
     )
+    # Starlette answers a path with or without its trailing slash (``/hooks/shop%2f``) with a 307
+    # to an absolute URL built from the request's Host header: a redirect anyone could point at
+    # any host. No route here wants a redirect, so none is ever sent.
+    app.router.redirect_slashes = False
     app.state.metrics_registry = registry
     return app
 
@@ -210,6 +214,7 @@ def create_operator_app(ctx: AppContext) -> Starlette:
     """The operator listener's app: detailed ``/healthz`` and ``/metrics`` (bind it to loopback)."""
     registry = build_registry(ctx)
     app = Starlette(routes=_operator_routes(ctx, registry, token=None))
+    app.router.redirect_slashes = False
     app.state.metrics_registry = registry
     return app
 

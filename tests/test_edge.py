@@ -180,3 +180,19 @@ def test_forget_one_customer_everywhere_keeping_figures(
         assert "text" not in ack.payload and ack.status == "failed"  # never sent to a forgotten customer
         dumped = " ".join(str(row.payload) for row in session.scalars(select(Outbox)))
         assert "555-0100" not in dumped and "Ana" not in dumped
+
+
+# --- finding 7: every Unicode line break is quoted --------------------------------------------
+
+
+def test_every_unicode_line_break_is_normalised_before_quoting() -> None:
+    from bot.slack.blocks import clip_escaped
+
+    breaks = ["\u2028", "\u2029", "\x85", "\r", "\v", "\f", "\r\n", "\n", "\x1c", "\x1d", "\x1e"]
+    text = "first" + "".join(f"{separator}line {index} <!channel>" for index, separator in enumerate(breaks))
+    quoted = clip_escaped(text, 10_000, quote=True)
+    lines = quoted.split("\n")
+    assert len(lines) == len(breaks) + 1
+    assert all(line.startswith("> ") for line in lines), lines
+    assert not any(separator in quoted for separator in breaks if separator != "\n")
+    assert "<!channel>" not in quoted

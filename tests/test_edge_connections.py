@@ -138,3 +138,24 @@ def test_a_connection_over_the_cap_is_closed_on_arrival(
         finally:
             for sock in held:
                 sock.close()
+
+
+# --- finding 7: no redirect ever echoes the Host header ----------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/hooks/shop%2f", "/hooks/shop/", "/healthz/", "/metrics/"])
+def test_no_redirect_echoes_the_host_header(app: Starlette, path: str) -> None:
+    with serve_in_thread(app) as base:
+        sock = _connect(base)
+        try:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        finally:
+            sock.close()
+    status = answer.split(b"\r\n", 1)[0]
+    assert not status.startswith((b"HTTP/1.1 30", b"HTTP/1.1 307", b"HTTP/1.1 308")), answer
+    assert b"evil.example" not in answer

@@ -495,6 +495,14 @@ def test_unsigned_or_stale_requests_are_refused_before_the_body_is_read(harness:
         assert answer.startswith(b"HTTP/1.1 401"), answer
 
 
+def test_away_until_a_date_out_of_range_is_a_clear_refusal(harness: Harness) -> None:
+    """Issue 11, finding 7: ``/replyclock away until 9999-12-31`` answered HTTP 500 (OverflowError)."""
+    for far in ("9999-12-31", "2099-01-01"):
+        answer = harness.command(f"away until {far}")
+        assert "more than 366 days away" in answer, answer
+    assert harness.command("away until 2026-12-01").startswith("You are away through")
+
+
 def _claim_request(harness: Harness, conversation_id: int, user_id: str = MARIA) -> bytes:
     card = harness.conversation(conversation_id)
     payload = harness.slack.button_click(

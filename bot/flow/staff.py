@@ -749,6 +749,9 @@ def _expert_row(session: Session, ctx: AppContext, expert_id: str) -> ExpertRow:
     return row
 
 
+MAX_AWAY = timedelta(days=366)
+
+
 def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now: datetime) -> datetime:
     """Away through `until` (a date in the expert's own time zone): routing skips them till then.
 
@@ -761,8 +764,15 @@ def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now
     """
     _require_expert(ctx.policy, expert_id)
     tz = ctx.expert_calendar(expert_id).tz
-    if until < now.astimezone(tz).date():
+    today = now.astimezone(tz).date()
+    if until < today:
         raise InvalidState(f"{until.isoformat()} is in the past.")
+    if until > today + MAX_AWAY:
+        # Also keeps the date arithmetic below in range (9999-12-31 + 1 day overflowed: HTTP 500).
+        raise InvalidState(
+            f"{until.isoformat()} is more than {MAX_AWAY.days} days away; pick a date within a year "
+            "and set it again later if needed."
+        )
     back_at = datetime.combine(until + timedelta(days=1), time(0), tz).astimezone(UTC)
     with _atomic(session):
         row = _expert_row(session, ctx, expert_id)
