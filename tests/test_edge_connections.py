@@ -108,6 +108,7 @@ def test_healthz_and_webhooks_stay_fast_under_idle_and_slow_clients(
                 started = time.monotonic()
                 accepted = http.post("/hooks/shop", content=hook_body, headers=signed(hook_body))
                 hook_seconds = time.monotonic() - started
+            print(f"/healthz {health_seconds * 1000:.0f} ms, webhook {hook_seconds * 1000:.0f} ms")
             assert health.status_code == 200 and health_seconds <= 1.0, health_seconds
             assert accepted.status_code == 202 and hook_seconds <= 1.0, hook_seconds
             # The request timeout closes idle, half-header and slow-body connections alike.
