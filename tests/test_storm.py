@@ -197,10 +197,10 @@ def test_acknowledgements_share_one_ssl_context(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(ssl, "create_default_context", counting)
     connectors.webhook._ssl_context.cache_clear()
-    with ReplyRecorder("reply-secret") as recorder:
+    with ReplyRecorder("reply-secret-0123456789-0123456789") as recorder:
         hook = WebhookConnector(
             "shop",
-            settings={"reply_url": recorder.url},
+            settings={"reply_url": recorder.url, "legacy_signature": True},  # the recorder checks that header
             environ={"WEBHOOK_SECRET_SHOP": "reply-secret-0123456789-0123456789"},
         )
         ids = [hook.reply(ReplyTarget(f"post-{n}", f"cust-{n}", None, None), "Thanks!") for n in range(3)]
