@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -52,6 +52,7 @@ from bot.reports.metrics import build_registry, exposition, record_ingested, rec
 from connectors.base import Connector, InboundPost
 from connectors.webhook import (
     SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     TIMESTAMP_TOLERANCE,
     WebhookConnector,
     WebhookError,
@@ -152,11 +153,12 @@ def create_app(
         message_id = hook.verify_standard(body, request.headers, now) if problem is None else None
         if message_id is None and not (legacy and hook.verify(body, request.headers.get(SIGNATURE_HEADER))):
             return _answer(request, name, 401, {"error": UNSIGNED})
-        seen = (
-            (f"webhook:{name}:{message_id}", now + TIMESTAMP_TOLERANCE + timedelta(minutes=1))
-            if message_id is not None
-            else None
-        )
+        seen = None
+        if message_id is not None:
+            # Remembered for as long as its timestamp is acceptable (it may be up to the tolerance
+            # ahead of our clock), and a minute more.
+            signed_at = datetime.fromtimestamp(int(request.headers[TIMESTAMP_HEADER]), UTC)
+            seen = (f"webhook:{name}:{message_id}", signed_at + TIMESTAMP_TOLERANCE + timedelta(minutes=1))
         try:
             post = parse_delivery(body, now=ctx.clock.now())
         except WebhookError as error:

@@ -11,6 +11,7 @@ for the 600+ sockets.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import socket
 import threading
@@ -23,7 +24,7 @@ from starlette.applications import Starlette
 
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
-from bot.web import REQUEST_TIMEOUT, GuardedH11Protocol, create_app, serve_in_thread
+from bot.web import REQUEST_TIMEOUT, GuardedH11Protocol, create_app, limit_repeated_logs, serve_in_thread
 from tests.test_webhook import delivery, encode, signed, webhook_connectors, webhook_policy
 
 IDLE, SLOW = 500, 100
@@ -160,3 +161,15 @@ def test_no_redirect_echoes_the_host_header(app: Starlette, path: str) -> None:
     status = answer.split(b"\r\n", 1)[0]
     assert not status.startswith((b"HTTP/1.1 30", b"HTTP/1.1 307", b"HTTP/1.1 308")), answer
     assert b"evil.example" not in answer
+
+
+def test_a_flood_of_accept_errors_is_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 1: asyncio logged ``socket.accept() out of system resource`` ~12,500 times a second."""
+    limit_repeated_logs()
+    logger = logging.getLogger("asyncio")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(5_000):
+            logger.error("socket.accept() out of system resource")
+        logger.error("something else")
+    lines = [record.getMessage() for record in caplog.records if record.name == "asyncio"]
+    assert lines == ["socket.accept() out of system resource", "something else"]
