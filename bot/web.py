@@ -47,8 +47,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
+from bot.httputil import BodyTooLarge, read_body
 from bot.logs import redact_urls
-from bot.reports.metrics import build_registry, exposition, record_ingested, record_webhook_request
+from bot.reports.metrics import build_registry, exposition
+from bot.telemetry import record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
 from connectors.webhook import (
     SIGNATURE_HEADER,
@@ -79,10 +81,6 @@ SQLITE_WRITE_WAIT = 30.0
 
 _T = TypeVar("_T")
 UNSIGNED = "missing, stale or bad signature (webhook-id, webhook-timestamp, webhook-signature)"
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -246,29 +244,6 @@ def _operator_routes(
         return Response(content, media_type=content_type)
 
     return [Route(health_path, healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (without reading on) anything over `limit` bytes.
-
-    Raises:
-        BodyTooLarge: Content-Length or the bytes actually received exceed `limit`.
-        ValueError: the Content-Length header is not a number.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise ValueError("Content-Length is not a number")
-        if int(declared) > limit:
-            raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _answer(
