@@ -51,9 +51,14 @@ def local_time_label(at: datetime, tz: ZoneInfo) -> str:
 
 # Connector kinds whose author handles the platform itself verifies (an account really has it).
 # Anything else (webhook, feed, plug-ins) carries names the customer or integrator typed.
-VERIFIED_HANDLE_KINDS = frozenset({"x", "mastodon", "demo"})
-# X: 1-15 of [A-Za-z0-9_]; Mastodon: user or user@domain. Nothing else is ever put after an "@".
-_HANDLE = re.compile(r"@?[A-Za-z0-9_]{1,30}(?:@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?)?")
+# E-mail display names are typed by the sender (and a forged From would carry them to someone else).
+VERIFIED_HANDLE_KINDS = frozenset({"x", "mastodon", "bluesky", "demo"})
+# X: 1-15 of [A-Za-z0-9_]; Mastodon: user or user@domain; Bluesky: a domain name. Nothing else
+# is ever put after an "@".
+_HANDLE = re.compile(
+    r"@?(?:[A-Za-z0-9_]{1,30}(?:@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?)?"
+    r"|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?){1,10})"
+)
 # "within {due_in}", "by {due}": the time words go too when the post is already overdue.
 _TIME_PHRASE = re.compile(r"(?:\b(?:within|in|by|before)\s+)?\{(?:due|due_in)\}")
 
