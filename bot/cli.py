@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -144,6 +147,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_GRACE = timedelta(seconds=8)
+
+
+def _hard_exit(log: logging.Logger) -> None:
+    log.error(
+        "jobs still running after the stop signal; exiting now", extra={"grace": STOP_GRACE.total_seconds()}
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,20 +184,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("replyclock.run")
+    # The stop signal is awaited on a thread of its own from here on, so that it is taken even
+    # while the main thread is still starting (migrating, recovering) and waits on the database.
+    # From the signal, the process has STOP_GRACE to end cleanly, then it ends anyway.
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def await_stop() -> None:
+        received.append(signal.sigwait(STOP_SIGNALS))
+        stop_requested.set()
+        watchdog = threading.Timer(STOP_GRACE.total_seconds(), _hard_exit, args=(log,))
+        watchdog.daemon = True
+        watchdog.start()
+
+    threading.Thread(target=await_stop, name="stop-signal", daemon=True).start()
     try:
         connectors = build_connectors(policy, os.environ)
     except ConnectorSetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     engine = make_engine()
+    if engine.dialect.name == "sqlite":
+        upgrade(engine)  # embedded default: keep the file's schema current without a release step
     try:
         lock = single_writer_lock(engine)
+        lock.__enter__()
     except RunLockError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    with lock:
-        if engine.dialect.name == "sqlite":
-            upgrade(engine)  # embedded default: keep the file's schema current without a release step
+    with contextlib.ExitStack() as held:
+        held.push(lock)
         ctx = AppContext(policy=policy, engine=engine)
         slack = SlackSettings.from_env(os.environ)
         client = slack.client()
@@ -199,6 +227,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             ctx, client, lambda text: log.info("digest (Slack not configured)", extra={"text": text})
         )
         sender = OutboxSender(ctx, {**staff, **digests, **customer_handlers(ctx, connectors)})
+        beating = threading.Event()
+        held.callback(beating.set)
+        sender.heartbeat()
+        sender.start_heartbeat(beating)
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
@@ -248,8 +280,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             },
         )
         scheduler.start()
-        received = signal.sigwait(STOP_SIGNALS)
-        log.info("stopping", extra={"signal": signal.Signals(received).name})
+        stop_requested.wait()
+        log.info("stopping", extra={"signal": signal.Signals(received[0]).name})
+        # Whatever a job waits on (a database that is away, a busy SQLite, a slow platform), the
+        # process ends within STOP_GRACE of the signal: a send cut short is settled by the next
+        # start's recovery.
+        sender.stop()
         scheduler.shutdown(wait=False)
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]
@@ -446,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
     demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")
     demo.set_defaults(func=cmd_demo)
+
+    from bot.reports.simulate_command import register as register_simulate
+
+    register_simulate(sub, load=_load, config_path=config_path)
     return parser
 
 

@@ -1,7 +1,7 @@
 """the public edge: shared replay guard, outbox index for cheap metrics
 
 Revision ID: 0002
-Revises: 0005 (was 0001; re-chained after main's 0005 when merging main)
+Revises: 0003 (was 0001; re-chained after main's 0005 and 0003 when merging main)
 Create Date: 2026-12-06 02:45:00
 """
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ import storage.types
 
 
 revision: str = '0002'
-down_revision: str | None = '0005'
+down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

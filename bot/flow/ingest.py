@@ -33,7 +33,18 @@ from bot.flow.conversations import answer, deadline_for, policy_of
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
-from storage.models import ANSWERED, CLOSED, OPEN, AckOptOut, Conversation, Event, Outbox, Post
+from storage.models import (
+    ANSWERED,
+    CLOSED,
+    DEFAULT_URGENCY,
+    OPEN,
+    URGENCY,
+    AckOptOut,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
 
 log = logging.getLogger("replyclock.ingest")
 
@@ -662,7 +673,7 @@ class _Batch:
             overdue_wording=ctx.policy.settings.ack_overdue_wording,
             owner=owner,
             team=team,
-            due_at=conversation.due_at,
+            due_at=self._promise(conversation),
             timezone=ctx.calendar(team.calendar).tz,
             now=self.now,
         )
@@ -671,6 +682,17 @@ class _Batch:
         self.result.acknowledgements += 1
         self._message(conversation, "ack", "ack", post_id=post.id, account=self.account, text=text)
         self._event(conversation, "ack_queued")
+
+    def _promise(self, conversation: Conversation) -> datetime:
+        """The time to promise: the deadline, or the owner's forecast where the team asks for it."""
+        if not self.ctx.policy.teams[conversation.team].forecast_ack:
+            return conversation.due_at
+        from bot.sim.forecast import forecast_for
+
+        found = forecast_for(
+            self.session, self.ctx.policy, conversation, self.now, calendar_of=self.ctx.expert_calendar
+        )
+        return conversation.due_at if found is None else found.promised
 
     # -- writing it all ---------------------------------------------------------------------
 
@@ -702,12 +724,25 @@ class _Batch:
                         "payload": {"conversation_id": c.id, **payload},
                         "idempotency_key": f"conv:{c.id}:{key}",
                         "status": "pending",
+                        "urgency": URGENCY.get(kind, DEFAULT_URGENCY),
                         "attempts": 0,
                         "created_at": self.now,
                         "next_attempt_at": self.now,
                     }
                     for c, kind, key, payload in self.messages
                 ],
+            )
+            # Steps still waiting to be sent for a conversation this batch answered are moot now,
+            # and of several card updates of one card only the newest matters.
+            repo.retire_ladder(
+                session=session,
+                conversation_ids=sorted({c.id for c in self.answered}),
+                reason="answered first",
+                now=self.now,
+            )
+            repo.supersede_card_updates(
+                session=session,
+                conversation_ids=sorted({c.id for c, kind, _k, _p in self.messages if kind == "card_update"}),
             )
         if self.links:
             session.execute(
