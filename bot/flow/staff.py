@@ -569,7 +569,7 @@ def wait_on_customer(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed: there is nobody to wait for.")
         if conversation.waiting_since is not None:
