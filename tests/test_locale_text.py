@@ -68,6 +68,7 @@ ENGLISH = [
     "hours",
     "minute",
     "minutes",
+    "there",  # the English greeting for a customer without a verified handle
     "min",
     "day",
     "days",
