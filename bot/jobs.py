@@ -8,7 +8,6 @@ any number of processes can run these jobs against one PostgreSQL.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -50,7 +49,9 @@ ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetc
 
 def sweep_max_interval() -> timedelta:
     """`SWEEP_MAX_INTERVAL` seconds (default 60): the longest the sweep ever sleeps."""
-    return timedelta(seconds=float(os.environ.get("SWEEP_MAX_INTERVAL", "60")))
+    from bot.config.settings import load_settings
+
+    return timedelta(seconds=load_settings().sweep_max_interval)
 
 
 class Jobs:
