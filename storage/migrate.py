@@ -8,6 +8,7 @@ either place, never in the Alembic library's own folder.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,12 @@ class SchemaState:
 def schema_state(engine: Engine) -> SchemaState:
     """The database's revision against the shipped heads (reads only; connects once)."""
     script = ScriptDirectory.from_config(alembic_config())
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_heads()
+    chatty = logging.getLogger("alembic.runtime.migration")  # "Context impl ..." at INFO: noise here
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_heads()
+    finally:
+        chatty.setLevel(level)
     return SchemaState(current=tuple(current), heads=tuple(script.get_heads()))
