@@ -159,13 +159,14 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("postgresql://postgres@127.0.0.1:1/replyclock", "cannot use the database"),  # nothing listens
+        ("postgresql://postgres:hunter2-pw@127.0.0.1:1/replyclock", "cannot use the database"),  # no server
         ("postgresql://postgres@no-such-host.invalid/replyclock", "cannot find the database host"),
     ],
 )
 def test_an_unreachable_database_is_one_line(tmp_path: Path, url: str, expected: str) -> None:
     result = replyclock("db", "upgrade", cwd=tmp_path, DATABASE_URL=url)
     assert result.returncode == 3 and expected in one_error(result)
+    assert "hunter2-pw" not in result.stderr  # the password is never shown
 
 
 @pytest.mark.postgres
@@ -263,3 +264,19 @@ def test_run_stops_on_ctrl_c_and_a_second_run_is_one_line(tmp_path: Path) -> Non
     assert "Traceback" not in err
     [startup] = [json.loads(line) for line in err.splitlines() if '"replyclock running"' in line]
     assert startup["role"] == "run" and "social (demo)" in startup["accounts"]
+
+
+@pytest.mark.postgres
+def test_run_refuses_an_unmigrated_postgres_database_unless_told_to_migrate(tmp_path: Path) -> None:
+    from tests.conftest import reset_postgres
+
+    url = postgres_url()
+    if url is None:
+        pytest.skip("needs REPLYCLOCK_TEST_DATABASE_URL")
+    reset_postgres(url)  # an empty schema: never migrated
+    refused = replyclock("run", "--config", str(POLICY), cwd=tmp_path, DATABASE_URL=url)
+    assert refused.returncode == 3
+    line = one_error(refused)
+    assert "no schema yet" in line and "replyclock db upgrade" in line and "--migrate" in line
+    web = replyclock("web", "--config", str(POLICY), cwd=tmp_path, DATABASE_URL=url)
+    assert web.returncode == 3 and "replyclock db upgrade" in one_error(web)
