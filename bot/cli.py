@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,13 +64,6 @@ class SlackSettings:
     signing_secret: str
     api_url: str
     timeout: int = 30  # seconds per Web API call (SLACK_TIMEOUT; slack_sdk's default is 30)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> SlackSettings:
-        """From an environment (validated; SettingsError names any bad variable)."""
-        from bot.config.settings import load_settings
-
-        return cls.from_settings(load_settings(environ))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SlackSettings:

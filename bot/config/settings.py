@@ -113,13 +113,6 @@ class Settings(BaseSettings):
             raise ValueError("SLACK_APP_TOKEN is set but SLACK_BOT_TOKEN is not: Socket Mode needs both")
         return self
 
-    @property
-    def slack_mode(self) -> str:
-        """How `run` talks to Slack: 'socket mode', 'web api only' or 'off'."""
-        if not self.slack_bot_token:
-            return "off"
-        return "socket mode" if self.slack_app_token else "web api only"
-
 
 def normalize_database_url(url: str) -> str:
     """Heroku-style ``postgres://`` and plain ``postgresql://`` go to psycopg 3, the driver installed."""
