@@ -280,3 +280,25 @@ def test_run_refuses_an_unmigrated_postgres_database_unless_told_to_migrate(tmp_
     assert "no schema yet" in line and "replyclock db upgrade" in line and "--migrate" in line
     web = replyclock("web", "--config", str(POLICY), cwd=tmp_path, DATABASE_URL=url)
     assert web.returncode == 3 and "replyclock db upgrade" in one_error(web)
+
+
+def test_init_asks_on_a_terminal_and_its_answers_make_a_valid_policy(tmp_path: Path) -> None:
+    from bot.config import load_policy
+    from bot.starter import write_starter
+
+    answers = iter(["billing", "", "America/New_York", "webhook, mastodon, feed, x"])
+    asked: list[str] = []
+
+    def reader(prompt: str) -> str:
+        asked.append(prompt)
+        return next(answers)
+
+    write_starter(
+        config=tmp_path / "replyclock.toml", env_file=tmp_path / ".env", interactive=True, reader=reader
+    )
+    assert len(asked) == 4 and "[#billing]" in asked[1]  # the channel defaults to the team's name
+    policy = load_policy(tmp_path / "replyclock.toml")
+    assert policy.teams["billing"].channel == "#billing"
+    assert {a.kind for a in policy.accounts.values()} == {"webhook", "mastodon", "feed", "x"}
+    env = (tmp_path / ".env").read_text()
+    assert "MASTODON_ACCESS_TOKEN=" in env and "X_CONSUMER_KEY=" in env
