@@ -119,10 +119,15 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _load(path: Path) -> Policy:
+def _load(path: Path, *, accounts: bool = False, secrets: bool = True) -> Policy:
+    """The policy, or exit 2 listing every problem. `accounts`: also check the accounts' connectors
+    and (with `secrets`) their secrets, the one validation shared by check, run and web."""
     from bot.config import ConfigError, load_policy
+    from bot.flow.channels import validate_setup
 
     try:
+        if accounts:
+            return validate_setup(path, os.environ, secrets=secrets)
         return load_policy(path)
     except ConfigError as error:
         for problem in error.problems:
@@ -220,7 +225,6 @@ def _startup_line(
 def cmd_check(args: argparse.Namespace) -> int:
     from bot.config import summarize
     from bot.config.settings import SettingsError
-    from bot.flow.channels import ConnectorSetupError, build_connectors
 
     try:
         _settings()
@@ -230,16 +234,22 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"error: environment: {problem}", file=sys.stderr)
         settings_ok = False
     path = config_path(args.config)
-    policy = _load(path)
-    try:
-        build_connectors(policy, os.environ, dry_run=True)
-    except ConnectorSetupError as error:
-        print(f"error: {path}: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    policy = _load(path, accounts=True, secrets=not args.no_secrets)
     if not settings_ok:
         return EXIT_CONFIG
     print(summarize(policy))
     print(f"{path}: OK")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from bot.config.shape import json_schema_text
+    from connectors.base import connector_classes
+
+    keys = {
+        kind: cls.settings_keys for kind, cls in connector_classes().items() if cls.settings_keys is not None
+    }
+    sys.stdout.write(json_schema_text(keys))
     return 0
 
 
@@ -295,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # submit holds its shutdown lock), and shutting the scheduler down from there deadlocks.
     # Blocked before any thread starts, so that every thread inherits the mask.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    policy = _load(config_path(args.config), accounts=True)  # before the heavy imports: fail fast
 
     from bot import logs
     from bot.flow.channels import ConnectorSetupError, build_connectors
@@ -311,7 +322,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("replyclock.run")
-    policy = _load(config_path(args.config))
     try:
         connectors = build_connectors(policy, os.environ)
     except ConnectorSetupError as error:
@@ -437,7 +447,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.configure(settings.log_level)
-    policy = _load(config_path(args.config))
+    policy = _load(config_path(args.config), accounts=True)
     slack = SlackSettings.from_settings(settings)
     if slack.bot_token and not slack.signing_secret:
         raise CliError(
@@ -494,7 +504,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from bot.starter import StarterError, write_starter
+    from bot.config.starter import StarterError, write_starter
 
     try:
         written = write_starter(
@@ -553,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the policy file and the environment, print a summary")
     check.add_argument("--config", help=CONFIG_HELP)
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="skip the secrets connectors read from the environment (for CI without them)",
+    )
     check.set_defaults(func=cmd_check)
 
     db = sub.add_parser("db", help="database commands")
@@ -583,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     man.add_argument("--format", choices=("yaml", "json"), default="yaml", help="output format")
     man.set_defaults(func=cmd_manifest)
+
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of replyclock.toml (for Taplo / Even Better TOML)"
+    )
+    schema.set_defaults(func=cmd_schema)
 
     deadline = sub.add_parser("deadline", help="when is a post due? (business time on a calendar)")
     deadline.add_argument("--config", help=CONFIG_HELP)

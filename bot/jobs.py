@@ -21,7 +21,7 @@ from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import OutboxSender
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
-from bot.reports.metrics import record_connector_error, record_ingested, record_rate_limit
+from bot.telemetry import record_connector_error, record_ingested, record_rate_limit
 from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
 from storage import repo
 from storage.models import Account

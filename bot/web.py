@@ -34,7 +34,9 @@ from starlette.types import ASGIApp
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
-from bot.reports.metrics import build_registry, exposition, record_ingested, record_webhook_request
+from bot.httputil import BodyTooLarge, read_body
+from bot.reports.metrics import build_registry, exposition
+from bot.telemetry import record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
 from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
 from storage.db import READ_ONLY
@@ -53,10 +55,6 @@ STALE_RETRIES = 5  # attempts to store a delivery whose conversation another pro
 SQLITE_WRITE_WAIT = 30.0
 
 _T = TypeVar("_T")
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -164,29 +162,6 @@ def create_app(
     )
     app.state.metrics_registry = registry
     return app
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (without reading on) anything over `limit` bytes.
-
-    Raises:
-        BodyTooLarge: Content-Length or the bytes actually received exceed `limit`.
-        ValueError: the Content-Length header is not a number.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise ValueError("Content-Length is not a number")
-        if int(declared) > limit:
-            raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _answer(

@@ -99,6 +99,9 @@ class Connector(ABC):
 
     kind: ClassVar[str]
     push: ClassVar[bool] = False  # push connectors (webhook) never poll
+    settings_keys: ClassVar[tuple[str, ...] | None] = None
+    """The account keys this connector understands (besides kind, own_ids, poll_interval, can_reply):
+    `replyclock check` reports any other key with its line. None: the connector checks them itself."""
 
     def __init__(
         self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None

@@ -10,9 +10,9 @@ A feed cannot be answered through its feed, so `reply` always raises `NotSent`: 
 account with ``can_reply = false`` so that no acknowledgement is ever queued for it, and answer
 on the site itself (the staff comment then shows up in the feed and answers the conversation).
 
-The cursor is JSON: ``{"etag", "modified", "seen"}``. The document is fetched here (urllib, our
-timeout) with ``If-None-Match``/``If-Modified-Since`` from the cursor; 304 gives an empty batch
-and the same cursor. ``seen`` holds the ids of recent entries (every entry of the last
+The cursor is JSON: ``{"etag", "modified", "seen"}``. The document is fetched here (httpx
+through `bot.httputil.client`, our timeout, redirects followed) with ``If-None-Match``/
+``If-Modified-Since`` from the cursor; 304 gives an empty batch and the same cursor. ``seen`` holds the ids of recent entries (every entry of the last
 document, then older ones, at most `SEEN_LIMIT` unless the document itself holds more), so an
 entry still in the feed is never handed over twice; the unique key on posts covers the rest.
 
@@ -27,26 +27,25 @@ information), without a ``comment-page-N/`` path segment and without Blogger's `
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import logging
 import re
 import time
-import urllib.error
-import urllib.request
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from difflib import get_close_matches
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import feedparser
+import httpx
 
 from bot.core.clock import Clock, SystemClock
+from bot.httputil import client as http_client
+from bot.httputil import retry_after
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -72,9 +71,6 @@ THREADING_NAMESPACES = (
 )
 # Query parameters that point at one comment rather than at the post it belongs to.
 COMMENT_QUERY_KEYS = frozenset({"showComment", "replytocom", "cid"})
-
-# Opens a request with a timeout and returns the response (urllib's by default; tests may swap it).
-Opener = Callable[[urllib.request.Request, float], http.client.HTTPResponse]
 
 
 @dataclass(frozen=True)
@@ -111,16 +107,11 @@ class FeedCursor:
         )
 
 
-def _urlopen(request: urllib.request.Request, timeout: float) -> http.client.HTTPResponse:
-    response = urllib.request.urlopen(request, timeout=timeout)
-    assert isinstance(response, http.client.HTTPResponse)
-    return response
-
-
 class FeedConnector(Connector):
     """Polls one RSS or Atom feed of comments."""
 
     kind: ClassVar[str] = "feed"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
 
     def __init__(
         self,
@@ -129,7 +120,7 @@ class FeedConnector(Connector):
         own_ids: tuple[str, ...] = (),
         settings: Mapping[str, Any] | None = None,
         clock: Clock | None = None,
-        opener: Opener | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         """Check the settings.
 
@@ -156,7 +147,7 @@ class FeedConnector(Connector):
         self.staff_authors = frozenset(_name_key(s) for s in staff if s.strip())
         self.timeout = float(timeout)
         self.clock: Clock = clock or SystemClock()
-        self._open: Opener = opener or _urlopen
+        self._transport = transport
 
     # -- fetch -------------------------------------------------------------------------------------
 
@@ -178,18 +169,20 @@ class FeedConnector(Connector):
             headers["If-None-Match"] = state.etag
         if state.modified:
             headers["If-Modified-Since"] = state.modified
-        request = urllib.request.Request(self.url, headers=headers)
         try:
-            with self._open(request, self.timeout) as response:
-                body = response.read(MAX_DOCUMENT_BYTES + 1)
+            with (
+                http_client(timeout=self.timeout, transport=self._transport, follow_redirects=True) as client,
+                client.stream("GET", self.url, headers=headers) as response,
+            ):
+                if response.status_code == 304:
+                    return Batch(posts=(), cursor=cursor)
+                if response.status_code >= 300:
+                    raise self._http_error(response)
+                body = _read_capped(response)  # raw: decompressed below, within the same cap
                 response_headers = response.headers
-                final_url = response.geturl() or self.url
-        except urllib.error.HTTPError as error:
-            if error.code == 304:
-                return Batch(posts=(), cursor=cursor)
-            raise self._http_error(error) from error
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
-            reason = getattr(error, "reason", None) or error
+                final_url = str(response.url) or self.url
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as error:
+            reason = str(error) or type(error).__name__
             raise ConnectorError(f"feed {self.url}: {reason}") from error
         if len(body) > MAX_DOCUMENT_BYTES:
             raise ConnectorError(f"feed {self.url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
@@ -240,29 +233,21 @@ class FeedConnector(Connector):
         )
         return Batch(posts=tuple(posts), cursor=next_cursor.dump())
 
-    def _http_error(self, error: urllib.error.HTTPError) -> ConnectorError:
-        where = f"feed {self.url}: HTTP {error.code} {error.reason}"
-        if error.code in (401, 403):
+    def _http_error(self, response: httpx.Response) -> ConnectorError:
+        code = response.status_code
+        where = f"feed {self.url}: HTTP {code} {response.reason_phrase}"
+        if code in (401, 403):
             return AuthFailed(where)
-        retry_after = error.headers.get("Retry-After") if error.headers else None
-        if error.code == 429 or (error.code == 503 and retry_after):
-            return RateLimited(self._retry_at(retry_after), where)
+        header = response.headers.get("Retry-After")
+        if code == 429 or (code == 503 and header):
+            return RateLimited(self._retry_at(header, response.headers.get("Date")), where)
         return ConnectorError(where)
 
-    def _retry_at(self, retry_after: str | None) -> datetime:
+    def _retry_at(self, header: str | None, date: str | None) -> datetime:
         now = self.clock.now()
-        wait = timedelta(minutes=5)
-        if retry_after:
-            value = retry_after.strip()
-            if value.isdigit():
-                wait = timedelta(seconds=int(value))
-            else:
-                try:
-                    moment = parsedate_to_datetime(value)
-                except (TypeError, ValueError):
-                    moment = None
-                if moment is not None:
-                    wait = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)) - now
+        wait = retry_after(header, now=now, date=date)
+        if wait is None:
+            wait = timedelta(minutes=5)
         return now + min(max(wait, timedelta(seconds=1)), timedelta(hours=6))
 
     def _normalise(
@@ -371,6 +356,18 @@ def _language(entry: Mapping[str, Any], feed_info: Mapping[str, Any]) -> str | N
 def _primary_language(tag: str) -> str:
     """ "en-US" -> "en", as routing rules and acknowledgement templates name languages."""
     return tag.split("-")[0].split("_")[0].strip().lower()
+
+
+def _read_capped(response: httpx.Response) -> bytes:
+    """The raw (still encoded) body, reading no more than one byte past `MAX_DOCUMENT_BYTES`."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_DOCUMENT_BYTES:
+            break
+    return b"".join(chunks)[: MAX_DOCUMENT_BYTES + 1]
 
 
 def _decompress(body: bytes, encoding: str, url: str) -> bytes:

@@ -30,7 +30,6 @@ import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from difflib import get_close_matches
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -46,6 +45,7 @@ from mastodon import (
 )
 
 from bot.core.clock import Clock, SystemClock
+from bot.httputil import http_date, retry_after
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -86,6 +86,7 @@ class MastodonConnector(Connector):
     """Mentions of our account in, replies out, through Mastodon.py."""
 
     kind: ClassVar[str] = "mastodon"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
 
     def __init__(
         self,
@@ -351,15 +352,7 @@ def rate_limit_reset(headers: Mapping[str, str], now: datetime) -> datetime:
         headers: the answer's headers, names in lower case.
         now: our clock.
     """
-    wait: timedelta | None = None
-    retry_after = headers.get("retry-after", "").strip()
-    if retry_after:
-        if retry_after.isdigit():
-            wait = timedelta(seconds=int(retry_after))
-        else:
-            moment = _http_date(retry_after)
-            if moment is not None:
-                wait = moment - (_http_date(headers.get("date", "")) or now)
+    wait = retry_after(headers.get("retry-after"), now=now, date=headers.get("date"))
     reset = headers.get("x-ratelimit-reset", "").strip()
     if wait is None and reset:
         moment = None
@@ -368,7 +361,7 @@ def rate_limit_reset(headers: Mapping[str, str], now: datetime) -> datetime:
         else:
             moment = _timestamp(reset)
         if moment is not None:
-            wait = moment - (_http_date(headers.get("date", "")) or now)
+            wait = moment - (http_date(headers.get("date")) or now)
     if wait is None:
         wait = DEFAULT_RATE_LIMIT_WAIT
     return now + min(max(wait, timedelta(seconds=1)), timedelta(hours=6))
@@ -408,16 +401,6 @@ def _timestamp(value: object) -> datetime | None:
             return None
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
-
-
-def _http_date(value: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _status_code(error: MastodonError) -> int | None:

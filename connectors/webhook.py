@@ -13,22 +13,20 @@ Replies go back, when the account has a ``reply_url``, as a JSON POST signed the
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
-import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
 
+from bot.httputil import client as http_client
+from bot.httputil import retry_after
 from connectors.base import Batch, Connector, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 
 SIGNATURE_HEADER = "X-Replyclock-Signature"
@@ -253,6 +251,7 @@ class WebhookConnector(Connector):
     """
 
     kind: ClassVar[str] = "webhook"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
     push: ClassVar[bool] = True
 
     def __init__(
@@ -330,16 +329,20 @@ class WebhookConnector(Connector):
         ).encode("utf-8")
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.sign(body)}
         try:
-            with httpx.Client(
-                timeout=self.reply_timeout, transport=self._transport, verify=_ssl_context()
-            ) as client:
+            with http_client(timeout=self.reply_timeout, transport=self._transport) as client:
                 response = client.post(self.reply_url, content=body, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as error:
             # No connection, so no request reached the endpoint: certainly not posted.
             raise NotSent(f"reply endpoint unreachable: {type(error).__name__}") from error
         status = response.status_code
         if status == 429:
-            raise RateLimited(datetime.now(UTC) + _retry_after(response.headers.get("Retry-After")))
+            now = datetime.now(UTC)
+            wait = retry_after(
+                response.headers.get("Retry-After"), now=now, date=response.headers.get("Date")
+            )
+            raise RateLimited(
+                now + (DEFAULT_RATE_LIMIT_WAIT if wait is None else min(wait, timedelta(days=1)))
+            )
         if 400 <= status < 500:
             raise NotSent(f"reply endpoint refused the reply: HTTP {status}")
         if status >= 300:
@@ -354,37 +357,3 @@ class WebhookConnector(Connector):
         if not isinstance(reply_id, str) or not reply_id or len(reply_id) > MAX_ID_CHARS:
             raise ConnectorError(f"reply endpoint answered HTTP {status} without a usable id")
         return reply_id
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's default certificate verification, built once per process and shared by every reply.
-
-    Building it loads the whole CA bundle (about 10 ms of CPU, 100 ms on a busy machine); a new
-    context per reply paid that for every acknowledgement. An SSLContext is safe to share between
-    threads, and each reply still opens a connection of its own.
-    """
-    return httpx.create_ssl_context()
-
-
-def _retry_after(header: str | None) -> timedelta:
-    """Retry-After as seconds or an HTTP date; a minute when absent or unreadable."""
-    if not header:
-        return DEFAULT_RATE_LIMIT_WAIT
-    try:
-        seconds = float(header)
-    except ValueError:
-        pass
-    else:
-        return (
-            timedelta(seconds=min(seconds, 86_400.0))
-            if math.isfinite(seconds) and seconds >= 0
-            else DEFAULT_RATE_LIMIT_WAIT
-        )
-    try:
-        when = parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return DEFAULT_RATE_LIMIT_WAIT
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(timedelta(0), min(when - datetime.now(UTC), timedelta(days=1)))

@@ -333,6 +333,7 @@ class XConnector(Connector):
     """Mentions of our X account become posts; replies go out as tweets in reply."""
 
     kind: ClassVar[str] = "x"
+    settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
 
     def __init__(
         self,

@@ -284,7 +284,7 @@ def test_run_refuses_an_unmigrated_postgres_database_unless_told_to_migrate(tmp_
 
 def test_init_asks_on_a_terminal_and_its_answers_make_a_valid_policy(tmp_path: Path) -> None:
     from bot.config import load_policy
-    from bot.starter import write_starter
+    from bot.config.starter import write_starter
 
     answers = iter(["billing", "", "America/New_York", "webhook, mastodon, feed, x"])
     asked: list[str] = []

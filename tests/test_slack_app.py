@@ -367,7 +367,7 @@ def test_the_request_session_commits_when_the_listener_returns_and_rolls_back_wh
     """One session per request from the middleware: handlers never commit or open one themselves."""
     from slack_bolt import Ack, BoltContext
 
-    from bot.slack.app import session_of
+    from bot.slack.common import session_of
     from storage import repo
 
     def write(ack: Ack, body: dict[str, Any], context: BoltContext) -> None:

@@ -38,8 +38,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select
 from sqlalchemy.orm.exc import StaleDataError
 
+import bot.httputil
 import bot.web
-import connectors.webhook
 from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
@@ -196,7 +196,7 @@ def test_acknowledgements_share_one_ssl_context(monkeypatch: pytest.MonkeyPatch)
         return context
 
     monkeypatch.setattr(ssl, "create_default_context", counting)
-    connectors.webhook._ssl_context.cache_clear()
+    bot.httputil._ssl_context.cache_clear()
     with ReplyRecorder("reply-secret") as recorder:
         hook = WebhookConnector(
             "shop", settings={"reply_url": recorder.url}, environ={"WEBHOOK_SECRET_SHOP": "reply-secret"}

@@ -15,7 +15,7 @@ from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
-from bot.reports.metrics import record_ingested
+from bot.telemetry import record_ingested
 from bot.web import bind_address, create_app
 from connectors.base import InboundPost
 from storage.db import make_engine

@@ -51,9 +51,7 @@ import socket
 import threading
 import time
 import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
 
 __all__ = [
     "ANY_METHOD",
@@ -2047,16 +2047,10 @@ class SlackStandIn:
             **self.sign(body),
             **extra_headers,
         }
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                status = int(response.status)
-                text = response.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as error:
-            status = error.code
-            text = error.read().decode("utf-8", errors="replace")
-        return AppResponse(status, text)
+        # No proxy from the environment: the app is on loopback.
+        with httpx.Client(timeout=timeout, trust_env=False) as client:
+            response = client.post(url, content=body, headers=headers)
+        return AppResponse(response.status_code, response.content.decode("utf-8", errors="replace"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from bot.flow.context import AppContext
-from bot.reports.metrics import record_step_delivered
+from bot.telemetry import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
 from storage.db import is_postgres

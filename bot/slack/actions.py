@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from bot.core.messages import escape_mrkdwn
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.slack.app import (
+from bot.slack.blocks import conversation_id_from_block_id, reply_modal
+from bot.slack.common import (
     clock_time,
     commit,
     discard,
@@ -35,7 +36,6 @@ from bot.slack.app import (
     tell,
     user_timezone,
 )
-from bot.slack.blocks import conversation_id_from_block_id, reply_modal
 from bot.slack.ids import (
     ACTION_ANSWERED,
     ACTION_CLAIM,

@@ -18,7 +18,7 @@ from slack_bolt import Ack, App, BoltContext
 from bot.core.messages import due_in_words, escape_mrkdwn
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.slack.app import commit, discard, expert_of, mention, replyclock_of, session_of
+from bot.slack.common import commit, discard, expert_of, mention, replyclock_of, session_of
 from bot.slack.ids import COMMAND
 
 MAX_LISTED = 25

@@ -51,8 +51,9 @@ from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
-from bot.reports.metrics import record_slack_error
+from bot.httputil import header, retry_after
 from bot.slack import blocks
+from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
 from storage.models import OPEN, PENDING, SENDING, SENT, Conversation, Event, Outbox, Post
@@ -823,13 +824,6 @@ def _card_metadata(conversation_id: int) -> dict[str, Any]:
 
 
 def _retry_after(headers: object) -> int:
-    """Seconds from a Retry-After header (any case; a value or a list of one), else the default."""
-    if isinstance(headers, Mapping):
-        for key, value in headers.items():
-            if str(key).lower() == "retry-after":
-                raw = value[0] if isinstance(value, list | tuple) and value else value
-                try:
-                    return max(1, int(float(str(raw))))
-                except ValueError:
-                    break
-    return DEFAULT_RETRY_AFTER
+    """Whole seconds from a Retry-After header (any case; a value or a list of one), else the default."""
+    wait = retry_after(header(headers, "Retry-After"), now=datetime.now(UTC))
+    return DEFAULT_RETRY_AFTER if wait is None else max(1, int(wait.total_seconds()))

@@ -14,7 +14,7 @@ from slack_sdk.errors import SlackApiError
 from bot.core.messages import due_in_words, escape_mrkdwn
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.slack.app import replyclock_of, session_of
+from bot.slack.common import replyclock_of, session_of
 
 log = logging.getLogger("replyclock.slack.home")
 

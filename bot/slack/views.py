@@ -9,7 +9,7 @@ from typing import Any
 from slack_bolt import Ack, App, BoltContext
 
 from bot.flow import staff
-from bot.slack.app import commit, discard, expert_of, replyclock_of, session_of
+from bot.slack.common import commit, discard, expert_of, replyclock_of, session_of
 from bot.slack.ids import REPLY_BLOCK, REPLY_INPUT, VIEW_REPLY, parse_conversation_id
 
 log = logging.getLogger("replyclock.slack.views")
