@@ -2,7 +2,7 @@
 # The install check: what a new user gets from a normal install, not from this checkout.
 # Builds the wheel, installs it with requirements.lock (hashes required) into a fresh virtual
 # environment, and from an empty directory, with an environment that holds nothing of ours, runs:
-# --version, init, check (init's file and the example), db upgrade on SQLite and on the local
+# --version, init, check (init's file and the example), schema, db upgrade on SQLite and on the local
 # PostgreSQL (its own database, replyclock_install_check), demo, manifest, and web until /healthz
 # answers, then Ctrl-C. Any failing command or any traceback fails it.
 #   PYTHON (default python3), PGURL (default postgresql://postgres@127.0.0.1:5432/replyclock_install_check)
@@ -78,6 +78,8 @@ grep -q "^replyclock [0-9]" "$work/out" || fail "--version printed $(cat "$work/
 step "replyclock (help)" replyclock
 step "replyclock init" replyclock init --yes --team support --channel '#support' --timezone Europe/Berlin
 step "replyclock check (init's files)" replyclock check
+step "replyclock schema" replyclock schema
+grep -q '"\$schema"' "$work/out" || fail "schema printed no JSON Schema"
 cp "$root/examples/replyclock.toml" example.toml
 step "replyclock check (the example)" env X_BEARER_TOKEN=install-check X_CONSUMER_KEY=install-check \
   X_CONSUMER_SECRET=install-check X_ACCESS_TOKEN=install-check X_ACCESS_TOKEN_SECRET=install-check \
