@@ -24,6 +24,15 @@ class InboundPost:
         posted_at: the platform's timestamp, timezone-aware.
         thread_id: the platform's thread or conversation id, when it has one.
         reply_to_id: external id of the post this one answers, when known.
+        acknowledge: False when the post must never be acknowledged automatically (an automatic
+            e-mail such as an out-of-office reply or a bounce, an X search hit nobody addressed to us).
+        team, priority: where the post goes, set by a connector that knows better than the routing
+            rules (an X search hit goes to the listening team at low priority); None: the rules decide.
+        meta: channel details kept with the post and handed back to the connector when answering
+            it (`ReplyTarget.extra`), e.g. an e-mail's subject and Message-ID. JSON-serialisable.
+            Ingest reads two keys: ``automatic`` (why the post is machine-written: it is never
+            acknowledged and does not reopen an answered conversation) and ``bounce`` (a delivery
+            failure of our answer: it does reopen).
     """
 
     external_id: str
@@ -37,6 +46,10 @@ class InboundPost:
     reply_to_id: str | None = None
     language: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    acknowledge: bool = True
+    team: str | None = None
+    priority: str | None = None
+    meta: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.posted_at.tzinfo is None:

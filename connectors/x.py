@@ -14,18 +14,32 @@ Settings (``[accounts.<name>]`` in replyclock.toml, besides ``kind = "x"``):
     ``timeout``                  seconds per HTTP request (default 30).
     ``since_id``                 optional: on the very first fetch (no cursor yet) only read mentions newer
                                  than this tweet id, instead of the up to 800 most recent ones.
+    ``search``                   optional list of recent-search queries (``["acme app", "#acmehelp"]``):
+                                 listening for posts that do not tag us. Each is sent as
+                                 ``(<query>) -is:retweet`` to ``GET /2/tweets/search/recent`` (last 7 days).
+    ``search_team``              the team such posts go to (default: the routing rules decide).
+    ``search_priority``          their priority (default ``"low"``).
+    ``search_acknowledge``       acknowledge them automatically (default false: an unsolicited public
+                                 reply reads as spam).
+    ``my_username``              optional: our @username, to recognise a search hit that mentions us
+                                 by name in its text (hits that mention us are treated as mentions).
 
 The cursor is a JSON object. Between polls it is ``{"since_id": S}``: everything up to tweet S is
 stored. X pages a mentions timeline newest first, so a poll that finds several pages stores them one
 page per fetch, each in one transaction with the cursor ``{"since_id": S, "next_token": T,
 "newest_id": N}``: S is still the old bound (a restart continues page T with the same ``since_id``,
 so no older post is skipped) and N, the newest id of the first page, becomes the new ``since_id``
-only once the last page is stored. A crash anywhere re-fetches at most one page, and the
+only once the last page is stored. With ``search`` queries the cursor also holds ``"search": {<query>:
+{"since_id": ..., "next_token": ..., "newest_id": ...}}``, one such state per query, paged the same
+way; a poll round reads the first page of mentions and of every query, then the further pages one
+per fetch. A tweet found by a search and also mentioning us is a mention (same post, same routing),
+whichever way it arrives first. A crash anywhere re-fetches at most one page, and the
 (account, external id) key stores each post once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
@@ -66,7 +80,21 @@ DEFAULT_ENV = {
     "access_token_secret_env": "X_ACCESS_TOKEN_SECRET",
 }
 USER_CONTEXT_KEYS = ("consumer_key_env", "consumer_secret_env", "access_token_env", "access_token_secret_env")
-SETTINGS_KEYS = ("user_id", *DEFAULT_ENV, "api_base_url", "max_results", "timeout", "since_id")
+SETTINGS_KEYS = (
+    "user_id",
+    *DEFAULT_ENV,
+    "api_base_url",
+    "max_results",
+    "timeout",
+    "since_id",
+    "search",
+    "search_team",
+    "search_priority",
+    "search_acknowledge",
+    "my_username",
+)
+SEARCH_PRIORITIES = ("low", "normal", "high", "urgent")
+MIN_SEARCH_RESULTS = 10  # the recent-search endpoint refuses fewer
 DEFAULT_MAX_RESULTS = 100
 MIN_MAX_RESULTS = 5  # the mentions endpoint refuses fewer
 MAX_MAX_RESULTS = 100
@@ -82,6 +110,8 @@ TWEET_FIELDS = [
     "referenced_tweets",
     "lang",
 ]
+# Search hits also need entities.mentions, to tell a hit that mentions us.
+SEARCH_TWEET_FIELDS = [*TWEET_FIELDS, "entities"]
 EXPANSIONS = ["author_id"]
 USER_FIELDS = ["username", "name"]
 
@@ -172,6 +202,53 @@ class XCursor:
         )
         error.retryable = False
         raise error
+
+
+@dataclass(frozen=True)
+class XState:
+    """The whole cursor: the mentions timeline and, with ``search``, one `XCursor` per query."""
+
+    mentions: XCursor
+    search: tuple[tuple[str, XCursor], ...] = ()
+
+    def dump(self) -> str:
+        data = json.loads(self.mentions.dump())
+        if self.search:
+            data["search"] = {query: json.loads(state.dump()) for query, state in self.search}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def load(cls, text: str | None) -> XState:
+        """Parse a stored cursor (also the older mentions-only forms).
+
+        Raises:
+            ConnectorError: not a cursor (not retryable).
+        """
+        data = None
+        if text is not None and text.strip().startswith("{"):
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+        if isinstance(data, dict) and "search" in data:
+            searches = data.pop("search")
+            if not isinstance(searches, dict):
+                error = ConnectorError(f"X cursor: search is not an object: {str(text)[:200]!r}")
+                error.retryable = False
+                raise error
+            return cls(
+                mentions=XCursor.load(json.dumps(data)),
+                search=tuple(
+                    (str(query), XCursor.load(json.dumps(state))) for query, state in sorted(searches.items())
+                ),
+            )
+        return cls(mentions=XCursor.load(text))
+
+    def query(self, query: str) -> XCursor:
+        return dict(self.search).get(query, XCursor())
+
+    def with_query(self, query: str, state: XCursor) -> XState:
+        return XState(self.mentions, tuple(sorted({**dict(self.search), query: state}.items())))
 
 
 def _optional_id(value: object) -> bool:
@@ -390,6 +467,33 @@ class XConnector(Connector):
             raise ValueError(f"setting since_id must be a tweet id, not {since_id!r}")
         self.initial_since_id = str(since_id) if since_id is not None else None
 
+        search = self.settings.get("search", [])
+        if not isinstance(search, list) or not all(isinstance(q, str) and q.strip() for q in search):
+            raise ValueError(f"setting search must be a list of search queries, not {search!r}")
+        if any(len(q) > 480 for q in search):
+            raise ValueError("setting search: a recent-search query is at most 512 characters (480 here)")
+        self.search: tuple[str, ...] = tuple(dict.fromkeys(q.strip() for q in search))
+        team = self.settings.get("search_team")
+        if team is not None and (not isinstance(team, str) or not team):
+            raise ValueError(f"setting search_team must name a team, not {team!r}")
+        self.search_team: str | None = team
+        priority = self.settings.get("search_priority", "low")
+        if priority not in SEARCH_PRIORITIES:
+            raise ValueError(
+                f"setting search_priority must be one of {', '.join(SEARCH_PRIORITIES)}, not {priority!r}"
+            )
+        self.search_priority = str(priority)
+        acknowledge = self.settings.get("search_acknowledge", False)
+        if not isinstance(acknowledge, bool):
+            raise ValueError(f"setting search_acknowledge must be true or false, not {acknowledge!r}")
+        self.search_acknowledge = acknowledge
+        username = self.settings.get("my_username")
+        if username is not None and (
+            not isinstance(username, str) or not re.fullmatch(r"@?\w{1,15}", username)
+        ):
+            raise ValueError(f"setting my_username must be an X username, not {username!r}")
+        self.my_username = username.lstrip("@").lower() if isinstance(username, str) else None
+
         self.client = tweepy.Client(
             bearer_token=secrets["bearer_token_env"],
             consumer_key=secrets["consumer_key_env"],
@@ -419,6 +523,105 @@ class XConnector(Connector):
     # -- reading -------------------------------------------------------------------------------
 
     def fetch(self, cursor: str | None) -> Batch:
+        """One page of mentions (and, with ``search``, of the queries) after the cursor, oldest first.
+
+        ``more`` while X has further pages of any of them. Raises as `fetch_mentions`.
+        """
+        if not self.search:
+            return self.fetch_mentions(cursor)
+        state = XState.load(cursor)
+        posts: list[InboundPost] = []
+        pending = [query for query in self.search if state.query(query).next_token]
+        if state.mentions.next_token:
+            batch = self.fetch_mentions(state.mentions.dump())
+            posts.extend(batch.posts)
+            state = XState(XCursor.load(batch.cursor), state.search)
+        elif pending:
+            found, query_state = self._search_page(pending[0], state.query(pending[0]))
+            posts.extend(found)
+            state = state.with_query(pending[0], query_state)
+        else:  # a new round: the newest page of mentions and of every query
+            batch = self.fetch_mentions(state.mentions.dump())
+            posts.extend(batch.posts)
+            state = XState(XCursor.load(batch.cursor), state.search)
+            for query in self.search:
+                found, query_state = self._search_page(query, state.query(query))
+                posts.extend(found)
+                state = state.with_query(query, query_state)
+        # Forget the state of queries no longer configured.
+        state = XState(state.mentions, tuple((q, c) for q, c in state.search if q in self.search))
+        unique: dict[str, InboundPost] = {}
+        for post in posts:  # mentions first: a tweet found both ways stays a mention
+            unique.setdefault(post.external_id, post)
+        more = bool(state.mentions.next_token) or any(state.query(q).next_token for q in self.search)
+        ordered = sorted(unique.values(), key=lambda post: int(post.external_id))
+        return Batch(posts=tuple(ordered), cursor=state.dump(), more=more)
+
+    def _search_page(self, query: str, state: XCursor) -> tuple[list[InboundPost], XCursor]:
+        """One page of a recent search after its own cursor; hits that do not address us are marked."""
+        since_id = state.since_id
+        try:
+            payload = self.client.search_recent_tweets(
+                f"({query}) -is:retweet",
+                since_id=since_id,
+                next_token=state.next_token,
+                max_results=max(self.max_results, MIN_SEARCH_RESULTS),
+                tweet_fields=SEARCH_TWEET_FIELDS,
+                expansions=EXPANSIONS,
+                user_fields=USER_FIELDS,
+                user_auth=not self.uses_bearer,
+            )
+        except tweepy.TooManyRequests as error:
+            raise RateLimited(self._reset_at(error), f"X rate limit searching for {self.name}") from error
+        except (tweepy.Unauthorized, tweepy.Forbidden) as error:
+            raise AuthFailed(
+                f"X refused recent search ({_describe(error)}); check "
+                f"{self._credential_names(for_reading=True)} and the app's access level (search needs Basic or above)"
+            ) from error
+        except tweepy.BadRequest as error:
+            if state.next_token is None:
+                raise ConnectorError(f"X refused the search {query!r}: {_describe(error)}") from error
+            return [], XCursor(since_id=since_id)  # expired token: page again from the same bound
+        except tweepy.HTTPException as error:
+            raise ConnectorError(f"X search request failed: {_describe(error)}") from error
+        except requests.RequestException as error:
+            raise ConnectorError(f"X search request failed: {type(error).__name__}: {error}") from error
+        if not isinstance(payload, Mapping):
+            raise ConnectorError(f"X search answer is not a JSON object: {type(payload).__name__}")
+        batch = self._page(payload, state, since_id)
+        next_state = XCursor.load(batch.cursor)
+        if since_id is None and next_state.next_token:
+            # The very first search reads its newest page only, not seven days of history.
+            next_state = XCursor(since_id=next_state.newest_id)
+        return [self._search_hit(post) for post in batch.posts if post.author_id != self.user_id], next_state
+
+    def _addresses_us(self, post: InboundPost) -> bool:
+        tweet = post.raw
+        if str(tweet.get("in_reply_to_user_id") or "") == self.user_id:
+            return True
+        entities = tweet.get("entities")
+        mentions = entities.get("mentions") if isinstance(entities, Mapping) else None
+        for mention in mentions if isinstance(mentions, list) else []:
+            if not isinstance(mention, Mapping):
+                continue
+            if str(mention.get("id") or "") == self.user_id:
+                return True
+            username = mention.get("username")
+            if self.my_username and isinstance(username, str) and username.lower() == self.my_username:
+                return True
+        return False
+
+    def _search_hit(self, post: InboundPost) -> InboundPost:
+        if self._addresses_us(post):
+            return post  # a mention: treated exactly as the mentions timeline would deliver it
+        return dataclasses.replace(
+            post,
+            acknowledge=self.search_acknowledge,
+            team=self.search_team,
+            priority=self.search_priority,
+        )
+
+    def fetch_mentions(self, cursor: str | None) -> Batch:
         """One page of mentions after the cursor, oldest first; ``more`` while X has further pages.
 
         Raises:

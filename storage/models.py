@@ -85,6 +85,8 @@ class Post(Base):
     reply_to_external_id: Mapped[str | None] = mapped_column(String(200))
     thread_key: Mapped[str | None] = mapped_column(String(200))
     conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
+    # Channel details a reply needs (an e-mail's subject, Message-ID, References), or None.
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Conversation(Base):

@@ -52,7 +52,17 @@ def test_demo_tells_the_whole_story() -> None:
         "answer seen from our account in #2",  # answered on the platform: the clock stops
         "Maria Keller clicks Reply on #1 and writes",  # answered from Slack
         "social \u2192 @ana_lima (public reply demo-reply-3): @ana_lima Sorry about that!",
-        "figures: 2 conversations, 2 answered, 1 within SLA, 1 breached",
+        # The e-mail conversation: acknowledged with threading headers, answered from Slack in the thread.
+        "post in from Clara Weiss: #3 routed to team care",
+        "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-1@acme.example>, "
+        "In-Reply-To: <7d1c-clara@example.org>, References: <7d1c-clara@example.org>, "
+        "Auto-Submitted: auto-replied): Thanks Clara Weiss!",
+        "slack posts #care thread: Clara Weiss wrote again: It is a gift",
+        "Sam Okafor clicks Reply on #3 and writes",
+        "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-2@acme.example>, "
+        "In-Reply-To: <9e2f-clara@example.org>, "
+        "References: <7d1c-clara@example.org> <demo-mail-1@acme.example> <9e2f-clara@example.org>): Hello Clara",
+        "figures: 3 conversations, 3 answered, 2 within SLA, 1 breached",
         "The Slack side",
     ):
         assert expected in out, f"{expected!r} missing from the demo transcript:\n{out}"
@@ -222,3 +232,26 @@ def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_check_validates_email_and_bluesky_settings_and_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "replyclock.toml"
+    config.write_text(
+        POLICY.read_text()
+        + '\n[accounts.mail]\nkind = "email"\naddress = "support@acme.example"\nimap_host = "imap.acme.example"\n'
+        + 'imap_password_env = "ACME_MAIL_PW"\n'
+        + '\n[accounts.sky]\nkind = "bluesky"\nhandle = "acme.bsky.social"\nlimit = 500\n'
+    )
+    clean = {"ACME_MAIL_PW": "", "BLUESKY_APP_PASSWORD": "x"}
+    result = replyclock("check", "--config", str(config), env=clean)
+    assert result.returncode == 2
+    assert "accounts.mail: environment variable(s) ACME_MAIL_PW not set" in result.stderr
+    assert re.search(
+        r"accounts\.sky(\.limit)?: setting limit must be an integer from 1 to 100", result.stderr
+    )
+    fixed = config.read_text().replace("limit = 500", "limit = 50")
+    config.write_text(fixed)
+    result = replyclock(
+        "check", "--config", str(config), env={"ACME_MAIL_PW": "secret", "BLUESKY_APP_PASSWORD": "x"}
+    )
+    assert result.returncode == 0, result.stderr

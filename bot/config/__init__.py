@@ -103,13 +103,15 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
 
 ``[accounts.<name>]``
     ``kind``          (required) connector kind: ``"x"``, ``"mastodon"``, ``"feed"``,
-                      ``"webhook"`` or one provided by a plug-in.
+                      ``"webhook"``, ``"email"``, ``"bluesky"`` or one provided by a plug-in.
     ``own_ids``       our own handles/ids on that account (their posts answer conversations).
     ``poll_interval`` duration, default ``"60s"``.
     ``can_reply``     boolean, default true.
     Any other key goes to the connector, which checks it when it starts: e.g. ``user_id``
-    (x), ``api_base_url`` (mastodon), ``url`` (feed), ``secret_env`` and ``reply_url``
-    (webhook). Credentials never go here: connectors read them from the environment.
+    and ``search`` (x), ``api_base_url`` (mastodon), ``url`` (feed), ``secret_env`` and
+    ``reply_url`` (webhook), ``address`` and ``imap_host`` (email), ``handle`` (bluesky).
+    ``replyclock check`` also checks the email and bluesky settings and their secrets.
+    Credentials never go here: connectors read them from the environment.
 
 ``[acknowledgements.<team name or "default">]``
     Language code to template, e.g. ``en = "Thanks {author}! {owner_first_name} from our

@@ -24,16 +24,8 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_DATABASE_URL = "sqlite:///replyclock.db"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 Port = Annotated[int, Field(ge=1, le=65535)]
-# Connector credentials are read by the connectors for the accounts that need them; listed here so that
-# `.env.example` and the scrubbing of logs can be checked against one list.
-CONNECTOR_SECRETS = (
-    "X_BEARER_TOKEN",
-    "X_CONSUMER_KEY",
-    "X_CONSUMER_SECRET",
-    "X_ACCESS_TOKEN",
-    "X_ACCESS_TOKEN_SECRET",
-    "MASTODON_ACCESS_TOKEN",
-)
+# Connector credentials are read by the connectors for the accounts that need them (their default
+# variable names are module constants there); webhook accounts read one variable each, by this prefix.
 CONNECTOR_SECRET_PREFIXES = ("WEBHOOK_SECRET_",)
 
 

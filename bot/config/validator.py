@@ -237,7 +237,9 @@ class _Validator(_Fields):
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")
         return out
 
-    def accounts(self, data: Mapping[str, object]) -> dict[str, Account]:
+    def accounts(
+        self, data: Mapping[str, object], teams: Collection[str] | None = None
+    ) -> dict[str, Account]:
         out: dict[str, Account] = {}
         for name, raw in self.section(data, "accounts").items():
             path: KeyPath = ("accounts", name)
@@ -277,6 +279,11 @@ class _Validator(_Fields):
                 for where, message in self.account_check(out[name]):
                     if not (where and where[0] in flagged):
                         self.add((*path, *where), message)
+            search_team = table.get("search_team")  # x: the team that gets posts found by `search`
+            if teams is not None and isinstance(search_team, str) and search_team not in teams:
+                self.add(
+                    (*path, "search_team"), f"unknown team {_quote(search_team)} (known: {_known(teams)})"
+                )
         return out
 
     def settings(self, data: Mapping[str, object], teams: Collection[str]) -> Settings:
@@ -689,7 +696,7 @@ class _Validator(_Fields):
         calendars = self.calendars(data)
         experts = self.experts(data)
         teams = self.teams(data, raw_names["calendars"], raw_names["experts"])
-        accounts = self.accounts(data)
+        accounts = self.accounts(data, raw_names["teams"])
         settings = self.settings(data, raw_names["teams"])
         vip, ignored = self.authors(data)
         entries = self.policies(data, raw_names["calendars"], raw_names["teams"], raw_names["accounts"])

@@ -10,12 +10,14 @@ to the real bolt app served by uvicorn on loopback. At the end the Slack side is
 
 from __future__ import annotations
 
+import email.utils
 import sys
 import tempfile
 import time
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
@@ -36,7 +38,7 @@ from bot.slack.app import create_bolt_app, slack_routes
 from bot.slack.delivery import slack_handlers
 from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY, REPLY_BLOCK, REPLY_INPUT
 from bot.web import create_app, serve_in_thread
-from connectors.demo import DemoConnector, ScriptedPost
+from connectors.demo import DemoConnector, DemoMailConnector, ScriptedMail, ScriptedPost
 from storage.db import make_engine
 from storage.migrate import upgrade
 from storage.models import ANSWERED, Conversation, Event, Outbox
@@ -143,6 +145,10 @@ ignore = ["spambot9000"]
 kind = "demo"
 own_ids = ["acme_support"]
 
+# The demo's mailbox is scripted (no IMAP/SMTP server needed); a real one has imap_host etc.
+[accounts.mail]
+kind = "email"
+
 [acknowledgements.default]
 en = "Thanks {author}! {owner_first_name} from our {team} team will get back to you by {due}."
 """
@@ -218,7 +224,53 @@ STAFF_SCRIPT: dict[int, tuple[str, int, str, str]] = {
     10: ("claim", 1, "maria", ""),
     11: ("claim", 1, "lee", ""),  # a moment too late: told who has it
     150: ("reply", 1, "maria", "@ana_lima Sorry about that! The duplicate charge is refunded, 3-5 days."),
+    95: (
+        "reply",
+        3,
+        "sam",
+        "Hello Clara, your parcel left our warehouse this morning; DHL 00340434161094042557.",
+    ),
 }
+
+DEMO_MAIL = "support@acme.example"
+
+
+def _mail_script() -> list[ScriptedMail]:
+    """Clara writes from Thunderbird, then answers our acknowledgement in the same thread."""
+
+    def at(minutes: int) -> str:
+        return email.utils.format_datetime(DEMO_START + timedelta(minutes=minutes))
+
+    first = f"""Message-ID: <7d1c-clara@example.org>
+Date: {at(20)}
+From: Clara Weiss <clara@example.org>
+To: ACME Support <{DEMO_MAIL}>
+Subject: Where is my parcel?
+Content-Type: text/plain; charset=UTF-8
+
+Hello, I ordered a kettle on the 10th (order 4411) and nothing has arrived.
+
+--\x20
+Clara Weiss
+"""
+    again = f"""Message-ID: <9e2f-clara@example.org>
+Date: {at(40)}
+From: Clara Weiss <clara@example.org>
+To: ACME Support <{DEMO_MAIL}>
+Subject: Re: Where is my parcel?
+In-Reply-To: <demo-mail-1@acme.example>
+References: <7d1c-clara@example.org> <demo-mail-1@acme.example>
+Content-Type: text/plain; charset=UTF-8
+
+It is a gift, so I need it by Friday.
+
+On 23.11.26 10:50, ACME Support wrote:
+> Thanks Clara Weiss! Someone from our Customer Care team will get back to you.
+"""
+    return [
+        ScriptedMail(timedelta(minutes=20), first.replace("\n", "\r\n").encode()),
+        ScriptedMail(timedelta(minutes=40), again.replace("\n", "\r\n").encode()),
+    ]
 
 
 def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | None = None) -> int:
@@ -235,24 +287,34 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
         connector = DemoConnector(
             "social", own_ids=("acme_support",), clock=clock, script=_script(), start=DEMO_START
         )
+        mailbox = DemoMailConnector(
+            "mail",
+            address=DEMO_MAIL,
+            display_name="ACME Support",
+            clock=clock,
+            script=_mail_script(),
+            start=DEMO_START,
+        )
         channels = {"C0CARE0001": "care", "C0BILLING1": "billing"}
         with SlackStandIn(channels=channels, users=users, clock=lambda: clock.now().timestamp()) as slack:
             client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
             bolt = create_bolt_app(
                 ctx, token=DEFAULT_TOKEN, signing_secret=DEFAULT_SIGNING_SECRET, client=client
             )
-            handlers = {**slack_handlers(ctx, client), **customer_handlers(ctx, {"social": connector})}
+            connectors = {"social": connector, "mail": mailbox}
+            handlers = {**slack_handlers(ctx, client), **customer_handlers(ctx, connectors)}
             sender = OutboxSender(ctx, handlers)
-            jobs = Jobs(ctx, {"social": connector}, sender, send_after_poll=False)
+            jobs = Jobs(ctx, connectors, sender, send_after_poll=False)
             with serve_in_thread(create_app(ctx, {}, extra_routes=slack_routes(bolt))) as base:
                 staff = _Staff(ctx, slack, f"{base}/slack/events", say)
                 say(
                     "replyclock demo: a sped-up Monday; SQLite in a temporary folder, Slack on a local stand-in"
                 )
-                seen_calls = seen_replies = 0
+                seen_calls = seen_replies = seen_mails = 0
                 for minute in range(minutes + 1):
                     before = _event_count(ctx)
                     jobs.poll("social")
+                    jobs.poll("mail")
                     _narrate_ingest(ctx, say, before)
                     if minute in STAFF_SCRIPT:
                         staff.act(*STAFF_SCRIPT[minute])
@@ -265,6 +327,9 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
                         target, text, external_id = connector.sent[seen_replies]
                         say(f"social \u2192 @{target.author_handle} (public reply {external_id}): {text}")
                         seen_replies += 1
+                    while seen_mails < len(mailbox.sent):
+                        say(_mail_line(mailbox.sent[seen_mails]))
+                        seen_mails += 1
                     clock.advance(timedelta(minutes=1))
                 _print_figures(ctx, say)
                 print("\nThe Slack side (the stand-in's record of every Web API call; times UTC):", file=out)
@@ -275,6 +340,17 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
                 return 1
         engine.dispose()
     return 0
+
+
+def _mail_line(message: EmailMessage) -> str:
+    """An e-mail we sent, with the headers that thread it in the customer's mail client."""
+    headers = ", ".join(
+        f"{name}: {message[name]}"
+        for name in ("Subject", "Message-ID", "In-Reply-To", "References", "Auto-Submitted")
+        if message[name] is not None
+    )
+    body = " ".join(str(message.get_content()).split())
+    return f"mail \u2192 {message['To']} ({headers}): {body}"
 
 
 class _Staff:
@@ -357,6 +433,13 @@ def _narrate_slack(
     return len(calls)
 
 
+def _who(conversation: Conversation) -> str:
+    """``@handle`` on social channels; the name (or address) of an e-mail sender."""
+    if conversation.author_handle:
+        return f"@{conversation.author_handle}"
+    return conversation.author_name or conversation.author_id
+
+
 def _event_count(ctx: AppContext) -> int:
     with ctx.sessions() as session:
         return session.scalar(select(func.count()).select_from(Event)) or 0
@@ -375,7 +458,7 @@ def _narrate_ingest(ctx: AppContext, say: Transcript, after_event: int) -> None:
             conversation = session.get(Conversation, event.conversation_id) if event.conversation_id else None
             if conversation is None:
                 continue
-            who = f"@{conversation.author_handle}"
+            who = _who(conversation)
             if event.action == "opened":
                 owner = ctx.policy.experts.get(str(event.detail.get("owner")))
                 due = datetime.fromisoformat(str(event.detail["due_at"])).astimezone(
@@ -410,4 +493,4 @@ def _print_figures(ctx: AppContext, say: Transcript) -> None:
         assert conversation.first_response_at is not None
         took = duration_in_words(conversation.first_response_at - conversation.opened_at)
         verdict = "late" if conversation.breached_at else "on time"
-        say(f"  #{conversation.id} @{conversation.author_handle}: first response after {took} ({verdict})")
+        say(f"  #{conversation.id} {_who(conversation)}: first response after {took} ({verdict})")

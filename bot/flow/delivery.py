@@ -62,6 +62,7 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
             author_id=post.author_id,
             author_handle=post.author_handle,
             thread_id=post.thread_key,
+            extra={**(post.meta or {}), "outbox_kind": message.kind},
         )
         text = str(message.payload["text"])
         external_id = connector.reply(target, text)

@@ -18,7 +18,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -26,6 +26,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from bot.core.messages import render_acknowledgement
+from bot.core.policy import PRIORITIES
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
 from bot.flow.conversations import answer, deadline_for, policy_of
@@ -131,6 +132,11 @@ class _Post:
     reply_to: str | None
     thread_key: str | None
     conversation: Conversation | None = None
+    acknowledge: bool = True
+    automatic: str | None = None
+    bounce: bool = False
+    team: str | None = None
+    priority: str | None = None
 
 
 def _lock_key(name: str) -> int:
@@ -158,10 +164,16 @@ def _insert_posts(
             posted_at=min(p.posted_at, now),
             reply_to=p.reply_to_id,
             thread_key=p.thread_id,
+            acknowledge=p.acknowledge,
+            team=p.team,
+            priority=p.priority,
+            automatic=str(p.meta["automatic"]) if p.meta and p.meta.get("automatic") else None,
+            bounce=bool(p.meta and p.meta.get("bounce")),
         )
         for p in fresh
     ]
     urls = {p.external_id: p.url for p in fresh}
+    metas = {p.external_id: dict(p.meta) if p.meta else None for p in fresh}
     rows = [
         {
             "account_id": account_id,
@@ -177,6 +189,7 @@ def _insert_posts(
             "received_at": now,
             "reply_to_external_id": c.reply_to,
             "thread_key": c.thread_key,
+            "meta": metas[c.external_id],
         }
         for c in candidates
     ]
@@ -472,9 +485,11 @@ class _Batch:
         if conversation is not None:
             self._link(post, conversation)
             conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
-            if conversation.status == ANSWERED:
+            if conversation.status == ANSWERED and not (post.automatic and not post.bounce):
                 self._reopen(conversation, post)
             else:
+                # An automatic answer (an out-of-office reply to our answer) goes to the thread
+                # without reopening; a bounce of our answer reopens: the customer never got it.
                 self.continued.append(conversation)
                 self._message(conversation, "thread_post", f"post:{post.id}", post_id=post.id)
             return
@@ -487,6 +502,8 @@ class _Batch:
             text=post.text,
             language=post.language,
         )
+        if not route.ignored and (post.team or post.priority):
+            route = self._hinted(route, post)
         if route.ignored:
             self.result.ignored += 1
             self._event(None, "ignored", author=post.author_handle or post.author_id, post_id=post.id)
@@ -499,6 +516,25 @@ class _Batch:
             self._answer(conversation, min(early, key=lambda reply: reply.posted_at))
             return
         self._acknowledge(conversation, post)
+
+    def _hinted(self, route: Route, post: _Post) -> Route:
+        """The connector's team and priority (an X search hit: the listening team, low priority).
+
+        An unknown team falls back to the rules' choice; an urgent route (a VIP, an outage rule)
+        stays urgent.
+        """
+        team = route.team
+        if post.team is not None:
+            if post.team in self.ctx.policy.teams:
+                team = post.team
+            else:
+                log.warning(
+                    "connector named an unknown team", extra={"team": post.team, "account": self.account}
+                )
+        priority = route.priority
+        if post.priority in PRIORITIES and route.priority != "urgent":
+            priority = post.priority
+        return replace(route, team=team, priority=priority)
 
     def _link(self, post: _Post, conversation: Conversation) -> None:
         post.conversation = conversation
@@ -606,6 +642,9 @@ class _Batch:
         sla = policy_of(self.session, ctx, conversation)
         configured = ctx.policy.accounts.get(self.account)
         if not sla.acknowledge or configured is None or not configured.can_reply:
+            return
+        if not post.acknowledge:
+            self._event(conversation, "ack_skipped", reason=post.automatic or "the connector said not to")
             return
         if post.author_id in self.acked or post.author_id in self.opted_out or self._replies_to_ours(post):
             return

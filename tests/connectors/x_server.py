@@ -349,10 +349,10 @@ class Timeline:
         self.tweets.extend(dict(t) for t in tweets)
         self.users.update({u["id"]: dict(u) for u in users})
 
-    def page(self, query: Mapping[str, str]) -> Reply:
+    def page(self, query: Mapping[str, str], token_param: str = "pagination_token") -> Reply:
         since = int(query.get("since_id", "0"))
         until: int | None = None
-        token = query.get("pagination_token")
+        token = query.get(token_param)
         if token is not None:
             if token not in self.tokens:
                 return json_reply(
@@ -361,8 +361,8 @@ class Timeline:
                     {
                         "errors": [
                             {
-                                "parameters": {"pagination_token": [token]},
-                                "message": f"The `pagination_token` query parameter value [{token}] is not valid",
+                                "parameters": {token_param: [token]},
+                                "message": f"The `{token_param}` query parameter value [{token}] is not valid",
                             }
                         ],
                         "title": "Invalid Request",
@@ -432,6 +432,8 @@ class XServer:
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.timeline: Timeline | None = None
+        # Recent search: one timeline per query as the connector sends it (``(<query>) -is:retweet``).
+        self.searches: dict[str, Timeline] = {}
         self._scripts: dict[tuple[str, str], deque[Reply | None]] = {}
         self._created = itertools.count(int(RECORDED_TWEET_ID))
         self._lock = threading.Lock()
@@ -485,6 +487,9 @@ class XServer:
                 if self.timeline is not None:
                     return self.timeline.page(request.query)
                 return recorded_mentions()
+            if request.method == "GET" and request.path == "/2/tweets/search/recent":
+                found = self.searches.get(request.query.get("query", ""))
+                return (found or Timeline()).page(request.query, token_param="next_token")
             if request.method == "POST" and request.path == "/2/tweets":
                 return self._created_tweet(request)
         return problem(
