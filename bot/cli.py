@@ -636,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
     demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")
     demo.set_defaults(func=cmd_demo)
+
+    from bot.reports.simulate_command import register as register_simulate
+
+    register_simulate(sub, load=_load, config_path=config_path)
     return parser
 
 

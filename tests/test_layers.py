@@ -4,7 +4,8 @@ The checker reads every module's imports with `ast` (top-level and function-leve
 and relative), maps each module to its layer and reports every import a layer may not make:
 
     core     imports nothing of flow, reports, slack, web, jobs, cli, demo, config
-    config   imports nothing of flow, reports, slack, web, jobs, cli, demo (only core)
+    config   imports nothing of flow, reports, slack, web, jobs, cli, demo, sim (only core)
+    sim      imports nothing of flow, reports, slack, web, jobs, cli, demo (core, config, storage)
     flow     imports nothing of reports, slack, web, jobs, cli, demo
     reports  imports nothing of slack, web, jobs, cli, demo
     slack    imports nothing of web, jobs, cli, demo
@@ -26,10 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 UTILITIES = frozenset({"bot.logs", "bot.runlock", "bot.telemetry", "bot.httputil"})
-ALL_UPPER = ("flow", "reports", "slack", "web", "jobs", "cli", "demo", "config")
+ALL_UPPER = ("flow", "reports", "slack", "web", "jobs", "cli", "demo", "config", "sim")
 FORBIDDEN: dict[str, frozenset[str]] = {
     "core": frozenset(ALL_UPPER),
-    "config": frozenset({"flow", "reports", "slack", "web", "jobs", "cli", "demo"}),
+    "config": frozenset({"flow", "reports", "slack", "web", "jobs", "cli", "demo", "sim"}),
+    # The simulator and forecasts: core, config and storage only (flow uses it for forecasts).
+    "sim": frozenset({"flow", "reports", "slack", "web", "jobs", "cli", "demo"}),
     "flow": frozenset({"reports", "slack", "web", "jobs", "cli", "demo"}),
     "reports": frozenset({"slack", "web", "jobs", "cli", "demo"}),
     "slack": frozenset({"web", "jobs", "cli", "demo"}),
@@ -177,7 +180,7 @@ def test_the_layers_hold() -> None:
 
 def test_every_bot_module_has_a_layer() -> None:
     """A new top-level module must be placed in a layer (or named a utility) on purpose."""
-    known = {"core", "flow", "reports", "slack", "web", "jobs", "cli", "demo", "config", "util"}
+    known = {"core", "flow", "reports", "slack", "web", "jobs", "cli", "demo", "config", "util", "sim"}
     for path in (ROOT / "bot").rglob("*.py"):
         module = module_name(ROOT, path)
         if module == "bot":

@@ -64,6 +64,11 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      team calendar's time zone (a day as in working hours, a 24-hour time),
                      default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
                      completed ISO week (Monday to Sunday), on that day of the week after.
+    ``forecast_ack``        boolean, default false: acknowledgements promise the forecast answer
+                            time (never later than the deadline) instead of the deadline.
+    ``at_risk``             boolean, default false: tell owner and team when the forecast for an
+                            open conversation moves past its deadline, before the first warning.
+    ``forecast_percentile`` integer 50-99, default 80: the percentile of the forecast used.
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
     ``name``                   (required, unique)

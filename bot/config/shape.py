@@ -128,6 +128,10 @@ class TeamTable(TypedDict, total=False):
             description='When the weekly digest is posted: "mon 09:00", or "off".',
         ),
     ]
+    # Issue 15: honest acknowledgements and "at risk" notices (bot.sim.forecast).
+    forecast_ack: bool
+    at_risk: bool
+    forecast_percentile: Annotated[int, Field(ge=50, le=99)]
 
 
 class StepTable(TypedDict, total=False):

@@ -220,6 +220,12 @@ class _Validator(_Fields):
             digest: DigestSchedule | Literal["off"] | None = self.field(
                 table, path, "digest", self.digest_time
             )
+            forecast_ack = self.field(table, path, "forecast_ack", self.boolean)
+            at_risk = self.field(table, path, "at_risk", self.boolean)
+            percentile = self.field(table, path, "forecast_percentile", self.positive_integer)
+            if percentile is not None and not 50 <= percentile <= 99:
+                self.add((*path, "forecast_percentile"), f"must be from 50 to 99, got {percentile}")
+                percentile = None
             if channel is None or members is None or calendar is None:
                 continue
             out[name] = Team(
@@ -232,6 +238,9 @@ class _Validator(_Fields):
                 language=language or "en",
                 display_name=display_name,
                 digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
+                forecast_ack=bool(forecast_ack),
+                at_risk=bool(at_risk),
+                forecast_percentile=percentile or 80,
             )
         if data.get("teams", {}) == {}:
             self.add(("teams",), "no teams are defined (add a [teams.<name>] table)")

@@ -168,6 +168,12 @@ class Team:
     display_name: str | None = None
     # When the weekly digest of last week is posted to the channel; None: no digest ("off").
     digest: DigestSchedule | None = DigestSchedule()
+    # Honest acknowledgements (bot.sim.forecast): promise the forecast answer time, not the deadline.
+    forecast_ack: bool = False
+    # Tell owner and team when the forecast for an open conversation moves past its deadline.
+    at_risk: bool = False
+    # Which percentile of the forecast answer time is promised and compared with the deadline.
+    forecast_percentile: int = 80
 
     @property
     def label(self) -> str:

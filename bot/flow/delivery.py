@@ -31,6 +31,7 @@ STAFF_KINDS = (
     "delivery_unknown",
     "delivery_failed",
     "admin_alert",
+    "at_risk",
 )
 
 
@@ -152,6 +153,11 @@ def describe(session: Session, ctx: AppContext, message: OutboxMessage, now: dat
     if kind == "reassign":
         previous = _person(ctx, payload.get("previous_owner"))
         return f"{channel} thread #{conversation.id}: nobody claimed it, offered to {who} (was {previous})"
+    if kind == "at_risk":
+        return (
+            f"{channel} thread #{conversation.id}: AT RISK, forecast to be answered at "
+            f"{payload.get('forecast_at')}, after its deadline ({due}); owner {who}"
+        )
     if kind in ("delivery_unknown", "delivery_failed"):
         state = "may not have reached" if kind == "delivery_unknown" else "could not be sent to"
         return f"{channel} thread #{conversation.id}: CHECK BY HAND: our {payload.get('kind')} {state} @{customer}"

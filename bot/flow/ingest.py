@@ -660,7 +660,7 @@ class _Batch:
             author=post.author_handle or post.author_name or "there",
             owner=owner,
             team=team,
-            due_at=conversation.due_at,
+            due_at=self._promise(conversation),
             timezone=ctx.calendar(team.calendar).tz,
             now=self.now,
         )
@@ -669,6 +669,17 @@ class _Batch:
         self.result.acknowledgements += 1
         self._message(conversation, "ack", "ack", post_id=post.id, account=self.account, text=text)
         self._event(conversation, "ack_queued")
+
+    def _promise(self, conversation: Conversation) -> datetime:
+        """The time to promise: the deadline, or the owner's forecast where the team asks for it."""
+        if not self.ctx.policy.teams[conversation.team].forecast_ack:
+            return conversation.due_at
+        from bot.sim.forecast import forecast_for
+
+        found = forecast_for(
+            self.session, self.ctx.policy, conversation, self.now, calendar_of=self.ctx.expert_calendar
+        )
+        return conversation.due_at if found is None else found.promised
 
     # -- writing it all ---------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class SweepResult:
     processed: int = 0
     steps: dict[str, int] = field(default_factory=dict)
     failed: int = 0
+    at_risk: int = 0
 
 
 def sweep(ctx: AppContext, *, batch_size: int = 200, max_batches: int | None = None) -> SweepResult:
@@ -51,7 +52,71 @@ def sweep(ctx: AppContext, *, batch_size: int = 200, max_batches: int | None = N
                 _process_one(session, ctx, conversation, now, result)
         if len(claimed) < batch_size:
             break
+    try:
+        result.at_risk = check_at_risk(ctx, ctx.clock.now())
+    except Exception:  # a forecast must never stop the ladder: log it and carry on
+        log.exception("at-risk check failed")
     return result
+
+
+# Forecasts are checked at most this often per process ("at risk" notices, bot.sim.forecast).
+AT_RISK_EVERY = timedelta(minutes=5)
+_at_risk_checked: dict[int, datetime] = {}
+
+
+def check_at_risk(ctx: AppContext, now: datetime) -> int:
+    """Notify owner and team (once per cycle) when the forecast answer time of an open conversation
+    of a team with ``at_risk = true`` is past its deadline, while no warning has gone out yet."""
+    teams = [name for name, team in ctx.policy.teams.items() if team.at_risk]
+    last = _at_risk_checked.get(id(ctx))
+    if not teams or (last is not None and now - last < AT_RISK_EVERY):
+        return 0
+    _at_risk_checked[id(ctx)] = now
+    from bot.sim.forecast import forecast_for
+
+    notified = 0
+    with ctx.sessions() as session, session.begin():
+        candidates = session.scalars(
+            select(Conversation).where(
+                Conversation.status == OPEN,
+                Conversation.team.in_(teams),
+                Conversation.warnings_sent == 0,
+                Conversation.due_at > now,
+                Conversation.owner.is_not(None),
+            )
+        ).all()
+        for conversation in candidates:
+            if conversation.breach_cycle == conversation.cycle:
+                continue
+            found = forecast_for(session, ctx.policy, conversation, now, calendar_of=ctx.expert_calendar)
+            if found is None or found.at <= conversation.due_at:
+                continue
+            key = f"conv:{conversation.id}:c{conversation.cycle}:at_risk"
+            payload: dict[str, object] = {
+                "conversation_id": conversation.id,
+                "owner": conversation.owner,
+                "forecast_at": found.at.isoformat(),
+                "due_at": conversation.due_at.isoformat(),
+            }
+            if repo.enqueue(
+                session=session,
+                kind="at_risk",
+                key=key,
+                payload=payload,
+                conversation_id=conversation.id,
+                now=now,
+            ):
+                repo.record_event(
+                    session=session,
+                    at=now,
+                    actor="sweep",
+                    action="at_risk",
+                    conversation_id=conversation.id,
+                    forecast_at=found.at.isoformat(),
+                    ahead=found.ahead,
+                )
+                notified += 1
+    return notified
 
 
 def _claim(session: Session, now: datetime, limit: int) -> list[Conversation]:

@@ -589,6 +589,23 @@ def warning_message(
     return _simple(line, f"#{conversation.id} is {_deadline_words(conversation, now)}")
 
 
+def at_risk_message(
+    conversation: Conversation, forecast_at: datetime, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo
+) -> Message:
+    """Thread reply: the forecast answer time is past the deadline (before any warning)."""
+    owner = conversation.claimed_by or conversation.owner
+    line = (
+        f":crystal_ball: *At risk*: {_subject(conversation)} is forecast to be answered around "
+        f"{slack_date(forecast_at, tz)}, after its deadline {slack_date(conversation.due_at, tz)}. "
+        f"Owner: {_person(ctx_policy, owner, now=now)}. Someone free could take it."
+    )
+    return _simple(
+        line,
+        f"At risk: #{conversation.id} is forecast for {_fallback_time(forecast_at, tz)}, "
+        f"due {_fallback_time(conversation.due_at, tz)}",
+    )
+
+
 def breach_message(conversation: Conversation, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo) -> Message:
     """Thread reply: the deadline passed without an answer."""
     owner = conversation.claimed_by or conversation.owner

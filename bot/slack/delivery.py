@@ -170,6 +170,7 @@ class SlackDelivery:
             "delivery_unknown": self.delivery_problem,
             "delivery_failed": self.delivery_problem,
             "admin_alert": self.admin_alert,
+            "at_risk": self.at_risk,
         }
         assert set(found) == set(STAFF_KINDS), "every staff kind needs a Slack handler"
         return found
@@ -221,6 +222,18 @@ class SlackDelivery:
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
         built = blocks.warning_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
+        return self._thread_reply(loaded, built)
+
+    def at_risk(self, message: OutboxMessage) -> str:
+        """The forecast answer time passed the deadline: a line in the card's thread, pinging the owner."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if not _still_open(loaded):
+            return f"skipped: conversation is {loaded.conversation.status}"
+        forecast = datetime.fromisoformat(str(message.payload["forecast_at"]))
+        built = blocks.at_risk_message(
+            loaded.conversation, forecast, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz
+        )
         return self._thread_reply(loaded, built)
 
     def breach(self, message: OutboxMessage) -> str:
