@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -205,8 +207,6 @@ def _startup_line(
     slack: str,
     listen: str | None,
 ) -> None:
-    import logging
-
     accounts = ", ".join(f"{name} ({account.kind})" for name, account in sorted(policy.accounts.items()))
     logging.getLogger(f"replyclock.{role}").info(
         "replyclock running",
@@ -295,6 +295,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_GRACE = timedelta(seconds=8)
+
+
+def _hard_exit(log: logging.Logger) -> None:
+    log.error(
+        "jobs still running after the stop signal; exiting now", extra={"grace": STOP_GRACE.total_seconds()}
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -319,18 +328,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.configure(settings.log_level)
-    import logging
-
     log = logging.getLogger("replyclock.run")
+    # The stop signal is awaited on a thread of its own from here on, so that it is taken even
+    # while the main thread is still starting (migrating, recovering) and waits on the database.
+    # From the signal, the process has STOP_GRACE to end cleanly, then it ends anyway.
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def await_stop() -> None:
+        received.append(signal.sigwait(STOP_SIGNALS))
+        stop_requested.set()
+        watchdog = threading.Timer(STOP_GRACE.total_seconds(), _hard_exit, args=(log,))
+        watchdog.daemon = True
+        watchdog.start()
+
+    threading.Thread(target=await_stop, name="stop-signal", daemon=True).start()
     try:
         connectors = build_connectors(policy, os.environ)
     except ConnectorSetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     engine = _engine(settings)
-    # A lock held by another run raises RunLockError, which `main` reports as one line.
-    with single_writer_lock(engine):
-        schema = _require_schema(engine, migrate=args.migrate or engine.dialect.name == "sqlite")
+    # SQLite is the embedded default: run keeps the file's schema current without a release step
+    # (the run lease below lives in it). Elsewhere an out-of-date schema stops it, unless --migrate.
+    schema = _require_schema(engine, migrate=args.migrate or engine.dialect.name == "sqlite")
+    # A lease held by another run raises RunLockError, which `main` reports as one line.
+    lock = single_writer_lock(engine)
+    lock.__enter__()
+    with contextlib.ExitStack() as held:
+        held.push(lock)
         ctx = AppContext(policy=policy, engine=engine)
         slack = SlackSettings.from_settings(settings)
         client = slack.client()
@@ -344,6 +370,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             ctx, client, lambda text: log.info("digest (Slack not configured)", extra={"text": text})
         )
         sender = OutboxSender(ctx, {**staff, **digests, **customer_handlers(ctx, connectors)})
+        beating = threading.Event()
+        held.callback(beating.set)
+        sender.heartbeat()
+        sender.start_heartbeat(beating)
         settled = sender.recover(all_sending=engine.dialect.name == "sqlite")
         if settled:
             log.warning("settled messages left sending by a previous run", extra={"count": settled})
@@ -395,8 +425,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             listen=listen,
         )
         scheduler.start()
-        received = signal.sigwait(STOP_SIGNALS)
-        log.info("stopping", extra={"signal": signal.Signals(received).name})
+        stop_requested.wait()
+        log.info("stopping", extra={"signal": signal.Signals(received[0]).name})
+        # Whatever a job waits on (a database that is away, a busy SQLite, a slow platform), the
+        # process ends within STOP_GRACE of the signal: a send cut short is settled by the next
+        # start's recovery.
+        sender.stop()
         scheduler.shutdown(wait=False)
         if socket is not None:
             socket.close()  # type: ignore[no-untyped-call]

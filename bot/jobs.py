@@ -7,18 +7,20 @@ any number of processes can run these jobs against one PostgreSQL.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
-from bot.flow.outbox import OutboxSender
+from bot.flow.outbox import RECOVER_INTERVAL, OutboxSender, one_line
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.telemetry import record_connector_error, record_ingested, record_rate_limit
@@ -79,25 +81,34 @@ class Jobs:
         common = {"max_instances": 1, "coalesce": True, "replace_existing": True}
         # At start-up: sweep what fell due while the process was down, and post a digest missed then (once).
         scheduler.add_job(
-            self.catch_up, "date", id=STARTUP_JOB, replace_existing=True, misfire_grace_time=None
+            self._guard(self.catch_up), "date", id=STARTUP_JOB, replace_existing=True, misfire_grace_time=None
         )
         scheduler.add_job(
-            self.run_sweep, "interval", seconds=sweep_max_interval().total_seconds(), id=SWEEP_JOB, **common
+            self._guard(self.run_sweep),
+            "interval",
+            seconds=sweep_max_interval().total_seconds(),
+            id=SWEEP_JOB,
+            **common,
         )
         scheduler.add_job(
-            self.watch, "interval", seconds=SWEEP_WATCH_INTERVAL.total_seconds(), id=SWEEP_WATCH_JOB, **common
+            self._guard(self.watch),
+            "interval",
+            seconds=SWEEP_WATCH_INTERVAL.total_seconds(),
+            id=SWEEP_WATCH_JOB,
+            **common,
         )
         scheduler.add_job(
-            self.run_outbox,
+            self._guard(self.run_outbox),
             "interval",
             seconds=outbox_interval.total_seconds(),
             id=OUTBOX_JOB,
+            next_run_time=datetime.now(UTC),  # at once: what a previous run left is due now
             **{**common, "max_instances": OUTBOX_DRAINS},
         )
         scheduler.add_job(
-            self.sender.recover,
+            self._guard(self.recover),
             "interval",
-            seconds=self.sender.lease.total_seconds(),
+            seconds=RECOVER_INTERVAL.total_seconds(),
             id=OUTBOX_RECOVER_JOB,
             **common,
         )
@@ -107,7 +118,7 @@ class Jobs:
             if trigger is None:  # digest = "off"
                 continue
             scheduler.add_job(
-                self.run_digests,
+                self._guard(self.run_digests),
                 trigger,
                 id=f"{DIGEST_JOB_PREFIX}{team}",
                 misfire_grace_time=None,
@@ -118,7 +129,7 @@ class Jobs:
                 continue
             account = self.ctx.policy.accounts[name]
             scheduler.add_job(
-                self.poll,
+                self._guard(self.poll),
                 "interval",
                 args=[name],
                 seconds=account.poll_interval.total_seconds(),
@@ -126,6 +137,26 @@ class Jobs:
                 next_run_time=datetime.now(UTC),
                 **common,
             )
+
+    def _guard(self, job: Callable[..., object]) -> Callable[..., None]:
+        """A job as the scheduler runs it: a database that is away (connection cut, disk full, locked
+        too long) is one error line naming the job, not a scheduler traceback; the job runs again
+        on its schedule."""
+        name = getattr(job, "__name__", "job")
+
+        @functools.wraps(job)
+        def guarded(*args: object) -> None:
+            try:
+                job(*args)
+            except (OperationalError, InterfaceError) as error:
+                log.error("database unavailable", extra={"job": name, "error": one_line(error)})
+
+        return guarded
+
+    def recover(self) -> None:
+        """Settle rows of senders that died (within seconds: their leases lapse), then send them."""
+        if self.sender.recover():
+            self.send_soon()
 
     def catch_up(self) -> None:
         """What a process does first: sweep everything due, then queue any digest whose time passed."""
@@ -197,7 +228,7 @@ class Jobs:
         now = self.ctx.clock.now()
         when = max(min(earliest, now + sweep_max_interval()), now + MIN_WAKE_GAP)
         self.scheduler.add_job(
-            self.run_sweep,
+            self._guard(self.run_sweep),
             "date",
             run_date=when,
             id=SWEEP_WAKE_JOB,
@@ -277,7 +308,9 @@ class Jobs:
             record_ingested(name, connector.kind, result.stored)
         if stored:
             if self.send_after_poll:
-                self.run_outbox()
+                # Started as the outbox job, not sent from here: a send waiting on a slow Slack
+                # must not hold the poll (the next poll would be skipped while it waits).
+                self.send_soon()
             self.schedule_wake()
         return stored
 

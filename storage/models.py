@@ -40,9 +40,39 @@ ANSWERED = "answered"  # a human answered; a further customer post reopens it
 CLOSED = "closed"  # closed by staff without (further) reply
 CONVERSATION_STATUSES = (OPEN, ANSWERED, CLOSED)
 
-# Outbox.status values
-PENDING, SENDING, SENT, FAILED, UNKNOWN = "pending", "sending", "sent", "failed", "unknown"
-OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN)
+# Outbox.status values. RETIRED: never sent on purpose, before any attempt (a ladder step of a
+# conversation answered or closed first, a card update superseded by a newer one); `result` says why.
+PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
+    "pending",
+    "sending",
+    "sent",
+    "failed",
+    "unknown",
+    "retired",
+)
+OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
+# Staff messages that only matter while their conversation is open (retired when it is answered).
+LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
+# Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can
+# send at once (a storm, a rate-limited channel). Within one conversation's lane, order of writing
+# still rules. Kinds not listed: DEFAULT_URGENCY.
+URGENCY = {
+    "breach": 0,
+    "escalation": 0,
+    "delivery_unknown": 0,
+    "delivery_failed": 0,
+    "ack": 1,
+    "reply": 1,
+    "warning": 2,
+    "admin_alert": 2,
+    "card": 3,
+    "thread_post": 3,
+    "reassign": 4,
+    "card_update": 5,
+    "nag": 6,
+    "digest": 7,
+}
+DEFAULT_URGENCY = 5
 
 
 class Account(Base):
@@ -188,6 +218,24 @@ class Outbox(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_outbox_status", "status"),
+        # The claim's order: most urgent kind first, then oldest due.
+        Index(
+            "ix_outbox_urgency",
+            "urgency",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # The claim's lane check ("is an earlier row of this conversation still unsent?") probes
+        # only unsent rows: a partial index keeps it O(unsent of that conversation) however many
+        # rows were sent before, and the planner does not need fresh statistics to choose it.
+        Index(
+            "ix_outbox_lane",
+            "conversation_id",
+            "id",
+            postgresql_where=text("status IN ('pending', 'sending')"),
+            sqlite_where=text("status IN ('pending', 'sending')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -196,10 +244,14 @@ class Outbox(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    urgency: Mapped[int] = mapped_column(Integer, default=DEFAULT_URGENCY, server_default=text("5"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
     next_attempt_at: Mapped[datetime]
     lease_until: Mapped[datetime | None]
+    # The sender holding a `sending` row (a `Lease` name): while that lease is renewed the row is
+    # in flight; once it lapses the owner is dead and recovery settles the row within seconds.
+    owner: Mapped[str | None] = mapped_column(String(100))
     sent_at: Mapped[datetime | None]
     result: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -213,3 +265,20 @@ class AckOptOut(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     author_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     at: Mapped[datetime]
+
+
+class Lease(Base):
+    """A named lease a live process renews with a heartbeat (`expires_at` a few seconds ahead).
+
+    ``sender:<id>``: one per outbox sender; rows it holds `sending` are abandoned once it lapses.
+    ``run``: the one `replyclock run` allowed on an SQLite database (bot.runlock).
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]

@@ -6,20 +6,25 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, func, select, update
+from sqlalchemy import Insert, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from storage.models import (
     CLOSED,
+    DEFAULT_URGENCY,
+    LADDER_KINDS,
     OPEN,
     PENDING,
+    RETIRED,
+    URGENCY,
     Account,
     AckOptOut,
     Base,
     Conversation,
     Event,
     Expert,
+    Lease,
     Outbox,
     Post,
 )
@@ -178,12 +183,110 @@ def enqueue(
         payload=payload,
         idempotency_key=key,
         status=PENDING,
+        urgency=URGENCY.get(kind, DEFAULT_URGENCY),
         attempts=0,
         created_at=now,
         next_attempt_at=now,
     )
     # RETURNING, not rowcount: with ON CONFLICT DO NOTHING some drivers report -1 either way.
-    return session.scalar(statement.returning(Outbox.id)) is not None
+    written = session.scalar(statement.returning(Outbox.id)) is not None
+    if written and kind == "card_update" and conversation_id is not None:
+        supersede_card_updates(session=session, conversation_ids=[conversation_id])
+    if written and conversation_id is not None and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY:
+        # An urgent message waits for the earlier unsent ones of its conversation (its lane): they
+        # inherit its urgency, so that a breach is not held back behind its own nag queued behind
+        # every card of a storm.
+        customer = kind in CUSTOMER_LANE
+        session.execute(
+            update(Outbox)
+            .where(
+                Outbox.conversation_id == conversation_id,
+                Outbox.status == PENDING,
+                Outbox.urgency > URGENCY.get(kind, DEFAULT_URGENCY),
+                Outbox.kind.in_(CUSTOMER_LANE) if customer else Outbox.kind.not_in(CUSTOMER_LANE),
+            )
+            .values(urgency=URGENCY.get(kind, DEFAULT_URGENCY))
+            .execution_options(synchronize_session=False)
+        )
+    return written
+
+
+CUSTOMER_LANE = ("ack", "reply")  # as bot.flow.outbox.CUSTOMER_KINDS: the customer's lane
+
+
+def retire_ladder(
+    *, session: Session, conversation_ids: Sequence[int], reason: str, now: datetime
+) -> list[tuple[int, str, int]]:
+    """Retire the unsent ladder rows (warning, breach, nag, escalation, reassign) of conversations
+    that were just answered or closed, in the caller's transaction; audit what was retired.
+
+    Only `pending` rows are touched: a row being sent (`sending`) is settled by its sender. On
+    PostgreSQL a row a sender is claiming right now is locked; this waits for that short claim
+    and then no longer matches.
+
+    Returns:
+        (conversation id, kind, index) of each retired row.
+    """
+    if not conversation_ids:
+        return []
+    retired = session.execute(
+        update(Outbox)
+        .where(
+            Outbox.conversation_id.in_(list(conversation_ids)),
+            Outbox.status == PENDING,
+            Outbox.kind.in_(LADDER_KINDS),
+        )
+        .values(status=RETIRED, result=f"retired: {reason}"[:2000], lease_until=None)
+        .returning(Outbox.conversation_id, Outbox.kind, Outbox.payload)
+        .execution_options(synchronize_session=False)
+    ).all()
+    found: list[tuple[int, str, int]] = []
+    by_conversation: dict[int, list[dict[str, Any]]] = {}
+    for conversation_id, kind, payload in retired:
+        index = int((payload or {}).get("index", 0))
+        found.append((conversation_id, kind, index))
+        by_conversation.setdefault(conversation_id, []).append(
+            {"kind": kind, "index": index, "scheduled_at": (payload or {}).get("scheduled_at")}
+        )
+    for conversation_id, steps in by_conversation.items():
+        record_event(
+            session=session,
+            at=now,
+            actor="outbox",
+            action="ladder_retired",
+            conversation_id=conversation_id,
+            reason=reason,
+            steps=steps,
+        )
+    return found
+
+
+def supersede_card_updates(*, session: Session, conversation_ids: Sequence[int]) -> int:
+    """Retire every pending card update that a newer pending one of the same card makes redundant.
+
+    A card update renders the conversation as it is when it is sent, so only the newest pending
+    one of a card still matters. Returns how many were retired.
+    """
+    if not conversation_ids:
+        return 0
+    newer = aliased(Outbox)
+    result = session.execute(
+        update(Outbox)
+        .where(
+            Outbox.conversation_id.in_(list(conversation_ids)),
+            Outbox.kind == "card_update",
+            Outbox.status == PENDING,
+            exists().where(
+                newer.conversation_id == Outbox.conversation_id,
+                newer.kind == "card_update",
+                newer.status == PENDING,
+                newer.id > Outbox.id,
+            ),
+        )
+        .values(status=RETIRED, result="retired: superseded by a newer card update", lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def record_event(
@@ -221,3 +324,26 @@ def outbox_counts(*, session: Session) -> dict[str, int]:
         status: count
         for status, count in session.execute(select(Outbox.status, func.count()).group_by(Outbox.status))
     }
+
+
+def renew_lease(
+    *,
+    session: Session,
+    name: str,
+    holder: str,
+    host: str,
+    pid: int,
+    now: datetime,
+    expires_at: datetime,
+) -> None:
+    """Create or extend a lease row (the caller decides whether it may take it)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(Lease).values(
+        name=name, holder=holder, host=host, pid=pid, acquired_at=now, expires_at=expires_at
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"holder": holder, "host": host, "pid": pid, "expires_at": expires_at},
+        )
+    )

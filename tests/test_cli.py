@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -171,28 +172,93 @@ def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path
     )
     try:
         deadline = time.monotonic() + 30
-        while (
-            not (tmp_path / "run.db.run.lock").exists()
-            or b"pid" not in (tmp_path / "run.db.run.lock").read_bytes()
-        ):
+        while _run_lease_pid(tmp_path / "run.db") != first.pid:
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "replyclock run did not start"
             time.sleep(0.1)
-        second = subprocess.run(
-            [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert second.returncode == 1
-        assert "SQLite allows one running process" in second.stderr
+        # The guard is a lease row in the database itself: no side file to delete, and a hard
+        # link to the file (another name for the same database) is refused just the same.
+        assert not list(tmp_path.glob("*.lock"))
+        for name, link in (("run.db", False), ("alias.db", True), ("run.db", True)):
+            if link and not (tmp_path / "alias.db").exists():
+                os.link(tmp_path / "run.db", tmp_path / "alias.db")
+            second = subprocess.run(
+                [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
+                cwd=tmp_path,
+                env={**env, "DATABASE_URL": f"sqlite:///{tmp_path / name}"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert second.returncode == 1, second.stderr
+            assert "SQLite allows one running process" in second.stderr
+            assert ("hard links" if link else f"pid {first.pid}") in second.stderr
+        (tmp_path / "alias.db").unlink()
     finally:
         first.send_signal(signal.SIGTERM)
         _out, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
     assert '"event": "replyclock running"' in err  # structured JSON log lines
+    assert _run_lease_pid(tmp_path / "run.db") is None  # given up on a clean stop
+
+
+@pytest.mark.slow
+def test_run_stops_within_ten_seconds_of_sigterm_while_its_jobs_wait_on_a_locked_database(
+    tmp_path: Path,
+) -> None:
+    """Whatever a job waits on (here SQLite's 30 s busy timeout), SIGTERM ends the process within 10 s;
+    the next start takes over the lease its predecessor could not give back."""
+    import sqlite3
+
+    database = tmp_path / "run.db"
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}", "SWEEP_MAX_INTERVAL": "1"}
+    command = [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _run_lease_pid(database) != first.pid:
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "replyclock run did not start"
+            time.sleep(0.1)
+        with contextlib.closing(sqlite3.connect(database, timeout=5, isolation_level=None)) as blocker:
+            blocker.execute("BEGIN EXCLUSIVE")  # every job of the run now waits for the lock
+            time.sleep(2.5)
+            first.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            _out, err = first.communicate(timeout=30)
+            stopped_after = time.monotonic() - began
+            blocker.execute("ROLLBACK")
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert stopped_after < 10, stopped_after
+    assert first.returncode == 0, err
+    assert '"event": "stopping"' in err
+    # The lease may still name the stopped process: a new run on this host takes it over at once.
+    second = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _run_lease_pid(database) != second.pid:
+            assert second.poll() is None, second.communicate()
+            assert time.monotonic() < deadline, "the second run did not take the lease"
+            time.sleep(0.1)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=30)
+    assert second.returncode == 0
+
+
+def _run_lease_pid(database: Path) -> int | None:
+    import sqlite3
+
+    if not database.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
+            row = connection.execute("SELECT pid FROM leases WHERE name = 'run'").fetchone()
+    except sqlite3.OperationalError:  # not migrated yet
+        return None
+    return int(row[0]) if row else None
 
 
 @pytest.mark.slow

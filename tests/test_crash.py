@@ -42,6 +42,7 @@ from storage.migrate import upgrade
 from tests.crash.harness import Harness, main_command, policy_text, slack_standin, tail_logs
 from tests.crash.invariants import (
     check,
+    check_interrupted,
     check_logs,
     check_stop,
 )
@@ -53,7 +54,6 @@ pytestmark = pytest.mark.slow
 LONG = os.environ.get("REPLYCLOCK_LONG", "") not in ("", "0")
 KILLS = 40 if LONG else 12
 SECONDS_OF_MENTIONS_PER_KILL = 2.6  # the story lasts about as long as the kill loop
-POSTGRES_LEASE = 5.0  # seconds; see tests/crash/short_lease.py
 
 # Product bugs this harness found that are not fixed yet. A run that shows only these ends as
 # xfail (with the instances), anything else fails; delete an entry once its fix is in, so that a
@@ -98,7 +98,7 @@ def test_replyclock_run_survives_sigkill_anywhere(database_url: str, tmp_path: P
         harness = Harness(
             workdir=tmp_path,
             database_url=database_url,
-            command=main_command(postgres_lease=POSTGRES_LEASE if postgres else None, policy=policy),
+            command=main_command(policy=policy),
             x=x,
             slack=slack,
             story=story,
@@ -126,6 +126,7 @@ def test_replyclock_run_survives_sigkill_anywhere(database_url: str, tmp_path: P
                 final=report.final,
                 customer_in_flight=report.customer_in_flight,
             )
+            check_interrupted(findings, session, report.staff_in_flight)
         engine.dispose()
         check_logs(findings, sorted(tmp_path.glob("run-*.log")))
         check_stop(findings, report.stop_hung)

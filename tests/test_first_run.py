@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import postgres_url
+from tests.test_cli import _run_lease_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "replyclock.toml"
@@ -250,8 +251,7 @@ def test_run_stops_on_ctrl_c_and_a_second_run_is_one_line(tmp_path: Path) -> Non
     )
     try:
         deadline = time.monotonic() + 30
-        lock = tmp_path / "run.db.run.lock"
-        while not lock.exists() or b"pid" not in lock.read_bytes():
+        while _run_lease_pid(tmp_path / "run.db") != first.pid:  # the run lease is taken
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "replyclock run did not start"
             time.sleep(0.1)

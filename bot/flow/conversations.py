@@ -68,6 +68,7 @@ def mark_answered(
         cycle=conversation.cycle,
         response_at=at.isoformat(),
     )
+    repo.retire_ladder(session=session, conversation_ids=[conversation.id], reason="answered first", now=now)
     repo.enqueue(
         session=session,
         kind="card_update",

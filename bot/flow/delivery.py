@@ -6,18 +6,22 @@ prints them as a transcript, `replyclock run` logs them), so nothing is dropped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from bot.core.messages import due_in_words, duration_in_words
 from bot.flow.context import AppContext
-from bot.flow.outbox import CUSTOMER_KINDS, Handler, OutboxMessage
+from bot.flow.outbox import CUSTOMER_KINDS, Handler, OutboxMessage, one_line, patiently
 from connectors.base import Connector, NotSent, ReplyTarget
 from storage import repo
 from storage.models import Account, AckOptOut, Conversation, Post
+
+log = logging.getLogger("replyclock.delivery")
 
 STAFF_KINDS = (
     "card",
@@ -39,6 +43,14 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
     """Handlers that send acknowledgements and replies through the conversation's connector."""
 
     def send(message: OutboxMessage) -> str | None:
+        try:
+            return deliver(message)
+        except (OperationalError, InterfaceError) as error:
+            # Raised before the platform call (after it, nothing touches the database unguarded):
+            # nothing was sent, so this is a retry, never an `unknown`.
+            raise NotSent(f"database unavailable before the send: {one_line(error)}") from error
+
+    def deliver(message: OutboxMessage) -> str | None:
         with ctx.sessions() as session:
             if message.kind == "ack" and message.conversation_id is not None:
                 conversation = session.get(Conversation, message.conversation_id)
@@ -67,7 +79,20 @@ def customer_handlers(ctx: AppContext, connectors: Mapping[str, Connector]) -> d
         )
         text = str(message.payload["text"])
         external_id = connector.reply(target, text)
-        _store_sent(ctx, account.id, post, external_id, text, message)
+        # Sent: from here on a database error must not turn it into a failure. Our own post is
+        # stored (retried while the database is away) so that seeing it on the platform later is
+        # a duplicate, not a human's answer.
+        try:
+            patiently(
+                lambda: _store_sent(ctx, account.id, post, external_id, text, message),
+                "database unavailable: our sent post not stored yet, retrying",
+                {"conversation_id": message.conversation_id, "outbox_id": message.id},
+            )
+        except (OperationalError, InterfaceError) as error:
+            log.error(
+                "our sent post could not be stored",
+                extra={"outbox_id": message.id, "external_id": external_id, "error": one_line(error)},
+            )
         return external_id
 
     return {kind: send for kind in CUSTOMER_KINDS}

@@ -33,7 +33,18 @@ from bot.flow.conversations import answer, deadline_for, policy_of
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
-from storage.models import ANSWERED, CLOSED, OPEN, AckOptOut, Conversation, Event, Outbox, Post
+from storage.models import (
+    ANSWERED,
+    CLOSED,
+    DEFAULT_URGENCY,
+    OPEN,
+    URGENCY,
+    AckOptOut,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
 
 log = logging.getLogger("replyclock.ingest")
 
@@ -711,12 +722,25 @@ class _Batch:
                         "payload": {"conversation_id": c.id, **payload},
                         "idempotency_key": f"conv:{c.id}:{key}",
                         "status": "pending",
+                        "urgency": URGENCY.get(kind, DEFAULT_URGENCY),
                         "attempts": 0,
                         "created_at": self.now,
                         "next_attempt_at": self.now,
                     }
                     for c, kind, key, payload in self.messages
                 ],
+            )
+            # Steps still waiting to be sent for a conversation this batch answered are moot now,
+            # and of several card updates of one card only the newest matters.
+            repo.retire_ladder(
+                session=session,
+                conversation_ids=sorted({c.id for c in self.answered}),
+                reason="answered first",
+                now=self.now,
+            )
+            repo.supersede_card_updates(
+                session=session,
+                conversation_ids=sorted({c.id for c, kind, _k, _p in self.messages if kind == "card_update"}),
             )
         if self.links:
             session.execute(

@@ -9,34 +9,47 @@ and it is never sent again blindly. A platform answer that proves nothing was po
 Messages to staff (Slack cards, warnings, nags) go out AT LEAST ONCE: an abandoned
 `sending` row goes back to `pending`; Slack-side idempotency (updating the stored card
 rather than posting a new one) keeps repeats harmless.
+
+Who abandoned a row: every claimed row records its sender (`Outbox.owner`), and each sender
+renews a short lease of its own (a `leases` row, OWNER_TTL ahead) at every claim and from a
+heartbeat thread. Once that lease lapses the sender is dead, and any process's recovery (every
+RECOVER_INTERVAL) settles its rows: a killed process's staff messages are sent again within
+about OWNER_TTL + RECOVER_INTERVAL, not after the row's own (long) lease. A sender that ran on
+the same host and whose process is gone is known dead at once (a restart takes over its rows
+at start-up).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, exists, literal, or_, select, text, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import BindParameter
 
 from bot.flow.context import AppContext
 from bot.telemetry import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
 from storage.db import is_postgres
-from storage.models import FAILED, PENDING, SENDING, SENT, UNKNOWN, Outbox
+from storage.models import FAILED, LADDER_KINDS, PENDING, SENDING, SENT, UNKNOWN, Lease, Outbox
 
 log = logging.getLogger("replyclock.outbox")
+T = TypeVar("T")
 
 CUSTOMER_KINDS = frozenset({"ack", "reply"})
-LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
 DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
@@ -45,6 +58,13 @@ MAX_BACKOFF = timedelta(minutes=30)
 SETTLE_PATIENCE = timedelta(minutes=2)
 SETTLE_FIRST_PAUSE = 0.25  # seconds, doubling
 SETTLE_MAX_PAUSE = 5.0
+# A sender's own lease: renewed at each claim and every OWNER_HEARTBEAT; lapsed = the sender is dead.
+OWNER_TTL = timedelta(seconds=6)
+OWNER_HEARTBEAT = timedelta(seconds=2)
+# How often a process looks for rows of dead senders (one probe of the few `sending` rows).
+RECOVER_INTERVAL = timedelta(seconds=2)
+# Lapsed sender leases are deleted after this (they only name rows that are settled by then).
+FORGET_OWNER_AFTER = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class OutboxMessage:
     payload: Mapping[str, Any]
     idempotency_key: str
     attempts: int
+    owner: str | None = None  # the sender that claimed it (storm claims of other rows use it too)
 
 
 class Retry(Exception):
@@ -101,16 +122,24 @@ class OutboxSender:
         self.handlers = dict(handlers)
         self.lease = lease
         self.max_attempts = max_attempts
+        # This sender's name in `leases` and in `Outbox.owner` (unique per process and sender).
+        self.owner = f"sender:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         # One send loop per process: the outbox job, a poll and a sweep all call send_due, and a
         # kill must find at most one customer message in flight (see send_due).
         self._sending = threading.Lock()
+        self._stopping = threading.Event()
+        self._lease_until: datetime | None = None  # this sender's lease, as last renewed here
 
     def recover(self, *, all_sending: bool = False) -> int:
-        """Settle rows left `sending` by a process that died.
+        """Settle rows left `sending` by a sender that died.
+
+        A row is abandoned when its sender's lease (see `heartbeat`) has lapsed, or its own
+        lease (`lease_until`, a cap on one send) has run out. Rows of this very sender are its
+        own sends in flight and are left alone (unless their own lease ran out).
 
         Args:
             all_sending: treat every `sending` row as abandoned (true at start-up on SQLite,
-                where only one process sends); otherwise only rows whose lease has expired.
+                where only one process sends); otherwise only abandoned rows as above.
 
         Returns:
             How many rows were settled.
@@ -120,9 +149,20 @@ class OutboxSender:
         with self.ctx.sessions() as session, session.begin():
             query = select(Outbox).where(Outbox.status == SENDING)
             if not all_sending:
-                query = query.where(Outbox.lease_until < now)
+                live_owner = exists().where(Lease.name == Outbox.owner, Lease.expires_at >= now)
+                owners = session.scalars(
+                    select(Outbox.owner).where(Outbox.status == SENDING, Outbox.owner.is_not(None)).distinct()
+                )
+                gone = [owner for owner in owners if owner and owner != self.owner and _gone(owner)]
+                query = query.where(
+                    or_(
+                        Outbox.lease_until < now,
+                        and_(Outbox.owner.is_not(None), Outbox.owner != self.owner, ~live_owner),
+                        Outbox.owner.in_(gone),
+                    )
+                )
             if is_postgres(session):
-                query = query.with_for_update(skip_locked=True)
+                query = query.with_for_update(skip_locked=True, of=Outbox)
             for row in session.scalars(query):
                 settled += 1
                 if row.kind in CUSTOMER_KINDS:
@@ -135,10 +175,61 @@ class OutboxSender:
                         extra={"conversation_id": row.conversation_id, "outbox_id": row.id, "kind": row.kind},
                     )
                 else:
+                    # Back in line where it was (it fell due before everything queued since).
                     row.status = PENDING
-                    row.next_attempt_at = now
+                    row.next_attempt_at = min(row.next_attempt_at, now)
                     row.lease_until = None
+                    log.info(
+                        "staff message of a stopped sender queued again",
+                        extra={"conversation_id": row.conversation_id, "outbox_id": row.id, "kind": row.kind},
+                    )
+                row.owner = None
+            session.execute(
+                delete(Lease).where(Lease.name.like("sender:%"), Lease.expires_at < now - FORGET_OWNER_AFTER)
+            )
         return settled
+
+    def stop(self) -> None:
+        """Send nothing more (the message in flight is finished and settled): the process is stopping."""
+        self._stopping.set()
+
+    def heartbeat(self) -> None:
+        """Renew this sender's lease (OWNER_TTL from now): its `sending` rows are in flight."""
+        with self.ctx.sessions() as session, session.begin():
+            self._renew(session, self.ctx.clock.now())
+
+    def _renew(self, session: Session, now: datetime) -> None:
+        self._lease_until = now + OWNER_TTL
+        repo.renew_lease(
+            session=session,
+            name=self.owner,
+            holder=self.owner,
+            host=socket.gethostname()[:200],
+            pid=os.getpid(),
+            now=now,
+            expires_at=now + OWNER_TTL,
+        )
+
+    def start_heartbeat(self, stop: threading.Event) -> threading.Thread:
+        """Renew the lease every OWNER_HEARTBEAT on a daemon thread until `stop` is set.
+
+        A thread of its own, not a scheduler job: a send that waits on Slack or a busy
+        executor must not let the lease lapse (another process would send the row again).
+        """
+
+        def beat() -> None:
+            while not stop.wait(OWNER_HEARTBEAT.total_seconds()):
+                try:
+                    self.heartbeat()
+                except Exception as error:  # the database is away: say so in one line, beat again
+                    log.error(
+                        "sender heartbeat failed",
+                        extra={"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]},
+                    )
+
+        thread = threading.Thread(target=beat, name="outbox-heartbeat", daemon=True)
+        thread.start()
+        return thread
 
     def send_due(self, *, limit: int = 500) -> SendResult:
         """Send up to `limit` due rows, each claimed just before its own call; return what happened.
@@ -154,6 +245,8 @@ class OutboxSender:
             return result  # another thread of this process is sending; it takes these rows too
         try:
             for _ in range(limit):
+                if self._stopping.is_set():
+                    break
                 claimed = self._claim(1)
                 if not claimed:
                     break
@@ -165,36 +258,21 @@ class OutboxSender:
     def _claim(self, limit: int) -> list[OutboxMessage]:
         now = self.ctx.clock.now()
         with self.ctx.sessions() as session, session.begin():
-            # Messages of one conversation go out in the order they were written, separately for the
-            # customer and for staff: a row waits while an earlier one of its lane is still unsent.
-            earlier = aliased(Outbox)
-            customer = Outbox.kind.in_(CUSTOMER_KINDS)
-            earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
-            waits = (
-                exists()
-                .where(
-                    earlier.conversation_id == Outbox.conversation_id,
-                    earlier.id < Outbox.id,
-                    earlier.status.in_((PENDING, SENDING)),
-                    or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
-                )
-                .correlate(Outbox)
-            )
-            query = (
-                select(Outbox)
-                .where(Outbox.status == PENDING, Outbox.next_attempt_at <= now, ~waits)
-                .order_by(Outbox.next_attempt_at, Outbox.id)
-                .limit(limit)
-            )
-            if is_postgres(session):
-                query = query.with_for_update(skip_locked=True, of=Outbox)
-            rows = list(session.scalars(query))
+            query = _claim_query(is_postgres(session))
+            rows = list(session.scalars(query, {"now": now, "limit": limit}))
             claimed = []
+            if rows and (
+                self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2
+            ):
+                self._renew(session, now)
             for row in rows:
                 row.status = SENDING
                 row.attempts += 1
                 row.lease_until = now + self.lease
+                row.owner = self.owner
                 claimed.append(_detached(row))
+            if rows and all(row.kind not in CUSTOMER_KINDS for row in rows):
+                _relaxed(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
 
@@ -261,49 +339,134 @@ class OutboxSender:
         next_attempt_at: datetime | None = None,
     ) -> None:
         now = self.ctx.clock.now()
-        values: dict[str, Any] = {"status": status, "lease_until": None}
+        values: dict[str, Any] = {"status": status, "lease_until": None, "owner": None}
         if status == SENT:
             values.update(sent_at=now, result=result_text, last_error=None)
         if error is not None:
             values["last_error"] = error[:2000]
         if next_attempt_at is not None:
             values["next_attempt_at"] = next_attempt_at
+
         # The call is made and its outcome is known only here: if the database is away (restarting,
         # failing over), wait for it rather than lose the outcome, which would leave the row
-        # `sending` and its conversation's later messages waiting until the lease runs out, then
-        # repeat a staff message or call a delivered customer message "unknown".
-        pause, waited = SETTLE_FIRST_PAUSE, 0.0
-        while True:
-            try:
-                with self.ctx.sessions() as session, session.begin():
-                    changed = session.execute(
-                        update(Outbox)
-                        .where(Outbox.id == message.id, Outbox.status == SENDING)
-                        .values(**values)
-                    ).rowcount  # type: ignore[attr-defined]
-                    if changed and status in (UNKNOWN, FAILED):
-                        _report(session, message, status, error, now)
-                return
-            except (OperationalError, InterfaceError) as problem:
-                if waited >= SETTLE_PATIENCE.total_seconds():
-                    raise
-                log.warning(
-                    "database unavailable: outcome of a send not recorded yet, retrying",
-                    extra={
-                        "conversation_id": message.conversation_id,
-                        "outbox_id": message.id,
-                        "status": status,
-                        "error": f"{type(problem.orig).__name__}: {problem.orig}".strip()[:500],
-                    },
-                )
-                time.sleep(pause)
-                waited += pause
-                pause = min(pause * 2, SETTLE_MAX_PAUSE)
+        # `sending` and its conversation's later messages waiting for recovery, then repeat a
+        # staff message or call a delivered customer message "unknown".
+        def record() -> None:
+            with self.ctx.sessions() as session, session.begin():
+                if message.kind not in CUSTOMER_KINDS:
+                    _relaxed(session)
+                changed = session.execute(
+                    update(Outbox).where(Outbox.id == message.id, Outbox.status == SENDING).values(**values)
+                ).rowcount  # type: ignore[attr-defined]
+                if changed and status in (UNKNOWN, FAILED):
+                    _report(session, message, status, error, now)
+
+        patiently(
+            record,
+            "database unavailable: outcome of a send not recorded yet, retrying",
+            {"conversation_id": message.conversation_id, "outbox_id": message.id, "status": status},
+        )
+
+
+def patiently(action: Callable[[], T], what: str, extra: Mapping[str, Any]) -> T:
+    """Run a database `action`, again and again while the database is away (up to SETTLE_PATIENCE).
+
+    For writes that record something already done outside (a send's outcome, our own post):
+    losing them would make the record lie. Each failed try logs one warning line.
+    """
+    pause, waited = SETTLE_FIRST_PAUSE, 0.0
+    while True:
+        try:
+            return action()
+        except (OperationalError, InterfaceError) as problem:
+            if waited >= SETTLE_PATIENCE.total_seconds():
+                raise
+            log.warning(what, extra={**extra, "error": one_line(problem)})
+            time.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, SETTLE_MAX_PAUSE)
+
+
+def one_line(error: BaseException) -> str:
+    """A database error as one short line (the driver's message, without SQL or traceback)."""
+    orig = getattr(error, "orig", None) or error
+    text = f"{type(orig).__name__}: {orig}".strip()
+    return (text.splitlines() or [text])[0][:500]
+
+
+def _relaxed(session: Session) -> None:
+    """On PostgreSQL, commit this transaction without waiting for its WAL flush.
+
+    Only for staff messages, which go out at least once: a database crash that loses the claim
+    or the settle (a fraction of a second of commits) sends the message again. Customer
+    messages keep durable commits: their claim must be on disk before the call (at most once).
+    Saves a disk flush (about 3 ms here, far more on a busy disk) twice per staff message.
+    """
+    if is_postgres(session):
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
+@functools.cache
+def _claim_query(postgres: bool) -> Select[Outbox]:
+    """The claim's SELECT, built once (parameters ``now`` and ``limit``).
+
+    Most urgent kind first (`storage.models.URGENCY`: breach and escalation, then customer
+    messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
+
+    Messages of one conversation go out in the order they were written, separately for the
+    customer and for staff: a row waits while an earlier one of its lane is still unsent. The
+    statuses are written into the SQL as literals, not parameters: only then can the planner prove
+    that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply (SQLite always; PostgreSQL
+    once psycopg prepares the statement with a generic plan).
+    """
+    earlier = aliased(Outbox)
+    customer = Outbox.kind.in_(CUSTOMER_KINDS)
+    earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
+    waits = (
+        exists()
+        .where(
+            earlier.conversation_id == Outbox.conversation_id,
+            earlier.id < Outbox.id,
+            earlier.status.in_(_UNSENT),
+            or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
+        )
+        .correlate(Outbox)
+    )
+    query = (
+        select(Outbox)
+        .where(Outbox.status == _PENDING, Outbox.next_attempt_at <= bindparam("now"), ~waits)
+        .order_by(Outbox.urgency, Outbox.next_attempt_at, Outbox.id)
+        .limit(bindparam("limit"))
+    )
+    if postgres:
+        query = query.with_for_update(skip_locked=True, of=Outbox)
+    return query
+
+
+def _gone(owner: str) -> bool:
+    """True when a sender ran on this host and its process no longer exists (no need to wait for
+    its lease: a restarted process takes over its rows at once)."""
+    parts = owner.split(":")
+    if len(parts) != 4 or parts[1] != socket.gethostname()[:40] or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+_PENDING = literal(PENDING, literal_execute=True)
+_UNSENT: BindParameter[list[str]] = bindparam(
+    "unsent", [PENDING, SENDING], expanding=True, literal_execute=True
+)
 
 
 def _detached(row: Outbox) -> OutboxMessage:
     return OutboxMessage(
-        row.id, row.kind, row.conversation_id, dict(row.payload), row.idempotency_key, row.attempts
+        row.id, row.kind, row.conversation_id, dict(row.payload), row.idempotency_key, row.attempts, row.owner
     )
 
 

@@ -562,6 +562,9 @@ def close(
             reason=conversation.close_reason,
             was=was,
         )
+        repo.retire_ladder(
+            session=session, conversation_ids=[conversation_id], reason="closed first", now=now
+        )
         _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
 
 

@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import select, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.orm import Session
 
 from bot.core.policy import Expert
@@ -192,7 +192,7 @@ class SlackDelivery:
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
-        claimed = self._claim_storm(loaded.conversation, message.id, now)
+        claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
         if claimed:
             return self._post_storm(loaded, claimed, now)
         return self._post_card(loaded, now)
@@ -500,7 +500,7 @@ class SlackDelivery:
     # Storms
 
     def _claim_storm(
-        self, conversation: Conversation, outbox_id: int, now: datetime
+        self, conversation: Conversation, outbox_id: int, now: datetime, *, owner: str | None = None
     ) -> list[tuple[int, int]]:
         """Claim the other pending cards for this channel, due within the window, if they make a storm.
 
@@ -516,6 +516,24 @@ class SlackDelivery:
         same_channel = [
             name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
         ]
+        # A read without the write lock first: most cards come alone, and then there is nothing
+        # to claim (on SQLite the claim below would take the one write lock for nothing).
+        with self.ctx.read_sessions() as session:
+            waiting = session.scalar(
+                select(func.count())
+                .select_from(Outbox)
+                .join(Conversation, Conversation.id == Outbox.conversation_id)
+                .where(
+                    Outbox.kind == "card",
+                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending applies
+                    Outbox.id != outbox_id,
+                    Outbox.next_attempt_at <= now + self.storm_window,
+                    Conversation.team.in_(same_channel),
+                    Conversation.slack_ts.is_(None),
+                )
+            )
+        if (waiting or 0) + 1 <= self.storm_threshold:
+            return []
         with self.ctx.sessions() as session, session.begin():
             query = (
                 select(Outbox)
@@ -540,6 +558,7 @@ class SlackDelivery:
                 row.status = SENDING
                 row.attempts += 1
                 row.lease_until = now + DEFAULT_LEASE
+                row.owner = owner  # the claiming sender: its death hands them back within seconds
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
@@ -611,7 +630,7 @@ class SlackDelivery:
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
-                .values(status=PENDING, lease_until=None, next_attempt_at=when)
+                .values(status=PENDING, lease_until=None, owner=None, next_attempt_at=when)
                 .execution_options(synchronize_session=False)
             )
 

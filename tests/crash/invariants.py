@@ -22,6 +22,7 @@ from storage.models import (
     ANSWERED,
     FAILED,
     PENDING,
+    RETIRED,
     SENDING,
     SENT,
     UNKNOWN,
@@ -36,6 +37,11 @@ from tests.crash.xstandin import CrashX
 
 LADDER_KINDS = ("warning", "breach", "escalation", "nag", "reassign")
 LADDER_KEY = re.compile(r"conv:(\d+):c(\d+):(\w+):(\d+)")
+# Ladder rows retired (their conversation answered first) after waiting longer than this: counted,
+# and a failure for breach and escalation.
+RETIRE_WITHIN = 15.0  # seconds
+# Interrupted staff rows (a kill left them `sending`) must be sent this soon after they were due (p99).
+INTERRUPTED_P99 = 15.0  # seconds
 WHERE = re.compile(r"^(?:thread|dm) (\S+) (\S+)$")
 
 
@@ -224,10 +230,49 @@ def _ladder(
             found.fail(
                 f"conversation {cid} cycle {conversation.cycle}: ladder state and steps disagree: {disagree}"
             )
-    # Staff messages go out at least once: each step's row is sent, and its Slack message exists.
-    not_sent = [(row.id, row.kind, row.status) for row in rows if row.status != SENT]
+    # Staff messages go out at least once: each step's row is sent, and its Slack message exists;
+    # or it was retired because its conversation was answered first, soon after it fell due.
+    retired_at: dict[tuple[int, str, int], datetime] = {}
+    for event in events:
+        if event.action == "ladder_retired" and event.conversation_id is not None:
+            for step in event.detail.get("steps", ()):
+                retired_at[(event.conversation_id, str(step["kind"]), int(step["index"]))] = event.at
+    not_sent, late_retired = [], []
+    for row in rows:
+        if row.status == SENT:
+            continue
+        key = (row.conversation_id or 0, row.kind, int(row.payload.get("index", 0)))
+        conversation = conversations.get(row.conversation_id or 0)
+        if (
+            row.status != RETIRED
+            or key not in retired_at
+            or conversation is None
+            or conversation.status != ANSWERED
+        ):
+            not_sent.append((row.id, row.kind, row.status))
+        elif (retired_at[key] - row.created_at).total_seconds() > RETIRE_WITHIN:
+            late_retired.append((row.id, row.kind, (retired_at[key] - row.created_at).total_seconds()))
     if not_sent:
         found.fail(f"ladder messages not sent: {not_sent[:5]}")
+    # A breach or an escalation that waited longer than RETIRE_WITHIN and was then retired is one
+    # staff never saw although it mattered while they could act; a late nag or warning retired after
+    # the answer only counts (the outbox is behind on a loaded machine; the audit event names it).
+    late_urgent = [row for row in late_retired if row[1] in ("breach", "escalation")]
+    if late_urgent:
+        found.fail(f"breach or escalation held back over {RETIRE_WITHIN} s, then retired: {late_urgent[:5]}")
+    found.figures[f"ladder rows retired over {RETIRE_WITHIN:.0f} s after they fell due"] = len(late_retired)
+    # What the open conversations were owed when the final answers went out reached Slack.
+    owed_unsent = [
+        (row.id, row.kind)
+        for row in rows
+        if row.status != SENT
+        and row.kind in ("breach", "escalation")
+        and (match := LADDER_KEY.fullmatch(row.idempotency_key)) is not None
+        and final.open_cycles.get(int(match[1])) == int(match[2])
+    ]
+    if owed_unsent:
+        found.fail(f"breach or escalation owed before the final answers not sent: {owed_unsent[:5]}")
+    found.figures["ladder rows retired (answered first)"] = sum(1 for row in rows if row.status == RETIRED)
     lost = []
     for row in rows:
         where = WHERE.match(row.result or "")
@@ -422,3 +467,26 @@ def _settled(
                 found.fail(message)
     found.figures["conversations"] = len(conversations)
     found.figures["outbox rows by status"] = dict(Counter(row.status for row in outbox))
+
+
+def check_interrupted(found: Findings, session: Session, staff_in_flight: set[int]) -> None:
+    """Staff rows a kill left `sending` were sent again soon: p99 from due (written) to sent."""
+    rows = list(session.scalars(select(Outbox).where(Outbox.id.in_(sorted(staff_in_flight)))))
+    delays = sorted(
+        (row.sent_at - row.created_at).total_seconds() for row in rows if row.status == SENT and row.sent_at
+    )
+    if not delays:
+        found.figures["interrupted staff rows: due to sent"] = "none interrupted"
+        return
+    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    found.figures["interrupted staff rows: due to sent"] = {
+        "n": len(delays),
+        "p50 s": round(delays[len(delays) // 2], 2),
+        "p99 s": round(p99, 2),
+        "max s": round(delays[-1], 2),
+        "retired (answered first)": sum(1 for row in rows if row.status == RETIRED),
+    }
+    if p99 > INTERRUPTED_P99:
+        found.fail(
+            f"interrupted staff rows sent {p99:.1f} s after they were due (p99), over {INTERRUPTED_P99} s"
+        )
