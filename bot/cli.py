@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -46,8 +47,9 @@ class CliError(Exception):
         self.status = status
 
 
+@functools.cache
 def version() -> str:
-    """The installed distribution's version."""
+    """The installed distribution's version (looked up once, and only when asked for)."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
 
@@ -559,6 +561,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, with the version looked up only when asked for (it scans the installed packages)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(f"replyclock {version()}")
+        parser.exit()
+
+
 CONFIG_HELP = "the policy file (default: $REPLYCLOCK_CONFIG, else ./replyclock.toml)"
 
 
@@ -569,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 ok, 1 failed, 2 configuration or usage error, 3 database error, 130 Ctrl-C.",
     )
-    parser.add_argument("--version", action="version", version=f"replyclock {version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument(
         "--env-file",
         metavar="PATH",
