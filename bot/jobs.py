@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -54,13 +53,23 @@ RETENTION_INTERVAL = timedelta(hours=1)
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
-# The admin channel hears of a failing account after this many failed polls in a row.
-ALERT_AFTER_FAILURES = int(os.environ.get("REPLYCLOCK_ALERT_AFTER_FAILURES", "3"))
+# The admin channel hears of a failing account after this many failed polls in a row (the
+# default of REPLYCLOCK_ALERT_AFTER_FAILURES).
+ALERT_AFTER_FAILURES = 3
+
+
+def alert_after_failures() -> int:
+    """`REPLYCLOCK_ALERT_AFTER_FAILURES` (default 3), validated with the other settings."""
+    from bot.config.settings import load_settings
+
+    return load_settings().replyclock_alert_after_failures
 
 
 def sweep_max_interval() -> timedelta:
     """`SWEEP_MAX_INTERVAL` seconds (default 60): the longest the sweep ever sleeps."""
-    return timedelta(seconds=float(os.environ.get("SWEEP_MAX_INTERVAL", "60")))
+    from bot.config.settings import load_settings
+
+    return timedelta(seconds=load_settings().sweep_max_interval)
 
 
 class Jobs:
@@ -78,6 +87,7 @@ class Jobs:
         self.send_after_poll = send_after_poll
         self.connectors = dict(connectors)
         self.sender = sender
+        self.alert_after_failures = alert_after_failures()
         self.scheduler: BaseScheduler | None = None
         self._lock = threading.Lock()
         self._sweeping = 0  # run_sweep calls under way in this process (each sets the wake-up at its end)
@@ -365,7 +375,7 @@ class Jobs:
                 base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
                 self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
-                if connector.consecutive_failures >= ALERT_AFTER_FAILURES:
+                if connector.consecutive_failures >= self.alert_after_failures:
                     notices.append(
                         (
                             "failing",
@@ -380,7 +390,7 @@ class Jobs:
                 self._resume(account_id)
                 if (
                     "rate limit" in last_error.lower()
-                    or connector.consecutive_failures >= ALERT_AFTER_FAILURES
+                    or connector.consecutive_failures >= self.alert_after_failures
                 ):
                     notices.append(("resumed", f"{name}: polling resumed"))
             connector.record_success()

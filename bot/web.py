@@ -581,12 +581,15 @@ def operator_token(environ: Mapping[str, str]) -> str | None:
 
 
 def bind_address(environ: Mapping[str, str]) -> tuple[str, int]:
-    """``HOST`` (default 0.0.0.0) and ``PORT`` (default 8000, the Procfile convention) from `environ`."""
-    host = environ.get("HOST", "").strip() or DEFAULT_HOST
-    raw_port = environ.get("PORT", "").strip() or str(DEFAULT_PORT)
-    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
-        raise ValueError(f"PORT must be a TCP port number, not {raw_port!r}")
-    return host, int(raw_port)
+    """``HOST`` (default 0.0.0.0) and ``PORT`` (default 8000, the Procfile convention) from `environ`.
+
+    Raises:
+        SettingsError: (a ValueError) naming the variable, for a port that is not 0-65535.
+    """
+    from bot.config.settings import load_settings
+
+    settings = load_settings({k: environ[k] for k in ("HOST", "PORT") if k in environ})
+    return settings.host, settings.port
 
 
 @contextmanager

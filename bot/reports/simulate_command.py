@@ -54,7 +54,12 @@ def register(sub: Any, *, load: Callable[[Path], Policy], config_path: Callable[
         help="add an expert, e.g. 'care:mon-fri 09:00-17:00' (team calendar's zone; repeatable)",
     )
     parser.add_argument("--remove-expert", action="append", default=[], metavar="ID", help="repeatable")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="random seed of the simulation (default 1; same seed, same result)",
+    )
     parser.add_argument("--team", help="only this team")
     parser.add_argument(
         "--goal", help="with --team: find the fewest expert-hours reaching this share, e.g. 95%%"

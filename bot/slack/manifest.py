@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import json
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from bot.slack.ids import COMMAND
 
-BOT_SCOPES = (
-    "chat:write",
-    "chat:write.public",
-    "commands",
-    "im:write",
-    "users:read",
-    "files:write",
-    "channels:read",
-    "groups:read",
+EVENTS_PATH = "/slack/events"
+# The Slack Web API methods replyclock calls (slack_sdk's method names) and the bot scopes each needs.
+# tests/test_manifest.py scans bot/ for the calls and holds this table to them: a new call without an
+# entry fails, and so does an entry nothing calls any more.
+METHOD_SCOPES: dict[str, tuple[str, ...]] = {
+    "chat_postMessage": ("chat:write",),  # cards, thread notices, digests, DMs
+    "chat_postEphemeral": ("chat:write",),  # answers only the clicking user sees
+    "chat_update": ("chat:write",),  # the card follows the conversation
+    "conversations_open": ("im:write",),  # the DM channel for nags and escalations
+    "users_info": ("users:read",),  # the time zone of a staff member
+    "files_upload_v2": ("files:write",),  # the digest chart
+    "views_open": (),  # the Reply modal (needs a trigger id, no scope)
+    "views_publish": (),  # the App Home tab
+}
+# Scopes for features rather than methods: the slash command, and posting to a team channel the bot
+# was never invited to (cards and digests go to `#channel` by name).
+FEATURE_SCOPES = ("commands", "chat:write.public")
+BOT_SCOPES = tuple(
+    sorted({scope for scopes in METHOD_SCOPES.values() for scope in scopes} | set(FEATURE_SCOPES))
 )
 BOT_EVENTS = ("app_home_opened",)
 DESCRIPTION = "Every customer post gets a human answer before its deadline."
@@ -33,7 +44,8 @@ def manifest(app_name: str, *, socket_mode: bool, request_url: str | None = None
         app_name: the app's and the bot user's name in Slack (35 characters at most for the app).
         socket_mode: True for `replyclock run` (Socket Mode, no public URL); False for
             `replyclock web` (HTTP, Slack calls `request_url`).
-        request_url: the public ``https://.../slack/events`` URL; required without Socket Mode
+        request_url: the public base URL of `replyclock web` (``https://replyclock.example.com``;
+            ``/slack/events`` is appended) or the full events URL; required without Socket Mode
             and left out with it.
 
     Returns:
@@ -45,11 +57,7 @@ def manifest(app_name: str, *, socket_mode: bool, request_url: str | None = None
     name = app_name.strip()
     if not name or len(name) > 35:
         raise ValueError("the app name must be 1 to 35 characters")
-    if not socket_mode and (request_url is None or not request_url.startswith("https://")):
-        raise ValueError(
-            "HTTP mode needs the public https:// request URL (for example https://example.org/slack/events)"
-        )
-    url = None if socket_mode else request_url
+    url = None if socket_mode else events_url(request_url or "")
 
     command: dict[str, Any] = {
         "command": COMMAND,
@@ -88,6 +96,29 @@ def manifest(app_name: str, *, socket_mode: bool, request_url: str | None = None
             "token_rotation_enabled": False,
         },
     }
+
+
+def events_url(base: str) -> str:
+    """The URL Slack sends events, clicks and slash commands to: `base` + ``/slack/events``.
+
+    A full events URL is taken as it is; a base with a path (behind a proxy at ``/replyclock``)
+    keeps it.
+
+    Raises:
+        ValueError: not an ``https://host`` URL, or one with a query or fragment.
+    """
+    parts = urlsplit(base.strip())
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(
+            "HTTP mode needs the public https:// base URL of `replyclock web`"
+            " (for example https://replyclock.example.com)"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("the request URL takes no query or fragment")
+    path = parts.path.rstrip("/")
+    if path.endswith(EVENTS_PATH):
+        path = path[: -len(EVENTS_PATH)]
+    return f"https://{parts.netloc}{path}{EVENTS_PATH}"
 
 
 def render(document: dict[str, Any], fmt: Literal["json", "yaml"] = "json") -> str:
