@@ -177,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.reports.digest_delivery import digest_handlers
     from bot.runlock import RunLockError, single_writer_lock
     from bot.slack.delivery import slack_handlers
+    from bot.slack.pacing import Pacer
     from storage.db import make_engine
     from storage.migrate import upgrade
 
@@ -218,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_env(os.environ)
         client = slack.client()
         if client is not None:
-            staff = slack_handlers(ctx, client)
+            staff = slack_handlers(ctx, client, pacer=Pacer(ctx.clock.now))
         else:
             staff = text_handlers(
                 ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})

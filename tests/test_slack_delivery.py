@@ -19,6 +19,7 @@ from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
 from bot.slack.ids import ACTION_CLAIM
+from bot.slack.pacing import Pacer
 from storage import repo
 from storage.models import Conversation, Event, Outbox
 from tests.conftest import MONDAY
@@ -423,3 +424,94 @@ def test_admin_alerts_go_to_the_admin_channel(
     assert "replyclock alert* (social): credentials &lt;!here&gt; refused" in posted.display_text
     nowhere = OutboxMessage(2, "admin_alert", None, {"text": "x", "channel": None}, "k2", 1)
     assert handler(nowhere) == "skipped: no admin channel"  # the test policy has no admin_channel
+
+
+# ------------------------------------------------------------------------------------------------
+# Slack's published limits: the stand-in enforces them, the sender paces itself
+
+
+def test_a_paced_storm_in_one_channel_gets_no_429_keeps_breaches_first_and_other_channels_going(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(
+        channels={CARE: "care", BILLING: "billing"},
+        users=USERS,
+        clock=seconds,
+        rate_limits=True,
+        limit_clock=seconds,
+    ) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
+        # Two urgent conversations in #care with their cards out; their deadline (1 h) passes...
+        ingest(ctx, *[post(f"u{i}", "the site is down!", author=f"u{i}") for i in range(2)])
+        assert sender.send_due().sent == 4
+        clock.set(MONDAY + timedelta(minutes=61))
+        # ... just as a storm of 20 new posts reaches #care, and one billing post comes in.
+        storm_at = clock.now()
+        ingest(
+            ctx, *[post(f"s{i}", f"a question, number {i}", author=f"s{i}", at=storm_at) for i in range(20)]
+        )
+        ingest(ctx, post("b1", "I was charged twice on my invoice", author="payer", at=storm_at))
+        sweep(ctx)
+        deferred = 0
+        for _ in range(400):  # the sender comes round every 0.25 s
+            result = sender.send_due()
+            deferred += result.deferred
+            with ctx.sessions() as session:
+                if not session.scalars(select(Outbox).where(Outbox.status != "sent")).first():
+                    break
+            clock.advance(timedelta(seconds=0.25))
+        took = (clock.now() - storm_at).total_seconds()
+        assert slack.internal_errors == []
+
+    statuses = [call.status for call in slack.calls]
+    assert statuses.count(429) == 0 and deferred > 0
+    # Every message arrived exactly once: one card per conversation, one breach per urgent one.
+    cards = [m for m in top_level(slack, CARE) if m.data.get("metadata")]
+    assert len(cards) == 22 and len({m.ts for m in cards}) == 22
+    assert sorted(str(c.slack_ts) for c in conversations(ctx) if c.slack_channel == CARE) == sorted(
+        m.ts for m in cards
+    )
+    breaches = [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.display_text]
+    assert len(breaches) == 2
+    # The breach notices went first: within a second of the storm, before any of its cards.
+    storm_cards = [m for m in cards if float(m.ts) >= storm_at.timestamp()]
+    assert len(storm_cards) == 20
+    assert max(float(m.ts) for m in breaches) - storm_at.timestamp() <= 1.0
+    assert max(float(m.ts) for m in breaches) < min(float(m.ts) for m in storm_cards)
+    # #care's storm took Slack's pace (about 1 s a card after a short burst) ...
+    assert 15 <= took <= 30
+    # ... while #billing was not held back by it.
+    [billing_card] = top_level(slack, BILLING)
+    assert float(billing_card.ts) - storm_at.timestamp() <= 0.5
+
+
+def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(channels={CARE: "care"}, users=USERS, rate_limits=True, limit_clock=seconds) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
+        ingest(ctx, *[post(f"s{i}", f"a question, number {i}", author=f"s{i}") for i in range(8)])
+        # Another process (its own pacer knows nothing of ours) posts into #care first.
+        other = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        for n in range(4):
+            other.chat_postMessage(channel=CARE, text=f"someone else {n}")
+        result = sender.send_due()
+        # One 429 for our first card; its Retry-After closes #care to the pacer, so the other
+        # cards wait without calling Slack at all.
+        assert (result.sent, result.by_kind, result.retried, result.deferred) == (8, {"ack": 8}, 1, 7)
+        limited = [call for call in slack.calls_to("chat.postMessage") if call.status == 429]
+        assert len(limited) == 1
+        clock.advance(timedelta(seconds=1))
+        for _ in range(80):
+            sender.send_due()
+            clock.advance(timedelta(seconds=0.25))
+        assert len([call for call in slack.calls_to("chat.postMessage") if call.status == 429]) == 1
+        assert len([m for m in top_level(slack, CARE) if m.data.get("metadata")]) == 8

@@ -50,9 +50,10 @@ from bot.core.policy import Expert
 from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
-from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
+from bot.flow.outbox import DEFAULT_LEASE, Defer, Handler, OutboxMessage, Retry
 from bot.httputil import header, retry_after
 from bot.slack import blocks
+from bot.slack.pacing import Pacer
 from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
@@ -124,6 +125,7 @@ def slack_handlers(
     *,
     storm_threshold: int = 5,
     storm_window: timedelta = timedelta(minutes=1),
+    pacer: Pacer | None = None,
 ) -> dict[str, Handler]:
     """Outbox handlers for every staff kind (bot.flow.delivery.STAFF_KINDS), delivering to Slack.
 
@@ -133,11 +135,16 @@ def slack_handlers(
         storm_threshold: more cards than this for one channel, due within `storm_window`,
             are posted as one summary with the cards in its thread.
         storm_window: see `storm_threshold`.
+        pacer: keep to Slack's limits per method and channel (bot.slack.pacing): a call over
+            them is not made, the row is deferred (bot.flow.outbox.Defer) until its bucket
+            allows it. None: no pacing (Slack's 429s alone hold the sender back).
 
     Returns:
         kind -> handler, for bot.flow.outbox.OutboxSender.
     """
-    return SlackDelivery(ctx, client, storm_threshold=storm_threshold, storm_window=storm_window).handlers()
+    return SlackDelivery(
+        ctx, client, storm_threshold=storm_threshold, storm_window=storm_window, pacer=pacer
+    ).handlers()
 
 
 class SlackDelivery:
@@ -150,11 +157,13 @@ class SlackDelivery:
         *,
         storm_threshold: int = 5,
         storm_window: timedelta = timedelta(minutes=1),
+        pacer: Pacer | None = None,
     ) -> None:
         self.ctx = ctx
         self.client = client
         self.storm_threshold = storm_threshold
         self.storm_window = storm_window
+        self.pacer = pacer
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -244,6 +253,7 @@ class SlackDelivery:
             return f"skipped: conversation is {loaded.conversation.status}"
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
+        self._paced("chat.postMessage", loaded.conversation.slack_channel)  # before the edit, not between
         self._refresh_card(loaded, now)
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
         return self._thread_reply(loaded, built)
@@ -707,7 +717,9 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Sending
 
-    def _thread_reply(self, loaded: _Loaded, built: blocks.Message, *, broadcast: bool = False) -> str:
+    def _thread_reply(
+        self, loaded: _Loaded, built: blocks.Message, *, broadcast: bool = False, paced: bool = True
+    ) -> str:
         conversation = loaded.conversation
         if conversation.slack_ts is None or conversation.slack_channel is None:
             raise Retry(f"card of conversation {conversation.id} not posted yet")
@@ -718,13 +730,16 @@ class SlackDelivery:
             thread_ts=loaded.card_parent_ts or conversation.slack_ts,
             broadcast=broadcast,
             conversation_id=conversation.id,
+            paced=paced,
         )
         return f"thread {channel} {ts}"
 
     def _note(self, loaded: _Loaded, text: str) -> None:
         """Best effort: a line of history in the card's thread (the DM it records already went)."""
         try:
-            self._thread_reply(loaded, blocks.thread_note(text))
+            # Its DM went already: a note is never deferred (that would repeat the DM); it still
+            # counts against the channel's pace, and a 429 just loses the note.
+            self._thread_reply(loaded, blocks.thread_note(text), paced=False)
         except (Retry, SlackDeliveryError) as error:
             log.warning(
                 "thread note not posted",
@@ -751,6 +766,7 @@ class SlackDelivery:
         thread_ts: str | None = None,
         broadcast: bool = False,
         metadata: dict[str, Any] | None = None,
+        paced: bool = True,
     ) -> tuple[str, str]:
         """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl."""
         response = self._call(
@@ -769,13 +785,36 @@ class SlackDelivery:
                 link_names=False,
                 metadata=metadata,
             ),
+            paced=paced,
         )
+        if self.pacer is not None:
+            self.pacer.learn(channel, str(response["channel"]))
         return str(response["channel"]), str(response["ts"])
 
+    def _paced(self, method: str, channel: str | None) -> None:
+        """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
+        ready = self.pacer.ready(method, channel) if self.pacer is not None else None
+        if ready is not None:
+            raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
+
     def _call(
-        self, method: str, channel: str | None, conversation_id: int | None, call: Callable[[], SlackResponse]
+        self,
+        method: str,
+        channel: str | None,
+        conversation_id: int | None,
+        call: Callable[[], SlackResponse],
+        *,
+        paced: bool = True,
     ) -> SlackResponse:
-        """Make one Web API call and translate its failure into Retry or SlackDeliveryError."""
+        """Make one Web API call and translate its failure into Retry or SlackDeliveryError.
+
+        With a pacer, a call beyond the pace of its (method, channel) is not made: `Defer`
+        says when it may go (unless `paced` is false: then it goes, and counts).
+        """
+        if self.pacer is not None:
+            ready = self.pacer.take(method, channel)
+            if ready is not None and paced:
+                raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
         try:
             return call()
         except SlackApiError as error:
@@ -802,6 +841,9 @@ class SlackDelivery:
         where = f" to {channel}" if channel else ""
         if status == 429 or code == "ratelimited":
             seconds = _retry_after(getattr(response, "headers", None))
+            until = self.ctx.clock.now() + timedelta(seconds=seconds)
+            if self.pacer is not None:
+                self.pacer.block(method, channel, until)
             log.warning(
                 "Slack rate limit",
                 extra={
@@ -813,7 +855,7 @@ class SlackDelivery:
             )
             return Retry(
                 f"Slack rate limit on {method}{where}: retry after {seconds} s",
-                after=self.ctx.clock.now() + timedelta(seconds=seconds),
+                after=until,
             )
         if status >= 500 or code in RETRYABLE_ERRORS:
             return Retry(f"Slack {method}{where}: HTTP {status} {code or ''}".rstrip())
