@@ -515,3 +515,25 @@ def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
             clock.advance(timedelta(seconds=0.25))
         assert len([call for call in slack.calls_to("chat.postMessage") if call.status == 429]) == 1
         assert len([m for m in top_level(slack, CARE) if m.data.get("metadata")]) == 8
+
+
+def test_a_storm_summary_and_its_entries_keep_the_pace(ctx: AppContext, clock: FakeClock) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(channels={CARE: "care"}, users=USERS, rate_limits=True, limit_clock=seconds) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, pacer=Pacer(clock.now))  # storms summarised (threshold 5)
+        ingest(ctx, *[post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(14)])
+        for _ in range(120):
+            sender.send_due()
+            if all(row.status == "sent" for row in outbox(ctx, "card")):
+                break
+            clock.advance(timedelta(seconds=0.25))
+        took = (clock.now() - MONDAY).total_seconds()
+        assert [call.status for call in slack.calls].count(429) == 0
+        [summary] = top_level(slack, CARE)
+        entries = [m for m in slack.messages(CARE) if m.thread_ts == summary.ts]
+        assert len(entries) == 14 and len({m.ts for m in entries}) == 14
+        assert sorted(str(c.slack_ts) for c in conversations(ctx)) == sorted(m.ts for m in entries)
+        assert 10 <= took <= 16  # 15 posts: a burst of 3, then one a second
