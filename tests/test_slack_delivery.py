@@ -468,7 +468,9 @@ def test_a_paced_storm_in_one_channel_gets_no_429_keeps_breaches_first_and_other
         assert slack.internal_errors == []
 
     statuses = [call.status for call in slack.calls]
-    assert statuses.count(429) == 0 and deferred > 0
+    assert statuses.count(429) == 0
+    # Waiting cards were spread over the next free slots, not re-tried all at every slot.
+    assert 0 < deferred <= 2 * 20
     # Every message arrived exactly once: one card per conversation, one breach per urgent one.
     cards = [m for m in top_level(slack, CARE) if m.data.get("metadata")]
     assert len(cards) == 22 and len({m.ts for m in cards}) == 22

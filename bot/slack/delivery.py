@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -57,7 +58,18 @@ from bot.slack.pacing import Pacer
 from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
-from storage.models import OPEN, PENDING, SENDING, SENT, Conversation, Event, Outbox, Post
+from storage.models import (
+    DEFAULT_URGENCY,
+    OPEN,
+    PENDING,
+    SENDING,
+    SENT,
+    URGENCY,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
 
 __all__ = ["CARD_EVENT", "STORM_EVENT", "SlackDelivery", "SlackDeliveryError", "slack_handlers"]
 
@@ -164,6 +176,7 @@ class SlackDelivery:
         self.storm_threshold = storm_threshold
         self.storm_window = storm_window
         self.pacer = pacer
+        self._rank = threading.local()  # the urgency of the message being delivered on this thread
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -182,7 +195,19 @@ class SlackDelivery:
             "at_risk": self.at_risk,
         }
         assert set(found) == set(STAFF_KINDS), "every staff kind needs a Slack handler"
-        return found
+        return {kind: self._ranked(handler) for kind, handler in found.items()}
+
+    def _ranked(self, handler: Handler) -> Handler:
+        """`handler`, telling the pacer how urgent its message is (the outbox's urgency of its kind)."""
+
+        def run(message: OutboxMessage) -> str | None:
+            self._rank.value = URGENCY.get(message.kind, DEFAULT_URGENCY)
+            try:
+                return handler(message)
+            finally:
+                self._rank.value = DEFAULT_URGENCY
+
+        return run
 
     # ----------------------------------------------------------------------------------------
     # Handlers
@@ -811,9 +836,11 @@ class SlackDelivery:
         With a pacer, a call beyond the pace of its (method, channel) is not made: `Defer`
         says when it may go (unless `paced` is false: then it goes, and counts).
         """
-        if self.pacer is not None:
-            ready = self.pacer.take(method, channel)
-            if ready is not None and paced:
+        if self.pacer is not None and not paced:
+            self.pacer.spend(method, channel)
+        elif self.pacer is not None:
+            ready = self.pacer.take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
+            if ready is not None:
                 raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
         try:
             return call()

@@ -69,6 +69,8 @@ class Pacer:
         self._buckets: dict[tuple[str, str], tuple[float, datetime]] = {}  # key -> (tokens, at)
         self._closed: dict[tuple[str, str], datetime] = {}  # key -> until (after a 429)
         self._aliases: dict[str, str] = {}  # "#care" -> "C0CARE0001", as Slack answered
+        # Calls put off to the same moment, by rank: key -> (that moment, rank -> how many).
+        self._queued: dict[tuple[str, str], tuple[datetime, dict[int, int]]] = {}
 
     def learn(self, name: str, channel_id: str) -> None:
         """`name` (``#care``, as configured) is `channel_id` (as Slack answered): one bucket for both."""
@@ -93,15 +95,28 @@ class Pacer:
         pace = self._tiers.get(method)
         return ((method, ""), pace) if pace is not None else None
 
-    def take(self, method: str, channel: str | None) -> datetime | None:
-        """Take one call's token: None if the call may go now, else when it may go."""
-        return self._token(method, channel, take=True)
+    def spend(self, method: str, channel: str | None) -> None:
+        """A call made whatever the pace (a best-effort note): it uses a token, even one not there yet."""
+        self._token(method, channel, take=True, force=True)
+
+    def take(self, method: str, channel: str | None, *, rank: int = 0) -> datetime | None:
+        """Take one call's token: None if the call may go now, else when it may go.
+
+        Calls put off together are spread over the next free slots by `rank` (lower first: the
+        outbox's urgency): each is told the slot after those of the same or a lower rank put
+        off before it, so a queue of N cards is not re-tried N times a slot, while a breach
+        put off later is still told the very next slot (where it wins: the claim goes by
+        urgency, and a card that loses is put off again).
+        """
+        return self._token(method, channel, take=True, rank=rank)
 
     def ready(self, method: str, channel: str | None) -> datetime | None:
         """Like `take` without taking: None if a call could go now, else when it could."""
         return self._token(method, channel, take=False)
 
-    def _token(self, method: str, channel: str | None, *, take: bool) -> datetime | None:
+    def _token(
+        self, method: str, channel: str | None, *, take: bool, rank: int = 0, force: bool = False
+    ) -> datetime | None:
         now = self._now()
         with self._lock:
             found = self._key(method, channel)
@@ -115,12 +130,21 @@ class Pacer:
                 del self._closed[key]
             tokens, at = self._buckets.get(key, (pace.burst, now))
             tokens = min(pace.burst, tokens + max((now - at).total_seconds(), 0.0) * pace.per_second)
-            if tokens >= 1.0:
+            if tokens >= 1.0 or force:
                 if take:
                     self._buckets[key] = (tokens - 1.0, now)
                 return None
             self._buckets[key] = (tokens, now)
-            return now + timedelta(seconds=(1.0 - tokens) / pace.per_second)
+            ready = now + timedelta(seconds=(1.0 - tokens) / pace.per_second)
+            if not take:
+                return ready
+            moment, counts = self._queued.get(key, (ready, {}))
+            if abs((moment - ready).total_seconds()) > 0.001:
+                moment, counts = ready, {}
+            ahead = sum(count for queued_rank, count in counts.items() if queued_rank <= rank)
+            counts[rank] = counts.get(rank, 0) + 1
+            self._queued[key] = (moment, counts)
+            return moment + timedelta(seconds=ahead / pace.per_second)
 
     def block(self, method: str, channel: str | None, until: datetime) -> None:
         """Slack answered 429: no call of this bucket before `until` (its Retry-After)."""
@@ -130,4 +154,5 @@ class Pacer:
                 return
             key, _ = found
             self._closed[key] = max(until, self._closed.get(key, until))
-            self._buckets[key] = (0.0, until)
+            self._buckets[key] = (1.0, until)  # one call may go at `until`, then the pace
+            self._queued.pop(key, None)
