@@ -232,9 +232,10 @@ def test_rate_limit_is_retried_after_retry_after_then_delivered(
 
     slack.fail_next("chat.postMessage", status=429, retry_after=7)
     sender = sender_for(ctx, client)
-    assert sender.send_due().retried == 1
+    assert sender.send_due().deferred == 1  # Slack's "wait" is no failed attempt
     [row] = outbox(ctx, "card")
     assert row.status == "pending" and row.next_attempt_at == MONDAY + timedelta(seconds=7)
+    assert row.attempts == 0
     assert "rate limit" in str(row.last_error) and "#billing" in str(row.last_error)
     assert slack.messages(BILLING) == []
     clock.advance(timedelta(seconds=6))
@@ -508,7 +509,7 @@ def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
         result = sender.send_due()
         # One 429 for our first card; its Retry-After closes #care to the pacer, so the other
         # cards wait without calling Slack at all.
-        assert (result.sent, result.by_kind, result.retried, result.deferred) == (8, {"ack": 8}, 1, 7)
+        assert (result.sent, result.by_kind, result.retried, result.deferred) == (8, {"ack": 8}, 0, 8)
         limited = [call for call in slack.calls_to("chat.postMessage") if call.status == 429]
         assert len(limited) == 1
         clock.advance(timedelta(seconds=1))

@@ -92,12 +92,15 @@ class Defer(Retry):
     """Not sent and not tried: the handler's own pace (e.g. Slack's per-channel limit) says wait.
 
     The row goes back to ``pending``, due at `after`, and the claim does not count as an
-    attempt; meanwhile more urgent rows, and other channels' rows, go out as usual.
+    attempt; meanwhile more urgent rows, and other channels' rows, go out as usual. A platform's
+    own "wait" (Slack's 429 with Retry-After) is one too, with `record` true: its message is
+    kept as the row's last error. (Counted, a storm's 429s made rows fail after MAX_ATTEMPTS.)
     """
 
-    def __init__(self, message: str, after: datetime) -> None:
+    def __init__(self, message: str, after: datetime, *, record: bool = False) -> None:
         super().__init__(message, after)
         self.after: datetime = after
+        self.record = record
 
 
 # A handler delivers one message and returns a short result (e.g. the platform's message id).
@@ -299,7 +302,11 @@ class OutboxSender:
             outcome = handler(message)
         except Defer as deferred:
             self._settle(
-                message, status=PENDING, next_attempt_at=deferred.after, attempts=message.attempts - 1
+                message,
+                status=PENDING,
+                next_attempt_at=deferred.after,
+                attempts=message.attempts - 1,
+                error=str(deferred) if deferred.record else None,
             )
             result.deferred += 1
             return

@@ -658,14 +658,22 @@ class SlackDelivery:
         return f"storm {channel} {ts}: {posted} of {len(everyone)} entries; this one {entry}"
 
     def _release(self, outbox_ids: list[int], when: datetime) -> None:
-        """Hand storm-claimed rows back to the outbox, due at `when`."""
+        """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt)."""
         if not outbox_ids:
             return
         with self.ctx.sessions() as session, session.begin():
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
-                .values(status=PENDING, lease_until=None, owner=None, next_attempt_at=when)
+                .values(
+                    status=PENDING,
+                    lease_until=None,
+                    owner=None,
+                    next_attempt_at=when,
+                    attempts=func.greatest(Outbox.attempts - 1, 0)
+                    if is_postgres(session)
+                    else func.max(Outbox.attempts - 1, 0),
+                )
                 .execution_options(synchronize_session=False)
             )
 
@@ -880,10 +888,7 @@ class SlackDelivery:
                     "retry_after": seconds,
                 },
             )
-            return Retry(
-                f"Slack rate limit on {method}{where}: retry after {seconds} s",
-                after=until,
-            )
+            return Defer(f"Slack rate limit on {method}{where}: retry after {seconds} s", until, record=True)
         if status >= 500 or code in RETRYABLE_ERRORS:
             return Retry(f"Slack {method}{where}: HTTP {status} {code or ''}".rstrip())
         hint = PERMANENT_ERRORS.get(code or "")
