@@ -136,6 +136,8 @@ class Conversation(Base):
         Index("ix_conversations_account_author", "account_id", "author_id", "last_customer_post_at"),
         Index("ix_conversations_team_status", "team", "status"),
         Index("ix_conversations_owner_status", "owner", "status"),
+        # /metrics: open and overdue conversations per team, an index range over open ones only.
+        Index("ix_conversations_status_team_due", "status", "team", "due_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -159,6 +161,13 @@ class Conversation(Base):
     cycle_started_at: Mapped[datetime]
     clock_started_at: Mapped[datetime]
     due_at: Mapped[datetime]
+    # The first-response deadline the customer was promised (kept when later cycles move due_at);
+    # None only on rows from before migration 0004 that were already past their first cycle.
+    first_due_at: Mapped[datetime | None]
+    # The resolution target (policy `resolution`), moved on by the time spent waiting on the customer.
+    resolution_due_at: Mapped[datetime | None]
+    # Since when staff wait on the customer (response and resolution clocks paused); None: not waiting.
+    waiting_since: Mapped[datetime | None]
     last_customer_post_at: Mapped[datetime]
     first_response_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]
@@ -206,6 +215,22 @@ class Event(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class SkippedItem(Base):
+    """A malformed item a connector left out of a page (the cursor moved past it), kept for staff."""
+
+    __tablename__ = "skipped_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    at: Mapped[datetime]
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    # Where in the page the problem was (``data[2].id``) and what was wrong.
+    field: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    # The item as it came: {"item": <JSON value>}.
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 class Outbox(Base):
     """A message still to be sent (or sent): written in the same transaction as its cause."""
 
@@ -218,6 +243,9 @@ class Outbox(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_outbox_status", "status"),
+        # /metrics counts rows per status and kind for the statuses that do not pile up
+        # (everything but sent): an index range, not a scan of every row ever sent.
+        Index("ix_outbox_status_kind", "status", "kind"),
         # The claim's order: most urgent kind first, then oldest due.
         Index(
             "ix_outbox_urgency",
@@ -265,6 +293,19 @@ class AckOptOut(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     author_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     at: Mapped[datetime]
+
+
+class SeenRequest(Base):
+    """A signed request already accepted (a Slack signature, a webhook-id), kept until it expires.
+
+    The replay guard of every process: inserting an existing key fails, so a replay is refused
+    whichever process it reaches and across restarts; the retention job deletes expired rows.
+    """
+
+    __tablename__ = "seen_requests"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class Lease(Base):

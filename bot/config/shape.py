@@ -80,6 +80,13 @@ class SettingsTable(TypedDict, total=False):
     conversation_gap: Duration
     default_team: Name
     admin_channel: Channel
+    # The public edge (issue 11): see bot.core.policy.Settings.
+    ack_greeting: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[^<>@{}\n]+$")]
+    ack_overdue_wording: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[^<>@{}\n]+$")]
+    cross_team_actions: bool
+    retention_outbox: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
+    retention_events: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
+    retention_text: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
 
 
 class CalendarTable(TypedDict, total=False):
@@ -91,6 +98,10 @@ class CalendarTable(TypedDict, total=False):
     holidays: HolidaysTable
     closed: list[DateText]
     overrides: dict[DateText, list[Period]]
+    weekend: Annotated[
+        list[DayKey],
+        Field(description='The weekend days, whatever the hours: ["sat", "sun"] (default), [] for none.'),
+    ]
 
 
 class ExpertTable(TypedDict, total=False):
@@ -127,6 +138,10 @@ class TeamTable(TypedDict, total=False):
             pattern=r"^\s*([Oo][Ff][Ff]|\S+\s+[0-9]{2}:[0-9]{2})\s*$",
             description='When the weekly digest is posted: "mon 09:00", or "off".',
         ),
+    ]
+    follow_the_sun: Annotated[
+        bool,
+        Field(description="Hand a conversation on when its owner's working hours end before its deadline."),
     ]
     # Issue 15: honest acknowledgements and "at risk" notices (bot.sim.forecast).
     forecast_ack: bool
@@ -167,6 +182,9 @@ class PolicyTable(TypedDict, total=False):
     warn_at: list[Fraction] | Fraction
     nag_every: Duration
     claim_within: Duration
+    reassign_if_silent: Duration
+    resolution: Duration
+    close_after_silence: Duration
     acknowledge: bool
     escalation: list[StepTable]
     match: MatchTable

@@ -27,7 +27,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from bot.core.policy import Expert, Policy, parse_duration
+from bot.core.policy import Expert, Policy, format_duration, parse_duration
 from bot.flow import conversations
 from bot.flow.context import AppContext
 from storage import repo
@@ -181,7 +181,7 @@ class QueueItem:
 class TeamStats:
     """A team's figures for the current week (Monday 00:00 in the team's time zone until now).
 
-    ``within_sla_share`` is None when nothing was answered this week. Conversations closed
+    ``within_sla_share`` is None when nothing was judged this week. Conversations closed
     without a reply are counted apart (``closed_this_week``) and are not in the compliance share.
     """
 
@@ -192,12 +192,20 @@ class TeamStats:
     answered_this_week: int
     answered_within_sla: int
     closed_this_week: int
+    # First deadlines that passed this week unanswered or answered late (as the digest counts them).
+    breached_this_week: int = 0
+    # Resolution target (policy `resolution`): closed after an answer in time this week, and
+    # resolution deadlines passed this week unresolved or resolved late.
+    resolved_within_target: int = 0
+    resolution_breached_this_week: int = 0
 
     @property
     def within_sla_share(self) -> float | None:
-        if not self.answered_this_week:
+        """In time / (in time + breached), as in the digest; None when nothing was judged yet."""
+        judged = self.answered_within_sla + self.breached_this_week
+        if not judged:
             return None
-        return self.answered_within_sla / self.answered_this_week
+        return self.answered_within_sla / judged
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +257,8 @@ def can_read_team(policy: Policy, expert_id: str, team: str) -> bool:
 
     Working in a team means being one of its experts, its on-call person or its manager, so a
     manager reads the queues of the teams they manage. Acting on a conversation (claim, reply,
-    reassign, close...) stays open to every staff member: a misrouted conversation is handed
-    across teams from its card.
+    reassign, close...) follows the same rule (`can_act_on_team`) unless the policy sets
+    ``cross_team_actions = true``.
     """
     return team in teams_of(policy, expert_id)
 
@@ -263,6 +271,33 @@ def require_team_reader(policy: Policy, expert_id: str, team: str) -> None:
         mine = ", ".join(teams_of(policy, expert_id)) or "none"
         raise PermissionDenied(
             f"You can only see the queues of your own teams ({mine}); {label} is not one of them."
+        )
+
+
+def can_act_on_team(policy: Policy, expert_id: str, team: str) -> bool:
+    """Whether an expert may act on (claim, reply to, close...) a conversation of `team`.
+
+    Its own experts, its manager and its on-call may; others only when the policy says
+    ``cross_team_actions = true`` (a misrouted conversation is then handed across from its card;
+    otherwise its team's manager or on-call reassigns it).
+    """
+    found = policy.teams.get(team)
+    if found is None:
+        return policy.settings.cross_team_actions
+    return (
+        expert_id in found.experts
+        or expert_id in (found.on_call, found.manager)
+        or policy.settings.cross_team_actions
+    )
+
+
+def require_team_actor(policy: Policy, expert_id: str, conversation: Conversation) -> None:
+    """Raise `PermissionDenied` unless the expert may act on `conversation` (`can_act_on_team`)."""
+    if not can_act_on_team(policy, expert_id, conversation.team):
+        found = policy.teams.get(conversation.team)
+        label = found.label if found is not None else conversation.team
+        raise PermissionDenied(
+            f"#{conversation.id} belongs to {label}, not one of your teams; ask its manager or on-call."
         )
 
 
@@ -289,8 +324,9 @@ def _atomic(session: Session) -> Iterator[None]:
         yield
 
 
-def _locked(session: Session, conversation_id: int) -> Conversation:
-    """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises)."""
+def _locked(session: Session, conversation_id: int, ctx: AppContext, expert_id: str) -> Conversation:
+    """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises),
+    once `expert_id` is known to be allowed to act on its team (`require_team_actor`)."""
     conversation = session.scalars(
         select(Conversation)
         .where(Conversation.id == conversation_id)
@@ -299,6 +335,7 @@ def _locked(session: Session, conversation_id: int) -> Conversation:
     ).one_or_none()
     if conversation is None:
         raise NotFound(f"Conversation #{conversation_id} does not exist.")
+    require_team_actor(ctx.policy, expert_id, conversation)
     return conversation
 
 
@@ -355,6 +392,7 @@ def claim(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
+        _locked(session, conversation_id, ctx, expert_id)
         statement = (
             update(Conversation)
             .where(
@@ -379,6 +417,12 @@ def claim(
             repo.record_event(
                 session=session, at=now, actor=expert_id, action="claimed", conversation_id=conversation_id
             )
+            silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
+            if silence is not None:
+                # The sweep must look when the owner's silence would run out (reassign_if_silent).
+                check_at = now + silence
+                if conversation.next_action_at is None or conversation.next_action_at > check_at:
+                    conversation.next_action_at = check_at
             _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
         return ClaimResult(
             won=won,
@@ -398,7 +442,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.claimed_by != expert_id:
             holder = conversation.claimed_by
             raise InvalidState(
@@ -429,7 +473,7 @@ def reassign(
     if to_expert not in staff_experts(ctx.policy):
         raise InvalidState(f"{to_expert} is not a replyclock expert.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed.")
         previous = conversation.owner
@@ -495,7 +539,7 @@ def snooze(
     if until <= now:
         raise InvalidState("A snooze must end in the future.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is {conversation.status}: there is nothing to snooze.")
         previous = conversation.next_action_at
@@ -512,6 +556,72 @@ def snooze(
         _card_update(session, conversation, "snoozed", now, until=until.isoformat())
 
 
+def wait_on_customer(
+    session: Session, ctx: AppContext, conversation_id: int, expert_id: str, now: datetime
+) -> datetime | None:
+    """Staff wait on the customer: the response and resolution clocks pause (and the reminders
+    stop) until the customer writes again; with the policy's `close_after_silence`, the sweep
+    closes the conversation after that much silence. Returns when that would be, else None.
+
+    Raises:
+        PermissionDenied, NotFound: as for `claim`.
+        InvalidState: the conversation is closed or already waiting.
+    """
+    _require_expert(ctx.policy, expert_id)
+    with _atomic(session):
+        conversation = _locked(session, conversation_id, ctx, expert_id)
+        if conversation.status == CLOSED:
+            raise InvalidState("This conversation is closed: there is nobody to wait for.")
+        if conversation.waiting_since is not None:
+            raise InvalidState("This conversation is already waiting on the customer.")
+        sla = conversations.policy_of(session, ctx, conversation)
+        conversation.waiting_since = now
+        close_at = now + sla.close_after_silence if sla.close_after_silence is not None else None
+        conversation.next_action_at = close_at
+        repo.record_event(
+            session=session,
+            at=now,
+            actor=expert_id,
+            action="waiting",
+            conversation_id=conversation_id,
+            close_at=close_at.isoformat() if close_at else None,
+        )
+        _card_update(session, conversation, "waiting", now)
+        return close_at
+
+
+def close_silent(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> bool:
+    """Close a conversation that waited on a silent customer for the policy's `close_after_silence`
+    (the sweep calls this); the card says why. Returns whether it closed."""
+    sla = conversations.policy_of(session, ctx, conversation)
+    since = conversation.waiting_since
+    if since is None or sla.close_after_silence is None or conversation.status == CLOSED:
+        conversation.next_action_at = None if since is not None else conversation.next_action_at
+        return False
+    if now < since + sla.close_after_silence:
+        conversation.next_action_at = since + sla.close_after_silence
+        return False
+    was = conversation.status
+    conversation.status = CLOSED
+    conversation.closed_at = now
+    conversation.close_reason = f"no word from the customer for {format_duration(sla.close_after_silence)}"[
+        :CLOSE_REASON_MAX
+    ]
+    conversation.next_action_at = None
+    repo.record_event(
+        session=session,
+        at=now,
+        actor="sweep",
+        action="closed",
+        conversation_id=conversation.id,
+        reason=conversation.close_reason,
+        was=was,
+        waiting_since=since.isoformat(),
+    )
+    _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
+    return True
+
+
 def mark_answered(
     session: Session, ctx: AppContext, conversation_id: int, expert_id: str, now: datetime
 ) -> None:
@@ -524,7 +634,7 @@ def mark_answered(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is already {conversation.status}.")
         conversations.mark_answered(session, conversation, at=now, by=expert_id, now=now)
@@ -545,7 +655,7 @@ def close(
     if not reason:
         raise InvalidState("Say why it is closed.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is already closed.")
         was = conversation.status
@@ -656,7 +766,7 @@ def reply(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         validate_reply(session, ctx, conversation_id, text)
         account, _limit = _reply_target(session, ctx, conversation)
         post_id = session.scalar(
@@ -722,6 +832,9 @@ def _expert_row(session: Session, ctx: AppContext, expert_id: str) -> ExpertRow:
     return row
 
 
+MAX_AWAY = timedelta(days=366)
+
+
 def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now: datetime) -> datetime:
     """Away through `until` (a date in the expert's own time zone): routing skips them till then.
 
@@ -734,8 +847,15 @@ def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now
     """
     _require_expert(ctx.policy, expert_id)
     tz = ctx.expert_calendar(expert_id).tz
-    if until < now.astimezone(tz).date():
+    today = now.astimezone(tz).date()
+    if until < today:
         raise InvalidState(f"{until.isoformat()} is in the past.")
+    if until > today + MAX_AWAY:
+        # Also keeps the date arithmetic below in range (9999-12-31 + 1 day overflowed: HTTP 500).
+        raise InvalidState(
+            f"{until.isoformat()} is more than {MAX_AWAY.days} days away; pick a date within a year "
+            "and set it again later if needed."
+        )
     back_at = datetime.combine(until + timedelta(days=1), time(0), tz).astimezone(UTC)
     with _atomic(session):
         row = _expert_row(session, ctx, expert_id)
@@ -837,6 +957,10 @@ def team_queue(session: Session, team: str) -> list[QueueItem]:
     return _queue(session, Conversation.status == OPEN, Conversation.team == team)
 
 
+# How far back the stats look for old rows whose first deadline was never stored.
+_STATS_LOOKBACK = timedelta(days=60)
+
+
 def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
     """Monday 00:00 of the current week in the team's time zone, in UTC."""
     tz = ctx.calendar(ctx.policy.teams[team].calendar).tz
@@ -846,7 +970,11 @@ def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
 
 
 def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> TeamStats:
-    """Open and overdue now; answered, answered in time and closed unanswered this week.
+    """Open and overdue now; first responses, their verdicts and closed unanswered this week.
+
+    The verdicts come from `bot.core.sla_outcome` on the first-response deadline, exactly as in
+    the weekly digest: answered in time this week, or first deadline passed unanswered (or
+    answered late) this week.
 
     Raises:
         KeyError: no such team.
@@ -861,14 +989,48 @@ def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> T
             or 0
         )
 
-    answered_this_week = (Conversation.answered_at >= start, Conversation.answered_at <= now)
+    candidates = session.scalars(
+        select(Conversation).where(
+            Conversation.team == team,
+            Conversation.opened_at <= now,
+            or_(
+                Conversation.first_response_at >= start,
+                Conversation.first_due_at >= start,
+                Conversation.resolution_due_at >= start,
+                Conversation.closed_at >= start,
+                # Rows from before the first deadline was stored, past their first cycle.
+                (Conversation.first_due_at.is_(None) & (Conversation.opened_at >= start - _STATS_LOOKBACK)),
+            ),
+        )
+    )
+    answered = within = breached = resolved_within = resolution_breached = 0
+    for conversation in candidates:
+        outcome = conversations.first_response_outcome(session, ctx, conversation, now)
+        responded = conversation.first_response_at
+        if responded is not None and start <= responded <= now:
+            answered += 1
+            within += outcome.within
+        if start <= outcome.due_at < now and outcome.breached:
+            breached += 1
+        resolution = conversations.resolution_verdict(conversation, now)
+        if resolution is not None:
+            closed = conversation.closed_at
+            if resolution.within and closed is not None and start <= closed <= now:
+                resolved_within += 1
+            if resolution.breached and start <= resolution.due_at < now:
+                resolution_breached += 1
     return TeamStats(
         team=team,
         week_start=start,
         open=count(Conversation.status == OPEN),
-        overdue=count(Conversation.status == OPEN, Conversation.due_at < now),
-        answered_this_week=count(*answered_this_week),
-        answered_within_sla=count(*answered_this_week, Conversation.answered_at <= Conversation.due_at),
+        overdue=count(
+            Conversation.status == OPEN, Conversation.due_at < now, Conversation.waiting_since.is_(None)
+        ),
+        answered_this_week=answered,
+        answered_within_sla=within,
+        breached_this_week=breached,
+        resolved_within_target=resolved_within,
+        resolution_breached_this_week=resolution_breached,
         closed_this_week=count(
             Conversation.status == CLOSED,
             Conversation.closed_at >= start,

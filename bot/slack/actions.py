@@ -44,6 +44,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     SNOOZE_CHOICES,
     parse_conversation_id,
@@ -65,6 +66,7 @@ def register(app: App) -> None:
     app.action(ACTION_REPLY)(handle_reply_action)
     app.action(ACTION_SNOOZE)(handle_snooze_action)
     app.action(ACTION_ANSWERED)(handle_answered_action)
+    app.action(ACTION_WAIT)(handle_wait_action)
     app.action(ACTION_CLOSE)(handle_close_action)
 
 
@@ -73,22 +75,22 @@ def register(app: App) -> None:
 
 
 def conversation_id_of(session: Session, body: Body) -> int | None:
-    """The conversation a click is about.
+    """The conversation a click is about, or None when it cannot be told or does not add up.
 
     Buttons carry the id as their value; menus (whose option values are the choice) sit in the
-    card's ``conversation:<id>`` actions block; failing both, the card message is looked up.
+    card's ``conversation:<id>`` actions block. When the click is on a message that is a stored
+    card, the card's own conversation decides: a value or block naming another conversation is
+    refused (None), so a button acts only on the conversation of the message it is on. Clicks
+    elsewhere (the App Home, a DM) use the value.
     """
     action = _first_action(body)
-    from_value = parse_conversation_id(action.get("value"))
-    if from_value is not None:
-        return from_value
-    from_block = conversation_id_from_block_id(action.get("block_id"))
-    if from_block is not None:
-        return from_block
+    claimed = parse_conversation_id(action.get("value"))
+    if claimed is None:
+        claimed = conversation_id_from_block_id(action.get("block_id"))
     container = _dict(body.get("container"))
     ts = container.get("message_ts") or _dict(body.get("message")).get("ts")
     if not isinstance(ts, str) or not ts:
-        return None
+        return claimed
     channel = container.get("channel_id") or _dict(body.get("channel")).get("id")
     found = list(
         session.execute(
@@ -97,7 +99,16 @@ def conversation_id_of(session: Session, body: Body) -> int | None:
     )
     if len(found) > 1:
         found = [row for row in found if row.slack_channel == channel] or found
-    return int(found[0].id) if found else None
+    if not found:
+        return claimed
+    card = int(found[0].id)
+    if claimed is not None and claimed != card:
+        log.warning(
+            "a click named another conversation than its card; refused",
+            extra={"card": card, "named": claimed, "user": _user_id(body)},
+        )
+        return None
+    return card
 
 
 def _run(
@@ -215,6 +226,7 @@ def handle_reply_action(ack: Ack, body: Body, context: BoltContext, client: WebC
         tell(client, body, f"#{conversation.id} is closed; there is nobody to reply to.")
         return
     try:
+        staff.require_team_actor(ctx.policy, expert_of(context), conversation)
         limit = staff.reply_limit_for(session, ctx, conversation)
     except staff.StaffError as error:
         tell(client, body, f"#{conversation.id}: {error}")
@@ -273,6 +285,24 @@ def handle_answered_action(ack: Ack, body: Body, context: BoltContext, client: W
     """Mark answered: it was answered elsewhere; the response is stamped now and the ladder stops."""
     ack()
     _run(context, client, body, staff.mark_answered)
+
+
+def handle_wait_action(ack: Ack, body: Body, context: BoltContext, client: WebClient) -> None:
+    """Waiting on customer: the response and resolution clocks pause until the customer writes."""
+    ack()
+    ctx = replyclock_of(context)
+    done = _run(context, client, body, lambda s, c, i, e, n: (i, staff.wait_on_customer(s, c, i, e, n)))
+    if done is None:
+        return
+    conversation_id, close_at = done
+    expert = ctx.policy.experts.get(expert_of(context))
+    tz = user_timezone(client, _user_id(body), fallback=expert.timezone if expert else "UTC")
+    closing = f"; closed {clock_time(close_at, tz, ctx.clock.now())} if they stay silent" if close_at else ""
+    tell(
+        client,
+        body,
+        f"#{conversation_id} waits on the customer: the clocks stand still until they write{closing}.",
+    )
 
 
 def handle_close_action(ack: Ack, body: Body, context: BoltContext, client: WebClient) -> None:

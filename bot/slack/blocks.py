@@ -36,6 +36,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     REPLY_BLOCK,
     REPLY_INPUT,
@@ -172,6 +173,16 @@ def graphemes(text: str) -> Iterator[str]:
         yield text[start:index]
 
 
+# Every line break Python (and a Slack client) may honour: CR LF, lone CR, VT, FF, the file/group/
+# record separators, NEL (U+0085), LINE SEPARATOR (U+2028) and PARAGRAPH SEPARATOR (U+2029).
+_LINE_BREAKS = re.compile("\r\n|[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def normalise_line_breaks(text: str) -> str:
+    """Every kind of line break as ``\\n``: a quote (``>``) then covers each line the reader sees."""
+    return _LINE_BREAKS.sub("\n", text)
+
+
 def clip_escaped(text: str, limit: int, *, max_lines: int | None = None, quote: bool = False) -> str:
     """Customer text made inert (`escape_mrkdwn`) and cut to at most `limit` UTF-16 units.
 
@@ -180,6 +191,7 @@ def clip_escaped(text: str, limit: int, *, max_lines: int | None = None, quote: 
     cut text ends with "…". With `quote`, every line is a Slack block quote (``>``), which
     sets the customer's words apart from ours; the quote marks count towards the limit.
     """
+    text = normalise_line_breaks(text)
     budget = limit - len(ELLIPSIS)
     prefix = "> " if quote else ""
     parts = [prefix]
@@ -377,6 +389,12 @@ def card_actions(conversation: Conversation) -> Block:
                 "action_id": ACTION_SNOOZE,
                 "placeholder": _plain("Snooze"),
                 "options": [{"text": _plain(label), "value": key} for key, label in SNOOZE_CHOICES.items()],
+            },
+            {
+                "type": "button",
+                "action_id": ACTION_WAIT,
+                "text": _plain("Waiting on customer"),
+                "value": value,
             },
             {
                 "type": "button",
@@ -702,8 +720,20 @@ def reassign_message(
     owner: str | None,
     previous_owner: str | None,
     note: str | None = None,
+    reason: str | None = None,
 ) -> Message:
-    """Thread reply: nobody claimed it in time, so it was offered to the next expert."""
+    """Thread reply: nobody claimed it in time (or its owner went silent, or their day ended:
+    `reason` "silent" or "handover"), so it was offered to the next expert."""
+    if reason in ("silent", "handover") and owner != previous_owner:
+        was = _person(ctx_policy, previous_owner, now=None, ping=False)
+        line = (
+            f":arrows_counterclockwise: {was} claimed {_subject(conversation)} but neither answered nor "
+            f"acted: offered to {_person(ctx_policy, owner, now=now)}."
+            if reason == "silent"
+            else f":sunrise: Handover: {was}'s working hours end before {_subject(conversation)} is due: "
+            f"{_person(ctx_policy, owner, now=now)} takes it over."
+        )
+        return _simple(line, f"#{conversation.id} handed over")
     if note or owner == previous_owner:
         line = (
             f":arrows_counterclockwise: Nobody claimed {_subject(conversation)} in time and no other "

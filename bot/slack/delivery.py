@@ -53,6 +53,7 @@ from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import DEFAULT_LEASE, Defer, Handler, OutboxMessage, Retry
 from bot.httputil import header, retry_after
+from bot.logs import redact_urls
 from bot.slack import blocks
 from bot.slack.pacing import Pacer
 from bot.telemetry import record_slack_error
@@ -300,6 +301,7 @@ class SlackDelivery:
             owner=_text(payload.get("owner")),
             previous_owner=_text(payload.get("previous_owner")),
             note=_text(payload.get("note")),
+            reason=_text(payload.get("reason")),
         )
         return self._thread_reply(loaded, built)
 
@@ -402,7 +404,7 @@ class SlackDelivery:
         """An operator alert to the admin channel (skipped, with a log line, when there is none)."""
         payload = message.payload
         channel = _text(payload.get("channel")) or self.ctx.policy.settings.admin_channel
-        text = _text(payload.get("text")) or "(no text)"
+        text = redact_urls(_text(payload.get("text")) or "(no text)")
         if not channel:
             log.warning("admin alert not posted: no admin_channel configured", extra={"alert": text})
             return "skipped: no admin channel"
