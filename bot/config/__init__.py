@@ -32,7 +32,7 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     account within this gap continues their open conversation.
     ``default_team``      team for posts that no routing rule matches (default: the first team).
     ``admin_channel``     Slack channel for operational notices (``"#replyclock-admin"``).
-    ``ack_greeting``      default ``"there"``: what ``{author}`` becomes when the platform does not
+    ``ack_greeting``      default: the template language's word (``"there"``, ``"dir"``...): what ``{author}`` becomes when the platform does not
                           verify handles (webhook, feed); a customer-typed name is never used.
     ``ack_overdue_wording`` default ``"as soon as possible"``: replaces the time left in an
                           acknowledgement of a post that arrives already overdue.

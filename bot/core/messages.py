@@ -81,12 +81,13 @@ def render_acknowledgement(
     timezone: ZoneInfo,
     now: datetime,
     language: str = "en",
-    greeting: str = "there",
+    greeting: str | None = None,
     overdue_wording: str = "as soon as possible",
 ) -> str:
     """Fill an acknowledgement template (placeholders checked when the policy file was loaded).
 
-    `author` is a verified handle (`verified_handle`) or None, then `greeting` stands in: what
+    `author` is a verified handle (`verified_handle`) or None, then `greeting` (or, unset, the
+    language's own word) stands in: what
     a customer typed as their name never reaches a public reply. A post already due (overdue on
     arrival) gets `overdue_wording` instead of the time left and its "within"/"by". `language` is
     the template's language: {due}, {due_in} and the word for a missing owner are formatted for it
@@ -98,7 +99,7 @@ def render_acknowledgement(
         )
     nobody = locale_text.someone(language)
     return template.format(
-        author=author or greeting,
+        author=author or greeting or locale_text.greeting(language),
         owner_first_name=owner.first_name if owner else nobody,
         owner=owner.name if owner else nobody,
         team=team.label,

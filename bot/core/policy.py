@@ -271,7 +271,7 @@ class Settings:
     admin_channel: str | None = None
     # What an acknowledgement calls a customer whose handle the platform does not verify
     # (webhook, feed): never their self-typed name.
-    ack_greeting: str = "there"
+    ack_greeting: str | None = None  # None: the template language's word (bot.core.locale_text)
     # Replaces the time left ({due_in}, "within {due_in}", "by {due}") when a post arrives overdue.
     ack_overdue_wording: str = "as soon as possible"
     # Staff may act on another team's conversations (default: only that team, its manager and on-call).
