@@ -329,6 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.reports.digest_delivery import digest_handlers
     from bot.runlock import single_writer_lock
     from bot.slack.delivery import slack_handlers
+    from bot.slack.pacing import Pacer
 
     settings = _settings()
     logs.configure(settings.log_level)
@@ -365,7 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_settings(settings)
         client = slack.client()
         if client is not None:
-            staff = slack_handlers(ctx, client)
+            staff = slack_handlers(ctx, client, pacer=Pacer(ctx.clock.now))
         else:
             staff = text_handlers(
                 ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})

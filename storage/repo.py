@@ -256,6 +256,9 @@ def retire_ladder(
     ).all()
     found: list[tuple[int, str, int]] = []
     by_conversation: dict[int, list[dict[str, Any]]] = {}
+    # RETURNING comes in the table's physical order (on PostgreSQL, any order): list the steps
+    # in the order they were due.
+    retired = sorted(retired, key=lambda row: (str((row[2] or {}).get("scheduled_at") or ""), row[0]))
     for conversation_id, kind, payload in retired:
         index = int((payload or {}).get("index", 0))
         found.append((conversation_id, kind, index))

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.delivery import customer_handlers
-from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import Defer, OutboxMessage, OutboxSender, Retry
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage.models import Conversation, Outbox, Post
@@ -192,3 +192,29 @@ def test_staff_messages_of_a_conversation_keep_their_order_through_retries(
     clock.advance(timedelta(minutes=5))
     sender.send_due()
     assert [kind for cid, kind in order if cid == 1] == ["card", "breach", "escalation", "nag"]
+
+
+def test_a_deferred_message_is_not_an_attempt_and_comes_back_when_asked(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    ingest(ctx, post("1", "hello"))
+    attempts: list[int] = []
+
+    def paced(message: OutboxMessage) -> str:
+        attempts.append(message.attempts)
+        if len(attempts) <= 20:  # far more than max_attempts: a pace is not a failure
+            raise Defer("not yet", after=clock.now() + timedelta(seconds=1))
+        return "ok"
+
+    sender = OutboxSender(ctx, {"card": paced, "ack": lambda m: "ok"}, max_attempts=3)
+    result = sender.send_due()
+    assert (result.deferred, result.retried, result.failed) == (1, 0, 0)
+    [card] = rows(ctx)["card"]
+    assert (card.status, card.attempts, card.next_attempt_at) == ("pending", 0, MONDAY + timedelta(seconds=1))
+    assert card.last_error is None
+    assert sender.send_due().deferred == 0  # not due again before the time it asked for
+    for _ in range(20):
+        clock.advance(timedelta(seconds=1))
+        sender.send_due()
+    assert attempts == [1] * 21
+    assert rows(ctx)["card"][0].status == "sent"

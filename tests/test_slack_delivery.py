@@ -19,6 +19,7 @@ from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
 from bot.slack.ids import ACTION_CLAIM
+from bot.slack.pacing import Pacer
 from storage import repo
 from storage.models import Conversation, Event, Outbox
 from tests.conftest import MONDAY
@@ -231,9 +232,10 @@ def test_rate_limit_is_retried_after_retry_after_then_delivered(
 
     slack.fail_next("chat.postMessage", status=429, retry_after=7)
     sender = sender_for(ctx, client)
-    assert sender.send_due().retried == 1
+    assert sender.send_due().deferred == 1  # Slack's "wait" is no failed attempt
     [row] = outbox(ctx, "card")
     assert row.status == "pending" and row.next_attempt_at == MONDAY + timedelta(seconds=7)
+    assert row.attempts == 0
     assert "rate limit" in str(row.last_error) and "#billing" in str(row.last_error)
     assert slack.messages(BILLING) == []
     clock.advance(timedelta(seconds=6))
@@ -423,3 +425,118 @@ def test_admin_alerts_go_to_the_admin_channel(
     assert "replyclock alert* (social): credentials &lt;!here&gt; refused" in posted.display_text
     nowhere = OutboxMessage(2, "admin_alert", None, {"text": "x", "channel": None}, "k2", 1)
     assert handler(nowhere) == "skipped: no admin channel"  # the test policy has no admin_channel
+
+
+# ------------------------------------------------------------------------------------------------
+# Slack's published limits: the stand-in enforces them, the sender paces itself
+
+
+def test_a_paced_storm_in_one_channel_gets_no_429_keeps_breaches_first_and_other_channels_going(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(
+        channels={CARE: "care", BILLING: "billing"},
+        users=USERS,
+        clock=seconds,
+        rate_limits=True,
+        limit_clock=seconds,
+    ) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
+        # Two urgent conversations in #care with their cards out; their deadline (1 h) passes...
+        ingest(ctx, *[post(f"u{i}", "the site is down!", author=f"u{i}") for i in range(2)])
+        assert sender.send_due().sent == 4
+        clock.set(MONDAY + timedelta(minutes=61))
+        # ... just as a storm of 20 new posts reaches #care, and one billing post comes in.
+        storm_at = clock.now()
+        ingest(
+            ctx, *[post(f"s{i}", f"a question, number {i}", author=f"s{i}", at=storm_at) for i in range(20)]
+        )
+        ingest(ctx, post("b1", "I was charged twice on my invoice", author="payer", at=storm_at))
+        sweep(ctx)
+        deferred = 0
+        for _ in range(400):  # the sender comes round every 0.25 s
+            result = sender.send_due()
+            deferred += result.deferred
+            with ctx.sessions() as session:
+                if not session.scalars(select(Outbox).where(Outbox.status != "sent")).first():
+                    break
+            clock.advance(timedelta(seconds=0.25))
+        took = (clock.now() - storm_at).total_seconds()
+        assert slack.internal_errors == []
+
+    statuses = [call.status for call in slack.calls]
+    assert statuses.count(429) == 0
+    # Waiting cards were spread over the next free slots, not re-tried all at every slot.
+    assert 0 < deferred <= 2 * 20
+    # Every message arrived exactly once: one card per conversation, one breach per urgent one.
+    cards = [m for m in top_level(slack, CARE) if m.data.get("metadata")]
+    assert len(cards) == 22 and len({m.ts for m in cards}) == 22
+    assert sorted(str(c.slack_ts) for c in conversations(ctx) if c.slack_channel == CARE) == sorted(
+        m.ts for m in cards
+    )
+    breaches = [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.display_text]
+    assert len(breaches) == 2
+    # The breach notices went first: within a second of the storm, before any of its cards.
+    storm_cards = [m for m in cards if float(m.ts) >= storm_at.timestamp()]
+    assert len(storm_cards) == 20
+    assert max(float(m.ts) for m in breaches) - storm_at.timestamp() <= 1.0
+    assert max(float(m.ts) for m in breaches) < min(float(m.ts) for m in storm_cards)
+    # #care's storm took Slack's pace (about 1 s a card after a short burst) ...
+    assert 15 <= took <= 30
+    # ... while #billing was not held back by it.
+    [billing_card] = top_level(slack, BILLING)
+    assert float(billing_card.ts) - storm_at.timestamp() <= 0.5
+
+
+def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(channels={CARE: "care"}, users=USERS, rate_limits=True, limit_clock=seconds) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
+        ingest(ctx, *[post(f"s{i}", f"a question, number {i}", author=f"s{i}") for i in range(8)])
+        # Another process (its own pacer knows nothing of ours) posts into #care first.
+        other = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        for n in range(4):
+            other.chat_postMessage(channel=CARE, text=f"someone else {n}")
+        result = sender.send_due()
+        # One 429 for our first card; its Retry-After closes #care to the pacer, so the other
+        # cards wait without calling Slack at all.
+        assert (result.sent, result.by_kind, result.retried, result.deferred) == (8, {"ack": 8}, 0, 8)
+        limited = [call for call in slack.calls_to("chat.postMessage") if call.status == 429]
+        assert len(limited) == 1
+        clock.advance(timedelta(seconds=1))
+        for _ in range(80):
+            sender.send_due()
+            clock.advance(timedelta(seconds=0.25))
+        assert len([call for call in slack.calls_to("chat.postMessage") if call.status == 429]) == 1
+        assert len([m for m in top_level(slack, CARE) if m.data.get("metadata")]) == 8
+
+
+def test_a_storm_summary_and_its_entries_keep_the_pace(ctx: AppContext, clock: FakeClock) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(channels={CARE: "care"}, users=USERS, rate_limits=True, limit_clock=seconds) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, pacer=Pacer(clock.now))  # storms summarised (threshold 5)
+        ingest(ctx, *[post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(14)])
+        for _ in range(120):
+            sender.send_due()
+            if all(row.status == "sent" for row in outbox(ctx, "card")):
+                break
+            clock.advance(timedelta(seconds=0.25))
+        took = (clock.now() - MONDAY).total_seconds()
+        assert [call.status for call in slack.calls].count(429) == 0
+        [summary] = top_level(slack, CARE)
+        entries = [m for m in slack.messages(CARE) if m.thread_ts == summary.ts]
+        assert len(entries) == 14 and len({m.ts for m in entries}) == 14
+        assert sorted(str(c.slack_ts) for c in conversations(ctx)) == sorted(m.ts for m in entries)
+        assert 10 <= took <= 16  # 15 posts: a burst of 3, then one a second

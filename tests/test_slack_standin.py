@@ -27,7 +27,11 @@ from slack_sdk.signature import SignatureVerifier
 from bot.demo.standin import (
     DEFAULT_SIGNING_SECRET,
     DEFAULT_TOKEN,
+    METHOD_TIERS,
+    POST_BURST,
+    RATE_LIMITS_ENV,
     RESPONSE_URL_METHOD,
+    TIER_PER_MINUTE,
     UPLOAD_URL_METHOD,
     SlackStandIn,
     SlackUser,
@@ -256,6 +260,92 @@ def test_per_channel_post_rate_limit() -> None:
         assert limited.response.status_code == 429
         assert 1 <= int(limited.response.headers["Retry-After"]) <= 30
         assert client.chat_postMessage(channel=BILLING, text="elsewhere")["ok"]
+
+
+class _Seconds:
+    """A fake clock for the stand-in's rate limits: seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_published_limits_post_burst_then_429_with_retry_after_per_channel() -> None:
+    clock = _Seconds()
+    with SlackStandIn(
+        channels={CARE: "care", BILLING: "billing"}, rate_limits=True, limit_clock=clock
+    ) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        for n in range(POST_BURST):
+            assert client.chat_postMessage(channel=CARE, text=f"burst {n}")["ok"]
+        limited = slack_error(lambda: client.chat_postMessage(channel="#care", text="one too many"))
+        assert limited.response.status_code == 429
+        assert limited.response.headers["Retry-After"] == "1"
+        assert limited.response.data == {"ok": False, "error": "ratelimited"}
+        # Another channel has a bucket of its own.
+        assert client.chat_postMessage(channel=BILLING, text="elsewhere")["ok"]
+        clock.now += 0.5
+        assert (
+            slack_error(lambda: client.chat_postMessage(channel=CARE, text="too soon")).response.status_code
+            == 429
+        )
+        clock.now += 0.5
+        assert client.chat_postMessage(channel=CARE, text="a second later")["ok"]
+        assert (
+            slack_error(lambda: client.chat_postMessage(channel=CARE, text="again")).response.status_code
+            == 429
+        )
+        clock.now += 10
+        for n in range(POST_BURST):  # a quiet channel takes a burst again
+            assert client.chat_postMessage(channel=CARE, text=f"later {n}")["ok"]
+        texts = [m.text for m in slack.messages(CARE)]
+        assert "one too many" not in texts and "too soon" not in texts and "again" not in texts
+        assert len(texts) == 2 * POST_BURST + 1
+
+
+def test_published_limits_tiers_per_method() -> None:
+    clock = _Seconds()
+    with SlackStandIn(channels={CARE: "care"}, users=[MARIA], rate_limits=True, limit_clock=clock) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        ts = client.chat_postMessage(channel=CARE, text="card")["ts"]
+        assert METHOD_TIERS["chat.update"] == 3 and TIER_PER_MINUTE[3] == 50
+        for n in range(50):
+            assert client.chat_update(channel=CARE, ts=ts, text=f"edit {n}")["ok"]
+        limited = slack_error(lambda: client.chat_update(channel=CARE, ts=ts, text="edit 50"))
+        assert limited.response.status_code == 429
+        assert limited.response.headers["Retry-After"] == "2"  # 60 s / 50 = 1.2 s, in whole seconds
+        assert slack.message(CARE, ts).text == "edit 49"  # type: ignore[union-attr]
+        # Another method's tier is counted apart (conversations.open: Tier 3 too, its own bucket).
+        assert client.conversations_open(users="U0MARIA01")["ok"]
+        clock.now += 1.2
+        assert client.chat_update(channel=CARE, ts=ts, text="edit 51")["ok"]
+        # Tier 4 allows 100 a minute.
+        for _ in range(100):
+            assert client.users_info(user="U0MARIA01")["ok"]
+        assert slack_error(lambda: client.users_info(user="U0MARIA01")).response.status_code == 429
+        assert [call.status for call in slack.calls_to("users.info")].count(429) == 1
+
+
+def test_published_limits_are_off_by_default_and_on_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RATE_LIMITS_ENV, raising=False)
+    with SlackStandIn(channels={CARE: "care"}) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        for n in range(POST_BURST + 5):
+            assert client.chat_postMessage(channel=CARE, text=f"fast {n}")["ok"]
+    monkeypatch.setenv(RATE_LIMITS_ENV, "1")
+    with SlackStandIn(channels={CARE: "care"}, limit_clock=_Seconds()) as slack:
+        assert slack.rate_limits
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        statuses = []
+        for n in range(POST_BURST + 2):
+            try:
+                client.chat_postMessage(channel=CARE, text=f"paced {n}")
+                statuses.append(200)
+            except SlackApiError as error:
+                statuses.append(error.response.status_code)
+        assert statuses == [200] * POST_BURST + [429, 429]
 
 
 def test_server_error_dropped_connection_and_delay(slack: SlackStandIn, client: WebClient) -> None:

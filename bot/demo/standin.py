@@ -46,6 +46,7 @@ import hmac
 import json
 import math
 import mimetypes
+import os
 import re
 import socket
 import threading
@@ -66,7 +67,12 @@ __all__ = [
     "ANY_METHOD",
     "DEFAULT_SIGNING_SECRET",
     "DEFAULT_TOKEN",
+    "METHOD_TIERS",
+    "POST_BURST",
+    "POST_PER_SECOND",
+    "RATE_LIMITS_ENV",
     "RESPONSE_URL_METHOD",
+    "TIER_PER_MINUTE",
     "UPLOAD_URL_METHOD",
     "AppResponse",
     "Call",
@@ -97,6 +103,36 @@ plain-text ``ok``; a URL not handed out answers 404 and bad JSON 400 (the stand-
 
 ANY_METHOD = "*"
 """Matches every method in `SlackStandIn.fail_next` and `SlackStandIn.delay_next`."""
+
+RATE_LIMITS_ENV = "REPLYCLOCK_STANDIN_RATE_LIMITS"
+"""Set to 1 (or true/yes/on) to turn on Slack's published rate limits in every stand-in by default."""
+
+TIER_PER_MINUTE: Mapping[int, int] = {1: 1, 2: 20, 3: 50, 4: 100}
+"""Slack's published Web API tiers: calls per minute per method per workspace (bursts allowed)."""
+
+# The tier of each method the stand-in answers, from its page on docs.slack.dev (``Rate limits``).
+# chat.postMessage is "Special": about one message per second per channel, short bursts allowed.
+METHOD_TIERS: Mapping[str, int] = {
+    "auth.test": 4,  # "Special" on the page; treated as Tier 4 here (the stand-in's choice)
+    "chat.update": 3,
+    "chat.postEphemeral": 4,
+    "chat.getPermalink": 4,  # "Special"; Tier 4 here
+    "conversations.open": 3,
+    "users.info": 4,
+    "views.open": 4,
+    "views.push": 4,
+    "views.update": 4,
+    "views.publish": 4,
+    "files.getUploadURLExternal": 4,
+    "files.completeUploadExternal": 4,
+}
+
+POST_PER_SECOND = 1.0
+"""chat.postMessage: messages per second per channel ("about one message per second per channel")."""
+
+POST_BURST = 4
+"""chat.postMessage: how many messages a quiet channel takes at once before the 1/s pace applies
+(Slack allows "short bursts" without publishing a number; four is the stand-in's choice)."""
 
 MAX_MESSAGE_TEXT = 40_000  # chat.postMessage truncates longer text; chat.update answers msg_too_long
 MAX_MESSAGE_BLOCKS = 50
@@ -381,6 +417,40 @@ class _Trigger:
     used: bool = False
 
 
+class _Limiter:
+    """Slack's published rate limits as token buckets: per method (tiers) and per channel (posts).
+
+    A bucket holds up to its burst of calls and refills at its rate; a call finding it empty
+    is refused with the whole seconds until a call would pass (Slack's ``Retry-After``, at
+    least 1). Time comes from `clock` (seconds; monotonic by default, a fake one in tests).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def check(self, method: str, channel: str | None) -> int | None:
+        """Take a call's token: None if it passes, else the Retry-After seconds."""
+        if method == "chat.postMessage":
+            if channel is None:
+                return None  # no channel: the method answers an error of its own
+            key, rate, burst = (method, channel), POST_PER_SECOND, float(POST_BURST)
+        else:
+            tier = METHOD_TIERS.get(method)
+            if tier is None:
+                return None
+            per_minute = TIER_PER_MINUTE[tier]
+            key, rate, burst = (method, ""), per_minute / 60.0, float(per_minute)
+        now = self._clock()
+        tokens, at = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + max(now - at, 0.0) * rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return None
+        self._buckets[key] = (tokens, now)
+        return max(1, math.ceil((1.0 - tokens) / rate))
+
+
 # --------------------------------------------------------------------------------------------
 # The stand-in
 
@@ -404,6 +474,13 @@ class SlackStandIn:
         post_interval: simulate Slack's per-channel limit on ``chat.postMessage`` ("about one
             message per second per channel"): a post sooner than this many (real) seconds after
             the previous one in the same channel answers HTTP 429 ``ratelimited``.
+        rate_limits: enforce Slack's published limits (`TIER_PER_MINUTE` per method by its tier,
+            `METHOD_TIERS`; ``chat.postMessage`` `POST_PER_SECOND` per channel after a burst of
+            `POST_BURST`): a call beyond them answers HTTP 429 with ``Retry-After`` (whole
+            seconds) and ``{"ok": false, "error": "ratelimited"}``, as Slack does, and changes
+            nothing. Default: off, unless the environment variable `RATE_LIMITS_ENV` is set to 1.
+        limit_clock: seconds (any origin) for the rate limits; default ``time.monotonic``. Give
+            a fake clock to test limits without sleeping.
         strict_triggers: answer ``invalid_trigger_id`` for ``views.open``/``views.push`` with a
             trigger the stand-in never issued. Re-using an issued trigger always answers
             ``exchanged_trigger_id``.
@@ -421,6 +498,8 @@ class SlackStandIn:
         signing_secret: str = DEFAULT_SIGNING_SECRET,
         clock: Callable[[], float] | None = None,
         post_interval: float | None = None,
+        rate_limits: bool | None = None,
+        limit_clock: Callable[[], float] | None = None,
         strict_triggers: bool = False,
         team_id: str = "T0STANDIN1",
         team_domain: str = "replyclock-standin",
@@ -448,6 +527,10 @@ class SlackStandIn:
         self._tokens: frozenset[str] | None = None if tokens is None else frozenset(tokens)
         self._clock = clock
         self._post_interval = post_interval
+        if rate_limits is None:
+            rate_limits = os.environ.get(RATE_LIMITS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.rate_limits = rate_limits
+        self._limit_clock = limit_clock or time.monotonic
         self._strict_triggers = strict_triggers
         self._host = host
         self._port = port
@@ -498,6 +581,7 @@ class SlackStandIn:
             self._faults: list[_Fault] = []
             self._delays: list[_Delay] = []
             self._last_post: dict[str, float] = {}
+            self._limiter = _Limiter(self._limit_clock)
             self._last_ts_us = 0
             self._serial = 0
             for channel_id in [c.id for c in self._channels.values() if c.is_im or c.is_mpim]:
@@ -1276,6 +1360,15 @@ class SlackStandIn:
             return _Reply.of_json({"ok": False, "error": "not_authed"})
         if self._tokens is not None and token not in self._tokens:
             return _Reply.of_json({"ok": False, "error": "invalid_auth"})
+        if self.rate_limits:
+            channel = _opt_str(params.get("channel"))
+            if method == "chat.postMessage" and channel is not None:
+                channel = self._resolve_channel(channel, open_dm=False) or channel
+            wait = self._limiter.check(method, channel)
+            if wait is not None:
+                return _Reply.of_json(
+                    {"ok": False, "error": "ratelimited"}, status=429, headers=[("Retry-After", str(wait))]
+                )
         try:
             return _Reply.of_json({"ok": True, **handler(params)})
         except _SlackError as error:

@@ -88,6 +88,21 @@ class Retry(Exception):
         self.after = after
 
 
+class Defer(Retry):
+    """Not sent and not tried: the handler's own pace (e.g. Slack's per-channel limit) says wait.
+
+    The row goes back to ``pending``, due at `after`, and the claim does not count as an
+    attempt; meanwhile more urgent rows, and other channels' rows, go out as usual. A platform's
+    own "wait" (Slack's 429 with Retry-After) is one too, with `record` true: its message is
+    kept as the row's last error. (Counted, a storm's 429s made rows fail after MAX_ATTEMPTS.)
+    """
+
+    def __init__(self, message: str, after: datetime, *, record: bool = False) -> None:
+        super().__init__(message, after)
+        self.after: datetime = after
+        self.record = record
+
+
 # A handler delivers one message and returns a short result (e.g. the platform's message id).
 Handler = Callable[[OutboxMessage], str | None]
 
@@ -98,6 +113,7 @@ class SendResult:
     retried: int = 0
     failed: int = 0
     unknown: int = 0
+    deferred: int = 0  # not tried yet: the handler's pace put them off (Defer)
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -284,6 +300,16 @@ class OutboxSender:
             return
         try:
             outcome = handler(message)
+        except Defer as deferred:
+            self._settle(
+                message,
+                status=PENDING,
+                next_attempt_at=deferred.after,
+                attempts=message.attempts - 1,
+                error=str(deferred) if deferred.record else None,
+            )
+            result.deferred += 1
+            return
         except (NotSent, RateLimited, Retry) as error:
             after = getattr(error, "reset_at", None) or getattr(error, "after", None)
             if message.attempts >= self.max_attempts:
@@ -337,9 +363,12 @@ class OutboxSender:
         error: str | None = None,
         result_text: str | None = None,
         next_attempt_at: datetime | None = None,
+        attempts: int | None = None,
     ) -> None:
         now = self.ctx.clock.now()
         values: dict[str, Any] = {"status": status, "lease_until": None, "owner": None}
+        if attempts is not None:
+            values["attempts"] = attempts
         if status == SENT:
             values.update(sent_at=now, result=result_text, last_error=None)
         if error is not None:

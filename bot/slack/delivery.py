@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -50,14 +51,26 @@ from bot.core.policy import Expert
 from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
-from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
+from bot.flow.outbox import DEFAULT_LEASE, Defer, Handler, OutboxMessage, Retry
 from bot.httputil import header, retry_after
 from bot.logs import redact_urls
 from bot.slack import blocks
+from bot.slack.pacing import Pacer
 from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
-from storage.models import OPEN, PENDING, SENDING, SENT, Conversation, Event, Outbox, Post
+from storage.models import (
+    DEFAULT_URGENCY,
+    OPEN,
+    PENDING,
+    SENDING,
+    SENT,
+    URGENCY,
+    Conversation,
+    Event,
+    Outbox,
+    Post,
+)
 
 __all__ = ["CARD_EVENT", "STORM_EVENT", "SlackDelivery", "SlackDeliveryError", "slack_handlers"]
 
@@ -125,6 +138,7 @@ def slack_handlers(
     *,
     storm_threshold: int = 5,
     storm_window: timedelta = timedelta(minutes=1),
+    pacer: Pacer | None = None,
 ) -> dict[str, Handler]:
     """Outbox handlers for every staff kind (bot.flow.delivery.STAFF_KINDS), delivering to Slack.
 
@@ -134,11 +148,16 @@ def slack_handlers(
         storm_threshold: more cards than this for one channel, due within `storm_window`,
             are posted as one summary with the cards in its thread.
         storm_window: see `storm_threshold`.
+        pacer: keep to Slack's limits per method and channel (bot.slack.pacing): a call over
+            them is not made, the row is deferred (bot.flow.outbox.Defer) until its bucket
+            allows it. None: no pacing (Slack's 429s alone hold the sender back).
 
     Returns:
         kind -> handler, for bot.flow.outbox.OutboxSender.
     """
-    return SlackDelivery(ctx, client, storm_threshold=storm_threshold, storm_window=storm_window).handlers()
+    return SlackDelivery(
+        ctx, client, storm_threshold=storm_threshold, storm_window=storm_window, pacer=pacer
+    ).handlers()
 
 
 class SlackDelivery:
@@ -151,11 +170,14 @@ class SlackDelivery:
         *,
         storm_threshold: int = 5,
         storm_window: timedelta = timedelta(minutes=1),
+        pacer: Pacer | None = None,
     ) -> None:
         self.ctx = ctx
         self.client = client
         self.storm_threshold = storm_threshold
         self.storm_window = storm_window
+        self.pacer = pacer
+        self._rank = threading.local()  # the urgency of the message being delivered on this thread
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -174,7 +196,19 @@ class SlackDelivery:
             "at_risk": self.at_risk,
         }
         assert set(found) == set(STAFF_KINDS), "every staff kind needs a Slack handler"
-        return found
+        return {kind: self._ranked(handler) for kind, handler in found.items()}
+
+    def _ranked(self, handler: Handler) -> Handler:
+        """`handler`, telling the pacer how urgent its message is (the outbox's urgency of its kind)."""
+
+        def run(message: OutboxMessage) -> str | None:
+            self._rank.value = URGENCY.get(message.kind, DEFAULT_URGENCY)
+            try:
+                return handler(message)
+            finally:
+                self._rank.value = DEFAULT_URGENCY
+
+        return run
 
     # ----------------------------------------------------------------------------------------
     # Handlers
@@ -245,6 +279,7 @@ class SlackDelivery:
             return f"skipped: conversation is {loaded.conversation.status}"
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
+        self._paced("chat.postMessage", loaded.conversation.slack_channel)  # before the edit, not between
         self._refresh_card(loaded, now)
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
         return self._thread_reply(loaded, built)
@@ -625,14 +660,22 @@ class SlackDelivery:
         return f"storm {channel} {ts}: {posted} of {len(everyone)} entries; this one {entry}"
 
     def _release(self, outbox_ids: list[int], when: datetime) -> None:
-        """Hand storm-claimed rows back to the outbox, due at `when`."""
+        """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt)."""
         if not outbox_ids:
             return
         with self.ctx.sessions() as session, session.begin():
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
-                .values(status=PENDING, lease_until=None, owner=None, next_attempt_at=when)
+                .values(
+                    status=PENDING,
+                    lease_until=None,
+                    owner=None,
+                    next_attempt_at=when,
+                    attempts=func.greatest(Outbox.attempts - 1, 0)
+                    if is_postgres(session)
+                    else func.max(Outbox.attempts - 1, 0),
+                )
                 .execution_options(synchronize_session=False)
             )
 
@@ -709,7 +752,9 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Sending
 
-    def _thread_reply(self, loaded: _Loaded, built: blocks.Message, *, broadcast: bool = False) -> str:
+    def _thread_reply(
+        self, loaded: _Loaded, built: blocks.Message, *, broadcast: bool = False, paced: bool = True
+    ) -> str:
         conversation = loaded.conversation
         if conversation.slack_ts is None or conversation.slack_channel is None:
             raise Retry(f"card of conversation {conversation.id} not posted yet")
@@ -720,13 +765,16 @@ class SlackDelivery:
             thread_ts=loaded.card_parent_ts or conversation.slack_ts,
             broadcast=broadcast,
             conversation_id=conversation.id,
+            paced=paced,
         )
         return f"thread {channel} {ts}"
 
     def _note(self, loaded: _Loaded, text: str) -> None:
         """Best effort: a line of history in the card's thread (the DM it records already went)."""
         try:
-            self._thread_reply(loaded, blocks.thread_note(text))
+            # Its DM went already: a note is never deferred (that would repeat the DM); it still
+            # counts against the channel's pace, and a 429 just loses the note.
+            self._thread_reply(loaded, blocks.thread_note(text), paced=False)
         except (Retry, SlackDeliveryError) as error:
             log.warning(
                 "thread note not posted",
@@ -753,6 +801,7 @@ class SlackDelivery:
         thread_ts: str | None = None,
         broadcast: bool = False,
         metadata: dict[str, Any] | None = None,
+        paced: bool = True,
     ) -> tuple[str, str]:
         """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl."""
         response = self._call(
@@ -771,13 +820,38 @@ class SlackDelivery:
                 link_names=False,
                 metadata=metadata,
             ),
+            paced=paced,
         )
+        if self.pacer is not None:
+            self.pacer.learn(channel, str(response["channel"]))
         return str(response["channel"]), str(response["ts"])
 
+    def _paced(self, method: str, channel: str | None) -> None:
+        """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
+        ready = self.pacer.ready(method, channel) if self.pacer is not None else None
+        if ready is not None:
+            raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
+
     def _call(
-        self, method: str, channel: str | None, conversation_id: int | None, call: Callable[[], SlackResponse]
+        self,
+        method: str,
+        channel: str | None,
+        conversation_id: int | None,
+        call: Callable[[], SlackResponse],
+        *,
+        paced: bool = True,
     ) -> SlackResponse:
-        """Make one Web API call and translate its failure into Retry or SlackDeliveryError."""
+        """Make one Web API call and translate its failure into Retry or SlackDeliveryError.
+
+        With a pacer, a call beyond the pace of its (method, channel) is not made: `Defer`
+        says when it may go (unless `paced` is false: then it goes, and counts).
+        """
+        if self.pacer is not None and not paced:
+            self.pacer.spend(method, channel)
+        elif self.pacer is not None:
+            ready = self.pacer.take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
+            if ready is not None:
+                raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
         try:
             return call()
         except SlackApiError as error:
@@ -804,6 +878,9 @@ class SlackDelivery:
         where = f" to {channel}" if channel else ""
         if status == 429 or code == "ratelimited":
             seconds = _retry_after(getattr(response, "headers", None))
+            until = self.ctx.clock.now() + timedelta(seconds=seconds)
+            if self.pacer is not None:
+                self.pacer.block(method, channel, until)
             log.warning(
                 "Slack rate limit",
                 extra={
@@ -813,10 +890,7 @@ class SlackDelivery:
                     "retry_after": seconds,
                 },
             )
-            return Retry(
-                f"Slack rate limit on {method}{where}: retry after {seconds} s",
-                after=self.ctx.clock.now() + timedelta(seconds=seconds),
-            )
+            return Defer(f"Slack rate limit on {method}{where}: retry after {seconds} s", until, record=True)
         if status >= 500 or code in RETRYABLE_ERRORS:
             return Retry(f"Slack {method}{where}: HTTP {status} {code or ''}".rstrip())
         hint = PERMANENT_ERRORS.get(code or "")
