@@ -485,6 +485,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
             {"b_id": row.id, "b_version": row.version, "version": row.version + 1, **decision.values}
         )
     if updates:
+        updates.sort(key=lambda values: int(values["b_id"]))  # table order: fewer page visits, one lock order
         statement = update(CONVERSATIONS).where(
             CONVERSATIONS.c.id == bindparam("b_id"), CONVERSATIONS.c.version == bindparam("b_version")
         )
