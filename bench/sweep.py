@@ -34,6 +34,7 @@ Run it from the project root (the full run, 10k and 1M on both databases, takes 
     .venv/bin/python -m bench.sweep
     .venv/bin/python -m bench.sweep --quick                 # 10k and 100k, a fast check
     .venv/bin/python -m bench.sweep --databases sqlite --sizes 10000,200000 --rounds 3
+    .venv/bin/python -m bench.sweep --databases sqlite --profile 25  # and cProfile one more sweep
 
 PostgreSQL is used when reachable at ``--postgres-url`` (default: the environment variable
 REPLYCLOCK_BENCH_DATABASE_URL, else postgresql+psycopg://postgres@127.0.0.1:5432/replyclock_bench;
