@@ -8,10 +8,11 @@ any number of processes can run these jobs against one PostgreSQL.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -22,10 +23,11 @@ from sqlalchemy.orm.exc import StaleDataError
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import RECOVER_INTERVAL, OutboxSender, one_line
+from bot.flow.startup import configuration_notices
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.telemetry import record_connector_error, record_ingested, record_rate_limit
-from connectors.base import AuthFailed, Connector, InboundPost, RateLimited
+from connectors.base import AuthFailed, Connector, InboundPost, RateLimited, SkippedItem
 from storage import repo
 from storage.models import Account
 
@@ -48,6 +50,8 @@ STARTUP_JOB = "startup"
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
+# The admin channel hears of a failing account after this many failed polls in a row.
+ALERT_AFTER_FAILURES = int(os.environ.get("REPLYCLOCK_ALERT_AFTER_FAILURES", "3"))
 
 
 def sweep_max_interval() -> timedelta:
@@ -158,9 +162,32 @@ class Jobs:
             self.send_soon()
 
     def catch_up(self) -> None:
-        """What a process does first: sweep everything due, then queue any digest whose time passed."""
+        """What a process does first: tell the admins of doubtful settings, sweep everything due,
+        then queue any digest whose time passed."""
+        self.report_configuration()
         self.run_sweep()
         self.run_digests()
+
+    def report_configuration(self) -> int:
+        """Configuration problems found at start-up, to the admin channel, each once a day."""
+        now = self.ctx.clock.now()
+        written = 0
+        for text in configuration_notices(self.ctx.policy):
+            log.warning("configuration problem", extra={"problem": text})
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            with self.ctx.sessions() as session, session.begin():
+                written += repo.enqueue(
+                    session=session,
+                    kind="admin_alert",
+                    key=f"config:{digest}:{now:%Y%m%d}",
+                    payload={
+                        "account": "config",
+                        "text": text,
+                        "channel": self.ctx.policy.settings.admin_channel,
+                    },
+                    now=now,
+                )
+        return written
 
     def run_sweep(self) -> None:
         """Sweep now, set the wake-up for the next due conversation, then have what it wrote sent.
@@ -242,6 +269,15 @@ class Jobs:
 
     def run_outbox(self) -> None:
         result = self.sender.send_due()
+        if result.unknown:
+            # Sent but unconfirmed (a timeout after the request left): never resent, so a human
+            # should look whether the customer got it.
+            self._alert_admins(
+                "outbox",
+                f"{result.unknown} message(s) of unknown fate (the platform may or may not have posted "
+                "them; they are not resent): see the outbox rows with status 'unknown'",
+                topic="unknown",
+            )
         if result.sent or result.retried or result.failed or result.unknown:
             log.info(
                 "outbox",
@@ -260,6 +296,7 @@ class Jobs:
         with self.ctx.sessions() as session, session.begin():
             account = repo.get_or_create_account(session=session, name=name, kind=connector.kind)
             cursor, parked_until, account_id = account.cursor, account.parked_until, account.id
+            last_error = account.last_error or ""
         if parked_until is not None and parked_until > now:
             return 0
         # The pages of one poll are ingested together, in one transaction with the last cursor, and
@@ -268,6 +305,9 @@ class Jobs:
         # again after our answer, or acknowledges a post whose author's earlier STOP is on the next
         # page. A failure part-way ingests the pages fetched so far, with their cursor.
         posts: list[InboundPost] = []
+        skipped: list[SkippedItem] = []
+        # Admin notices are written after the pages are ingested: the cursor comes first.
+        notices: list[tuple[str, str]] = []
         fetched = cursor
         for _page in range(MAX_PAGES_PER_POLL):
             try:
@@ -277,6 +317,12 @@ class Jobs:
                 self._park(account_id, error.reset_at, str(error))
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
+                )
+                notices.append(
+                    (
+                        "ratelimit",
+                        f"{name}: rate limited; polling parked until {error.reset_at:%Y-%m-%d %H:%M} UTC",
+                    )
                 )
                 break
             except AuthFailed as error:
@@ -294,17 +340,54 @@ class Jobs:
                 base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
                 self._park(account_id, now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
+                if connector.consecutive_failures >= ALERT_AFTER_FAILURES:
+                    notices.append(
+                        (
+                            "failing",
+                            f"{name}: {connector.consecutive_failures} polls in a row failed "
+                            f"({type(error).__name__}: {str(error)[:300]}); retrying with back-off",
+                        )
+                    )
                 break
+            if parked_until is not None and _page == 0:
+                # It had been parked and works again; the admins hear of it when they heard of the
+                # park (a rate limit, or failures enough to be reported), not after one blip.
+                self._resume(account_id)
+                if (
+                    "rate limit" in last_error.lower()
+                    or connector.consecutive_failures >= ALERT_AFTER_FAILURES
+                ):
+                    notices.append(("resumed", f"{name}: polling resumed"))
             connector.record_success()
             posts.extend(batch.posts)
+            skipped.extend(batch.skipped)
             fetched = batch.cursor
             if not batch.more:
                 break
         stored = 0
-        if posts or fetched != cursor:
-            result = self._ingest(name, connector, posts, fetched)
+        if posts or skipped or fetched != cursor:
+            result = self._ingest(name, connector, posts, fetched, skipped)
             stored = result.stored
             record_ingested(name, connector.kind, result.stored)
+        for topic, text in notices:
+            self._alert_admins(name, text, topic=topic)
+        if skipped:
+            record_connector_error(name, "malformed")
+            log.warning(
+                "connector items skipped",
+                extra={
+                    "account": name,
+                    "skipped": len(skipped),
+                    "fields": sorted({s.field for s in skipped}),
+                },
+            )
+            first = skipped[0]
+            self._alert_admins(
+                name,
+                f"{name}: {len(skipped)} malformed item(s) skipped ({first.field}: {first.reason}); "
+                "the rest of the page was ingested. The raw items are kept in skipped_items.",
+                topic="skipped",
+            )
         if stored:
             if self.send_after_poll:
                 # Started as the outbox job, not sent from here: a send waiting on a slow Slack
@@ -314,7 +397,12 @@ class Jobs:
         return stored
 
     def _ingest(
-        self, name: str, connector: Connector, posts: list[InboundPost], cursor: str | None
+        self,
+        name: str,
+        connector: Connector,
+        posts: list[InboundPost],
+        cursor: str | None,
+        skipped: Sequence[SkippedItem] = (),
     ) -> IngestResult:
         """One batch in one transaction; again if a conversation changed under it (PostgreSQL).
 
@@ -325,9 +413,14 @@ class Jobs:
         for attempt in range(1, INGEST_ATTEMPTS + 1):
             try:
                 with self.ctx.sessions() as session, session.begin():
-                    return ingest_batch(
+                    result = ingest_batch(
                         session, self.ctx, account=name, posts=posts, is_own=connector.is_own, cursor=cursor
                     )
+                    # Recorded with the cursor that moved past them, in the same transaction.
+                    repo.record_skipped(
+                        session=session, account=name, items=skipped, now=self.ctx.clock.now()
+                    )
+                    return result
             except StaleDataError:
                 if attempt == INGEST_ATTEMPTS:
                     raise
@@ -336,17 +429,21 @@ class Jobs:
                 )
         raise AssertionError("unreachable")
 
-    def _alert_admins(self, account: str, text: str) -> None:
-        """One alert per account and hour to the admin channel (through the outbox, like everything)."""
+    def _alert_admins(self, account: str, text: str, *, topic: str = "alert") -> None:
+        """One alert per account, topic and hour to the admin channel (through the outbox, like everything)."""
         now = self.ctx.clock.now()
         with self.ctx.sessions() as session, session.begin():
             repo.enqueue(
                 session=session,
                 kind="admin_alert",
-                key=f"alert:{account}:{now:%Y%m%dT%H}",
+                key=f"{topic}:{account}:{now:%Y%m%dT%H}",
                 payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
                 now=now,
             )
+
+    def _resume(self, account_id: int) -> None:
+        with self.ctx.sessions() as session, session.begin():
+            session.execute(update(Account).where(Account.id == account_id).values(parked_until=None))
 
     def _park(self, account_id: int, until: datetime, error: str) -> None:
         with self.ctx.sessions() as session, session.begin():

@@ -59,6 +59,23 @@ class InboundPost:
 
 
 @dataclass(frozen=True)
+class SkippedItem:
+    """An item of a page that could not be turned into a post: left out, recorded for staff.
+
+    Attributes:
+        field: Where in the page the problem is, e.g. ``data[2].id`` or ``[0]``.
+        reason: What was wrong, e.g. ``expected a string of digits, got number 123``.
+        raw: The item as it came (JSON-serialisable), for staff to inspect.
+        external_id: The item's id when one could be read.
+    """
+
+    field: str
+    reason: str
+    raw: Any
+    external_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Batch:
     """What one fetch returned: posts since the cursor, and the cursor that covers them."""
 
@@ -66,6 +83,8 @@ class Batch:
     cursor: str | None
     # True when the source has more pages right now (fetch again without waiting).
     more: bool = False
+    # Malformed items left out of `posts`; the cursor already covers them.
+    skipped: tuple[SkippedItem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,33 @@ class ConnectorError(Exception):
     """A connector failed; `retryable` says whether trying again later may help."""
 
     retryable: bool = True
+
+
+class ShapeError(ConnectorError):
+    """The platform's answer does not have the shape we rely on; `field` names where.
+
+    Raised for the whole answer (then the poll fails and is retried with back-off); a single
+    malformed item of a page is skipped and recorded as a `SkippedItem` instead.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def describe_json(value: object) -> str:
+    """A short description of a JSON value's type and value, for shape errors."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", type(None): "null"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            text = repr(value)
+            return f"{name} {text[:60]}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return type(value).__name__
 
 
 class RateLimited(ConnectorError):

@@ -23,6 +23,7 @@ replyclock (stored by the outbox) or when written by another account of ours lis
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -55,6 +56,9 @@ from connectors.base import (
     NotSent,
     RateLimited,
     ReplyTarget,
+    ShapeError,
+    SkippedItem,
+    describe_json,
 )
 from connectors.text import html_to_text
 
@@ -180,17 +184,54 @@ class MastodonConnector(Connector):
                 page = self.client.notifications(types=["mention"], min_id=cursor, limit=PAGE_SIZE)
         except MastodonError as error:
             raise self._fetch_error(error) from error
-        notifications = sorted((dict(n) for n in page), key=lambda n: _id_order(str(n["id"])))
+        shape = getattr(self._last_response, "shape", "array")
+        if not isinstance(page, list) or shape != "array":
+            # An error object, or a proxy's idea of an answer: nothing to skip, the poll fails.
+            got = describe_json(page) if not isinstance(page, list) else shape
+            raise ShapeError("body", f"expected an array of notifications, got {got}")
+        notifications: list[Mapping[str, Any]] = []
+        skipped: list[SkippedItem] = []
+        newest = cursor
+        for index, item in enumerate(page):
+            where = f"[{index}]"
+            if not isinstance(item, Mapping):
+                skipped.append(
+                    SkippedItem(
+                        where, f"expected a notification object, got {describe_json(item)}", _jsonable(item)
+                    )
+                )
+                continue
+            notification_id = _id_text(item.get("id"))
+            if notification_id is None:
+                reason = f"expected a notification id, got {describe_json(item.get('id'))}"
+                skipped.append(SkippedItem(f"{where}.id", reason, _jsonable(item)))
+                continue
+            if newest is None or _id_order(notification_id) > _id_order(newest):
+                newest = notification_id
+            if cursor is not None and _id_order(notification_id) <= _id_order(cursor):
+                continue  # a server that ignored min_id: already handed over
+            notifications.append(item)
+        notifications.sort(key=lambda n: _id_order(str(_id_text(n.get("id")))))
         posts = []
-        for notification in notifications:
-            post = self._normalise(notification)
+        for number, notification in enumerate(notifications):
+            try:
+                post = self._normalise(notification)
+            except ShapeError as error:
+                skipped.append(
+                    SkippedItem(
+                        f"[{number}].{error.field}",
+                        error.reason,
+                        _jsonable(notification),
+                        _id_text(notification.get("id")),
+                    )
+                )
+                continue
             if post is not None:
                 posts.append(post)
-        newest = str(notifications[-1]["id"]) if notifications else cursor
-        if cursor is not None and newest is not None and _id_order(newest) < _id_order(cursor):
-            newest = cursor  # a server that ignored min_id: never move the cursor backwards
-        more = cursor is not None and len(notifications) >= PAGE_SIZE
-        return Batch(posts=tuple(posts), cursor=newest, more=more)
+        # Only a full page of new notifications means more may be waiting; a server that ignored
+        # min_id and sent old ones again is not asked again in this poll.
+        more = cursor is not None and len(page) >= PAGE_SIZE and newest != cursor and bool(notifications)
+        return Batch(posts=tuple(posts), cursor=newest, more=more, skipped=tuple(skipped))
 
     def _normalise(self, notification: Mapping[str, Any]) -> InboundPost | None:
         status = notification.get("status")
@@ -205,7 +246,13 @@ class MastodonConnector(Connector):
                 },
             )
             return None
-        account = status.get("account") or {}
+        if not isinstance(status, Mapping):
+            raise ShapeError("status", f"expected a status object, got {describe_json(status)}")
+        status_id = _id_text(status.get("id"))
+        if status_id is None:
+            raise ShapeError("status.id", f"expected a status id, got {describe_json(status.get('id'))}")
+        found = status.get("account")
+        account: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         body = html_to_text(status.get("content"))
         attachments = [
             f"[{item.get('type') or 'attachment'}: {item['description']}]"
@@ -217,7 +264,6 @@ class MastodonConnector(Connector):
             body = "\n".join([body, *attachments]) if body else "\n".join(attachments)
         if status.get("spoiler_text"):
             body = f"CW: {status['spoiler_text']}\n\n{body}"
-        status_id = str(status["id"])
         in_reply_to_id = status.get("in_reply_to_id")
         return InboundPost(
             external_id=status_id,
@@ -315,6 +361,10 @@ class MastodonConnector(Connector):
         self._last_response.status = response.status_code
         self._last_response.headers = dict(response.headers)
         self._last_response.error = None
+        # The body's top-level JSON shape: Mastodon.py turns an object where a list belongs into
+        # the list of its keys, so the connector looks at the first byte itself.
+        head = response.content[:64].lstrip()[:1] if response.content is not None else b""
+        self._last_response.shape = {b"[": "array", b"{": "an object"}.get(head, "something else")
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -384,6 +434,21 @@ def _text(value: object) -> str | None:
 
 def _idempotency_key(account: str, status_id: str, body: str) -> str:
     return hashlib.sha256(f"replyclock\n{account}\n{status_id}\n{body}".encode()).hexdigest()
+
+
+def _id_text(value: object) -> str | None:
+    """A Mastodon id as text (Mastodon.py may hand ids back as numbers); None when unusable."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value) if value >= 0 else None
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def _jsonable(value: object) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def _id_order(value: str) -> tuple[int, str]:

@@ -65,6 +65,9 @@ from connectors.base import (
     NotSent,
     RateLimited,
     ReplyTarget,
+    ShapeError,
+    SkippedItem,
+    describe_json,
 )
 
 log = logging.getLogger("replyclock.connectors.x")
@@ -305,11 +308,11 @@ def normalise(tweet: Mapping[str, Any], users: Mapping[str, Mapping[str, Any]]) 
     """One API v2 tweet object as an `InboundPost`; every field but ``id`` and ``text`` may be missing.
 
     Raises:
-        ValueError: the tweet has no usable ``id``.
+        ShapeError: the tweet has no usable ``id`` (field ``id``).
     """
     tweet_id = tweet.get("id")
     if not isinstance(tweet_id, str) or not _DIGITS.fullmatch(tweet_id):
-        raise ValueError(f"tweet without a numeric id: {tweet_id!r}")
+        raise ShapeError("id", f"expected a tweet id as a string of digits, got {describe_json(tweet_id)}")
     raw_author = tweet.get("author_id")
     author_id = str(raw_author) if isinstance(raw_author, str | int) and str(raw_author) else UNKNOWN_AUTHOR
     user = users.get(author_id, {})
@@ -336,24 +339,73 @@ def normalise(tweet: Mapping[str, Any], users: Mapping[str, Mapping[str, Any]]) 
     )
 
 
-def parse_mentions(payload: Mapping[str, Any]) -> list[InboundPost]:
-    """The posts of one mentions page, oldest first; retweets and malformed tweets are left out."""
+def page_items(payload: Mapping[str, Any]) -> list[object]:
+    """The items of ``data``: an array as it is, a single tweet object as one item, none if absent.
+
+    Raises:
+        ShapeError: ``data`` is something else (field ``data``).
+    """
     data = payload.get("data")
-    tweets = [tweet for tweet in data if isinstance(tweet, Mapping)] if isinstance(data, list) else []
+    if data is None:
+        return []
+    if isinstance(data, list):
+        return list(data)
+    if isinstance(data, Mapping):
+        return [data]
+    raise ShapeError("data", f"expected an array of tweets, got {describe_json(data)}")
+
+
+def parse_page(payload: Mapping[str, Any]) -> tuple[list[InboundPost], list[SkippedItem]]:
+    """The posts of one mentions page, oldest first, and the malformed items left out of them.
+
+    Retweets are left out silently (they are not customer posts).
+
+    Raises:
+        ShapeError: ``data`` is neither an array nor a tweet object.
+    """
     users = users_by_id(payload)
-    posts = []
-    for tweet in tweets:
+    posts: list[InboundPost] = []
+    skipped: list[SkippedItem] = []
+    for index, tweet in enumerate(page_items(payload)):
+        where = f"data[{index}]"
+        if not isinstance(tweet, Mapping):
+            skipped.append(SkippedItem(where, f"expected a tweet object, got {describe_json(tweet)}", tweet))
+            continue
         if is_retweet(tweet):
             continue
         try:
             posts.append(normalise(tweet, users))
-        except ValueError as error:
-            log.warning("X mention skipped", extra={"error": str(error)})
-    return sorted(posts, key=lambda post: int(post.external_id))
+        except ShapeError as error:
+            raw_id = tweet.get("id")
+            skipped.append(
+                SkippedItem(
+                    f"{where}.{error.field}",
+                    error.reason,
+                    _jsonable(tweet),
+                    str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None,
+                )
+            )
+    return sorted(posts, key=lambda post: int(post.external_id)), skipped
 
 
-def _newest(ids: Iterable[str | None]) -> str | None:
-    valid = [int(value) for value in ids if value is not None and _DIGITS.fullmatch(value)]
+def parse_mentions(payload: Mapping[str, Any]) -> list[InboundPost]:
+    """The posts of one mentions page, oldest first; retweets and malformed tweets are left out."""
+    return parse_page(payload)[0]
+
+
+def _jsonable(value: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value, default=str))  # type: ignore[no-any-return]
+
+
+def _newest(ids: Iterable[object]) -> str | None:
+    """The greatest id, as digits; JSON numbers count (a malformed tweet's number id still moves the
+    cursor past it), anything else is ignored."""
+    valid = [
+        int(value)
+        for value in ids
+        if (isinstance(value, str) and _DIGITS.fullmatch(value))
+        or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    ]
     return str(max(valid)) if valid else None
 
 
@@ -670,19 +722,25 @@ class XConnector(Connector):
         return self._page(payload, state, since_id)
 
     def _page(self, payload: Mapping[str, Any], state: XCursor, since_id: str | None) -> Batch:
-        posts = parse_mentions(payload)
+        posts, skipped = parse_page(payload)
+        if since_id is not None:
+            # A server that ignores since_id hands back what we already have: leave it out here.
+            posts = [post for post in posts if int(post.external_id) > int(since_id)]
         meta = payload.get("meta")
         meta = meta if isinstance(meta, Mapping) else {}
-        data = payload.get("data")
-        page_ids = [t.get("id") for t in data if isinstance(t, Mapping)] if isinstance(data, list) else []
+        page_ids = [t.get("id") for t in page_items(payload) if isinstance(t, Mapping)]
         page_newest = _newest([meta.get("newest_id"), *page_ids])
         # The first page carries the newest mention; later pages only go further back.
         newest = _newest([state.newest_id, page_newest]) if state.next_token else page_newest
         next_token = meta.get("next_token")
         if isinstance(next_token, str) and next_token and next_token != state.next_token:
             cursor = XCursor(since_id=since_id, next_token=next_token, newest_id=newest)
-            return Batch(posts=tuple(posts), cursor=cursor.dump(), more=True)
-        return Batch(posts=tuple(posts), cursor=XCursor(since_id=_newest([newest, since_id])).dump())
+            return Batch(posts=tuple(posts), cursor=cursor.dump(), more=True, skipped=tuple(skipped))
+        return Batch(
+            posts=tuple(posts),
+            cursor=XCursor(since_id=_newest([newest, since_id])).dump(),
+            skipped=tuple(skipped),
+        )
 
     def is_own(self, post: InboundPost) -> bool:
         return post.author_id == self.user_id or super().is_own(post)

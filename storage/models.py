@@ -159,6 +159,13 @@ class Conversation(Base):
     cycle_started_at: Mapped[datetime]
     clock_started_at: Mapped[datetime]
     due_at: Mapped[datetime]
+    # The first-response deadline the customer was promised (kept when later cycles move due_at);
+    # None only on rows from before migration 0004 that were already past their first cycle.
+    first_due_at: Mapped[datetime | None]
+    # The resolution target (policy `resolution`), moved on by the time spent waiting on the customer.
+    resolution_due_at: Mapped[datetime | None]
+    # Since when staff wait on the customer (response and resolution clocks paused); None: not waiting.
+    waiting_since: Mapped[datetime | None]
     last_customer_post_at: Mapped[datetime]
     first_response_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]
@@ -204,6 +211,22 @@ class Event(Base):
     actor: Mapped[str] = mapped_column(String(100))
     action: Mapped[str] = mapped_column(String(40))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class SkippedItem(Base):
+    """A malformed item a connector left out of a page (the cursor moved past it), kept for staff."""
+
+    __tablename__ = "skipped_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    at: Mapped[datetime]
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    # Where in the page the problem was (``data[2].id``) and what was wrong.
+    field: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    # The item as it came: {"item": <JSON value>}.
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Outbox(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Insert, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,7 +27,21 @@ from storage.models import (
     Lease,
     Outbox,
     Post,
+    SkippedItem,
 )
+
+
+class SkippedItemData(Protocol):
+    """What a connector reports about a malformed item (``connectors.base.SkippedItem``)."""
+
+    @property
+    def field(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def raw(self) -> Any: ...
+    @property
+    def external_id(self) -> str | None: ...
 
 
 def insert_ignoring_conflicts(session: Session, model: type[Base], index_elements: Sequence[str]) -> Insert:
@@ -287,6 +301,26 @@ def supersede_card_updates(*, session: Session, conversation_ids: Sequence[int])
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def record_skipped(*, session: Session, account: str, items: Sequence[SkippedItemData], now: datetime) -> int:
+    """Keep malformed items a connector left out (with the raw item) for staff; returns how many."""
+    if not items:
+        return 0
+    account_row = session.scalars(select(Account).where(Account.name == account)).one()
+    for item in items:
+        session.add(
+            SkippedItem(
+                account_id=account_row.id,
+                at=now,
+                external_id=item.external_id[:200] if item.external_id else None,
+                field=item.field[:200],
+                reason=item.reason,
+                raw={"item": item.raw},
+            )
+        )
+    session.flush()
+    return len(items)
 
 
 def record_event(

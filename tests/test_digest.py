@@ -571,7 +571,22 @@ def with_digests(ctx: AppContext, **digests: str) -> AppContext:
     )
 
 
+def one_conversation_each(ctx: AppContext) -> None:
+    """Both teams had a conversation in week 48 (no digest is posted for weeks before the first)."""
+    ingest(ctx, post("w48-care", "a general question"), post("w48-billing", "my invoice", author="bo"))
+
+
+def test_no_digest_for_weeks_before_the_first_conversation(ctx: AppContext, clock: FakeClock) -> None:
+    assert enqueue_due_digests(ctx, now=berlin(11, 30, 9)) == []  # a new install: nothing happened
+    clock.set(berlin(12, 1, 10))
+    ingest(ctx, post("w49", "a general question", at=berlin(12, 1, 10)))
+    assert enqueue_due_digests(ctx, now=berlin(12, 1, 11)) == []  # week 48 still had nothing
+    assert enqueue_due_digests(ctx, now=berlin(12, 7, 9)) == ["digest:care:2026-W49"]
+    assert digest_rows(ctx) and enqueue_due_digests(ctx, now=berlin(12, 7, 10)) == []
+
+
 def test_a_team_digest_on_friday_evening_in_new_york(ctx: AppContext) -> None:
+    one_conversation_each(ctx)
     ny = with_digests(ctx, care="fri 17:30")
     assert schedule_of(ny, "care") == DigestSchedule(4, time(17, 30))
     assert schedule_of(ny, "billing") == DigestSchedule()
@@ -600,6 +615,7 @@ def test_a_team_digest_on_friday_evening_in_new_york(ctx: AppContext) -> None:
 def test_a_team_whose_digest_is_off_gets_no_trigger_no_row_and_no_post(
     ctx: AppContext, clock: FakeClock
 ) -> None:
+    one_conversation_each(ctx)
     off = with_digests(ctx, care="off")
     assert schedule_of(off, "care") is None
     assert digest_trigger(off, "care") is None
@@ -619,6 +635,7 @@ def test_a_team_whose_digest_is_off_gets_no_trigger_no_row_and_no_post(
 
 
 def test_enqueue_is_idempotent_and_waits_for_the_team_time(ctx: AppContext) -> None:
+    one_conversation_each(ctx)
     assert enqueue_due_digests(ctx, now=berlin(11, 30, 8, 59)) == []  # W48 is over, but not 09:00 yet
     assert enqueue_due_digests(ctx, now=berlin(11, 30, 9)) == [
         "digest:care:2026-W48",
@@ -633,6 +650,7 @@ def test_enqueue_is_idempotent_and_waits_for_the_team_time(ctx: AppContext) -> N
 
 
 def test_a_missed_monday_is_caught_up_once_when_the_process_returns(ctx: AppContext) -> None:
+    one_conversation_each(ctx)
     # Down from Sunday to Wednesday: the first run after start-up queues week 48, once.
     assert enqueue_due_digests(ctx, now=berlin(12, 2, 14), teams=["billing"]) == ["digest:billing:2026-W48"]
     assert enqueue_due_digests(ctx, now=berlin(12, 2, 14, 1), teams=["billing"]) == []
@@ -642,6 +660,11 @@ def test_a_missed_monday_is_caught_up_once_when_the_process_returns(ctx: AppCont
 
 
 def test_without_slack_the_digest_handler_emits_the_text(ctx: AppContext, clock: FakeClock) -> None:
+    clock.set(berlin(11, 16, 10))  # a conversation in week 47; week 48 then has none
+    ingest(ctx, post("w47", "my invoice", at=clock.now()))
+    with ctx.sessions() as session, session.begin():
+        session.scalars(select(Conversation)).one().status = "closed"
+        session.scalars(select(Conversation)).one().closed_at = clock.now()
     clock.set(berlin(11, 30, 9))
     enqueue_due_digests(ctx, teams=["billing"])
     emitted: list[str] = []

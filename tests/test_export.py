@@ -160,7 +160,8 @@ def test_header_and_column_order_are_stable(four: Engine) -> None:
         "claimed_by,answered_by,close_reason,cycle,author_id,author_handle,opened_at,"
         "clock_started_at,assigned_at,claimed_at,acknowledged_at,cycle_started_at,"
         "last_customer_post_at,due_at,first_response_at,answered_at,breached_at,closed_at,"
-        "first_response_seconds"
+        "first_response_seconds,first_due_at,first_response_verdict,late_by_seconds,"
+        "resolution_due_at,resolution_verdict,waiting_since"
     )
     assert tuple(lines[0].split(",")) == COLUMNS
     assert lines[-1] == "" and len(lines) == 6  # header, 4 rows, final newline
@@ -189,12 +190,15 @@ def test_rows_carry_every_timestamp_in_utc_and_the_outcome(four: Engine) -> None
         "expert:sam",
     )
     second = rows["2"]
+    # Closed without a reply leaves the compliance figures (as in the digest and stats), even
+    # though the sweep had recorded its missed deadline in breached_at.
     assert (second["outcome"], second["breached"], second["close_reason"], second["owner"]) == (
         "closed_without_reply",
-        "true",
+        "false",
         "spam",
         "maria",
     )
+    assert (second["breached_at"], second["first_response_verdict"]) == ("2026-11-23T21:00:00Z", "not_judged")
     assert second["closed_at"] == "2026-11-24T04:00:00Z" and second["first_response_seconds"] == ""
     third = rows["3"]
     assert (third["outcome"], third["owner"], third["assigned_at"]) == ("open", "", "")

@@ -78,7 +78,7 @@ def test_a_post_opens_a_routed_conversation_with_deadline_card_and_ack(ctx: AppC
         ack = session.scalars(select(Outbox).where(Outbox.kind == "ack")).one()
         assert (
             ack.payload["text"]
-            == "Thanks @ana! Maria from our Billing team will get back to you by Monday 17:00 CET."
+            == "Thanks @ana! Maria from our Billing team will get back to you by Monday 17:00 Central European Standard Time."
         )
         assert session.scalars(select(Account.cursor)).one() == "c1"
         assert [e.action for e in session.scalars(select(Event))] == ["opened", "ack_queued"]

@@ -22,6 +22,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     REPLY_BLOCK,
     REPLY_INPUT,
@@ -341,6 +342,7 @@ def test_buttons_carry_the_conversation_id_and_menus_use_the_shared_ids(policy: 
         ACTION_REPLY,
         ACTION_SNOOZE,
         ACTION_ANSWERED,
+        ACTION_WAIT,
         ACTION_CLOSE,
     }
     assert all(e["value"] == "42" for e in by_id.values() if e["type"] == "button")

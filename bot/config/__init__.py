@@ -40,6 +40,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     ``closed``    array of extra closed dates.
     ``overrides`` table from date to the periods open that day instead of the usual
                   ones (``[]`` = closed): ``{ "2026-12-31" = ["09:00-12:00"] }``.
+    ``weekend``   array of days (names or ranges) that are the weekend, default
+                  ``["sat", "sun"]``, whatever the open hours; ``[]`` for none. Posts arriving
+                  on a weekend day, a public holiday or a closed date get
+                  ``weekend_first_response``.
 
 ``[experts.<id>]``
     ``name``       (required) full name; the first word is used in acknowledgements.
@@ -64,6 +68,9 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      team calendar's time zone (a day as in working hours, a 24-hour time),
                      default ``"mon 09:00"``; ``"off"`` for no digest. It reports the last
                      completed ISO week (Monday to Sunday), on that day of the week after.
+    ``follow_the_sun`` boolean, default false: when an owner's working hours end before the
+                     deadline of an open conversation, hand it to the next expert on duty (with a
+                     handover note in the card's thread).
     ``forecast_ack``        boolean, default false: acknowledgements promise the forecast answer
                             time (never later than the deadline) instead of the deadline.
     ``at_risk``             boolean, default false: tell owner and team when the forecast for an
@@ -78,12 +85,18 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                                ``weekend_first_response`` (to tell working days).
     ``first_response``         (required) duration to the first human answer.
     ``next_response``          duration to answer a customer's further post.
-    ``weekend_first_response`` wall clock only: target for posts arriving on a closed day
-                               (the classic "24 hours, 48 at weekends").
+    ``weekend_first_response`` wall clock only: target for posts arriving (in the calendar's
+                               zone) on one of its ``weekend`` days, a public holiday or a
+                               closed date (the classic "24 hours, 48 at weekends").
     ``warn_at``                array of fractions in (0, 1) of the target at which to warn,
                                default ``[0.75]``; ``[]`` for none.
     ``nag_every``              duration between reminders once overdue, default ``"1h"``.
     ``claim_within``           offer the conversation to the next expert if unclaimed by then.
+    ``reassign_if_silent``     hand a claimed conversation to the next expert (releasing the
+                               claim) when its owner neither answered nor acted for this long.
+    ``resolution``             duration to resolution (staff close it after an answer), on the
+                               policy's clock; paused while waiting on the customer.
+    ``close_after_silence``    close a conversation waiting on the customer after this silence.
     ``acknowledge``            boolean, default false: send the auto-acknowledgement.
     ``escalation``             array of ``{ after = <duration past the deadline>, notify =
                                "owner" | "team_channel" | "manager" | "on_call" }`` in order.
@@ -122,9 +135,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     Language code to template, e.g. ``en = "Thanks {author}! {owner_first_name} from our
     {team} team will answer within {due_in}."``. Placeholders: ``{author}`` (the customer's
     handle), ``{owner}`` and ``{owner_first_name}`` (the assigned expert), ``{team}`` (its
-    display name), ``{due}`` (the deadline, e.g. ``Tuesday 14:00 CET``), ``{due_in}`` (the time
-    left, e.g. ``3 h 20 min``); write ``{{`` and ``}}`` for literal braces. The template is
-    looked up in the team's table, then ``default``, in the post's language, then in ``en``.
+    display name), ``{due}`` (the deadline, e.g. ``Dienstag 14:00 MEZ``), ``{due_in}`` (the time
+    left, e.g. ``3 Stunden und 20 Minuten``), both formatted by Babel in the template's language;
+    write ``{{`` and ``}}`` for literal braces. The template is looked up in the team's table,
+    then ``default``, in the post's language (``pt-BR``, then ``pt``), then the team's, then ``en``.
 
 Checks across sections
     Every name used must be defined (calendars, experts, teams, accounts); a policy or routing

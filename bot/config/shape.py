@@ -91,6 +91,10 @@ class CalendarTable(TypedDict, total=False):
     holidays: HolidaysTable
     closed: list[DateText]
     overrides: dict[DateText, list[Period]]
+    weekend: Annotated[
+        list[DayKey],
+        Field(description='The weekend days, whatever the hours: ["sat", "sun"] (default), [] for none.'),
+    ]
 
 
 class ExpertTable(TypedDict, total=False):
@@ -127,6 +131,10 @@ class TeamTable(TypedDict, total=False):
             pattern=r"^\s*([Oo][Ff][Ff]|\S+\s+[0-9]{2}:[0-9]{2})\s*$",
             description='When the weekly digest is posted: "mon 09:00", or "off".',
         ),
+    ]
+    follow_the_sun: Annotated[
+        bool,
+        Field(description="Hand a conversation on when its owner's working hours end before its deadline."),
     ]
     # Issue 15: honest acknowledgements and "at risk" notices (bot.sim.forecast).
     forecast_ack: bool
@@ -167,6 +175,9 @@ class PolicyTable(TypedDict, total=False):
     warn_at: list[Fraction] | Fraction
     nag_every: Duration
     claim_within: Duration
+    reassign_if_silent: Duration
+    resolution: Duration
+    close_after_silence: Duration
     acknowledge: bool
     escalation: list[StepTable]
     match: MatchTable

@@ -89,14 +89,20 @@ def summarize(policy: Policy) -> str:
     for number, sla in enumerate(policy.policies, start=1):
         clock = f"business clock on {sla.calendar}" if sla.clock == "business" else "wall clock"
         if sla.clock == "wall" and sla.calendar:
-            clock += f" ({sla.calendar} for working days)"
+            clock += f" ({sla.calendar} for weekends and holidays)"
         targets = [f"first response {format_duration(sla.first_response)}"]
         if sla.weekend_first_response is not None:
-            targets.append(f"{format_duration(sla.weekend_first_response)} from a closed day")
+            targets.append(f"{format_duration(sla.weekend_first_response)} from a weekend day or holiday")
         if sla.next_response is not None:
             targets.append(f"next response {format_duration(sla.next_response)}")
         if sla.claim_within is not None:
             targets.append(f"claim within {format_duration(sla.claim_within)}")
+        if sla.reassign_if_silent is not None:
+            targets.append(f"reassign after {format_duration(sla.reassign_if_silent)} of owner silence")
+        if sla.resolution is not None:
+            targets.append(f"resolution {format_duration(sla.resolution)}")
+        if sla.close_after_silence is not None:
+            targets.append(f"close after {format_duration(sla.close_after_silence)} of customer silence")
         conditions = [
             f"{label} {', '.join(values)}"
             for label, values in (

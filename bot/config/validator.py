@@ -8,7 +8,7 @@ from datetime import date, timedelta
 from typing import Final, Literal, TypeVar
 
 from bot.config.fields import _Fields
-from bot.config.helpers import _known, _quote, _suggest, _template_problem
+from bot.config.helpers import _known, _parse_days, _quote, _suggest, _template_problem
 from bot.config.locator import KeyLocator
 from bot.config.problems import KeyPath, render_key
 from bot.config.shape import (
@@ -26,6 +26,7 @@ from bot.config.shape import (
     keys_of,
 )
 from bot.core.policy import (
+    DEFAULT_WEEKEND,
     PRIORITIES,
     Account,
     CalendarSpec,
@@ -105,7 +106,8 @@ class _Validator(_Fields):
             spec = self.field(table, path, "holidays", self.holidays_spec)
             closed = self.field(table, path, "closed", self.list_of(self.date_value, "an array of dates"))
             overrides = self.field(table, path, "overrides", self.overrides)
-            if zone is None or hours is None:
+            weekend = self.field(table, path, "weekend", self.weekend_days)
+            if zone is None or hours is None or ("weekend" in table and weekend is None):
                 continue
             out[name] = CalendarSpec(
                 name=name,
@@ -115,8 +117,29 @@ class _Validator(_Fields):
                 holiday_subdivision=spec[1] if spec else None,
                 closed_dates=frozenset(closed or ()),
                 overrides=overrides or {},
+                weekend=weekend if weekend is not None else DEFAULT_WEEKEND,
             )
         return out
+
+    def weekend_days(self, value: object, path: KeyPath) -> frozenset[int] | None:
+        """A calendar's weekend: an array of day names or ranges (``["fri", "sat"]``, ``[]``)."""
+        if not isinstance(value, list):
+            self.wrong_type(path, 'an array of days such as ["sat", "sun"] ([] = no weekend)', value)
+            return None
+        days: set[int] = set()
+        ok = True
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.wrong_type((*path, index), "a day such as 'sat'", item)
+                ok = False
+                continue
+            parsed = _parse_days(item)
+            if isinstance(parsed, str):
+                self.add((*path, index), parsed)
+                ok = False
+                continue
+            days.update(parsed)
+        return frozenset(days) if ok else None
 
     def overrides(self, value: object, path: KeyPath) -> dict[date, tuple[Period, ...]] | None:
         table = self.table(value, path, 'a table of dates, such as { "2026-12-31" = ["09:00-12:00"] }')
@@ -220,6 +243,7 @@ class _Validator(_Fields):
             digest: DigestSchedule | Literal["off"] | None = self.field(
                 table, path, "digest", self.digest_time
             )
+            follow_the_sun = self.field(table, path, "follow_the_sun", self.boolean)
             forecast_ack = self.field(table, path, "forecast_ack", self.boolean)
             at_risk = self.field(table, path, "at_risk", self.boolean)
             percentile = self.field(table, path, "forecast_percentile", self.positive_integer)
@@ -238,6 +262,7 @@ class _Validator(_Fields):
                 language=language or "en",
                 display_name=display_name,
                 digest=None if digest == "off" else (digest if digest is not None else DigestSchedule()),
+                follow_the_sun=bool(follow_the_sun),
                 forecast_ack=bool(forecast_ack),
                 at_risk=bool(at_risk),
                 forecast_percentile=percentile or 80,
@@ -360,6 +385,9 @@ class _Validator(_Fields):
             warn_at = self.field(table, path, "warn_at", self.fractions)
             nag_every = self.field(table, path, "nag_every", self.duration)
             claim_within = self.field(table, path, "claim_within", self.duration)
+            reassign_if_silent = self.field(table, path, "reassign_if_silent", self.duration)
+            resolution = self.field(table, path, "resolution", self.duration)
+            close_after_silence = self.field(table, path, "close_after_silence", self.duration)
             acknowledge = self.field(table, path, "acknowledge", self.boolean)
             escalation = self.field(table, path, "escalation", self.escalation)
             match = self.field(table, path, "match", self.match_spec(teams, accounts))
@@ -409,6 +437,9 @@ class _Validator(_Fields):
                         ("warn_at", warn_at),
                         ("nag_every", nag_every),
                         ("claim_within", claim_within),
+                        ("reassign_if_silent", reassign_if_silent),
+                        ("resolution", resolution),
+                        ("close_after_silence", close_after_silence),
                         ("acknowledge", acknowledge),
                         ("escalation", escalation),
                         ("match", match),
@@ -431,6 +462,9 @@ class _Validator(_Fields):
                         nag_every=nag_every if nag_every is not None else timedelta(hours=1),
                         escalation=escalation or (),
                         claim_within=claim_within,
+                        reassign_if_silent=reassign_if_silent,
+                        resolution=resolution,
+                        close_after_silence=close_after_silence,
                         acknowledge=bool(acknowledge),
                         match_teams=teams_,
                         match_accounts=accounts_,

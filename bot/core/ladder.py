@@ -8,7 +8,8 @@ Steps of one cycle (a cycle is the wait for one response):
   escalation steps at deadline + after, in order, whatever the owner's hours,
   a nag to the owner every nag_every after the deadline, but only while the owner is on
   duty (nags that fall in their off hours collapse into one when they are back),
-  reassignment to the next expert when nobody claimed it within claim_within.
+  reassignment to the next expert when nobody claimed it within claim_within, or when the
+  owner who claimed it neither answered nor acted for reassign_if_silent (the claim is released).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class LadderState:
     reassignments: int = 0
     assigned_at: datetime | None = None
     claimed: bool = False
+    # When the owner last acted on it (claimed, replied, snoozed...); for reassign_if_silent.
+    owner_active_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,19 @@ def plan(
             reassignments += 1
             assigned_at = now
 
+    claimed = state.claimed
+    silence = policy.reassign_if_silent
+    if silence is not None and claimed and state.owner_active_at is not None:
+        silent_since = state.owner_active_at + silence
+        if now >= silent_since:
+            steps.append(Step("reassign", reassignments, silent_since, "owner"))
+            reassignments += 1
+            assigned_at = now
+            claimed = False
+
     new_state = replace(
         state,
+        claimed=claimed,
         warnings_sent=warnings_sent,
         breached=breached,
         escalation_step=escalation_step,
@@ -141,6 +155,8 @@ def plan(
             candidates.append(back if back is not None and back > now else now + nag_every)
         else:
             candidates.append(next_slot)
-    if policy.claim_within is not None and not state.claimed and assigned_at is not None:
+    if policy.claim_within is not None and not claimed and assigned_at is not None:
         candidates.append(assigned_at + policy.claim_within)
+    if silence is not None and claimed and state.owner_active_at is not None:
+        candidates.append(state.owner_active_at + silence)
     return Plan(tuple(steps), new_state, min(candidates) if candidates else None)

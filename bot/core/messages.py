@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from bot.core import locale_text
 from bot.core.policy import Expert, Team
 
 
@@ -57,14 +58,20 @@ def render_acknowledgement(
     due_at: datetime,
     timezone: ZoneInfo,
     now: datetime,
+    language: str = "en",
 ) -> str:
-    """Fill an acknowledgement template (placeholders checked when the policy file was loaded)."""
+    """Fill an acknowledgement template (placeholders checked when the policy file was loaded).
+
+    `language` is the template's language: {due}, {due_in} and the word for a missing owner are
+    formatted for it (`bot.core.locale_text`), so no English word of ours reaches the customer.
+    """
     handle = author if author.startswith("@") or " " in author else f"@{author}"
+    nobody = locale_text.someone(language)
     return template.format(
         author=handle,
-        owner_first_name=owner.first_name if owner else "someone",
-        owner=owner.name if owner else "someone",
+        owner_first_name=owner.first_name if owner else nobody,
+        owner=owner.name if owner else nobody,
         team=team.label,
-        due=local_time_label(due_at, timezone),
-        due_in=duration_in_words(due_at - now),
+        due=locale_text.local_due_label(due_at, timezone, language),
+        due_in=locale_text.duration_words(due_at - now, language),
     )

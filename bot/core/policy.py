@@ -8,6 +8,7 @@ pure parts of replyclock (SLA clock, routing, ladder) can be tested from data al
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, time, timedelta
 from typing import Literal
@@ -21,6 +22,8 @@ Period = tuple[int, int]
 WeekHours = dict[int, tuple[Period, ...]]
 
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# The days a calendar calls its weekend unless it says otherwise (5 = Saturday, 6 = Sunday).
+DEFAULT_WEEKEND: frozenset[int] = frozenset({5, 6})
 
 _DIGEST_TIME = re.compile(r"^(\S+)\s+(\S+)$")
 _CLOCK_TIME = re.compile(r"^([0-9]{2}):([0-9]{2})$")
@@ -121,6 +124,9 @@ class CalendarSpec:
     closed_dates: frozenset[date] = frozenset()
     # A date listed here uses these periods instead of its weekday's (empty tuple = closed).
     overrides: dict[date, tuple[Period, ...]] = field(default_factory=dict)
+    # Weekdays (0 = Monday) that are the weekend, whatever the open hours say: a post arriving on
+    # one of them (or on a public holiday or closed date) gets `weekend_first_response`.
+    weekend: frozenset[int] = DEFAULT_WEEKEND
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,9 @@ class Team:
     display_name: str | None = None
     # When the weekly digest of last week is posted to the channel; None: no digest ("off").
     digest: DigestSchedule | None = DigestSchedule()
+    # Follow the sun: an open conversation whose owner's hours end before its deadline is handed
+    # to the next expert on duty when they end.
+    follow_the_sun: bool = False
     # Honest acknowledgements (bot.sim.forecast): promise the forecast answer time, not the deadline.
     forecast_ack: bool = False
     # Tell owner and team when the forecast for an open conversation moves past its deadline.
@@ -205,6 +214,13 @@ class SlaPolicy:
     nag_every: timedelta = timedelta(hours=1)
     escalation: tuple[EscalationStep, ...] = ()
     claim_within: timedelta | None = None
+    # A claimed conversation whose owner neither answered nor acted for this long goes to the next
+    # expert (the claim is released); None: a claim is kept however long.
+    reassign_if_silent: timedelta | None = None
+    # Time to resolution (staff close it after answering), on the policy's clock; None: no target.
+    resolution: timedelta | None = None
+    # A conversation waiting on the customer is closed after this much silence; None: never.
+    close_after_silence: timedelta | None = None
     acknowledge: bool = False
     match_teams: tuple[str, ...] = ()
     match_accounts: tuple[str, ...] = ()
@@ -278,6 +294,16 @@ class Policy:
             if candidate.matches(team=team, account=account, priority=priority):
                 return candidate
         raise LookupError(f"no SLA policy matches team={team} account={account} priority={priority}")
+
+    def acknowledgement_choice(self, *, team: str, languages: Sequence[str]) -> tuple[str, str] | None:
+        """The first template for `languages` (best first; team's table, then "default") and
+        the language it is written in, which its dates and durations are formatted for."""
+        for wanted in languages:
+            for key in (team, "default"):
+                template = self.acknowledgements.get(key, {}).get(wanted)
+                if template:
+                    return wanted, template
+        return None
 
     def acknowledgement_template(self, *, team: str, language: str) -> str | None:
         """The acknowledgement template for a team in a language, falling back to defaults."""

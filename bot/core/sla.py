@@ -36,9 +36,11 @@ from bot.core.policy import CalendarSpec, Period, SlaPolicy
 __all__ = [
     "BusinessCalendar",
     "Deadline",
+    "add_on_clock",
     "compute_deadline",
     "deadline_lines",
     "elapsed",
+    "resume_after_pause",
 ]
 
 Interval = tuple[datetime, datetime]
@@ -336,6 +338,22 @@ class BusinessCalendar:
             raise TypeError("is_working_day takes a local date, not a datetime")
         return bool(self._periods(day))
 
+    def is_weekend_or_holiday(self, day: date) -> bool:
+        """Whether a local date is a weekend day by name, a public holiday or a closed date.
+
+        This is what a support lead means by "posts at weekends": it depends on the calendar's
+        ``weekend`` days, not on its open hours, so a Saturday with Saturday hours is still a
+        weekend day. Overrides change the hours of a date, not whether it is a weekend.
+
+        Raises:
+            TypeError: `day` is a datetime (pass a local date).
+        """
+        if isinstance(day, datetime):
+            raise TypeError("is_weekend_or_holiday takes a local date, not a datetime")
+        if day.weekday() in self.spec.weekend or day in self.spec.closed_dates:
+            return True
+        return self._holidays is not None and day in self._holidays
+
     def open_intervals(self, start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
         """The open stretches between two instants, as UTC intervals clipped to [start, end).
 
@@ -440,7 +458,7 @@ def _target_for(
         raise ValueError(f"kind must be 'first' or 'next', got {kind!r}")
     if policy.weekend_first_response is not None and calendar is not None:
         local_day = received_at.astimezone(calendar.tz).date()
-        if not calendar.is_working_day(local_day):
+        if calendar.is_weekend_or_holiday(local_day):
             return policy.weekend_first_response
     return policy.first_response
 
@@ -462,7 +480,8 @@ def compute_deadline(
 
     The target is `first_response` (kind "first") or `next_response` (kind "next", falling back
     to `first_response`). For a first response, if the policy has `weekend_first_response` and a
-    calendar is given, a post whose local date is not a working day gets that target instead. On
+    calendar is given, a post whose local date (in the calendar's zone) is a weekend day of the
+    calendar, a public holiday or a closed date gets that target instead, whatever the open hours. On
     a "wall" clock the deadline is `received_at + target` (the calendar only decides the working
     day); on a "business" clock the clock starts at the next opening and counts open time only.
 
@@ -515,6 +534,44 @@ def elapsed(
     if policy.clock == "business":
         return _business_calendar(policy, calendar).business_time_between(start_utc, end_utc)
     return max(end_utc - start_utc, _ZERO)
+
+
+def add_on_clock(
+    policy: SlaPolicy, calendar: BusinessCalendar | None, start: datetime, amount: timedelta
+) -> datetime:
+    """The instant `amount` of the policy's clock after `start` (wall: plain; business: open time).
+
+    Raises:
+        ValueError: a naive `start`, a negative amount, or a business clock without a calendar.
+    """
+    start_utc = _require_aware(start, "start")
+    if amount < _ZERO:
+        raise ValueError(f"amount must not be negative, got {amount}")
+    if policy.clock == "business":
+        return _business_calendar(policy, calendar).add_business_time(start_utc, amount)
+    return start_utc + amount
+
+
+def resume_after_pause(
+    policy: SlaPolicy,
+    calendar: BusinessCalendar | None,
+    due_at: datetime,
+    paused_at: datetime,
+    resumed_at: datetime,
+) -> datetime:
+    """A deadline moved by a pause: what was left on the policy's clock when it paused is left
+    when it resumes. A deadline already passed when the pause began does not move.
+
+    Raises:
+        ValueError: a naive argument, or a business clock without a calendar.
+    """
+    due = _require_aware(due_at, "due_at")
+    paused = _require_aware(paused_at, "paused_at")
+    resumed = _require_aware(resumed_at, "resumed_at")
+    if due <= paused or resumed <= paused:
+        return due
+    left = elapsed(policy, calendar, paused, due)
+    return max(add_on_clock(policy, calendar, resumed, left), due)
 
 
 def _format_utc(instant: datetime) -> str:

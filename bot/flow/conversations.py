@@ -8,10 +8,11 @@ from typing import Literal
 from sqlalchemy.orm import Session
 
 from bot.core.policy import SlaPolicy
-from bot.core.sla import Deadline, compute_deadline
+from bot.core.sla import BusinessCalendar, Deadline, add_on_clock, compute_deadline, resume_after_pause
+from bot.core.sla_outcome import SlaOutcome, resolution_outcome, sla_outcome
 from bot.flow.context import AppContext
 from storage import repo
-from storage.models import ANSWERED, Account, Conversation
+from storage.models import ANSWERED, OPEN, Account, Conversation
 
 
 def policy_of(session: Session, ctx: AppContext, conversation: Conversation) -> SlaPolicy:
@@ -41,6 +42,96 @@ def current_deadline(session: Session, ctx: AppContext, conversation: Conversati
     sla = policy_of(session, ctx, conversation)
     kind: Literal["first", "next"] = "first" if conversation.cycle == 0 else "next"
     return deadline_for(ctx, sla, conversation.team, conversation.cycle_started_at, kind)
+
+
+def _clock_calendar(ctx: AppContext, sla: SlaPolicy, team: str) -> BusinessCalendar | None:
+    return ctx.policy_calendar(sla, team) if sla.clock == "business" else None
+
+
+def resolution_deadline(ctx: AppContext, sla: SlaPolicy, team: str, opened_at: datetime) -> datetime | None:
+    """When a conversation opened at `opened_at` must be resolved (policy `resolution`), or None."""
+    if sla.resolution is None:
+        return None
+    return add_on_clock(sla, _clock_calendar(ctx, sla, team), opened_at, sla.resolution)
+
+
+def resume_from_wait(session: Session, ctx: AppContext, conversation: Conversation, at: datetime) -> None:
+    """The customer wrote while staff waited on them: the paused clocks run again from `at`,
+    with what was left on them when the wait began (an open cycle's deadline and the resolution)."""
+    paused = conversation.waiting_since
+    if paused is None:
+        return
+    sla = policy_of(session, ctx, conversation)
+    calendar = _clock_calendar(ctx, sla, conversation.team)
+    if conversation.resolution_due_at is not None:
+        conversation.resolution_due_at = resume_after_pause(
+            sla, calendar, conversation.resolution_due_at, paused, at
+        )
+    if conversation.status == OPEN:
+        conversation.due_at = resume_after_pause(sla, calendar, conversation.due_at, paused, at)
+    conversation.waiting_since = None
+
+
+def resolution_verdict(conversation: Conversation, now: datetime) -> SlaOutcome | None:
+    """The one verdict on the resolution target (None when the policy has none)."""
+    if conversation.resolution_due_at is None:
+        return None
+    return resolution_outcome(
+        resolution_due_at=conversation.resolution_due_at,
+        first_response_at=conversation.first_response_at,
+        closed_at=conversation.closed_at,
+        waiting_since=conversation.waiting_since,
+        now=now,
+    )
+
+
+def owner_shift_end(ctx: AppContext, owner: str | None, now: datetime, due_at: datetime) -> datetime | None:
+    """When the owner's current working stretch ends, if they are at work now and it ends before
+    `due_at` (follow the sun hands the conversation on then); else None."""
+    if owner is None or owner not in ctx.policy.experts or now >= due_at:
+        return None
+    calendar = ctx.expert_calendar(owner)
+    for start, end in calendar.open_intervals(now, due_at):
+        if start <= now and end < due_at:
+            return end
+        break
+    return None
+
+
+def first_due_at(session: Session, ctx: AppContext, conversation: Conversation) -> datetime:
+    """The first-response deadline the customer was promised.
+
+    Stored since migration 0004; in cycle 0 it is also the current `due_at`; an older row already
+    past its first cycle has it recomputed from the policy and calendar.
+    """
+    if conversation.first_due_at is not None:
+        return conversation.first_due_at
+    if conversation.cycle == 0:
+        return conversation.due_at
+    sla = policy_of(session, ctx, conversation)
+    return deadline_for(ctx, sla, conversation.team, conversation.opened_at, "first").due_at
+
+
+def first_response_outcome(
+    session: Session, ctx: AppContext, conversation: Conversation, now: datetime
+) -> SlaOutcome:
+    """The one verdict on a conversation's first response (see `bot.core.sla_outcome`)."""
+    return sla_outcome(
+        due_at=first_due_at(session, ctx, conversation),
+        responded_at=conversation.first_response_at,
+        closed_at=conversation.closed_at,
+        now=now,
+    )
+
+
+def current_cycle_outcome(conversation: Conversation, now: datetime) -> SlaOutcome:
+    """The verdict on the current cycle's deadline (for cycle 0, the first response)."""
+    return sla_outcome(
+        due_at=conversation.due_at,
+        responded_at=conversation.answered_at,
+        closed_at=conversation.closed_at,
+        now=now,
+    )
 
 
 def answer(conversation: Conversation, *, at: datetime, by: str) -> None:

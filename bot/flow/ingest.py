@@ -25,11 +25,19 @@ from typing import Any, Final
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
+from bot.core.locale_text import language_candidates
 from bot.core.messages import render_acknowledgement
 from bot.core.policy import PRIORITIES
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
-from bot.flow.conversations import answer, deadline_for, policy_of
+from bot.flow.conversations import (
+    answer,
+    deadline_for,
+    owner_shift_end,
+    policy_of,
+    resolution_deadline,
+    resume_from_wait,
+)
 from connectors.base import InboundPost
 from storage import repo
 from storage.db import is_postgres
@@ -496,7 +504,21 @@ class _Batch:
         if conversation is not None:
             self._link(post, conversation)
             conversation.last_customer_post_at = max(conversation.last_customer_post_at, post.posted_at)
-            if conversation.status == ANSWERED and not (post.automatic and not post.bounce):
+            # An automatic answer (an out-of-office reply to our answer) is not the customer
+            # writing again; a bounce of our answer is (they never got it).
+            from_customer = not (post.automatic and not post.bounce)
+            if (
+                from_customer
+                and conversation.waiting_since is not None
+                and post.posted_at >= conversation.waiting_since
+            ):
+                # We were waiting on them: the paused clocks run again.
+                waited_since = conversation.waiting_since
+                resume_from_wait(self.session, self.ctx, conversation, post.posted_at)
+                self._event(conversation, "resumed", waiting_since=waited_since.isoformat())
+                if conversation.status == OPEN:
+                    conversation.next_action_at = self.now  # the sweep re-plans the ladder
+            if conversation.status == ANSWERED and from_customer:
                 self._reopen(conversation, post)
             else:
                 # An automatic answer (an out-of-office reply to our answer) goes to the thread
@@ -583,6 +605,10 @@ class _Batch:
         first_action = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
         if sla.claim_within is not None and choice.expert_id is not None:
             first_action = min(first_action, now + sla.claim_within)
+        if ctx.policy.teams[route.team].follow_the_sun:
+            shift_end = owner_shift_end(ctx, choice.expert_id, now, deadline.due_at)
+            if shift_end is not None:
+                first_action = min(first_action, shift_end)
         conversation = Conversation(
             account_id=self.account_id,
             thread_key=post.thread_key or post.external_id,
@@ -601,6 +627,8 @@ class _Batch:
             cycle_started_at=post.posted_at,
             clock_started_at=deadline.clock_started_at,
             due_at=deadline.due_at,
+            first_due_at=deadline.due_at,
+            resolution_due_at=resolution_deadline(ctx, sla, route.team, post.posted_at),
             last_customer_post_at=post.posted_at,
             next_action_at=first_action,
             slack_channel=ctx.policy.teams[route.team].channel,
@@ -660,11 +688,14 @@ class _Batch:
         if post.author_id in self.acked or post.author_id in self.opted_out or self._replies_to_ours(post):
             return
         team = ctx.policy.teams[conversation.team]
-        template = ctx.policy.acknowledgement_template(
-            team=team.name, language=post.language or team.language
+        # The customer's language from the platform, else the team's; the template found decides
+        # the locale of its dates and durations.
+        choice = ctx.policy.acknowledgement_choice(
+            team=team.name, languages=language_candidates(post.language, team.language)
         )
-        if template is None:
+        if choice is None:
             return
+        language, template = choice
         owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
         text = render_acknowledgement(
             template,
@@ -674,6 +705,7 @@ class _Batch:
             due_at=self._promise(conversation),
             timezone=ctx.calendar(team.calendar).tz,
             now=self.now,
+            language=language,
         )
         conversation.acknowledged_at = self.now
         self.acked.add(post.author_id)

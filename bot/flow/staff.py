@@ -27,7 +27,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from bot.core.policy import Expert, Policy, parse_duration
+from bot.core.policy import Expert, Policy, format_duration, parse_duration
 from bot.flow import conversations
 from bot.flow.context import AppContext
 from storage import repo
@@ -181,7 +181,7 @@ class QueueItem:
 class TeamStats:
     """A team's figures for the current week (Monday 00:00 in the team's time zone until now).
 
-    ``within_sla_share`` is None when nothing was answered this week. Conversations closed
+    ``within_sla_share`` is None when nothing was judged this week. Conversations closed
     without a reply are counted apart (``closed_this_week``) and are not in the compliance share.
     """
 
@@ -192,12 +192,20 @@ class TeamStats:
     answered_this_week: int
     answered_within_sla: int
     closed_this_week: int
+    # First deadlines that passed this week unanswered or answered late (as the digest counts them).
+    breached_this_week: int = 0
+    # Resolution target (policy `resolution`): closed after an answer in time this week, and
+    # resolution deadlines passed this week unresolved or resolved late.
+    resolved_within_target: int = 0
+    resolution_breached_this_week: int = 0
 
     @property
     def within_sla_share(self) -> float | None:
-        if not self.answered_this_week:
+        """In time / (in time + breached), as in the digest; None when nothing was judged yet."""
+        judged = self.answered_within_sla + self.breached_this_week
+        if not judged:
             return None
-        return self.answered_within_sla / self.answered_this_week
+        return self.answered_within_sla / judged
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +387,12 @@ def claim(
             repo.record_event(
                 session=session, at=now, actor=expert_id, action="claimed", conversation_id=conversation_id
             )
+            silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
+            if silence is not None:
+                # The sweep must look when the owner's silence would run out (reassign_if_silent).
+                check_at = now + silence
+                if conversation.next_action_at is None or conversation.next_action_at > check_at:
+                    conversation.next_action_at = check_at
             _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
         return ClaimResult(
             won=won,
@@ -510,6 +524,72 @@ def snooze(
             previous_next_action_at=previous.isoformat() if previous else None,
         )
         _card_update(session, conversation, "snoozed", now, until=until.isoformat())
+
+
+def wait_on_customer(
+    session: Session, ctx: AppContext, conversation_id: int, expert_id: str, now: datetime
+) -> datetime | None:
+    """Staff wait on the customer: the response and resolution clocks pause (and the reminders
+    stop) until the customer writes again; with the policy's `close_after_silence`, the sweep
+    closes the conversation after that much silence. Returns when that would be, else None.
+
+    Raises:
+        PermissionDenied, NotFound: as for `claim`.
+        InvalidState: the conversation is closed or already waiting.
+    """
+    _require_expert(ctx.policy, expert_id)
+    with _atomic(session):
+        conversation = _locked(session, conversation_id)
+        if conversation.status == CLOSED:
+            raise InvalidState("This conversation is closed: there is nobody to wait for.")
+        if conversation.waiting_since is not None:
+            raise InvalidState("This conversation is already waiting on the customer.")
+        sla = conversations.policy_of(session, ctx, conversation)
+        conversation.waiting_since = now
+        close_at = now + sla.close_after_silence if sla.close_after_silence is not None else None
+        conversation.next_action_at = close_at
+        repo.record_event(
+            session=session,
+            at=now,
+            actor=expert_id,
+            action="waiting",
+            conversation_id=conversation_id,
+            close_at=close_at.isoformat() if close_at else None,
+        )
+        _card_update(session, conversation, "waiting", now)
+        return close_at
+
+
+def close_silent(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> bool:
+    """Close a conversation that waited on a silent customer for the policy's `close_after_silence`
+    (the sweep calls this); the card says why. Returns whether it closed."""
+    sla = conversations.policy_of(session, ctx, conversation)
+    since = conversation.waiting_since
+    if since is None or sla.close_after_silence is None or conversation.status == CLOSED:
+        conversation.next_action_at = None if since is not None else conversation.next_action_at
+        return False
+    if now < since + sla.close_after_silence:
+        conversation.next_action_at = since + sla.close_after_silence
+        return False
+    was = conversation.status
+    conversation.status = CLOSED
+    conversation.closed_at = now
+    conversation.close_reason = f"no word from the customer for {format_duration(sla.close_after_silence)}"[
+        :CLOSE_REASON_MAX
+    ]
+    conversation.next_action_at = None
+    repo.record_event(
+        session=session,
+        at=now,
+        actor="sweep",
+        action="closed",
+        conversation_id=conversation.id,
+        reason=conversation.close_reason,
+        was=was,
+        waiting_since=since.isoformat(),
+    )
+    _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
+    return True
 
 
 def mark_answered(
@@ -837,6 +917,10 @@ def team_queue(session: Session, team: str) -> list[QueueItem]:
     return _queue(session, Conversation.status == OPEN, Conversation.team == team)
 
 
+# How far back the stats look for old rows whose first deadline was never stored.
+_STATS_LOOKBACK = timedelta(days=60)
+
+
 def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
     """Monday 00:00 of the current week in the team's time zone, in UTC."""
     tz = ctx.calendar(ctx.policy.teams[team].calendar).tz
@@ -846,7 +930,11 @@ def week_start(ctx: AppContext, team: str, now: datetime) -> datetime:
 
 
 def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> TeamStats:
-    """Open and overdue now; answered, answered in time and closed unanswered this week.
+    """Open and overdue now; first responses, their verdicts and closed unanswered this week.
+
+    The verdicts come from `bot.core.sla_outcome` on the first-response deadline, exactly as in
+    the weekly digest: answered in time this week, or first deadline passed unanswered (or
+    answered late) this week.
 
     Raises:
         KeyError: no such team.
@@ -861,14 +949,48 @@ def team_stats(session: Session, ctx: AppContext, team: str, now: datetime) -> T
             or 0
         )
 
-    answered_this_week = (Conversation.answered_at >= start, Conversation.answered_at <= now)
+    candidates = session.scalars(
+        select(Conversation).where(
+            Conversation.team == team,
+            Conversation.opened_at <= now,
+            or_(
+                Conversation.first_response_at >= start,
+                Conversation.first_due_at >= start,
+                Conversation.resolution_due_at >= start,
+                Conversation.closed_at >= start,
+                # Rows from before the first deadline was stored, past their first cycle.
+                (Conversation.first_due_at.is_(None) & (Conversation.opened_at >= start - _STATS_LOOKBACK)),
+            ),
+        )
+    )
+    answered = within = breached = resolved_within = resolution_breached = 0
+    for conversation in candidates:
+        outcome = conversations.first_response_outcome(session, ctx, conversation, now)
+        responded = conversation.first_response_at
+        if responded is not None and start <= responded <= now:
+            answered += 1
+            within += outcome.within
+        if start <= outcome.due_at < now and outcome.breached:
+            breached += 1
+        resolution = conversations.resolution_verdict(conversation, now)
+        if resolution is not None:
+            closed = conversation.closed_at
+            if resolution.within and closed is not None and start <= closed <= now:
+                resolved_within += 1
+            if resolution.breached and start <= resolution.due_at < now:
+                resolution_breached += 1
     return TeamStats(
         team=team,
         week_start=start,
         open=count(Conversation.status == OPEN),
-        overdue=count(Conversation.status == OPEN, Conversation.due_at < now),
-        answered_this_week=count(*answered_this_week),
-        answered_within_sla=count(*answered_this_week, Conversation.answered_at <= Conversation.due_at),
+        overdue=count(
+            Conversation.status == OPEN, Conversation.due_at < now, Conversation.waiting_since.is_(None)
+        ),
+        answered_this_week=answered,
+        answered_within_sla=within,
+        breached_this_week=breached,
+        resolved_within_target=resolved_within,
+        resolution_breached_this_week=resolution_breached,
         closed_this_week=count(
             Conversation.status == CLOSED,
             Conversation.closed_at >= start,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import Row, Table, bindparam, insert, select, update
+from sqlalchemy import Row, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -24,8 +24,9 @@ from bot.core.ladder import LadderState, Plan, Step, plan
 from bot.core.policy import SlaPolicy
 from bot.core.routing import choose_owner
 from bot.core.sla import Deadline
+from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.flow.conversations import current_deadline, deadline_for, policy_of
+from bot.flow.conversations import current_deadline, deadline_for, owner_shift_end, policy_of
 from storage import repo
 from storage.db import is_postgres
 from storage.models import DEFAULT_URGENCY, OPEN, PENDING, URGENCY, Account, Conversation, Event, Outbox
@@ -152,6 +153,8 @@ _CLAIMED = (
     Conversation.reassignments,
     Conversation.next_action_at,
     Conversation.version,
+    Conversation.status,
+    Conversation.waiting_since,
 )
 # The columns a ladder step may change (all written together, so executemany sees one shape).
 _LADDER_COLUMNS = (
@@ -170,7 +173,10 @@ _LADDER_COLUMNS = (
 def _claim(session: Session, now: datetime, limit: int) -> list[Row[Any]]:
     query = (
         select(*_CLAIMED)
-        .where(Conversation.next_action_at <= now, Conversation.status == OPEN)
+        .where(
+            Conversation.next_action_at <= now,
+            or_(Conversation.status == OPEN, Conversation.waiting_since.is_not(None)),
+        )
         .order_by(Conversation.next_action_at)
         .limit(limit)
     )
@@ -249,6 +255,16 @@ class _Decision:
     steps: tuple[Step, ...]
     payloads: list[dict[str, object]]
     values: dict[str, object]
+
+
+def _plain_ladder(session: Session, ctx: AppContext, cache: _Cache, row: Row[Any]) -> bool:
+    """Whether a claimed conversation needs nothing but the ladder (the set-wise path)."""
+    if row.waiting_since is not None or row.status != OPEN:
+        return False
+    if cache.policy(session, row).reassign_if_silent is not None:
+        return False
+    team = ctx.policy.teams.get(row.team)
+    return not (team is not None and team.follow_the_sun)
 
 
 def _decide(
@@ -351,10 +367,25 @@ def _process_batch(
     now: datetime,
     result: SweepResult,
 ) -> None:
-    """Plan every claimed conversation, then write the whole batch set-wise (see sweep)."""
+    """Plan every claimed conversation, then write the whole batch set-wise (see sweep).
+
+    Conversations that need more than the plain ladder (waiting on the customer, a policy with
+    reassign_if_silent, a follow-the-sun team) go through the ORM one at a time first."""
+    plain: list[Row[Any]] = []
+    for row in claimed:
+        try:
+            if _plain_ladder(session, ctx, cache, row):
+                plain.append(row)
+                continue
+            conversation = session.get(Conversation, row.id)
+        except Exception:
+            _failed(session, row.id, now, result)
+            continue
+        if conversation is not None:
+            _process_one(session, ctx, conversation, now, result)
     batch = _Batch()
     decisions: list[_Decision] = []
-    for row in claimed:
+    for row in plain:
         try:
             decisions.append(_decide(session, ctx, cache, batch, row, now))
         except Exception:
@@ -512,7 +543,15 @@ def _process_one(
     conversation_id = conversation.id
     try:
         with session.begin_nested():
-            steps = apply_ladder(session, ctx, conversation, now)
+            if conversation.waiting_since is not None:
+                # Waiting on the customer: no ladder, only the close after silence.
+                closed = staff.close_silent(session, ctx, conversation, now)
+                session.flush()
+                steps: tuple[Step, ...] = ()
+                if closed:
+                    result.steps["closed_silent"] = result.steps.get("closed_silent", 0) + 1
+            else:
+                steps = apply_ladder(session, ctx, conversation, now)
         result.processed += 1
         for step in steps:
             result.steps[step.kind] = result.steps.get(step.kind, 0) + 1
@@ -547,6 +586,9 @@ def apply_ladder(
         reassignments=conversation.reassignments,
         assigned_at=conversation.assigned_at,
         claimed=conversation.claimed_by is not None,
+        owner_active_at=_owner_active_at(session, conversation)
+        if sla.reassign_if_silent is not None
+        else None,
     )
     decided: Plan = plan(
         policy=sla,
@@ -559,6 +601,12 @@ def apply_ladder(
     )
     for step in decided.steps:
         _carry_out(session, ctx, conversation, step, now)
+    team = ctx.policy.teams.get(conversation.team)
+    follow_the_sun = team is not None and team.follow_the_sun and conversation.status == OPEN
+    if follow_the_sun and owner is not None and not any(step.kind == "reassign" for step in decided.steps):
+        back = next_on_duty(now)
+        if not on_duty(now) and (back is None or back > conversation.due_at):
+            _hand_over(session, ctx, conversation, now)
     conversation.warnings_sent = decided.state.warnings_sent
     conversation.escalation_step = decided.state.escalation_step
     conversation.nag_level = decided.state.nag_level
@@ -568,8 +616,63 @@ def apply_ladder(
         if conversation.breached_at is None:
             conversation.breached_at = conversation.due_at
     conversation.next_action_at = decided.next_action_at
+    if follow_the_sun:
+        # Look again when the (possibly new) owner's working hours end before the deadline.
+        shift_end = owner_shift_end(ctx, conversation.owner, now, conversation.due_at)
+        if shift_end is not None and (
+            conversation.next_action_at is None or shift_end < conversation.next_action_at
+        ):
+            conversation.next_action_at = shift_end
     session.flush()
     return decided.steps
+
+
+def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> None:
+    """Follow the sun: the owner's day ended before the deadline; the next expert on duty takes it."""
+    previous = conversation.owner
+    choice = choose_owner(
+        ctx.policy,
+        team=conversation.team,
+        topics=(),
+        at=now,
+        load=repo.open_loads(session=session, team=conversation.team),
+        last_assigned=previous,
+        exclude=repo.away_experts(session=session, now=now) | ({previous} if previous else set()),
+    )
+    if choice.expert_id is None or choice.reason != "on_duty":
+        return  # nobody else at work: it stays, and the ladder goes on as usual
+    index = conversation.reassignments
+    conversation.reassignments += 1
+    conversation.owner = choice.expert_id
+    conversation.assigned_at = now
+    conversation.claimed_by = None
+    conversation.claimed_at = None
+    repo.enqueue(
+        session=session,
+        kind="reassign",
+        key=f"conv:{conversation.id}:c{conversation.cycle}:reassign:{index}",
+        payload={
+            "conversation_id": conversation.id,
+            "step": "reassign",
+            "index": index,
+            "notify": "owner",
+            "scheduled_at": now.isoformat(),
+            "owner": choice.expert_id,
+            "previous_owner": previous,
+            "reason": "handover",
+        },
+        conversation_id=conversation.id,
+        now=now,
+    )
+    repo.record_event(
+        session=session,
+        at=now,
+        actor="sweep",
+        action="handover",
+        conversation_id=conversation.id,
+        owner=choice.expert_id,
+        previous_owner=previous,
+    )
 
 
 def _carry_out(
@@ -585,6 +688,11 @@ def _carry_out(
     }
     if step.kind == "reassign":
         previous = conversation.owner
+        if conversation.claimed_by is not None:
+            # reassign_if_silent: the owner claimed it but went silent; the claim goes with it.
+            payload["reason"] = "silent"
+            conversation.claimed_by = None
+            conversation.claimed_at = None
         choice = choose_owner(
             ctx.policy,
             team=conversation.team,
@@ -625,6 +733,22 @@ def _carry_out(
             "ladder step",
             extra={"conversation_id": conversation.id, "step": step.kind, "index": step.index},
         )
+
+
+def _owner_active_at(session: Session, conversation: Conversation) -> datetime | None:
+    """When the claiming owner last acted on the conversation: the claim, or their latest audited
+    action on it (reply, snooze, reassign...), whichever is later."""
+    claimer = conversation.claimed_by
+    if claimer is None:
+        return None
+    latest = session.scalar(
+        select(func.max(Event.at)).where(
+            Event.conversation_id == conversation.id,
+            or_(Event.actor == claimer, Event.actor == f"expert:{claimer}"),
+        )
+    )
+    found = [at for at in (conversation.claimed_at, latest) if at is not None]
+    return max(found) if found else None
 
 
 def earliest_next_action(ctx: AppContext) -> datetime | None:

@@ -22,10 +22,10 @@ What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's
 
 * **Closed without reply**: conversations never answered whose ``closed_at`` falls in W, by
   reason. They leave every compliance figure (share within SLA, breaches), as the design says.
-* **Within SLA** means ``first_response_at <= first_due_at``, where ``first_due_at`` is the
-  deadline of the *first* cycle (the stored ``due_at`` while the conversation is in cycle 0,
-  else recomputed from policy and calendar with `bot.flow.conversations.deadline_for`). Next-response
-  cycles are not judged here: the row only keeps the current cycle.
+* **Within SLA** and **breached** are the verdict of `bot.core.sla_outcome.sla_outcome` on the
+  *first* cycle's deadline ``first_due_at`` (stored at opening; recomputed from policy and
+  calendar for rows older than that), the same function the export, ``/replyclock stats``, the
+  App Home and the metrics use. Next-response cycles are not judged here.
 * **Share answered within SLA**: every conversation is judged once, in the week its verdict
   became known: on time in the week of its first response (if that came by the deadline),
   missed in the week its first deadline passed unanswered. So
@@ -34,6 +34,10 @@ What the figures mean (W is the ISO week ``[start, end)`` in the team calendar's
 * **Deadlines missed** (breaches): the same missed conversations, each with its owner and how
   late: first response minus deadline when answered, else (still unanswered) week end minus
   deadline.
+* **Resolution** (policies with ``resolution``): resolved = closed by staff after an answer; in
+  time when closed by ``resolution_due_at`` (which moves on by the time spent waiting on the
+  customer). Resolved within target counts those closed in W; resolution targets missed counts
+  those whose target fell in W unresolved or resolved late (`bot.core.sla_outcome`).
 * **Backlog**: conversations waiting for a response at the end of W: opened before the end,
   not closed by then, and either not yet first-answered then, or in a later cycle that started
   before the end and was not answered by then (an earlier reopened cycle that was already over
@@ -70,8 +74,9 @@ from sqlalchemy.orm import Session
 from bot.core.messages import duration_in_words, escape_mrkdwn
 from bot.core.policy import SlaPolicy
 from bot.core.sla import BusinessCalendar, elapsed
+from bot.core.sla_outcome import SlaOutcome, resolution_outcome, sla_outcome
 from bot.flow.context import AppContext
-from bot.flow.conversations import deadline_for, policy_of
+from bot.flow.conversations import deadline_for, first_due_at, policy_of
 from storage.models import SENT, Conversation, Event, Outbox, Post
 
 __all__ = [
@@ -326,14 +331,34 @@ class ConversationFacts:
     cycle: int = 0
     cycle_started_at: datetime | None = None
     answered_at: datetime | None = None
+    resolution_due_at: datetime | None = None
+    waiting_on_customer_since: datetime | None = None
+
+    def resolution(self, now: datetime) -> SlaOutcome | None:
+        """The one verdict on the resolution target, as read at `now` (None without a target)."""
+        if self.resolution_due_at is None:
+            return None
+        return resolution_outcome(
+            resolution_due_at=self.resolution_due_at,
+            first_response_at=self.first_response_at,
+            closed_at=self.closed_at,
+            waiting_since=self.waiting_on_customer_since,
+            now=now,
+        )
 
     @property
     def closed_without_reply(self) -> bool:
         return self.closed_at is not None and self.first_response_at is None
 
+    def outcome(self, now: datetime) -> SlaOutcome:
+        """The one verdict on the first response, as read at `now` (see `bot.core.sla_outcome`)."""
+        return sla_outcome(
+            due_at=self.first_due_at, responded_at=self.first_response_at, closed_at=self.closed_at, now=now
+        )
+
     @property
     def answered_in_time(self) -> bool:
-        return self.first_response_at is not None and self.first_response_at <= self.first_due_at
+        return self.outcome(self.first_due_at).within
 
     def waiting_since(self, at: datetime) -> datetime | None:
         """Since when the customer was waiting for us at instant `at`, None if not waiting then."""
@@ -449,6 +474,10 @@ class WeekFigures:
     experts: tuple[ExpertFigures, ...]
     acks: int
     days: tuple[DayFigures, ...]
+    # Resolution targets (policy `resolution`): resolved (closed after an answer) in time in the
+    # week, and conversation ids whose resolution deadline passed in the week unresolved or late.
+    resolved_within_target: int = 0
+    resolution_breaches: tuple[int, ...] = ()
 
     @property
     def closed_without_reply_total(self) -> int:
@@ -526,11 +555,7 @@ def compute_week(
         f.close_reason or NO_REASON for f in facts if f.first_response_at is None and in_week(f.closed_at)
     )
     missed = sorted(
-        (
-            f
-            for f in facts
-            if not f.closed_without_reply and in_week(f.first_due_at) and not f.answered_in_time
-        ),
+        (f for f in facts if in_week(f.first_due_at) and f.outcome(week.end).breached),
         key=lambda f: (f.first_due_at, f.id),
     )
     on_time = [f for f in first_responses if f.answered_in_time]
@@ -555,7 +580,7 @@ def compute_week(
             owner_name=name_of(f.owner),
             due_at=f.first_due_at,
             first_response_at=f.first_response_at,
-            late_by=(f.first_response_at or week.end) - f.first_due_at,
+            late_by=f.outcome(week.end).late_by,
         )
         for f in missed
     )
@@ -604,7 +629,18 @@ def compute_week(
 
     wall_times = list(wall.values())
     business_times = list(business.values())
+    resolutions = [(f, f.resolution(week.end)) for f in facts]
+    resolved_within = sum(
+        1 for f, verdict in resolutions if verdict is not None and verdict.within and in_week(f.closed_at)
+    )
+    resolution_breaches = tuple(
+        f.id
+        for f, verdict in resolutions
+        if verdict is not None and verdict.breached and in_week(verdict.due_at)
+    )
     return WeekFigures(
+        resolved_within_target=resolved_within,
+        resolution_breaches=resolution_breaches,
         week=week,
         posts=data.posts,
         opened=sum(1 for f in facts if in_week(f.opened_at)),
@@ -691,6 +727,7 @@ def load_facts(session: Session, ctx: AppContext, team: str, week: WeekRange) ->
         Conversation.answered_at >= start,
         Conversation.closed_at >= start,
         Conversation.cycle_started_at >= start,
+        Conversation.resolution_due_at >= start,
         (
             Conversation.closed_at.is_(None)
             & (Conversation.first_response_at.is_(None) | Conversation.answered_at.is_(None))
@@ -719,7 +756,7 @@ def load_facts(session: Session, ctx: AppContext, team: str, week: WeekRange) ->
                 opened_at=row.opened_at,
                 # The stored deadline is what the customer was promised; recompute only when a
                 # later cycle has overwritten it.
-                first_due_at=row.due_at if row.cycle == 0 else deadline.due_at,
+                first_due_at=first_due_at(session, ctx, row),
                 first_target=deadline.target,
                 first_response_at=row.first_response_at,
                 first_responder=_expert_of_actor(ctx, responders.get(row.id)),
@@ -728,6 +765,8 @@ def load_facts(session: Session, ctx: AppContext, team: str, week: WeekRange) ->
                 cycle=row.cycle,
                 cycle_started_at=row.cycle_started_at,
                 answered_at=row.answered_at,
+                resolution_due_at=row.resolution_due_at,
+                waiting_on_customer_since=row.waiting_since,
             )
         )
     return facts
@@ -878,6 +917,11 @@ def render_text(digest: Digest, *, mrkdwn: bool = True) -> str:
         f"({_duration(before.p90_response)}, {_duration(before.p90_business)})",
         f"{bold('Deadlines missed')}: {len(now.breaches)} ({len(before.breaches)})",
     ]
+    if now.resolved_within_target or now.resolution_breaches or before.resolution_breaches:
+        lines.append(
+            f"Resolved within target: {now.resolved_within_target} ({before.resolved_within_target}); "
+            f"resolution targets missed: {len(now.resolution_breaches)} ({len(before.resolution_breaches)})"
+        )
     for breach in now.breaches[:MAX_LISTED_BREACHES]:
         how = (
             f"answered {_duration(breach.late_by)} late"

@@ -40,7 +40,7 @@ from bot.flow.outbox import Handler, OutboxMessage
 from bot.reports.chart import render_chart
 from bot.reports.digest import Digest, WeekRange, build_digest, render_text, team_week
 from storage import repo
-from storage.models import Outbox
+from storage.models import Conversation, Outbox
 
 log = logging.getLogger("replyclock.digest")
 
@@ -102,6 +102,14 @@ def enqueue_due_digests(
                 # repo.enqueue's own answer cannot be trusted on PostgreSQL (it reports True for
                 # a conflict), so look first; the unique key still settles a race with another process.
                 if session.scalar(select(Outbox.id).where(Outbox.idempotency_key == key)) is not None:
+                    continue
+                # A new install has nothing to report for the weeks before its first conversation.
+                first_seen = session.scalar(
+                    select(Conversation.id)
+                    .where(Conversation.team == team, Conversation.opened_at < week.end)
+                    .limit(1)
+                )
+                if first_seen is None:
                     continue
                 repo.enqueue(
                     session=session,

@@ -14,7 +14,10 @@ Columns, in this order (the order is part of the interface: add new columns at t
 ``route_rule``              routing rule that matched (empty: default team)
 ``status``                  open, answered or closed (now)
 ``outcome``                 open, answered, closed_after_reply or closed_without_reply
-``breached``                true if any deadline of it was ever missed (``breached_at`` set)
+``breached``                true if its first-response deadline or its current cycle's deadline
+                            was missed (`bot.core.sla_outcome`, as the digest and stats judge it,
+                            whether or not a sweep announced it), or a sweep recorded a breach
+                            of an earlier cycle (``breached_at`` set on an answered conversation)
 ``owner``                   expert id of the owner
 ``claimed_by``              expert who claimed it
 ``answered_by``             who gave the latest answer (``expert:<id>``, ``account:<handle>``...)
@@ -35,6 +38,15 @@ Columns, in this order (the order is part of the interface: add new columns at t
 ``breached_at``             first missed deadline
 ``closed_at``               when staff closed it
 ``first_response_seconds``  ``first_response_at - opened_at`` in seconds (wall time)
+``first_due_at``            the first-response deadline the customer was promised
+``first_response_verdict``  ``within``, ``breached``, ``pending`` or ``not_judged`` (closed
+                            without reply), at the time of the export; empty for rows from
+                            before migration 0004 already past their first cycle
+``late_by_seconds``         how late the first response was (so far, if still unanswered)
+``resolution_due_at``       the resolution target (policy ``resolution``), moved on by waits
+``resolution_verdict``      ``within``, ``breached``, ``pending`` or ``not_judged`` (resolved =
+                            closed after an answer); empty without a resolution target
+``waiting_since``           since when staff wait on the customer (clocks paused), else empty
 ==========================  =====================================================================
 
 Times are ISO 8601 in UTC with a ``Z`` suffix (``2026-11-23T08:00:00Z``; fractional seconds
@@ -58,6 +70,7 @@ from typing import Any, TextIO
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from bot.core.sla_outcome import resolution_outcome, sla_outcome
 from storage.models import CLOSED, OPEN, Account, Conversation
 
 COLUMNS: tuple[str, ...] = (
@@ -90,6 +103,12 @@ COLUMNS: tuple[str, ...] = (
     "breached_at",
     "closed_at",
     "first_response_seconds",
+    "first_due_at",
+    "first_response_verdict",
+    "late_by_seconds",
+    "resolution_due_at",
+    "resolution_verdict",
+    "waiting_since",
 )
 BATCH = 1000
 
@@ -146,6 +165,9 @@ def export_query(
             Conversation.answered_at,
             Conversation.breached_at,
             Conversation.closed_at,
+            Conversation.first_due_at,
+            Conversation.resolution_due_at,
+            Conversation.waiting_since,
         )
         .join(Account, Account.id == Conversation.account_id)
         .where(Conversation.opened_at >= since)
@@ -159,12 +181,19 @@ def export_query(
 
 
 def export_rows(
-    session: Session, *, since: datetime, until: datetime | None = None, team: str | None = None
+    session: Session,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    team: str | None = None,
+    now: datetime | None = None,
 ) -> Iterator[list[str]]:
     """Yield one CSV row (strings, in `COLUMNS` order) per conversation, streaming from the database.
 
     A generator: nothing is read until it is iterated, and at most `BATCH` rows are held at once.
+    `now` (default: the current time) is when unanswered deadlines are judged.
     """
+    at = now if now is not None else datetime.now(UTC)
     result = session.execute(
         export_query(since=since, until=until, team=team).execution_options(yield_per=BATCH)
     )
@@ -195,7 +224,39 @@ def export_rows(
         answered_at,
         breached_at,
         closed_at,
+        first_due_at,
+        resolution_due_at,
+        waiting_since,
     ) in result:
+        first_due = first_due_at if first_due_at is not None else (due_at if cycle == 0 else None)
+        first = (
+            sla_outcome(due_at=first_due, responded_at=first_response_at, closed_at=closed_at, now=at)
+            if first_due is not None
+            else None
+        )
+        # While waiting on the customer the cycle's clock stands still.
+        current = sla_outcome(
+            due_at=due_at,
+            responded_at=answered_at,
+            closed_at=closed_at,
+            now=min(at, waiting_since) if waiting_since is not None else at,
+        )
+        resolution = (
+            resolution_outcome(
+                resolution_due_at=resolution_due_at,
+                first_response_at=first_response_at,
+                closed_at=closed_at,
+                waiting_since=waiting_since,
+                now=at,
+            )
+            if resolution_due_at is not None
+            else None
+        )
+        breached = (
+            (first is not None and first.breached)
+            or current.breached
+            or (breached_at is not None and first_response_at is not None)
+        )
         yield [
             str(conversation_id),
             team_name,
@@ -205,7 +266,7 @@ def export_rows(
             route_rule or "",
             status,
             _outcome(status, first_response_at),
-            "true" if breached_at is not None else "false",
+            "true" if breached else "false",
             owner or "",
             claimed_by or "",
             answered_by or "",
@@ -226,6 +287,12 @@ def export_rows(
             iso_utc(breached_at),
             iso_utc(closed_at),
             _seconds(first_response_at - opened_at) if first_response_at is not None else "",
+            iso_utc(first_due),
+            first.verdict if first is not None else "",
+            _seconds(first.late_by) if first is not None else "",
+            iso_utc(resolution_due_at),
+            resolution.verdict if resolution is not None else "",
+            iso_utc(waiting_since),
         ]
 
 
@@ -236,12 +303,13 @@ def write_export(
     since: datetime,
     until: datetime | None = None,
     team: str | None = None,
+    now: datetime | None = None,
 ) -> int:
     """Write the header and every row to `out` as they stream in; returns the number of rows."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     count = 0
-    for row in export_rows(session, since=since, until=until, team=team):
+    for row in export_rows(session, since=since, until=until, team=team, now=now):
         writer.writerow(row)
         count += 1
     return count

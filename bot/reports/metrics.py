@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from bot.flow import staff
 from bot.flow.context import AppContext
 from bot.telemetry import PROCESS_COUNTERS
 from storage.models import OPEN, Account, Conversation, Outbox
@@ -59,7 +60,11 @@ class DatabaseCollector:
             open_by_team.update({team: count for team, count in open_rows})
             overdue_rows = session.execute(
                 select(Conversation.team, func.count())
-                .where(Conversation.status == OPEN, Conversation.due_at < now)
+                .where(
+                    Conversation.status == OPEN,
+                    Conversation.due_at < now,
+                    Conversation.waiting_since.is_(None),
+                )
                 .group_by(Conversation.team)
             )
             overdue_by_team.update({team: count for team, count in overdue_rows})
@@ -71,10 +76,19 @@ class DatabaseCollector:
             accounts = list(
                 session.execute(select(Account.name, Account.last_success_at, Account.parked_until))
             )
+            # The same verdicts as /replyclock stats, the App Home and the digest (bot.core.sla_outcome).
+            week = {
+                team: staff.team_stats(session, self.ctx, team, now) for team in sorted(self.ctx.policy.teams)
+            }
         for team, count in sorted(open_by_team.items()):
             families.open.add_metric([team], count)
         for team, count in sorted(overdue_by_team.items()):
             families.overdue.add_metric([team], count)
+        for team, figures in week.items():
+            families.first_responses.add_metric([team, "within"], figures.answered_within_sla)
+            families.first_responses.add_metric([team, "breached"], figures.breached_this_week)
+            families.resolutions.add_metric([team, "within"], figures.resolved_within_target)
+            families.resolutions.add_metric([team, "breached"], figures.resolution_breached_this_week)
         for status, kind, count in sorted(outbox_rows):
             families.outbox.add_metric([status, kind], count)
         seen = set()
@@ -120,8 +134,32 @@ class _Families:
             labels=["account"],
         )
 
+        self.first_responses = GaugeMetricFamily(
+            "replyclock_first_responses_this_week",
+            "First-response verdicts of the team's current week (Monday 00:00 in its zone until now): "
+            "within = answered in time this week, breached = first deadline passed this week unanswered "
+            "or answered late.",
+            labels=["team", "verdict"],
+        )
+
+        self.resolutions = GaugeMetricFamily(
+            "replyclock_resolutions_this_week",
+            "Resolution-target verdicts of the team's current week: within = closed after an answer in "
+            "time this week, breached = resolution deadline passed this week unresolved or resolved late.",
+            labels=["team", "verdict"],
+        )
+
     def all(self) -> Iterator[Metric]:
-        yield from (self.database_up, self.open, self.overdue, self.outbox, self.last_success, self.parked)
+        yield from (
+            self.database_up,
+            self.open,
+            self.overdue,
+            self.first_responses,
+            self.resolutions,
+            self.outbox,
+            self.last_success,
+            self.parked,
+        )
 
 
 def build_registry(ctx: AppContext) -> CollectorRegistry:

@@ -44,6 +44,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     SNOOZE_CHOICES,
     parse_conversation_id,
@@ -65,6 +66,7 @@ def register(app: App) -> None:
     app.action(ACTION_REPLY)(handle_reply_action)
     app.action(ACTION_SNOOZE)(handle_snooze_action)
     app.action(ACTION_ANSWERED)(handle_answered_action)
+    app.action(ACTION_WAIT)(handle_wait_action)
     app.action(ACTION_CLOSE)(handle_close_action)
 
 
@@ -273,6 +275,24 @@ def handle_answered_action(ack: Ack, body: Body, context: BoltContext, client: W
     """Mark answered: it was answered elsewhere; the response is stamped now and the ladder stops."""
     ack()
     _run(context, client, body, staff.mark_answered)
+
+
+def handle_wait_action(ack: Ack, body: Body, context: BoltContext, client: WebClient) -> None:
+    """Waiting on customer: the response and resolution clocks pause until the customer writes."""
+    ack()
+    ctx = replyclock_of(context)
+    done = _run(context, client, body, lambda s, c, i, e, n: (i, staff.wait_on_customer(s, c, i, e, n)))
+    if done is None:
+        return
+    conversation_id, close_at = done
+    expert = ctx.policy.experts.get(expert_of(context))
+    tz = user_timezone(client, _user_id(body), fallback=expert.timezone if expert else "UTC")
+    closing = f"; closed {clock_time(close_at, tz, ctx.clock.now())} if they stay silent" if close_at else ""
+    tell(
+        client,
+        body,
+        f"#{conversation_id} waits on the customer: the clocks stand still until they write{closing}.",
+    )
 
 
 def handle_close_action(ack: Ack, body: Body, context: BoltContext, client: WebClient) -> None:

@@ -36,6 +36,7 @@ from bot.slack.ids import (
     ACTION_REPLY,
     ACTION_SNOOZE,
     ACTION_UNCLAIM,
+    ACTION_WAIT,
     CLOSE_REASONS,
     REPLY_BLOCK,
     REPLY_INPUT,
@@ -380,6 +381,12 @@ def card_actions(conversation: Conversation) -> Block:
             },
             {
                 "type": "button",
+                "action_id": ACTION_WAIT,
+                "text": _plain("Waiting on customer"),
+                "value": value,
+            },
+            {
+                "type": "button",
                 "action_id": ACTION_ANSWERED,
                 "text": _plain("Mark answered"),
                 "value": value,
@@ -702,8 +709,20 @@ def reassign_message(
     owner: str | None,
     previous_owner: str | None,
     note: str | None = None,
+    reason: str | None = None,
 ) -> Message:
-    """Thread reply: nobody claimed it in time, so it was offered to the next expert."""
+    """Thread reply: nobody claimed it in time (or its owner went silent, or their day ended:
+    `reason` "silent" or "handover"), so it was offered to the next expert."""
+    if reason in ("silent", "handover") and owner != previous_owner:
+        was = _person(ctx_policy, previous_owner, now=None, ping=False)
+        line = (
+            f":arrows_counterclockwise: {was} claimed {_subject(conversation)} but neither answered nor "
+            f"acted: offered to {_person(ctx_policy, owner, now=now)}."
+            if reason == "silent"
+            else f":sunrise: Handover: {was}'s working hours end before {_subject(conversation)} is due: "
+            f"{_person(ctx_policy, owner, now=now)} takes it over."
+        )
+        return _simple(line, f"#{conversation.id} handed over")
     if note or owner == previous_owner:
         line = (
             f":arrows_counterclockwise: Nobody claimed {_subject(conversation)} in time and no other "

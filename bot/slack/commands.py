@@ -28,6 +28,7 @@ HELP = "\n".join(
         "• `/replyclock mine` — the conversations you own or claimed, soonest deadline first",
         "• `/replyclock queue [team]` — one of your teams' open conversations (default: your first team)",
         "• `/replyclock stats [team]` — open, overdue, answered this week and the share in time, for one of your teams",
+        "• `/replyclock wait N` — conversation N waits on the customer: its clocks pause until they write",
         "• `/replyclock away until YYYY-MM-DD` — get no new conversations through that day",
         "• `/replyclock back` — take new conversations again",
         "• `/replyclock help` — this list",
@@ -54,6 +55,8 @@ def handle_replyclock_command(ack: Ack, command: dict[str, Any], context: BoltCo
             text = _queue(context, ctx, expert_id, arguments)
         elif verb == "stats":
             text = _stats(context, ctx, expert_id, arguments)
+        elif verb == "wait":
+            text = _wait(context, ctx, expert_id, arguments)
         elif verb == "away":
             text = _away(context, ctx, expert_id, arguments)
         elif verb == "back":
@@ -140,15 +143,43 @@ def _stats(context: BoltContext, ctx: AppContext, expert_id: str, arguments: lis
     team = _team(ctx, expert_id, arguments)
     figures = staff.team_stats(session_of(context), ctx, team, now)
     share = figures.within_sla_share
-    in_time = "no answers yet this week" if share is None else f"{share:.0%} within the deadline"
+    in_time = (
+        "no answers yet this week"
+        if share is None
+        else f"{share:.0%} within the deadline, {figures.answered_within_sla} of "
+        f"{figures.answered_within_sla + figures.breached_this_week}"
+    )
     return "\n".join(
         [
             f"*{ctx.policy.teams[team].label}*, this week (since {figures.week_start.astimezone(_tz(ctx, expert_id)):%a %d %b %H:%M}):",
             f"• open: {figures.open} ({figures.overdue} overdue)",
             f"• answered: {figures.answered_this_week} ({in_time})",
+            f"• deadlines missed: {figures.breached_this_week}",
+            *(
+                [
+                    f"• resolved within target: {figures.resolved_within_target}, "
+                    f"resolution targets missed: {figures.resolution_breached_this_week}"
+                ]
+                if figures.resolved_within_target or figures.resolution_breached_this_week
+                else []
+            ),
             f"• closed without reply: {figures.closed_this_week}",
         ]
     )
+
+
+def _wait(context: BoltContext, ctx: AppContext, expert_id: str, arguments: list[str]) -> str:
+    if len(arguments) != 1 or not arguments[0].lstrip("#").isdigit():
+        return "Say which conversation: `/replyclock wait 42`."
+    conversation_id = int(arguments[0].lstrip("#"))
+    close_at = staff.wait_on_customer(session_of(context), ctx, conversation_id, expert_id, ctx.clock.now())
+    commit(context)
+    closing = (
+        f"; closed {close_at.astimezone(_tz(ctx, expert_id)):%a %d %b %H:%M} if they stay silent"
+        if close_at
+        else ""
+    )
+    return f"#{conversation_id} waits on the customer: the clocks stand still until they write{closing}."
 
 
 def _away(context: BoltContext, ctx: AppContext, expert_id: str, arguments: list[str]) -> str:

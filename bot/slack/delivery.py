@@ -265,6 +265,7 @@ class SlackDelivery:
             owner=_text(payload.get("owner")),
             previous_owner=_text(payload.get("previous_owner")),
             note=_text(payload.get("note")),
+            reason=_text(payload.get("reason")),
         )
         return self._thread_reply(loaded, built)
 

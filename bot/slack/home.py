@@ -108,7 +108,9 @@ def home_view(
         for team in figures:
             label = ctx.policy.teams[team.team].label if team.team in ctx.policy.teams else team.team
             share = team.within_sla_share
-            in_time = "" if share is None else f" · {share:.0%} answered in time this week"
+            in_time = (
+                "" if share is None else f" · {share:.0%} in time this week, {team.breached_this_week} missed"
+            )
             blocks.append(
                 _section(f"*{escape_mrkdwn(label)}*: {team.open} open · {team.overdue} overdue{in_time}")
             )

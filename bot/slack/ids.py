@@ -15,6 +15,7 @@ ACTION_REASSIGN = "reassign"  # users_select; value of the selected user is `sel
 ACTION_REPLY = "reply"  # opens the reply modal
 ACTION_SNOOZE = "snooze"  # static_select; option values are durations ("30m", "1h", "4h") or "tomorrow"
 ACTION_ANSWERED = "mark_answered"
+ACTION_WAIT = "wait_on_customer"
 ACTION_CLOSE = "close"  # static_select; option values are close reasons below
 
 CLOSE_REASONS = {

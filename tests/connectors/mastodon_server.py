@@ -159,7 +159,7 @@ class Failure:
     method: str
     path: str
     status: int
-    body: Mapping[str, Any]
+    body: Any
     headers: Mapping[str, str]
     times: int = 1
 
@@ -183,6 +183,7 @@ class MastodonStandIn:
     failures: list[Failure] = field(default_factory=list)
     max_limit: int = 80
     honour_types: bool = True  # False: behave like servers older than 3.5, which ignore types[]
+    honour_min_id: bool = True  # False: a server that ignores min_id and answers the newest page
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -255,6 +256,10 @@ class MastodonStandIn:
     ) -> None:
         """Answer the next `times` requests to `method path*` with an error."""
         self.failures.append(Failure(method, path, status, {"error": error}, dict(headers or {}), times))
+
+    def answer_raw(self, method: str, path: str, body: Any, *, times: int = 1) -> None:
+        """Answer the next `times` requests to `method path*` with 200 and `body`, whatever its shape."""
+        self.failures.append(Failure(method, path, 200, body, {}, times))
 
     def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == method and r.path == path]
@@ -329,7 +334,7 @@ class MastodonStandIn:
             chosen = [n for n in chosen if _id_key(n["id"]) < _id_key(query["max_id"][0])]
         if "since_id" in query:
             chosen = [n for n in chosen if _id_key(n["id"]) > _id_key(query["since_id"][0])]
-        if "min_id" in query:
+        if "min_id" in query and self.honour_min_id:
             # The page immediately newer than min_id: the oldest `limit` of them, still newest first.
             chosen = [n for n in chosen if _id_key(n["id"]) > _id_key(query["min_id"][0])]
             chosen = chosen[-limit:]

@@ -1,0 +1,116 @@
+"""Customer-facing dates, times, time zones and durations in the customer's language (Babel).
+
+Staff-facing text stays English (`bot.core.messages`); what a customer reads in an
+acknowledgement is formatted here with the CLDR data shipped in Babel, for the locale of the
+template that was chosen, so a German template says "Dienstag 12:00 MEZ" and never "Tuesday".
+
+Language choice (`language_candidates`): the platform's language field of the post (``pt-BR``,
+then ``pt``), else the team's language, else English. The template that is found first decides
+the locale its placeholders are formatted in.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_datetime, format_skeleton
+from babel.lists import format_list
+from babel.units import format_unit
+
+__all__ = [
+    "SOMEONE",
+    "babel_locale",
+    "duration_words",
+    "language_candidates",
+    "local_due_label",
+    "someone",
+    "zone_label",
+]
+
+# When no expert is assigned, {owner} and {owner_first_name} read "someone" in the template's language.
+SOMEONE: dict[str, str] = {
+    "en": "someone",
+    "de": "jemand",
+    "fr": "quelqu'un",
+    "es": "alguien",
+    "pt": "alguém",
+    "nl": "iemand",
+    "it": "qualcuno",
+    "ja": "担当者",
+    "ar": "أحد الموظفين",
+}
+
+_DIGIT = re.compile(r"\d")
+
+
+def language_candidates(post_language: str | None, team_language: str) -> list[str]:
+    """Languages to look for a template in, best first: the post's (full tag, then its primary
+    language), then the team's (likewise), then English; without repeats."""
+    found: list[str] = []
+    for tag in (post_language, team_language, "en"):
+        if not tag:
+            continue
+        tag = tag.strip().replace("_", "-")
+        for candidate in (tag, tag.split("-")[0].lower()):
+            if candidate and candidate not in found:
+                found.append(candidate)
+    return found
+
+
+@lru_cache(maxsize=128)
+def babel_locale(language: str) -> Locale:
+    """The Babel locale for a language tag (``de``, ``pt-BR``); its primary language, else English."""
+    for tag in (language, language.split("-")[0]):
+        try:
+            return Locale.parse(tag.replace("-", "_"))
+        except (UnknownLocaleError, ValueError, TypeError):
+            continue
+    return Locale.parse("en")
+
+
+def someone(language: str) -> str:
+    """The word for an unnamed colleague in a language (English when we have none)."""
+    return SOMEONE.get(language.split("-")[0].lower(), SOMEONE["en"])
+
+
+def zone_label(at: datetime, tz: ZoneInfo, language: str) -> str:
+    """The time zone as the locale names it at that instant: its abbreviation where the locale
+    has one (``MEZ``, ``CET``), else the specific long name (``Central European Standard Time``,
+    ``中央ヨーロッパ標準時``), never a bare offset."""
+    locale = babel_locale(language)
+    short = format_datetime(at, "z", tzinfo=tz, locale=locale)
+    if not _DIGIT.search(short):
+        return short
+    return format_datetime(at, "zzzz", tzinfo=tz, locale=locale)
+
+
+def local_due_label(at: datetime, tz: ZoneInfo, language: str) -> str:
+    """A deadline as the customer reads it: weekday, local time and zone, all in the locale
+    (``Dienstag 12:00 MEZ``, ``Tuesday 12:00 Central European Standard Time``)."""
+    locale = babel_locale(language)
+    weekday = format_datetime(at, "EEEE", tzinfo=tz, locale=locale)
+    # The locale's own 24-hour pattern (skeleton "Hm"): deadlines read the same on every channel.
+    clock = format_skeleton("Hm", at, tzinfo=tz, locale=locale)
+    return f"{weekday} {clock} {zone_label(at, tz, language)}"
+
+
+def duration_words(delta: timedelta, language: str) -> str:
+    """A duration in words, its two largest units joined as the locale joins a list
+    (``3 Stunden und 20 Minuten``, ``2 días y 4 horas``); under a minute reads as one minute."""
+    locale = babel_locale(language)
+    seconds = int(abs(delta.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        parts = [(days, "duration-day"), (hours, "duration-hour")]
+    elif hours:
+        parts = [(hours, "duration-hour"), (minutes, "duration-minute")]
+    else:
+        parts = [(max(minutes, 1), "duration-minute")]
+    words = [format_unit(value, unit, length="long", locale=locale) for value, unit in parts if value]
+    return format_list(words, style="standard", locale=locale)

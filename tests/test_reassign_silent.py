@@ -1,0 +1,132 @@
+"""Nobody sits on a conversation: a claimed one whose owner neither answers nor acts moves on."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from bot.core.clock import FakeClock
+from bot.core.ladder import LadderState, plan
+from bot.core.policy import SlaPolicy
+from bot.flow import staff
+from bot.flow.context import AppContext
+from bot.flow.sweep import sweep
+from storage.models import Conversation, Event, Outbox
+from tests.conftest import MONDAY
+from tests.test_ingest import ingest, post
+
+H = timedelta(hours=1)
+
+
+def test_the_ladder_reassigns_a_silent_claim_and_only_then() -> None:
+    policy = SlaPolicy(name="p", clock="wall", calendar=None, first_response=8 * H, reassign_if_silent=2 * H)
+    state = LadderState(claimed=True, assigned_at=MONDAY, owner_active_at=MONDAY + H)
+    kwargs = {"policy": policy, "due_at": MONDAY + 8 * H, "warn_at": (), "owner_on_duty": lambda _at: True}
+    early = plan(state=state, now=MONDAY + 2 * H, owner_next_on_duty=lambda at: at, **kwargs)  # type: ignore[arg-type]
+    assert early.steps == () and early.next_action_at == MONDAY + 3 * H
+    due = plan(state=state, now=MONDAY + 3 * H, owner_next_on_duty=lambda at: at, **kwargs)  # type: ignore[arg-type]
+    assert [(s.kind, s.scheduled_at) for s in due.steps] == [("reassign", MONDAY + 3 * H)]
+    assert due.state.claimed is False and due.state.reassignments == 1
+    unclaimed = plan(
+        state=dataclasses.replace(state, claimed=False),
+        now=MONDAY + 5 * H,
+        owner_next_on_duty=lambda at: at,
+        **kwargs,
+    )  # type: ignore[arg-type]
+    assert unclaimed.steps == ()
+
+
+def test_a_silent_owner_loses_the_claim_an_active_one_keeps_it(ctx: AppContext, clock: FakeClock) -> None:
+    ctx.policy = dataclasses.replace(
+        ctx.policy,
+        policies=tuple(
+            dataclasses.replace(p, reassign_if_silent=2 * H) if p.name == "billing" else p
+            for p in ctx.policy.policies
+        ),
+    )
+    ingest(ctx, post("1", "refund for my invoice please"))  # billing, proposed to maria
+    ingest(ctx, post("2", "another invoice question", author="bo"))
+    with ctx.sessions() as session, session.begin():
+        first, second = (c.id for c in session.scalars(select(Conversation).order_by(Conversation.id)))
+        staff.claim(session, ctx, first, "maria", clock.now())
+        staff.claim(session, ctx, second, "maria", clock.now())
+    clock.advance(H)
+    with ctx.sessions() as session, session.begin():  # maria acts on the second one
+        staff.snooze(session, ctx, second, "maria", clock.now() + 30 * timedelta(minutes=1), clock.now())
+    clock.advance(H + timedelta(minutes=1))  # 2 h 01 min after the claims
+    sweep(ctx)
+    with ctx.sessions() as session:
+        silent = session.get(Conversation, first)
+        active = session.get(Conversation, second)
+        assert silent is not None and active is not None
+        assert (silent.owner, silent.claimed_by) == ("lee", None)
+        assert (active.owner, active.claimed_by) == ("maria", "maria")
+        note = session.scalars(select(Outbox.payload).where(Outbox.kind == "reassign")).one()
+        assert note["previous_owner"] == "maria" and note["reason"] == "silent" and "note" not in note
+        assert (
+            session.scalars(select(Event.action).where(Event.conversation_id == first)).all()[-1]
+            == "reassign"
+        )
+    clock.advance(timedelta(minutes=58))
+    sweep(ctx)  # the active owner's silence runs out only 2 h after the snooze
+    with ctx.sessions() as session:
+        active = session.get(Conversation, second)
+        assert active is not None and active.claimed_by == "maria"
+    clock.advance(timedelta(minutes=2))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        active = session.get(Conversation, second)
+        assert active is not None and active.claimed_by is None and active.owner == "lee"
+
+
+def _follow_the_sun(ctx: AppContext, enabled: bool) -> None:
+    teams = dict(ctx.policy.teams)
+    teams["care"] = dataclasses.replace(teams["care"], experts=("nina", "sam"), follow_the_sun=enabled)
+    ctx.policy = dataclasses.replace(ctx.policy, teams=teams)
+
+
+def test_follow_the_sun_hands_over_when_the_owners_day_ends_before_the_deadline(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    from bot.slack.blocks import reassign_message
+
+    _follow_the_sun(ctx, True)
+    evening = MONDAY.replace(hour=21, minute=30)  # 16:30 in New York: Nina works until 17:00
+    clock.set(evening)
+    ingest(ctx, post("1", "the site is down", at=evening))  # urgent: due in 1 h, 22:30 UTC
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert conversation.owner == "nina" and conversation.due_at == evening + H
+        assert conversation.next_action_at == MONDAY.replace(hour=22)  # her day's end comes first
+    clock.set(MONDAY.replace(hour=22))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert conversation.owner == "sam" and conversation.claimed_by is None
+        note = session.scalars(select(Outbox).where(Outbox.kind == "reassign")).one()
+        assert note.payload["reason"] == "handover" and note.payload["previous_owner"] == "nina"
+        assert "handover" in session.scalars(select(Event.action)).all()
+        text = reassign_message(
+            conversation,
+            ctx_policy=ctx.policy,
+            now=clock.now(),
+            owner="sam",
+            previous_owner="nina",
+            reason="handover",
+        )
+    assert "Handover: *Nina Park*'s working hours end before *#1*" in str(
+        text
+    ) and "<@U0SAM0001> takes it over" in str(text)
+
+
+def test_without_follow_the_sun_the_owner_keeps_it_overnight(ctx: AppContext, clock: FakeClock) -> None:
+    _follow_the_sun(ctx, False)
+    evening = MONDAY.replace(hour=21, minute=30)
+    clock.set(evening)
+    ingest(ctx, post("1", "the site is down", at=evening))
+    clock.set(MONDAY.replace(hour=22, minute=16))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.owner)).one() == "nina"
