@@ -157,6 +157,7 @@ class Seeder:
         found = {
             "clock_started_at": deadline.clock_started_at,
             "due_at": deadline.due_at,
+            "first_due_at": deadline.due_at,  # cycle 0: the first deadline is the current one
             "breached_at": deadline.due_at if breached else None,
             "breach_cycle": 0 if breached else None,
             "warnings_sent": decided.state.warnings_sent,
@@ -218,6 +219,8 @@ class Seeder:
             "slack_channel": f"#{team}",
             "slack_ts": f"{1_700_000_000 + index}.000100",
             "version": 1,
+            "resolution_due_at": None,
+            "waiting_since": None,
             **self._ladder(policy, team, start, due),
         }
 
