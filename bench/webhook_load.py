@@ -101,12 +101,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POLICY_FILE = PROJECT_ROOT / "tests" / "data" / "policy.toml"
 ACCOUNT = "shop"
 UNKNOWN_ACCOUNT = "nobody-here"
-SECRET = "load-bench-secret-0123456789"
+SECRET = "load-bench-secret-0123456789-0123456789"
+OPERATOR_TOKEN = "load-bench-operator-token-0123456789"
 SECRET_ENV = "WEBHOOK_SECRET_SHOP"
 WEBHOOK_ACCOUNT = f"""
 [accounts.{ACCOUNT}]
 kind = "webhook"
 can_reply = false
+legacy_signature = true
 """
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/replyclock_load"
 POSTGRES_URL_ENV = "REPLYCLOCK_LOAD_DATABASE_URL"
@@ -377,6 +379,8 @@ class WebProcess:
             SECRET_ENV: SECRET,
             "SLACK_BOT_TOKEN": "",  # set, so a .env cannot turn Slack on
             "SLACK_SIGNING_SECRET": "",
+            "OPERATOR_TOKEN": OPERATOR_TOKEN,  # /metrics on the public port, for this bench only
+            "OPERATOR_PORT": "off",
         }
         env.pop("REPLYCLOCK_CONFIG", None)
         self._log = self.log_path.open("w")
@@ -526,7 +530,7 @@ def stored_state(url: str) -> Stored:
 def scrape_counters(base_url: str) -> dict[str, float]:
     """The server's webhook and ingest counters for the account, by sample name and labels."""
     with httpx.Client(timeout=10) as http:
-        body = http.get(f"{base_url}/metrics").text
+        body = http.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}).text
     wanted = ("replyclock_webhook_requests_total{", "replyclock_posts_ingested_total{")
     counters: dict[str, float] = {}
     for line in body.splitlines():

@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             # The worker's own counters (ladder lateness, connector and Slack errors) on :METRICS_PORT/metrics.
             start_http_server(
                 int(metrics_port),
-                addr=os.environ.get("METRICS_HOST", "0.0.0.0"),
+                addr=os.environ.get("METRICS_HOST", "127.0.0.1"),  # operator-only (issue 11)
                 registry=build_registry(ctx),
             )
         scheduler = BackgroundScheduler(timezone="UTC")
@@ -330,7 +330,14 @@ def cmd_web(args: argparse.Namespace) -> int:
     from bot import logs
     from bot.flow.channels import ConnectorSetupError, build_connectors
     from bot.flow.context import AppContext
-    from bot.web import bind_address, create_app, serve
+    from bot.web import (
+        bind_address,
+        create_app,
+        create_operator_app,
+        operator_address,
+        operator_token,
+        serve,
+    )
     from storage.db import make_engine
 
     logs.configure()
@@ -357,7 +364,34 @@ def cmd_web(args: argparse.Namespace) -> int:
         except Exception as error:
             print(f"error: Slack refused to start: {error}", file=sys.stderr)
             return EXIT_CONFIG
-    serve(create_app(ctx, connectors, extra_routes=routes), host, port)
+    try:  # issue 11: /metrics and the detailed health apart, on the operator listener
+        token, operator = operator_token(os.environ), operator_address(os.environ)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    public = create_app(ctx, connectors, extra_routes=routes, operator_token=token)
+    serve(public, host, port, operator=(create_operator_app(ctx), *operator) if operator else None)
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase one customer's posts and text everywhere (issue 11; bot.flow.retention.forget_author)."""
+    from bot.flow.context import AppContext
+    from bot.flow.retention import forget_author
+    from storage.db import make_engine
+
+    account, separator, author_id = str(args.author).partition(":")
+    if not separator or not account or not author_id:
+        print("error: --author must be ACCOUNT:AUTHOR_ID, e.g. shop:cust-7", file=sys.stderr)
+        return EXIT_CONFIG
+    policy = _load(config_path(args.config))
+    ctx = AppContext(policy=policy, engine=make_engine())
+    with ctx.sessions() as session, session.begin():
+        done = forget_author(session, account, author_id, ctx.clock.now())
+    print(
+        f"forgot {account}:{author_id}: {done.posts} posts blanked, {done.conversations} conversations "
+        f"anonymised, {done.outbox} queued messages and {done.events} events cleared"
+    )
     return 0
 
 
@@ -384,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve HTTP: webhooks, /healthz, /metrics (HOST, PORT)")
     web.add_argument("--config")
     web.set_defaults(func=cmd_web)
+
+    forget = sub.add_parser("forget", help="erase one customer's posts and text (GDPR), keeping figures")
+    forget.add_argument("--author", required=True, metavar="ACCOUNT:ID", help="e.g. shop:cust-7")
+    forget.add_argument("--config")
+    forget.set_defaults(func=cmd_forget)
 
     man = sub.add_parser("manifest", help="print the Slack app manifest (paste it at api.slack.com/apps)")
     man.add_argument("--name", default="replyclock")

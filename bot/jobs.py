@@ -23,8 +23,10 @@ from sqlalchemy.orm.exc import StaleDataError
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
 from bot.flow.outbox import RECOVER_INTERVAL, OutboxSender, one_line
+from bot.flow.retention import prune
 from bot.flow.startup import configuration_notices
 from bot.flow.sweep import earliest_next_action, sweep
+from bot.logs import redact_urls
 from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enqueue_due_digests
 from bot.telemetry import record_connector_error, record_ingested, record_rate_limit
 from connectors.base import AuthFailed, Connector, InboundPost, RateLimited, SkippedItem
@@ -47,6 +49,8 @@ OUTBOX_DRAINS = 2
 OUTBOX_JOB = "outbox"
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
+RETENTION_JOB = "retention"
+RETENTION_INTERVAL = timedelta(hours=1)
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
@@ -140,6 +144,27 @@ class Jobs:
                 next_run_time=datetime.now(UTC),
                 **common,
             )
+
+        # What replyclock keeps, and for how long (issue 11; see bot.flow.retention).
+        scheduler.add_job(
+            self._guard(self.run_retention),
+            "interval",
+            seconds=RETENTION_INTERVAL.total_seconds(),
+            id=RETENTION_JOB,
+            **common,
+        )
+
+    def run_retention(self) -> None:
+        """Prune what the policy's retention says is no longer kept (several processes may run it)."""
+        try:
+            done = prune(self.ctx, self.ctx.clock.now())
+        except Exception:
+            log.exception("retention job failed")
+            return
+        log.info(
+            "retention applied",
+            extra={"outbox": done.outbox, "events": done.events, "texts": done.texts, "seen": done.seen},
+        )
 
     def _guard(self, job: Callable[..., object]) -> Callable[..., None]:
         """A job as the scheduler runs it: a database that is away (connection cut, disk full, locked
@@ -437,7 +462,11 @@ class Jobs:
                 session=session,
                 kind="admin_alert",
                 key=f"{topic}:{account}:{now:%Y%m%dT%H}",
-                payload={"account": account, "text": text, "channel": self.ctx.policy.settings.admin_channel},
+                payload={
+                    "account": account,
+                    "text": redact_urls(text),
+                    "channel": self.ctx.policy.settings.admin_channel,
+                },
                 now=now,
             )
 
@@ -450,5 +479,9 @@ class Jobs:
             session.execute(
                 update(Account)
                 .where(Account.id == account_id)
-                .values(parked_until=until, last_error=error[:2000], last_poll_at=self.ctx.clock.now())
+                .values(
+                    parked_until=until,
+                    last_error=redact_urls(error)[:2000],
+                    last_poll_at=self.ctx.clock.now(),
+                )
             )

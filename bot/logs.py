@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,47 @@ SECRET_ENV_SUFFIXES = ("_TOKEN", "_SECRET", "_PASSWORD", "_KEY")
 SECRET_ENV_PREFIXES = ("WEBHOOK_SECRET_",)
 MIN_SECRET_CHARS = 6
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+REDACTED = "[redacted]"
+# A URL anywhere in a text: scheme, optional userinfo, host and path, optional query. It stops at
+# whitespace, quotes, a backslash (a JSON escape), and Slack's link delimiters < | >.
+_URL = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]{1,15}://)"  # scheme
+    r"(?:([^\s/?#@\"'\\<>|]*)@)?"  # userinfo
+    r"([^\s?#\"'\\<>|]*)"  # host and path
+    r"(?:\?([^\s#\"'\\<>|]*))?"  # query
+)
+
+
+def _redact_query(query: str) -> str:
+    parts = []
+    for part in re.split(r"([&;])", query):
+        if part in ("&", ";") or not part:
+            parts.append(part)
+        elif "=" in part:
+            parts.append(part.split("=", 1)[0] + "=" + REDACTED)
+        else:
+            parts.append(REDACTED)
+    return "".join(parts)
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in `text` without its secrets: userinfo and query values become ``[redacted]``.
+
+    ``https://bob:pw@feeds.example/rss?access_token=abc&page=2`` becomes
+    ``https://[redacted]@feeds.example/rss?access_token=[redacted]&page=[redacted]``. The one
+    function used for whatever may carry a URL out of the process: every log line (`JsonFormatter`),
+    an account's ``last_error`` as stored and shown by the health report, and the admin alerts
+    posted to Slack.
+    """
+
+    def one(match: re.Match[str]) -> str:
+        scheme, userinfo, rest, query = match.group(1), match.group(2), match.group(3), match.group(4)
+        out = scheme + (REDACTED + "@" if userinfo else "") + rest
+        return out + ("?" + _redact_query(query) if query is not None else "")
+
+    return _URL.sub(one, text)
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -88,7 +130,7 @@ class JsonFormatter(logging.Formatter):
                 event[key if key not in event else f"extra_{key}"] = value
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
-        line = json.dumps(event, default=str, ensure_ascii=False)
+        line = redact_urls(json.dumps(event, default=str, ensure_ascii=False))
         for secret in self.secrets:
             line = line.replace(secret, "[redacted]")
         return line

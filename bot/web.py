@@ -3,14 +3,24 @@
 Served by uvicorn (`serve`); `replyclock web` builds it with `create_app`. Other HTTP
 features (Slack's ``/slack/events``) join through ``extra_routes``.
 
-Routes:
+Two apps (issue 11: operator endpoints apart from the public edge):
+
+`create_app`, the public one (``HOST``:``PORT``):
     ``POST /hooks/{account}``  a signed delivery for a webhook account (see connectors.webhook).
-    ``GET /healthz``           database reachability and each account's last success.
+    ``GET /healthz``           ``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503), nothing more.
+    With an operator token (``OPERATOR_TOKEN``), also ``GET /metrics`` and ``GET /healthz/details``
+    for ``Authorization: Bearer <token>`` only (401 otherwise).
+
+`create_operator_app`, the operator listener (``OPERATOR_HOST``, default 127.0.0.1, and
+``OPERATOR_PORT``, default 9464; ``off`` for none):
+    ``GET /healthz``           database reachability and each account's last success and error.
     ``GET /metrics``           Prometheus text format (see bot.reports.metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 import socket
 import threading
@@ -18,10 +28,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
 import uvicorn
+from prometheus_client import CollectorRegistry
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm.exc import StaleDataError
@@ -31,16 +43,27 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
 from bot.httputil import BodyTooLarge, read_body
+from bot.logs import redact_urls
 from bot.reports.metrics import build_registry, exposition
 from bot.telemetry import record_ingested, record_webhook_request
 from connectors.base import Connector, InboundPost
-from connectors.webhook import SIGNATURE_HEADER, WebhookConnector, WebhookError, parse_delivery
+from connectors.webhook import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    TIMESTAMP_TOLERANCE,
+    WebhookConnector,
+    WebhookError,
+    parse_delivery,
+    timestamp_problem,
+)
 from storage.db import READ_ONLY
 from storage.models import Account, Post
+from storage.seen import remember
 
 log = logging.getLogger("replyclock.web")
 
@@ -49,12 +72,15 @@ MAX_BODY_BYTES = 64 * 1024
 UNKNOWN_ACCOUNT = "-"
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
+DEFAULT_OPERATOR_HOST = "127.0.0.1"
+DEFAULT_OPERATOR_PORT = 9464
 STALE_RETRIES = 5  # attempts to store a delivery whose conversation another process changed meanwhile
 # How long a delivery waits for its turn to write on SQLite before the answer is 503 (retry
 # later): as long as SQLite's own busy timeout (storage.db) let it wait before.
 SQLITE_WRITE_WAIT = 30.0
 
 _T = TypeVar("_T")
+UNSIGNED = "missing, stale or bad signature (webhook-id, webhook-timestamp, webhook-signature)"
 
 
 @dataclass(frozen=True)
@@ -69,13 +95,16 @@ def create_app(
     connectors: Mapping[str, Connector],
     *,
     extra_routes: Sequence[BaseRoute] = (),
+    operator_token: str | None = None,
 ) -> Starlette:
-    """The replyclock HTTP app.
+    """The replyclock public HTTP app.
 
     Args:
         ctx: the process context (policy, database, clock).
         connectors: every configured connector by account name; the webhook ones receive deliveries.
         extra_routes: more routes to serve (for example Slack's events endpoint).
+        operator_token: when given, ``/metrics`` and ``/healthz/details`` are served here too,
+            to ``Authorization: Bearer <operator_token>`` only.
 
     Returns:
         A Starlette app; its ``state.metrics_registry`` is the app's own Prometheus registry.
@@ -98,8 +127,13 @@ def create_app(
     async def receive_hook(request: Request) -> Response:
         name = request.path_params["account"]
         hook = hooks.get(name)
-        if hook is None:
-            return _answer(request, UNKNOWN_ACCOUNT, 404, {"error": "no such webhook account"})
+        now = ctx.clock.now()
+        # Unknown and known accounts answer an unsigned (or stale) request alike, before any of
+        # the body is read: the answer tells nobody which account names exist.
+        problem = timestamp_problem(request.headers, now)
+        legacy = hook is not None and hook.legacy_signature and SIGNATURE_HEADER in request.headers
+        if hook is None or (problem is not None and not legacy):
+            return _answer(request, name if hook else UNKNOWN_ACCOUNT, 401, {"error": UNSIGNED})
         try:
             body = await read_body(request, MAX_BODY_BYTES)
         except BodyTooLarge:
@@ -114,8 +148,15 @@ def create_app(
             return _answer(request, name, 400, {"error": str(error), "field": "content-length"})
         except ClientDisconnect:
             return _answer(request, name, 400, {"error": "client disconnected"})
-        if not hook.verify(body, request.headers.get(SIGNATURE_HEADER)):
-            return _answer(request, name, 401, {"error": f"missing or bad {SIGNATURE_HEADER} signature"})
+        message_id = hook.verify_standard(body, request.headers, now) if problem is None else None
+        if message_id is None and not (legacy and hook.verify(body, request.headers.get(SIGNATURE_HEADER))):
+            return _answer(request, name, 401, {"error": UNSIGNED})
+        seen = None
+        if message_id is not None:
+            # Remembered for as long as its timestamp is acceptable (it may be up to the tolerance
+            # ahead of our clock), and a minute more.
+            signed_at = datetime.fromtimestamp(int(request.headers[TIMESTAMP_HEADER]), UTC)
+            seen = (f"webhook:{name}:{message_id}", signed_at + TIMESTAMP_TOLERANCE + timedelta(minutes=1))
         try:
             post = parse_delivery(body, now=ctx.clock.now())
         except WebhookError as error:
@@ -123,7 +164,7 @@ def create_app(
                 request, name, 400, {"error": error.message, "field": error.field}, field=error.field
             )
         try:
-            stored = await _in_turn(write_turn, _store, ctx, name, hook, post)
+            stored = await _in_turn(write_turn, _store, ctx, name, hook, post, seen)
         except (SQLAlchemyError, TimeoutError) as error:
             log.error(
                 "webhook delivery not stored: database error",
@@ -145,23 +186,64 @@ def create_app(
         )
 
     async def healthz(_request: Request) -> Response:
-        ok, report = await run_in_threadpool(_health, ctx)
-        return JSONResponse(report, status_code=200 if ok else 503)
+        ok = await run_in_threadpool(_database_ok, ctx)
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
-    async def metrics(_request: Request) -> Response:
-        content, content_type = await run_in_threadpool(exposition, registry)
-        return Response(content, media_type=content_type)
-
+    operator = (
+        _operator_routes(ctx, registry, token=operator_token, health_path="/healthz/details")
+        if operator_token
+        else []
+    )
     app = Starlette(
         routes=[
             Route("/hooks/{account}", receive_hook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            *operator,
             *extra_routes,
         ]
     )
+    # Starlette answers a path with or without its trailing slash (``/hooks/shop%2f``) with a 307
+    # to an absolute URL built from the request's Host header: a redirect anyone could point at
+    # any host. No route here wants a redirect, so none is ever sent.
+    app.router.redirect_slashes = False
     app.state.metrics_registry = registry
     return app
+
+
+def create_operator_app(ctx: AppContext) -> Starlette:
+    """The operator listener's app: detailed ``/healthz`` and ``/metrics`` (bind it to loopback)."""
+    registry = build_registry(ctx)
+    app = Starlette(routes=_operator_routes(ctx, registry, token=None))
+    app.router.redirect_slashes = False
+    app.state.metrics_registry = registry
+    return app
+
+
+def _operator_routes(
+    ctx: AppContext, registry: CollectorRegistry, *, token: str | None, health_path: str = "/healthz"
+) -> list[Route]:
+    """``/healthz`` (detailed) and ``/metrics``; with a `token`, for its bearer only."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    def allowed(request: Request) -> bool:
+        if expected is None:
+            return True
+        given = request.headers.get("authorization", "").encode("latin-1", errors="replace")
+        return hmac.compare_digest(given, expected)
+
+    async def healthz(request: Request) -> Response:
+        if not allowed(request):
+            return JSONResponse({"error": "operator token required"}, status_code=401)
+        ok, report = await run_in_threadpool(_health, ctx)
+        return JSONResponse(report, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        if not allowed(request):
+            return JSONResponse({"error": "operator token required"}, status_code=401)
+        content, content_type = await run_in_threadpool(exposition, registry)
+        return Response(content, media_type=content_type)
+
+    return [Route(health_path, healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
 
 
 def _answer(
@@ -184,7 +266,13 @@ def _answer(
     return JSONResponse(dict(content), status_code=status, headers=dict(headers) if headers else None)
 
 
-def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
+def _store(
+    ctx: AppContext,
+    name: str,
+    hook: WebhookConnector,
+    post: InboundPost,
+    seen: tuple[str, datetime] | None = None,
+) -> _Stored:
     """Ingest one delivery in one transaction; a repeated id is stored once.
 
     When another process changed the delivery's conversation between our read and our write (a
@@ -193,7 +281,7 @@ def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost
     """
     for attempt in range(1, STALE_RETRIES + 1):
         try:
-            return _store_once(ctx, name, hook, post)
+            return _store_once(ctx, name, hook, post, seen)
         except StaleDataError:
             if attempt == STALE_RETRIES:
                 raise
@@ -201,19 +289,35 @@ def _store(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost
     raise AssertionError("unreachable")
 
 
-def _store_once(ctx: AppContext, name: str, hook: WebhookConnector, post: InboundPost) -> _Stored:
+def _store_once(
+    ctx: AppContext,
+    name: str,
+    hook: WebhookConnector,
+    post: InboundPost,
+    seen: tuple[str, datetime] | None,
+) -> _Stored:
+    """Store one delivery; a replayed ``webhook-id`` (`seen`) or a known post changes nothing.
+
+    The message id is recorded in the same transaction as the post, so a delivery that failed
+    (503) is accepted when the sender retries it with the same id. Only a delivery that stored
+    something marks the account healthy: a duplicate (a replay, a retry) never clears an error.
+    """
     now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
-        result = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own)
-        session.execute(
-            update(Account).where(Account.name == name).values(last_success_at=now, last_error=None)
-        )
+        if seen is not None and not remember(session, seen[0], expires_at=seen[1], now=now):
+            stored = 0
+        else:
+            stored = ingest_batch(session, ctx, account=name, posts=[post], is_own=hook.is_own).stored
+        if stored:
+            session.execute(
+                update(Account).where(Account.name == name).values(last_success_at=now, last_error=None)
+            )
         conversation_id = session.scalar(
             select(Post.conversation_id)
             .join(Account, Account.id == Post.account_id)
             .where(Account.name == name, Post.external_id == post.external_id)
         )
-    return _Stored(duplicate=result.stored == 0, conversation_id=conversation_id, stored=result.stored)
+    return _Stored(duplicate=stored == 0, conversation_id=conversation_id, stored=stored)
 
 
 async def _in_turn(turn: anyio.Lock | None, func: Callable[..., _T], *args: Any) -> _T:
@@ -231,6 +335,17 @@ async def _in_turn(turn: anyio.Lock | None, func: Callable[..., _T], *args: Any)
         return await run_in_threadpool(func, *args)
     finally:
         turn.release()
+
+
+def _database_ok(ctx: AppContext) -> bool:
+    """Whether the database answers (blocking): all the public /healthz tells."""
+    try:
+        with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        log.warning("health check: database unreachable", extra={"error": type(error).__name__})
+        return False
+    return True
 
 
 def _health(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
@@ -274,13 +389,126 @@ def _health(ctx: AppContext) -> tuple[bool, dict[str, Any]]:
             "last_success_at": last_success_at.isoformat() if last_success_at else None,
             "parked_until": parked_until.isoformat() if parked_until else None,
             "parked": parked_until is not None and parked_until > now,
-            "last_error": last_error[:500] if last_error else None,
+            "last_error": redact_urls(last_error)[:500] if last_error else None,
         }
     return True, {"status": "ok", "time": now.isoformat(), "database": {"ok": True}, "accounts": accounts}
 
 
+# Connection discipline (issue 11): what a client may hold open, and for how long.
+REQUEST_TIMEOUT = 10.0  # from a request's first byte to its last body byte (headers and body)
+KEEP_ALIVE_TIMEOUT = 5  # an idle kept-alive connection (uvicorn's own timer)
+MAX_CONNECTIONS = 1000  # open connections per listener; more are closed as soon as accepted
+MAX_HEADER_BYTES = 16 * 1024  # h11's limit on a request head (uvicorn's default is 64 KiB)
+ACCEPT_ERROR_LOG_INTERVAL = 10.0  # seconds between two log lines about the same asyncio error
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the limits uvicorn lacks.
+
+    uvicorn closes an idle kept-alive connection after ``timeout_keep_alive`` but has no timer at
+    all while a request is arriving: a client that sends half a header, nothing at all after
+    connecting, or one body byte every two seconds held its connection (and a file descriptor)
+    forever. Here every request, from the connection's start or its first byte to its last
+    body byte, must arrive within `REQUEST_TIMEOUT`, or the connection is closed (a listener
+    waiting for the body sees a disconnect). At most `MAX_CONNECTIONS` connections are open at once;
+    one more is closed on arrival, before it costs anything else.
+    """
+
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._armed_for: object = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            _over_capacity_log.warning("connection refused: too many open connections")
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first byte of a new request on a kept-alive connection
+        super().data_received(data)
+        cycle = self.cycle
+        # Headers and body are in: the app may take its time.
+        if (
+            self._deadline is not None
+            and cycle is not None
+            and cycle is not self._armed_for
+            and not cycle.more_body
+        ):
+            self._disarm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._armed_for = self.cycle
+        self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info(
+                "connection closed: request not received in time", extra={"timeout": self.request_timeout}
+            )
+            self.transport.close()
+
+
+class _RateLimited(logging.Filter):
+    """Lets one record per message through every `interval` seconds, counting the rest.
+
+    On the ``asyncio`` logger: when the process runs out of file descriptors, the event loop
+    reports ``socket.accept() out of system resource`` on every attempt (about 12,500 lines a
+    second, 197 MB in 25 s, were seen); one line per interval says the same.
+    """
+
+    def __init__(self, interval: float = ACCEPT_ERROR_LOG_INTERVAL) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < self.interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            record.suppressed = suppressed
+        return True
+
+
+_over_capacity_log = logging.getLogger("replyclock.web.connections")
+_ACCEPT_FILTER = _RateLimited()
+
+
+def limit_repeated_logs() -> None:
+    """Install the rate limit on the loggers that repeat themselves under a connection flood."""
+    for name in ("asyncio", "replyclock.web.connections", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if _ACCEPT_FILTER not in logger.filters:
+            logger.addFilter(_ACCEPT_FILTER)
+
+
 def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
     # log_config=None keeps replyclock's JSON logging; webhook requests are logged by the app itself.
+    limit_repeated_logs()
     return uvicorn.Config(
         app,
         host=host,
@@ -289,14 +517,67 @@ def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
         access_log=False,
         server_header=False,
         lifespan="off",
-        timeout_keep_alive=5,
+        http=GuardedH11Protocol,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
         timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=1024,
     )
 
 
-def serve(app: ASGIApp, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve `app` with uvicorn until SIGINT/SIGTERM (blocking)."""
-    uvicorn.Server(_config(app, host, port)).run()
+class _NoSignals(uvicorn.Server):
+    """A second server in the same loop: the first one handles SIGINT/SIGTERM for both."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def serve(
+    app: ASGIApp,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    operator: tuple[ASGIApp, str, int] | None = None,
+) -> None:
+    """Serve `app` (and the `operator` app on its own address) with uvicorn until SIGINT/SIGTERM."""
+    public = uvicorn.Server(_config(app, host, port))
+    if operator is None:
+        public.run()
+        return
+    side = _NoSignals(_config(*operator))
+
+    async def both() -> None:
+        task = asyncio.create_task(side.serve())
+        try:
+            await public.serve()
+        finally:
+            side.should_exit = True
+            await task
+
+    asyncio.run(both())
+
+
+def operator_address(environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """``OPERATOR_HOST`` (default 127.0.0.1) and ``OPERATOR_PORT`` (default 9464; ``off``: none)."""
+    host = environ.get("OPERATOR_HOST", "").strip() or DEFAULT_OPERATOR_HOST
+    raw_port = environ.get("OPERATOR_PORT", "").strip() or str(DEFAULT_OPERATOR_PORT)
+    if raw_port.lower() == "off":
+        return None
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        raise ValueError(f"OPERATOR_PORT must be a TCP port number or off, not {raw_port!r}")
+    return host, int(raw_port)
+
+
+def operator_token(environ: Mapping[str, str]) -> str | None:
+    """``OPERATOR_TOKEN``: when set (32 characters at least), the public listener serves the
+    operator endpoints too, to its bearer only."""
+    token = environ.get("OPERATOR_TOKEN", "").strip()
+    if not token:
+        return None
+    if len(token) < 32:
+        raise ValueError("OPERATOR_TOKEN must be at least 32 characters")
+    return token
 
 
 def bind_address(environ: Mapping[str, str]) -> tuple[str, int]:

@@ -1,7 +1,13 @@
 """The webhook channel: any system can push customer posts to replyclock as signed JSON.
 
-A delivery is one JSON object POSTed to ``/hooks/<account>`` (see ``bot.web``), signed with
-HMAC-SHA256 over the raw body in the ``X-Replyclock-Signature: sha256=<hex>`` header::
+A delivery is one JSON object POSTed to ``/hooks/<account>`` (see ``bot.web``), signed the
+Standard Webhooks way (https://www.standardwebhooks.com/, the `standardwebhooks` package):
+``webhook-id`` (unique per message, kept on retries), ``webhook-timestamp`` (Unix seconds; more
+than five minutes off is refused) and ``webhook-signature: v1,<base64 HMAC-SHA256 of
+"<id>.<timestamp>.<body>">``. The secret is the account's environment variable: ``whsec_<base64>``
+or a plain string, at least 32 bytes either way. An account with ``legacy_signature = true``
+also accepts the older, untimestamped HMAC-SHA256 over the raw body in the
+``X-Replyclock-Signature: sha256=<hex>`` header::
 
     {"id": "123", "author": {"id": "u1", "name": "Ana", "handle": "ana"}, "text": "Hello?",
      "url": "https://shop.example/tickets/123", "created_at": "2026-11-23T09:00:00+01:00",
@@ -13,17 +19,22 @@ Replies go back, when the account has a ``reply_url``, as a JSON POST signed the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
+from standardwebhooks.webhooks import Webhook
 
 from bot.httputil import client as http_client
 from bot.httputil import retry_after
@@ -43,7 +54,17 @@ EARLIEST_POST = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_REPLY_TIMEOUT = 10.0
 DEFAULT_RATE_LIMIT_WAIT = timedelta(seconds=60)
 
-SETTINGS_KEYS = ("secret_env", "reply_url", "reply_timeout")
+SETTINGS_KEYS = ("secret_env", "reply_url", "reply_timeout", "legacy_signature")
+MIN_SECRET_BYTES = 32
+# Standard Webhooks: a message more than this far from our clock is refused (a captured delivery
+# cannot be replayed later; within it, the webhook-id is remembered).
+TIMESTAMP_TOLERANCE = timedelta(minutes=5)
+ID_HEADER, TIMESTAMP_HEADER, STANDARD_SIGNATURE_HEADER = (
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+)
+MAX_MESSAGE_ID_CHARS = 120
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 
@@ -90,6 +111,47 @@ def verify_signature(secret: bytes | str, body: bytes, header: str | None) -> bo
         return False
     expected = hmac.new(_key(secret), body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode("ascii"), given.encode("ascii"))
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a secret as configured: ``whsec_<base64>`` decoded, anything else as UTF-8.
+
+    Raises:
+        ValueError: the ``whsec_`` part is not base64.
+    """
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_") + "==", validate=False)
+        except (binascii.Error, ValueError):
+            raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+    return secret.encode("utf-8")
+
+
+def standard_headers(
+    secret: bytes | str, body: bytes, *, now: datetime | None = None, message_id: str | None = None
+) -> dict[str, str]:
+    """The Standard Webhooks headers signing `body` (for senders, tests and replies)."""
+    key = secret_key(secret) if isinstance(secret, str) else secret
+    at = now or datetime.now(UTC)
+    message_id = message_id or f"msg_{uuid.uuid4().hex}"
+    return {
+        ID_HEADER: message_id,
+        TIMESTAMP_HEADER: str(math.floor(at.timestamp())),
+        STANDARD_SIGNATURE_HEADER: Webhook(key).sign(message_id, at, body),
+    }
+
+
+def timestamp_problem(headers: Mapping[str, str], now: datetime) -> str | None:
+    """Why the Standard Webhooks headers cannot be right whatever the body (checked before reading it)."""
+    message_id = headers.get(ID_HEADER)
+    raw = headers.get(TIMESTAMP_HEADER)
+    if not message_id or not raw or not headers.get(STANDARD_SIGNATURE_HEADER):
+        return "missing"
+    if len(message_id) > MAX_MESSAGE_ID_CHARS or not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+        return "malformed"
+    if abs(int(raw) - now.timestamp()) > TIMESTAMP_TOLERANCE.total_seconds():
+        return "stale"
+    return None
 
 
 def parse_delivery(body: bytes, *, now: datetime | None = None) -> InboundPost:
@@ -248,6 +310,8 @@ class WebhookConnector(Connector):
         reply_url: where replies are POSTed; without it the account cannot reply
             (set ``can_reply = false``).
         reply_timeout: seconds to wait for the reply endpoint (default 10).
+        legacy_signature: also accept (and send) the untimestamped ``X-Replyclock-Signature``
+            (default false: Standard Webhooks only).
     """
 
     kind: ClassVar[str] = "webhook"
@@ -277,7 +341,17 @@ class WebhookConnector(Connector):
         if not secret:
             raise ValueError(f"webhook secret missing: set the environment variable {secret_env}")
         self.secret_env = secret_env
-        self._secret = secret.encode("utf-8")
+        self._secret = secret_key(secret)
+        if len(self._secret) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"webhook secret in {secret_env} is {len(self._secret)} bytes; at least {MIN_SECRET_BYTES} "
+                "are required (for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        self._standard = Webhook(self._secret)
+        legacy = self.settings.get("legacy_signature", False)
+        if not isinstance(legacy, bool):
+            raise ValueError("legacy_signature must be true or false")
+        self.legacy_signature = legacy
         reply_url = self.settings.get("reply_url")
         if reply_url is not None:
             if not isinstance(reply_url, str) or urlsplit(reply_url).scheme not in ("http", "https"):
@@ -297,12 +371,35 @@ class WebhookConnector(Connector):
         )
 
     def verify(self, body: bytes, header: str | None) -> bool:
-        """True when `header` is a valid signature of `body` with this account's secret."""
+        """True when `header` is a valid legacy signature of `body` with this account's secret."""
         return verify_signature(self._secret, body, header)
 
+    def verify_standard(self, body: bytes, headers: Mapping[str, str], now: datetime) -> str | None:
+        """The ``webhook-id`` when the Standard Webhooks headers sign `body` within the tolerance.
+
+        The timestamp is checked against `now` (the injected clock), then each ``v1,`` signature
+        given against the package's own signing of ``<id>.<timestamp>.<body>`` (constant time).
+        """
+        if timestamp_problem(headers, now) is not None:
+            return None
+        message_id = headers[ID_HEADER]
+        at = datetime.fromtimestamp(int(headers[TIMESTAMP_HEADER]), UTC)
+        expected = self._standard.sign(message_id, at, body).encode("ascii")
+        for given in headers[STANDARD_SIGNATURE_HEADER].split(" "):
+            if given.isascii() and hmac.compare_digest(expected, given.encode("ascii")):
+                return message_id
+        return None
+
     def sign(self, body: bytes) -> str:
-        """The signature header value this account expects for `body`."""
+        """The legacy signature header value this account accepts for `body`."""
         return sign(self._secret, body)
+
+    def signed_headers(self, body: bytes, now: datetime | None = None) -> dict[str, str]:
+        """Standard Webhooks headers for `body` (and the legacy one for a legacy account)."""
+        headers = standard_headers(self._secret, body, now=now)
+        if self.legacy_signature:
+            headers[SIGNATURE_HEADER] = self.sign(body)
+        return headers
 
     def fetch(self, cursor: str | None) -> Batch:
         """Nothing to poll: deliveries arrive over HTTP."""
@@ -327,7 +424,7 @@ class WebhookConnector(Connector):
             },
             ensure_ascii=False,
         ).encode("utf-8")
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.sign(body)}
+        headers = {"Content-Type": "application/json", **self.signed_headers(body)}
         try:
             with http_client(timeout=self.reply_timeout, transport=self._transport) as client:
                 response = client.post(self.reply_url, content=body, headers=headers)

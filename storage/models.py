@@ -136,6 +136,8 @@ class Conversation(Base):
         Index("ix_conversations_account_author", "account_id", "author_id", "last_customer_post_at"),
         Index("ix_conversations_team_status", "team", "status"),
         Index("ix_conversations_owner_status", "owner", "status"),
+        # /metrics: open and overdue conversations per team, an index range over open ones only.
+        Index("ix_conversations_status_team_due", "status", "team", "due_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -241,6 +243,9 @@ class Outbox(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_outbox_status", "status"),
+        # /metrics counts rows per status and kind for the statuses that do not pile up
+        # (everything but sent): an index range, not a scan of every row ever sent.
+        Index("ix_outbox_status_kind", "status", "kind"),
         # The claim's order: most urgent kind first, then oldest due.
         Index(
             "ix_outbox_urgency",
@@ -288,6 +293,19 @@ class AckOptOut(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     author_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     at: Mapped[datetime]
+
+
+class SeenRequest(Base):
+    """A signed request already accepted (a Slack signature, a webhook-id), kept until it expires.
+
+    The replay guard of every process: inserting an existing key fails, so a replay is refused
+    whichever process it reaches and across restarts; the retention job deletes expired rows.
+    """
+
+    __tablename__ = "seen_requests"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class Lease(Base):

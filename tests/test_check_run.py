@@ -146,7 +146,7 @@ def test_the_example_passes_with_its_secrets_or_without_checking_them(
     tmp_path: Path, with_secrets: bool
 ) -> None:
     secrets = {
-        name: "set-in-the-environment"
+        name: "set-in-the-environment-0123456789"  # 32 bytes at least: a webhook secret
         for name in (
             "X_CONSUMER_KEY",
             "X_CONSUMER_SECRET",

@@ -57,7 +57,7 @@ def test_demo_tells_the_whole_story() -> None:
         "post in from Clara Weiss: #3 routed to team care",
         "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-1@acme.example>, "
         "In-Reply-To: <7d1c-clara@example.org>, References: <7d1c-clara@example.org>, "
-        "Auto-Submitted: auto-replied): Thanks Clara Weiss!",
+        "Auto-Submitted: auto-replied): Thanks there!",  # a sender-typed name is never used (issue 11)
         "slack posts #care thread: Clara Weiss wrote again: It is a gift",
         "Sam Okafor clicks Reply on #3 and writes",
         "mail \u2192 clara@example.org (Subject: Re: Where is my parcel?, Message-ID: <demo-mail-2@acme.example>, "
@@ -265,14 +265,22 @@ def _run_lease_pid(database: Path) -> int | None:
 def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
     import json
     import socket
+    import urllib.error
     import urllib.request
 
-    with socket.socket() as probe:
+    with socket.socket() as probe, socket.socket() as probe2:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        probe2.bind(("127.0.0.1", 0))
+        port, operator_port = probe.getsockname()[1], probe2.getsockname()[1]
     url = f"sqlite:///{tmp_path / 'web.db'}"
     assert replyclock("db", "upgrade", env={"DATABASE_URL": url}).returncode == 0
-    env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": str(port)}
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "OPERATOR_PORT": str(operator_port),
+    }
     server = subprocess.Popen(
         [sys.executable, "-m", "bot.cli", "web", "--config", str(POLICY)],
         cwd=tmp_path,
@@ -292,9 +300,13 @@ def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
                 assert server.poll() is None, server.communicate()
                 assert time.monotonic() < deadline, "replyclock web did not start"
                 time.sleep(0.1)
-        assert health["database"]["ok"] is True
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert health == {"status": "ok"}  # the public listener says no more (issue 11)
+        with urllib.request.urlopen(f"http://127.0.0.1:{operator_port}/healthz", timeout=5) as response:
+            assert json.loads(response.read())["database"]["ok"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{operator_port}/metrics", timeout=5) as response:
             assert b"replyclock_database_up 1.0" in response.read()
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)

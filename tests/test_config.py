@@ -251,7 +251,9 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> Non
         only_problem(tmp_path, text),
         line=line_of(text, "colour"),
         key="settings.colour",
-        message="unknown key 'colour' (expected one of: conversation_gap, default_team, admin_channel)",
+        message="unknown key 'colour' (expected one of: conversation_gap, default_team, admin_channel, "
+        "ack_greeting, ack_overdue_wording, cross_team_actions, retention_outbox, retention_events, "
+        "retention_text)",
     )
 
 

@@ -31,7 +31,7 @@ from bot.slack.ids import ACTION_CLAIM
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "e2e-webhook-secret-value"
+SECRET = "e2e-webhook-secret-value-0123456789-0123456789"
 CARE, BILLING = "C0CARE0001", "C0BILLING1"
 
 
@@ -57,7 +57,7 @@ def policy_file(tmp_path: Path) -> Path:
     text = text.replace('channel = "#care"', f'channel = "{CARE}"').replace(
         'channel = "#billing"', f'channel = "{BILLING}"'
     )
-    text += '\n[accounts.shop]\nkind = "webhook"\ncan_reply = false\n'
+    text += '\n[accounts.shop]\nkind = "webhook"\ncan_reply = false\nlegacy_signature = true\n'
     path = tmp_path / "replyclock.toml"
     path.write_text(text)
     return path

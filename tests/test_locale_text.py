@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,6 +68,7 @@ ENGLISH = [
     "hours",
     "minute",
     "minutes",
+    "there",  # the English greeting for a customer without a verified handle
     "min",
     "day",
     "days",
@@ -98,10 +100,11 @@ def test_every_shipped_template_renders_without_english_words_of_ours(language: 
     template = policy.acknowledgements["default"][language]
     team = Team(name="t", channel="#t", experts=(), calendar="c", display_name="Acme")
     tz = ZoneInfo(zone)
-    for owner in (policy.experts["carla"], None):
+    # A named owner or none; a verified handle or none (then the language's own greeting word).
+    for owner, author in itertools.product((policy.experts["carla"], None), ("@ana", None)):
         text = render_acknowledgement(
             template,
-            author="ana",
+            author=author,
             owner=owner,
             team=team,
             due_at=DUE,

@@ -12,7 +12,7 @@ from bot.logs import JsonFormatter, secret_values
 def test_one_json_line_per_event_with_extras_and_no_secrets() -> None:
     env = {
         "SLACK_BOT_TOKEN": "xoxb-very-secret-token",
-        "WEBHOOK_SECRET_SHOP": "hook-secret-123",
+        "WEBHOOK_SECRET_SHOP": "hook-secret-123-0123456789-0123456789",
         "DATABASE_URL": "postgresql+psycopg://app:pa55word@db/replyclock",
         "LOG_LEVEL": "INFO",
     }

@@ -5,8 +5,8 @@ The rules (bot.flow.staff):
 
 - Acting on a conversation (every card button and the reply modal) is for staff only: the teams'
   experts, on-call people and managers. Anyone else is refused before anything is read or
-  written, with a note only they see. Any staff member may act on any team's card: handing a
-  misrouted conversation to the right team is done from its card.
+  written, with a note only they see. Staff act only on their own teams' cards (its experts,
+  manager and on-call; issue 11), unless the policy sets ``cross_team_actions = true``.
 - Reading a queue or a team's figures (``/replyclock queue``, ``/replyclock stats``, App Home) is
   for the teams one works in (as expert, on-call or manager, so a manager reads the teams they
   manage); ``/replyclock mine`` and App Home's list are one's own conversations.
@@ -18,8 +18,10 @@ and manages care. Everything runs over HTTP against the real web app (see tests/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +132,46 @@ def test_an_outsider_is_refused_on_every_card_button(door: Door, action_id: str,
     assert len(door.slack.calls_to("views.open")) == opened  # no reply form for them either
 
 
+@contextmanager
+def cross_team_actions(door: Door) -> Iterator[None]:
+    policy = door.ctx.policy
+    door.ctx.policy = dataclasses.replace(
+        policy, settings=dataclasses.replace(policy.settings, cross_team_actions=True)
+    )
+    try:
+        yield
+    finally:
+        door.ctx.policy = policy
+
+
 @pytest.mark.parametrize(("action_id", "value"), BUTTONS)
-def test_staff_of_another_team_may_act_on_a_card(door: Door, action_id: str, value: str | None) -> None:
-    """Sam works in care; the conversation is billing's. Acting is open to all staff."""
+def test_staff_of_another_team_are_refused_on_every_card_button(
+    door: Door, action_id: str, value: str | None
+) -> None:
+    """Sam works in care; the conversation is billing's (issue 11, finding 6)."""
+    conversation_id = seed(door, BILLING_TEXT)
+    if action_id == ACTION_UNCLAIM:
+        assert door.click(ACTION_CLAIM, conversation_id, MARIA) == 200
+    before = door.state()
+    notes = len(door.slack.ephemerals(user=SAM))
+    opened = len(door.slack.calls_to("views.open"))
+    assert door.click(action_id, conversation_id, SAM, value) == 200
+    [note] = told(door, SAM, notes)
+    assert "not one of your teams" in note
+    assert door.state() == before
+    assert len(door.slack.calls_to("views.open")) == opened
+
+
+@pytest.mark.parametrize(("action_id", "value"), BUTTONS)
+def test_staff_of_another_team_may_act_on_a_card_when_the_policy_allows(
+    door: Door, action_id: str, value: str | None
+) -> None:
+    """With ``cross_team_actions = true`` acting is open to all staff."""
+    with cross_team_actions(door):
+        _act_across_teams(door, action_id, value)
+
+
+def _act_across_teams(door: Door, action_id: str, value: str | None) -> None:
     conversation_id = seed(door, BILLING_TEXT)
     if action_id == ACTION_UNCLAIM:
         assert door.click(ACTION_CLAIM, conversation_id, SAM) == 200
@@ -165,9 +204,18 @@ def test_an_outsider_cannot_submit_the_reply_modal(door: Door) -> None:
     assert door.state() == before
 
 
-def test_staff_of_another_team_may_submit_the_reply_modal(door: Door) -> None:
+def test_staff_of_another_team_cannot_submit_the_reply_modal(door: Door) -> None:
     conversation_id = seed(door, BILLING_TEXT)
+    before = door.state()
     answer = door.submit_reply(NINA, conversation_id, "Sorry, the refund is on its way.")
+    assert "not one of your teams" in answer.json()["errors"][REPLY_BLOCK]
+    assert door.state() == before
+
+
+def test_staff_of_another_team_may_submit_the_reply_modal_when_the_policy_allows(door: Door) -> None:
+    conversation_id = seed(door, BILLING_TEXT)
+    with cross_team_actions(door):
+        answer = door.submit_reply(NINA, conversation_id, "Sorry, the refund is on its way.")
     assert answer.status == 200 and answer.body == ""  # the modal closes: the reply is queued
     after = door.conversation(conversation_id)
     assert (after.status, after.answered_by) == ("answered", "nina")

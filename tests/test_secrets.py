@@ -53,7 +53,7 @@ SECRETS = {
     "SLACK_BOT_TOKEN": "xoxb-SECRETBOT-0000111122223333",
     "SLACK_APP_TOKEN": "xapp-SECRETAPP-4444555566667777",
     "SLACK_SIGNING_SECRET": "SECRETSIGNING8888999900001111",
-    "WEBHOOK_SECRET_SHOP": "SECRETHOOK-2222333344445555",
+    "WEBHOOK_SECRET_SHOP": "SECRETHOOK-2222333344445555-66667777-88889999",
     # X credentials under names of the operator's choosing (no _TOKEN/_KEY/_SECRET suffix), one
     # with characters that URL encoding (and OAuth's double encoding) changes.
     "ACME_X_BEARER": "SECRETBEARER%2Bplus%3Dequals6666",
@@ -149,6 +149,7 @@ def policy_text(x: XServer, mastodon: MastodonStandIn, replies: ReplyEndpoint) -
 [accounts.shop]
 kind = "webhook"
 reply_url = "{replies.url}"
+legacy_signature = true
 
 [accounts.tw]
 kind = "x"
@@ -330,7 +331,7 @@ def exercise(
     assert post("/hooks/shop", delivery, {**hook, SIGNATURE_HEADER: "sha256=" + "0" * 64}) == 401
     assert post("/hooks/shop", delivery, {**hook, SIGNATURE_HEADER: sign("guess", delivery)}) == 401
     assert post("/hooks/shop", b"{not json", {**hook, SIGNATURE_HEADER: sign(secret, b"{not json")}) == 400
-    assert post("/hooks/nowhere", delivery, hook) == 404
+    assert post("/hooks/nowhere", delivery, hook) == 401  # like a known account: no name is revealed
 
     # The worker posts the card (Slack), acknowledges on the shop (signed), X and Mastodon.
     def card() -> Any:

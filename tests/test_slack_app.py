@@ -11,6 +11,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 from slack_bolt import BoltRequest, BoltResponse
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from bot.core.clock import FakeClock
 from bot.core.policy import Account as AccountSpec
@@ -46,8 +47,9 @@ from bot.slack.manifest import BOT_SCOPES, manifest, render
 from bot.web import create_app, serve_in_thread
 from connectors.base import InboundPost
 from connectors.demo import DemoConnector
-from storage.models import Conversation, Event, Outbox
+from storage.models import Conversation, Event, Outbox, SeenRequest
 from storage.models import Expert as ExpertRow
+from storage.seen import prune
 from tests.conftest import MONDAY
 
 CARE, BILLING = "C0CARE0001", "C0BILL0001"
@@ -410,6 +412,101 @@ def test_the_request_session_commits_when_the_listener_returns_and_rolls_back_wh
 # Request verification
 
 
+# --- issue 11, finding 6: every payload type gated, teams kept apart, a button acts on its card
+
+
+@pytest.mark.parametrize("user_id", [STRANGER, MARIA])
+def test_a_legacy_interactive_message_is_refused_whoever_sends_it(harness: Harness, user_id: str) -> None:
+    conversation_id = harness.seed("1")
+    card = harness.conversation(conversation_id)
+    before = harness.snapshot()
+    payload = {
+        "type": "interactive_message",
+        "callback_id": ACTION_REPLY,
+        "actions": [{"name": ACTION_REPLY, "type": "button", "value": str(conversation_id)}],
+        "team": {"id": "T0001", "domain": "acme"},
+        "channel": {"id": card.slack_channel, "name": "billing"},
+        "user": {"id": user_id, "name": "someone"},
+        "action_ts": "1700000000.000001",
+        "message_ts": card.slack_ts,
+        "trigger_id": "13345224609.738474920.8088930838d88f008e0",
+        "response_url": "http://127.0.0.1:9/nowhere",
+    }
+    assert harness.slack.send_interaction(harness.url, payload).status == 400
+    time.sleep(0.1)
+    assert harness.slack.calls_to("views.open") == []
+    assert harness.snapshot() == before
+
+
+def test_another_teams_conversation_is_refused(harness: Harness) -> None:
+    billing = harness.seed("1")  # Maria's (billing)
+    care = harness.seed("2", "the site is down", author="bo")  # Sam's (care)
+    before = harness.snapshot()
+    # Sam works in care only: he may not close a billing conversation as spam.
+    assert harness.click(ACTION_CLOSE, billing, SAM, value="spam") == 200
+    eventually(lambda: bool(harness.slack.ephemerals(user=SAM)))
+    assert "not one of your teams" in harness.slack.ephemerals(user=SAM)[-1].text
+    # Nor may Maria (billing) open the reply modal, with the customer's text, of a care one.
+    assert harness.click(ACTION_REPLY, care, MARIA) == 200
+    eventually(lambda: bool(harness.slack.ephemerals(user=MARIA)))
+    time.sleep(0.1)
+    assert harness.slack.calls_to("views.open") == []
+    assert harness.snapshot() == before
+    # Lee manages care: he may.
+    assert harness.click(ACTION_CLAIM, care, LEE) == 200
+    eventually(lambda: harness.conversation(care).claimed_by == "lee")
+
+
+def test_cross_team_actions_when_the_policy_allows_them(harness: Harness) -> None:
+    harness.ctx.policy = dataclasses.replace(
+        harness.ctx.policy,
+        settings=dataclasses.replace(harness.ctx.policy.settings, cross_team_actions=True),
+    )
+    billing = harness.seed("1")
+    assert harness.click(ACTION_CLAIM, billing, SAM) == 200
+    eventually(lambda: harness.conversation(billing).claimed_by == "sam")
+
+
+def test_a_button_acts_only_on_the_conversation_of_its_card(harness: Harness) -> None:
+    first = harness.seed("1")
+    second = harness.seed("2", "another invoice question", author="bo")
+    card = harness.conversation(first)
+    assert card.slack_channel and card.slack_ts
+    before = harness.snapshot()
+    # A click on the first card whose value names the second conversation.
+    payload = harness.slack.button_click(ACTION_CLAIM, str(second), MARIA, card.slack_channel, card.slack_ts)
+    assert harness.slack.send_interaction(harness.url, payload).status == 200
+    eventually(lambda: bool(harness.slack.ephemerals(user=MARIA)))
+    time.sleep(0.1)
+    assert harness.snapshot() == before
+    assert harness.conversation(second).claimed_by is None
+
+
+def test_unsigned_or_stale_requests_are_refused_before_the_body_is_read(harness: Harness) -> None:
+    """Issue 11, finding 1: 100 unsigned 1 MiB bodies were read in full before the signature was looked at."""
+    import socket
+
+    host, port = harness.url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
+    stale = str(int(time.time()) - 10 * 60)
+    for extra in ("", f"X-Slack-Request-Timestamp: {stale}\r\nX-Slack-Signature: v0={'0' * 64}\r\n"):
+        head = (
+            f"POST /slack/events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"{extra}Content-Length: 1000000\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head)  # and not one byte of the million announced
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+
+
+def test_away_until_a_date_out_of_range_is_a_clear_refusal(harness: Harness) -> None:
+    """Issue 11, finding 7: ``/replyclock away until 9999-12-31`` answered HTTP 500 (OverflowError)."""
+    for far in ("9999-12-31", "2099-01-01"):
+        answer = harness.command(f"away until {far}")
+        assert "more than 366 days away" in answer, answer
+    assert harness.command("away until 2026-12-01").startswith("You are away through")
+
+
 def _claim_request(harness: Harness, conversation_id: int, user_id: str = MARIA) -> bytes:
     card = harness.conversation(conversation_id)
     payload = harness.slack.button_click(
@@ -462,12 +559,11 @@ def test_a_replayed_request_is_refused_and_changes_nothing(harness: Harness) -> 
     eventually(lambda: harness.conversation(conversation_id).claimed_by == "maria")
 
 
-def test_the_replay_guard_remembers_signatures_only_while_bolt_would_accept_them() -> None:
+def test_the_replay_guard_remembers_signatures_only_while_bolt_would_accept_them(engine: Engine) -> None:
     now = [1_000_000.0]
-    guard = ReplayGuard(clock=lambda: now[0], max_entries=600)
     passed: list[str] = []
 
-    def deliver(signature: str, timestamp: float) -> int:
+    def deliver(guard: ReplayGuard, signature: str, timestamp: float) -> int:
         request = BoltRequest(
             body="payload=%7B%7D",
             headers={"x-slack-signature": [signature], "x-slack-request-timestamp": [str(int(timestamp))]},
@@ -479,14 +575,18 @@ def test_the_replay_guard_remembers_signatures_only_while_bolt_would_accept_them
         )
         return 200 if answer is None or answer.status == 200 else answer.status
 
-    assert deliver("v0=a", now[0]) == 200
-    assert deliver("v0=a", now[0]) == 401
-    assert deliver("v0=b", now[0]) == 200
+    guard = ReplayGuard(engine, clock=lambda: now[0])
+    assert deliver(guard, "v0=a", now[0]) == 200
+    assert deliver(guard, "v0=a", now[0]) == 401
+    assert deliver(guard, "v0=b", now[0]) == 200
     assert passed == ["v0=a", "v0=b"]
+    # Another process, or this one after a restart (issue 11, finding 5): still a replay.
+    restarted = ReplayGuard(engine, clock=lambda: now[0] + 19)
+    assert deliver(restarted, "v0=a", now[0]) == 401
     now[0] += 10 * 60  # long past the window: bolt refuses the timestamp, the guard can forget
-    for index in range(600):
-        deliver(f"v0=fill{index}", now[0])
-    assert "v0=a" not in guard._seen and len(guard._seen) <= 600
+    assert prune(engine, datetime.fromtimestamp(now[0], UTC)) == 2
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(SeenRequest)) == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,6 +113,10 @@ def social_x(ctx: AppContext) -> AppContext:
 
 
 def test_eight_simultaneous_claims_have_exactly_one_winner(ctx: AppContext, clock: FakeClock) -> None:
+    # Experts of both teams race: let them all act across teams (issue 11 keeps teams apart by default).
+    ctx.policy = dataclasses.replace(
+        ctx.policy, settings=dataclasses.replace(ctx.policy.settings, cross_team_actions=True)
+    )
     conversation_id = open_conversation(ctx)
     experts = ["maria", "lee", "sam", "nina"] * 2
     barrier = threading.Barrier(len(experts))

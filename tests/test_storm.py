@@ -197,9 +197,11 @@ def test_acknowledgements_share_one_ssl_context(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(ssl, "create_default_context", counting)
     bot.httputil._ssl_context.cache_clear()
-    with ReplyRecorder("reply-secret") as recorder:
+    with ReplyRecorder("reply-secret-0123456789-0123456789") as recorder:
         hook = WebhookConnector(
-            "shop", settings={"reply_url": recorder.url}, environ={"WEBHOOK_SECRET_SHOP": "reply-secret"}
+            "shop",
+            settings={"reply_url": recorder.url, "legacy_signature": True},  # the recorder checks that header
+            environ={"WEBHOOK_SECRET_SHOP": "reply-secret-0123456789-0123456789"},
         )
         ids = [hook.reply(ReplyTarget(f"post-{n}", f"cust-{n}", None, None), "Thanks!") for n in range(3)]
     assert ids == ["r1", "r2", "r3"] and len(recorder.replies) == 3

@@ -16,7 +16,7 @@ from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.flow.ingest import ingest_batch
 from bot.telemetry import record_ingested
-from bot.web import bind_address, create_app
+from bot.web import bind_address, create_app, create_operator_app, operator_address, operator_token
 from connectors.base import InboundPost
 from storage.db import make_engine
 from storage.models import Account, Outbox
@@ -39,9 +39,15 @@ def policy() -> Policy:
     return webhook_policy()
 
 
+OPERATOR_TOKEN = "operator-token-0123456789-0123456789"
+BEARER = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+
 @pytest.fixture
 def client(ctx: AppContext, policy: Policy) -> Iterator[AppClient]:
-    with asgi_client(create_app(ctx, webhook_connectors(policy))) as test_client:
+    """The public app with the operator endpoints behind a bearer token."""
+    app = create_app(ctx, webhook_connectors(policy), operator_token=OPERATOR_TOKEN)
+    with asgi_client(app) as test_client:
         yield test_client
 
 
@@ -85,7 +91,7 @@ def seed(ctx: AppContext, clock: FakeClock) -> None:
 
 
 def scrape(client: AppClient) -> Samples:
-    response = client.get("/metrics")
+    response = client.get("/metrics", headers=BEARER)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     return {
@@ -103,7 +109,8 @@ def test_healthz_reports_the_database_and_accounts(
     client: AppClient, ctx: AppContext, clock: FakeClock
 ) -> None:
     seed(ctx, clock)
-    response = client.get("/healthz")
+    assert client.get("/healthz").json() == {"status": "ok"}  # public: nothing more
+    response = client.get("/healthz/details", headers=BEARER)
     assert response.status_code == 200
     report = response.json()
     assert report["status"] == "ok" and report["database"] == {"ok": True}
@@ -122,8 +129,8 @@ def test_healthz_reports_the_database_and_accounts(
         "last_error": None,
     }
     body = encode(delivery())
-    assert client.post("/hooks/shop", content=body, headers=signed(body)).status_code == 202
-    shop = client.get("/healthz").json()["accounts"]["shop"]
+    assert client.post("/hooks/shop", content=body, headers=signed(body, now=clock.now())).status_code == 202
+    shop = client.get("/healthz/details", headers=BEARER).json()["accounts"]["shop"]
     assert shop["last_success_at"] == clock.now().isoformat()
 
 
@@ -151,8 +158,9 @@ def test_unreachable_database_is_503_and_metrics_say_so(
 ) -> None:
     engine = unreachable_engine(kind, tmp_path)
     ctx = AppContext(policy=policy, engine=engine, clock=clock)
-    with asgi_client(create_app(ctx, webhook_connectors(policy))) as client:
-        response = client.get("/healthz")
+    with asgi_client(create_app(ctx, webhook_connectors(policy), operator_token=OPERATOR_TOKEN)) as client:
+        assert client.get("/healthz").json() == {"status": "unavailable"}
+        response = client.get("/healthz/details", headers=BEARER)
         assert response.status_code == 503
         report = response.json()
         assert report["status"] == "unavailable"
@@ -178,7 +186,9 @@ def test_metrics_from_the_database(client: AppClient, ctx: AppContext, clock: Fa
     with ctx.sessions() as session:
         rows = list(
             session.execute(
-                select(Outbox.status, Outbox.kind, func.count()).group_by(Outbox.status, Outbox.kind)
+                select(Outbox.status, Outbox.kind, func.count())
+                .where(Outbox.status != "sent")  # not counted at scrape time (issue 11)
+                .group_by(Outbox.status, Outbox.kind)
             )
         )
     assert rows
@@ -189,7 +199,7 @@ def test_metrics_from_the_database(client: AppClient, ctx: AppContext, clock: Fa
     }
     assert outbox == {(status, kind): float(count) for status, kind, count in rows}
     assert (
-        outbox[("pending", "card")] == 3 and outbox[("pending", "ack")] == 2 and outbox[("sent", "ack")] == 1
+        outbox[("pending", "card")] == 3 and outbox[("pending", "ack")] == 2 and ("sent", "ack") not in outbox
     )
     assert (
         value(samples, "replyclock_account_last_success_timestamp_seconds", account="social")
@@ -213,7 +223,7 @@ def test_metrics_count_ingested_posts_and_webhook_requests(client: AppClient, ct
                 ("replyclock_posts_ingested_total", {"account": "social", "kind": "demo"}),
                 ("replyclock_webhook_requests_total", {"account": "shop", "code": "202"}),
                 ("replyclock_webhook_requests_total", {"account": "shop", "code": "401"}),
-                ("replyclock_webhook_requests_total", {"account": "-", "code": "404"}),
+                ("replyclock_webhook_requests_total", {"account": "-", "code": "401"}),
             ]
         )
 
@@ -222,7 +232,7 @@ def test_metrics_count_ingested_posts_and_webhook_requests(client: AppClient, ct
     for _ in range(2):  # the second is a duplicate: a request, but no new post
         assert client.post("/hooks/shop", content=body, headers=signed(body)).status_code == 202
     assert client.post("/hooks/shop", content=body).status_code == 401
-    assert client.post("/hooks/attacker-chosen-name", content=body).status_code == 404
+    assert client.post("/hooks/attacker-chosen-name", content=body).status_code == 401
     record_ingested("social", "demo", 3)
     record_ingested("social", "demo", 0)
     after = counts()
@@ -232,8 +242,8 @@ def test_metrics_count_ingested_posts_and_webhook_requests(client: AppClient, ct
 
 
 def test_several_apps_have_their_own_registries(ctx: AppContext, policy: Policy) -> None:
-    first = create_app(ctx, webhook_connectors(policy))
-    second = create_app(ctx, webhook_connectors(policy))
+    first = create_operator_app(ctx)
+    second = create_app(ctx, webhook_connectors(policy), operator_token=OPERATOR_TOKEN)
     assert first.state.metrics_registry is not second.state.metrics_registry
     for app in (first, second):
         with asgi_client(app) as client:
@@ -245,3 +255,88 @@ def test_bind_address() -> None:
     assert bind_address({"HOST": "127.0.0.1", "PORT": "5000"}) == ("127.0.0.1", 5000)
     with pytest.raises(ValueError, match="PORT"):
         bind_address({"PORT": "http"})
+
+
+# --- issue 11, finding 2: operator endpoints apart, and no URL secrets anywhere -----------------
+
+FEED_ERROR = (
+    "HTTPError: 401 for url https://reader:hunter2pass@feeds.example/private.rss"
+    "?access_token=tok_0123456789abcdef&page=2"
+)
+
+
+def test_the_public_listener_tells_only_ok(ctx: AppContext, policy: Policy, clock: FakeClock) -> None:
+    seed(ctx, clock)
+    with asgi_client(create_app(ctx, webhook_connectors(policy))) as public:
+        health = public.get("/healthz")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        assert public.get("/metrics").status_code == 404  # not served without an operator token
+        assert public.get("/healthz/details").status_code == 404
+    with asgi_client(create_app(ctx, webhook_connectors(policy), operator_token=OPERATOR_TOKEN)) as public:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": OPERATOR_TOKEN}):
+            assert public.get("/metrics", headers=headers).status_code == 401
+            assert public.get("/healthz/details", headers=headers).status_code == 401
+        assert public.get("/metrics", headers=BEARER).status_code == 200
+    with asgi_client(create_operator_app(ctx)) as operator:
+        report = operator.get("/healthz").json()
+        assert set(report["accounts"]) == {"social", "blog", "shop", "form"}
+        assert b"replyclock_conversations_open" in operator.get("/metrics").content
+
+
+def test_operator_settings_from_the_environment() -> None:
+    assert operator_address({}) == ("127.0.0.1", 9464)
+    assert operator_address({"OPERATOR_HOST": "10.0.0.5", "OPERATOR_PORT": "9100"}) == ("10.0.0.5", 9100)
+    assert operator_address({"OPERATOR_PORT": "off"}) is None
+    with pytest.raises(ValueError):
+        operator_address({"OPERATOR_PORT": "http"})
+    assert operator_token({}) is None
+    with pytest.raises(ValueError, match="32"):
+        operator_token({"OPERATOR_TOKEN": "short"})
+
+
+def test_no_url_secret_reaches_health_logs_or_slack(
+    ctx: AppContext, policy: Policy, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The feed URL's access_token and password: not in the health report, the stored error,
+    the log line, or the admin alert queued for Slack (one redaction function for all)."""
+    import io
+    import logging
+
+    from bot.jobs import Jobs
+    from bot.logs import JsonFormatter, redact_urls
+    from connectors.base import Batch, Connector
+
+    class Failing(Connector):
+        kind = "feed"
+
+        def fetch(self, cursor: str | None) -> Batch:
+            raise RuntimeError(FEED_ERROR)
+
+        def reply(self, to: object, text: str) -> str:  # type: ignore[override]
+            raise NotImplementedError
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(secrets=[]))
+    logging.getLogger().addHandler(handler)
+    try:
+        jobs = Jobs(ctx, {"blog": Failing("blog")}, sender=None)  # type: ignore[arg-type]
+        jobs.poll("blog")
+        jobs._alert_admins("blog", f"blog: {FEED_ERROR}")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    secrets = ("hunter2pass", "tok_0123456789abcdef", "reader:")
+    with asgi_client(create_operator_app(ctx)) as operator:
+        shown = operator.get("/healthz").text
+    with ctx.sessions() as session:
+        stored = session.scalars(select(Account.last_error).where(Account.name == "blog")).one()
+        alerts = [
+            row.payload["text"] for row in session.scalars(select(Outbox).where(Outbox.kind == "admin_alert"))
+        ]
+    for text in (shown, str(stored), stream.getvalue(), *alerts):
+        assert "feeds.example/private.rss" in text
+        assert not any(secret in text for secret in secrets), text
+    assert (
+        redact_urls("see https://u:p@h.example/a?b=1&c")
+        == "see https://[redacted]@h.example/a?b=[redacted]&[redacted]"
+    )

@@ -22,8 +22,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -44,14 +45,15 @@ from connectors.webhook import (
     default_secret_env,
     parse_delivery,
     sign,
+    standard_headers,
     verify_signature,
 )
 from storage.models import Account, Conversation, Event, Outbox, Post
 from tests.conftest import MONDAY, POLICY_TOML
 
 EXAMPLES = int(os.environ.get("REPLYCLOCK_HYPOTHESIS_EXAMPLES", "300"))
-SHOP_SECRET = "shop-secret-0123456789"
-FORM_SECRET = "form-secret-9876543210"
+SHOP_SECRET = "shop-secret-0123456789-abcdefghijklmnop"
+FORM_SECRET = "form-secret-9876543210-abcdefghijklmnop"
 ENVIRON = {"WEBHOOK_SECRET_SHOP": SHOP_SECRET, "CONTACT_FORM_SECRET": FORM_SECRET}
 WEBHOOK_ACCOUNTS = """
 [accounts.shop]
@@ -106,8 +108,14 @@ def encode(data: Any) -> bytes:
     return json.dumps(data).encode("utf-8")
 
 
-def signed(body: bytes, secret: str = SHOP_SECRET) -> dict[str, str]:
-    return {SIGNATURE_HEADER: sign(secret.encode(), body), "Content-Type": "application/json"}
+def signed(
+    body: bytes, secret: str = SHOP_SECRET, *, message_id: str | None = None, now: datetime = MONDAY
+) -> dict[str, str]:
+    """Standard Webhooks headers at the test clock's time (MONDAY unless told)."""
+    return {
+        **standard_headers(secret, body, now=now, message_id=message_id),
+        "Content-Type": "application/json",
+    }
 
 
 def snapshot(ctx: AppContext) -> tuple[int, ...]:
@@ -357,21 +365,29 @@ def test_verify_signature() -> None:
 
 def test_connector_settings_and_secret() -> None:
     assert default_secret_env("my-shop.eu") == "WEBHOOK_SECRET_MY_SHOP_EU"
-    connector = WebhookConnector("my-shop.eu", environ={"WEBHOOK_SECRET_MY_SHOP_EU": "s3cret-value"})
+    connector = WebhookConnector(
+        "my-shop.eu", environ={"WEBHOOK_SECRET_MY_SHOP_EU": "s3cret-value-0123456789-0123456789"}
+    )
     assert connector.kind == "webhook" and connector.push
     assert connector.fetch(None).posts == () and connector.fetch("c").cursor == "c"
-    assert "s3cret-value" not in repr(connector)
-    assert connector.verify(b"x", sign(b"s3cret-value", b"x"))
+    assert "s3cret-value-0123456789-0123456789" not in repr(connector)
+    assert connector.verify(b"x", sign(b"s3cret-value-0123456789-0123456789", b"x"))
     with pytest.raises(ValueError, match="WEBHOOK_SECRET_SHOP"):
         WebhookConnector("shop", environ={})
     with pytest.raises(ValueError, match="MY_SECRET"):
-        WebhookConnector("shop", settings={"secret_env": "MY_SECRET"}, environ={"WEBHOOK_SECRET_SHOP": "x"})
+        WebhookConnector(
+            "shop", settings={"secret_env": "MY_SECRET"}, environ={"WEBHOOK_SECRET_SHOP": SHOP_SECRET}
+        )
     with pytest.raises(ValueError, match="reply_ur1"):
-        WebhookConnector("shop", settings={"reply_ur1": "https://x"}, environ={"WEBHOOK_SECRET_SHOP": "x"})
+        WebhookConnector(
+            "shop", settings={"reply_ur1": "https://x"}, environ={"WEBHOOK_SECRET_SHOP": SHOP_SECRET}
+        )
     with pytest.raises(ValueError, match="reply_url"):
-        WebhookConnector("shop", settings={"reply_url": "ftp://x"}, environ={"WEBHOOK_SECRET_SHOP": "x"})
+        WebhookConnector(
+            "shop", settings={"reply_url": "ftp://x"}, environ={"WEBHOOK_SECRET_SHOP": SHOP_SECRET}
+        )
     with pytest.raises(ValueError, match="reply_timeout"):
-        WebhookConnector("shop", settings={"reply_timeout": 0}, environ={"WEBHOOK_SECRET_SHOP": "x"})
+        WebhookConnector("shop", settings={"reply_timeout": 0}, environ={"WEBHOOK_SECRET_SHOP": SHOP_SECRET})
 
 
 def test_build_connectors_passes_the_environment(monkeypatch: pytest.MonkeyPatch, policy: Policy) -> None:
@@ -410,7 +426,9 @@ def test_reply_posts_signed_json_and_returns_the_id() -> None:
     assert replying(handler).reply(TARGET, "Sorry, refunded!") == "555"
     (request,) = seen
     assert str(request.url) == "https://shop.example/replies"
-    assert verify_signature(SHOP_SECRET.encode(), request.content, request.headers[SIGNATURE_HEADER])
+    # Standard Webhooks, checked by the package itself (against the real clock: replies are sent now).
+    Webhook(SHOP_SECRET.encode()).verify(request.content, dict(request.headers))
+    assert SIGNATURE_HEADER not in request.headers  # legacy only for legacy_signature accounts
     assert json.loads(request.content) == {
         "in_reply_to": "order-1001",
         "thread_id": "ticket-1001",
@@ -461,7 +479,9 @@ def test_reply_over_a_real_socket_to_a_signature_checking_endpoint() -> None:
 
     async def endpoint(request: Request) -> JSONResponse:
         body = await request.body()
-        if not verify_signature(SHOP_SECRET.encode(), body, request.headers.get(SIGNATURE_HEADER)):
+        try:
+            Webhook(SHOP_SECRET.encode()).verify(body, dict(request.headers), json_parse=False)
+        except WebhookVerificationError:
             return JSONResponse({"error": "bad signature"}, status_code=401)
         received.append(json.loads(body))
         return JSONResponse({"id": f"reply-{len(received)}"}, status_code=201)
@@ -471,7 +491,9 @@ def test_reply_over_a_real_socket_to_a_signature_checking_endpoint() -> None:
         connector = WebhookConnector("shop", settings={"reply_url": f"{base_url}/replies"}, environ=ENVIRON)
         assert connector.reply(TARGET, "On it!") == "reply-1"
         wrong = WebhookConnector(
-            "shop", settings={"reply_url": f"{base_url}/replies"}, environ={"WEBHOOK_SECRET_SHOP": "wrong"}
+            "shop",
+            settings={"reply_url": f"{base_url}/replies"},
+            environ={"WEBHOOK_SECRET_SHOP": "wrong-secret-0123456789-0123456789"},
         )
         with pytest.raises(NotSent, match="401"):
             wrong.reply(TARGET, "On it!")
@@ -582,11 +604,15 @@ def test_bad_input_is_400_naming_the_field(client: AppClient, ctx: AppContext) -
     assert snapshot(ctx) == NOTHING
 
 
-def test_unknown_or_non_webhook_account_is_404(client: AppClient, ctx: AppContext) -> None:
+def test_unknown_accounts_answer_like_known_ones(client: AppClient, ctx: AppContext) -> None:
+    """Issue 11, finding 2: the answer tells nobody which account names exist."""
     body = encode(delivery())
+    known = client.post("/hooks/shop", content=body)
+    assert known.status_code == 401
     for account in ("nosuch", "social", "SHOP", "shop.x"):  # "social" exists but is not a webhook account
-        response = client.post(f"/hooks/{account}", content=body, headers=signed(body))
-        assert response.status_code == 404 and response.json() == {"error": "no such webhook account"}
+        for headers in ({}, signed(body)):
+            response = client.post(f"/hooks/{account}", content=body, headers=headers)
+            assert (response.status_code, response.content) == (401, known.content)
     assert client.get("/hooks/shop").status_code == 405
     assert snapshot(ctx) == NOTHING
 
@@ -603,7 +629,7 @@ def test_body_limit_in_process(client: AppClient, ctx: AppContext) -> None:
     response = client.post("/hooks/shop", content=over, headers=signed(over))
     assert response.status_code == 413
     assert snapshot(ctx)[0] == 1
-    bad_length = client.post("/hooks/shop", content=b"{}", headers={"Content-Length": "abc"})
+    bad_length = client.post("/hooks/shop", content=b"{}", headers={**signed(b"{}"), "Content-Length": "abc"})
     assert bad_length.status_code == 400
 
 
@@ -659,7 +685,7 @@ def test_real_server_end_to_end(base_url: str, ctx: AppContext) -> None:
     assert first.status_code == 202 and first.json()["duplicate"] is False
     assert again.status_code == 202 and again.json()["duplicate"] is True
     assert again.json()["conversation_id"] == first.json()["conversation_id"]
-    assert (unsigned.status_code, unknown.status_code) == (401, 404)
+    assert (unsigned.status_code, unknown.status_code) == (401, 401)
     with ctx.sessions() as session:
         assert list(session.scalars(select(Outbox.kind).order_by(Outbox.id))) == ["card", "ack"]
     assert snapshot(ctx)[:3] == (1, 1, 2)
@@ -703,11 +729,12 @@ def _raw_exchange(base_url: str, head: bytes, body_part: bytes) -> bytes:
 
 
 def test_real_server_stops_reading_at_the_limit(base_url: str, ctx: AppContext) -> None:
+    sig = "".join(f"{name}: {value}\r\n" for name, value in signed(b"").items()).encode()
     # A declared length over the limit: answered before a single body byte is sent.
-    head = b"POST /hooks/shop HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000\r\n\r\n"
+    head = b"POST /hooks/shop HTTP/1.1\r\nHost: test\r\n" + sig + b"Content-Length: 100000000\r\n\r\n"
     assert _raw_exchange(base_url, head, b"").startswith(b"HTTP/1.1 413")
     # Chunked: answered as soon as 64 KiB + 1 arrived, though the body never ends.
-    head = b"POST /hooks/shop HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /hooks/shop HTTP/1.1\r\nHost: test\r\n" + sig + b"Transfer-Encoding: chunked\r\n\r\n"
     part = MAX_BODY_BYTES + 1
     assert _raw_exchange(base_url, head, f"{part:x}\r\n".encode() + b"x" * part + b"\r\n").startswith(
         b"HTTP/1.1 413"
@@ -852,3 +879,82 @@ def test_fuzz_never_500_and_rejections_store_nothing(
         assert signature == "valid" and len(body) <= MAX_BODY_BYTES
         after = snapshot(ctx)
         assert after[0] - before[0] == (0 if response.json()["duplicate"] else 1)
+
+
+# --- issue 11, finding 5: signed, timestamped deliveries; replays never touch health ---------------
+
+
+def _set_error(ctx: AppContext, message: str) -> None:
+    with ctx.sessions() as session, session.begin():
+        session.execute(update(Account).where(Account.name == "shop").values(last_error=message))
+
+
+def _health(ctx: AppContext) -> tuple[Any, ...]:
+    with ctx.sessions() as session:
+        account = session.scalars(select(Account).where(Account.name == "shop")).one()
+        return (account.last_success_at, account.last_error)
+
+
+def test_a_replayed_delivery_changes_nothing_not_even_health(client: AppClient, ctx: AppContext) -> None:
+    body = encode(delivery())
+    headers = signed(body, message_id="msg_1")
+    assert client.post("/hooks/shop", content=body, headers=headers).status_code == 202
+    _set_error(ctx, "reply endpoint answered HTTP 500")  # the integrator is failing meanwhile
+    before = (snapshot(ctx), _health(ctx))
+    for replay in (headers, signed(body, message_id="msg_2")):  # the same id, and a new id, same post
+        again = client.post("/hooks/shop", content=body, headers=replay)
+        assert again.status_code == 202 and again.json()["duplicate"] is True
+    assert (snapshot(ctx), _health(ctx)) == before
+    assert _health(ctx)[1] == "reply endpoint answered HTTP 500"
+
+
+def test_a_stale_or_future_timestamp_is_refused(client: AppClient, ctx: AppContext) -> None:
+    body = encode(delivery())
+    for skew in (timedelta(minutes=-6), timedelta(minutes=6)):
+        headers = {
+            **standard_headers(SHOP_SECRET, body, now=MONDAY + skew),
+            "Content-Type": "application/json",
+        }
+        assert client.post("/hooks/shop", content=body, headers=headers).status_code == 401
+    headers = {**standard_headers(SHOP_SECRET, body, now=MONDAY - timedelta(minutes=4))}
+    assert client.post("/hooks/shop", content=body, headers=headers).status_code == 202
+
+
+def test_a_forged_standard_signature_is_refused(client: AppClient, ctx: AppContext) -> None:
+    body = encode(delivery())
+    other = standard_headers("another-secret-0123456789-0123456789", body, now=MONDAY)
+    assert client.post("/hooks/shop", content=body, headers=other).status_code == 401
+    good = signed(body)
+    tampered = {**good, "webhook-id": "msg_other"}  # the id is signed too
+    assert client.post("/hooks/shop", content=body, headers=tampered).status_code == 401
+    assert snapshot(ctx) == NOTHING
+
+
+def test_the_legacy_signature_only_where_the_account_opts_in(ctx: AppContext) -> None:
+    body = encode(delivery())
+    legacy = {SIGNATURE_HEADER: sign(SHOP_SECRET.encode(), body), "Content-Type": "application/json"}
+    plain = webhook_connectors(ctx.policy)
+    with asgi_client(create_app(ctx, plain)) as client:
+        assert client.post("/hooks/shop", content=body, headers=legacy).status_code == 401
+    opted = dict(plain)
+    shop = ctx.policy.accounts["shop"]
+    opted["shop"] = WebhookConnector(
+        "shop", settings={**shop.settings, "legacy_signature": True}, environ=ENVIRON
+    )
+    with asgi_client(create_app(ctx, opted)) as client:
+        assert client.post("/hooks/shop", content=body, headers=legacy).status_code == 202
+
+
+def test_a_short_secret_is_refused_at_load_and_by_check(policy: Policy) -> None:
+    with pytest.raises(ValueError, match="at least 32"):
+        WebhookConnector("shop", environ={"WEBHOOK_SECRET_SHOP": "x"})
+    # replyclock check builds each connector with the real environment (bot.flow.channels).
+    check = bot.flow.channels.account_check(
+        {"WEBHOOK_SECRET_SHOP": "short", "CONTACT_FORM_SECRET": FORM_SECRET}
+    )
+    assert any("at least 32" in message for _where, message in check(policy.accounts["shop"]))
+    assert check(policy.accounts["form"]) == []
+    # whsec_ secrets are base64: their decoded length counts.
+    assert WebhookConnector("shop", environ={"WEBHOOK_SECRET_SHOP": "whsec_" + "QUFB" * 11})
+    with pytest.raises(ValueError, match="is 24 bytes"):
+        WebhookConnector("shop", environ={"WEBHOOK_SECRET_SHOP": "whsec_" + "QUFB" * 8})

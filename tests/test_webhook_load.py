@@ -88,7 +88,9 @@ def _app_context(url: str) -> AppContext:
 @pytest.fixture
 def served(database_url: str) -> Iterator[tuple[str, AppContext]]:
     ctx = _app_context(database_url)
-    hook = WebhookConnector(ACCOUNT, settings={}, environ={"WEBHOOK_SECRET_SHOP": SECRET})
+    hook = WebhookConnector(
+        ACCOUNT, settings={"legacy_signature": True}, environ={"WEBHOOK_SECRET_SHOP": SECRET}
+    )
     try:
         with serve_in_thread(create_app(ctx, {ACCOUNT: hook})) as url:
             yield url, ctx

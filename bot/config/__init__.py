@@ -32,6 +32,16 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     account within this gap continues their open conversation.
     ``default_team``      team for posts that no routing rule matches (default: the first team).
     ``admin_channel``     Slack channel for operational notices (``"#replyclock-admin"``).
+    ``ack_greeting``      default: the template language's word (``"there"``, ``"dir"``...): what ``{author}`` becomes when the platform does not
+                          verify handles (webhook, feed); a customer-typed name is never used.
+    ``ack_overdue_wording`` default ``"as soon as possible"``: replaces the time left in an
+                          acknowledgement of a post that arrives already overdue.
+    ``cross_team_actions`` boolean, default false: let any expert act on any team's conversation
+                          (otherwise only its team, its manager and its on-call).
+    ``retention_outbox``  duration or ``"off"``, default ``"30d"``: sent outbox rows are deleted after it.
+    ``retention_events``  default ``"365d"``: events of conversations closed or answered that long ago.
+    ``retention_text``    default ``"180d"``: customer text (and names) of settled conversations is
+                          blanked after it; figures (times, teams, counts) stay.
 
 ``[calendars.<name>]``
     ``timezone``  (required) IANA time zone such as ``"Europe/Berlin"``.

@@ -80,6 +80,13 @@ class SettingsTable(TypedDict, total=False):
     conversation_gap: Duration
     default_team: Name
     admin_channel: Channel
+    # The public edge (issue 11): see bot.core.policy.Settings.
+    ack_greeting: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[^<>@{}\n]+$")]
+    ack_overdue_wording: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[^<>@{}\n]+$")]
+    cross_team_actions: bool
+    retention_outbox: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
+    retention_events: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
+    retention_text: Annotated[str, Field(pattern=r"^\s*(([0-9]+\s*[wdhmsWDHMS]\s*)+|off)\s*$")]
 
 
 class CalendarTable(TypedDict, total=False):

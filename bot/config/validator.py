@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, timedelta
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from bot.config.fields import _Fields
 from bot.config.helpers import _known, _parse_days, _quote, _suggest, _template_problem
@@ -329,11 +329,36 @@ class _Validator(_Fields):
             table, path, "default_team", self.reference("team", teams, "add a [teams.<name>] table")
         )
         admin_channel = self.field(table, path, "admin_channel", self.channel)
+        edge = self.edge_settings(table, path)
         return Settings(
             conversation_gap=gap if gap is not None else timedelta(hours=24),
             default_team=default_team,
             admin_channel=admin_channel,
+            **edge,
         )
+
+    def edge_settings(self, table: Mapping[str, object], path: KeyPath) -> dict[str, Any]:
+        """The public-edge settings (issue 11): greeting, overdue wording, cross-team, retention."""
+        out: dict[str, Any] = {}
+        for key in ("ack_greeting", "ack_overdue_wording"):
+            value = self.field(table, path, key, self.string)
+            if value is None:
+                continue
+            if not value.strip() or len(value) > 80 or any(ch in value for ch in "<>@{}\n"):
+                self.add((*path, key), "must be 1-80 characters of plain text (no < > @ { } or newline)")
+                continue
+            out[key] = value.strip()
+        cross = self.field(table, path, "cross_team_actions", self.boolean)
+        if cross is not None:
+            out["cross_team_actions"] = cross
+        for key in ("retention_outbox", "retention_events", "retention_text"):
+            if table.get(key) == "off":
+                out[key] = None
+                continue
+            kept = self.field(table, path, key, self.duration)
+            if kept is not None:
+                out[key] = kept
+        return out
 
     def authors(self, data: Mapping[str, object]) -> tuple[frozenset[str], frozenset[str]]:
         table = self.section(data, "authors")

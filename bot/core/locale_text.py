@@ -22,9 +22,11 @@ from babel.lists import format_list
 from babel.units import format_unit
 
 __all__ = [
+    "GREETING",
     "SOMEONE",
     "babel_locale",
     "duration_words",
+    "greeting",
     "language_candidates",
     "local_due_label",
     "someone",
@@ -42,6 +44,18 @@ SOMEONE: dict[str, str] = {
     "it": "qualcuno",
     "ja": "担当者",
     "ar": "أحد الموظفين",
+}
+
+# What {author} becomes when the platform does not verify handles and the policy sets no
+# `ack_greeting`: words that read naturally after the shipped templates' "Thanks"/"Danke"/...
+GREETING: dict[str, str] = {
+    "en": "there",
+    "de": "dir",
+    "fr": "à vous",
+    "es": "a ti",
+    "pt": "a você",
+    "nl": "daarvoor",
+    "it": "a te",
 }
 
 _DIGIT = re.compile(r"\d")
@@ -75,6 +89,11 @@ def babel_locale(language: str) -> Locale:
 def someone(language: str) -> str:
     """The word for an unnamed colleague in a language (English when we have none)."""
     return SOMEONE.get(language.split("-")[0].lower(), SOMEONE["en"])
+
+
+def greeting(language: str) -> str:
+    """The stand-in for an unverified customer's name in a language (English when we have none)."""
+    return GREETING.get(language.split("-")[0].lower(), GREETING["en"])
 
 
 def zone_label(at: datetime, tz: ZoneInfo, language: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -49,26 +50,56 @@ def local_time_label(at: datetime, tz: ZoneInfo) -> str:
     return at.astimezone(tz).strftime("%A %H:%M %Z")
 
 
+# Connector kinds whose author handles the platform itself verifies (an account really has it).
+# Anything else (webhook, feed, plug-ins) carries names the customer or integrator typed.
+# E-mail display names are typed by the sender (and a forged From would carry them to someone else).
+VERIFIED_HANDLE_KINDS = frozenset({"x", "mastodon", "bluesky", "demo"})
+# X: 1-15 of [A-Za-z0-9_]; Mastodon: user or user@domain; Bluesky: a domain name. Nothing else
+# is ever put after an "@".
+_HANDLE = re.compile(
+    r"@?(?:[A-Za-z0-9_]{1,30}(?:@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?)?"
+    r"|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?){1,10})"
+)
+# "within {due_in}", "by {due}": the time words go too when the post is already overdue.
+_TIME_PHRASE = re.compile(r"(?:\b(?:within|in|by|before)\s+)?\{(?:due|due_in)\}")
+
+
+def verified_handle(kind: str, handle: str | None) -> str | None:
+    """``@handle`` when `kind` is a platform that verifies handles and `handle` looks like one, else None."""
+    if kind not in VERIFIED_HANDLE_KINDS or not handle or not _HANDLE.fullmatch(handle):
+        return None
+    return handle if handle.startswith("@") else f"@{handle}"
+
+
 def render_acknowledgement(
     template: str,
     *,
-    author: str,
+    author: str | None,
     owner: Expert | None,
     team: Team,
     due_at: datetime,
     timezone: ZoneInfo,
     now: datetime,
     language: str = "en",
+    greeting: str | None = None,
+    overdue_wording: str = "as soon as possible",
 ) -> str:
     """Fill an acknowledgement template (placeholders checked when the policy file was loaded).
 
-    `language` is the template's language: {due}, {due_in} and the word for a missing owner are
-    formatted for it (`bot.core.locale_text`), so no English word of ours reaches the customer.
+    `author` is a verified handle (`verified_handle`) or None, then `greeting` (or, unset, the
+    language's own word) stands in: what
+    a customer typed as their name never reaches a public reply. A post already due (overdue on
+    arrival) gets `overdue_wording` instead of the time left and its "within"/"by". `language` is
+    the template's language: {due}, {due_in} and the word for a missing owner are formatted for it
+    (`bot.core.locale_text`), so no English word of ours reaches the customer.
     """
-    handle = author if author.startswith("@") or " " in author else f"@{author}"
+    if due_at <= now:
+        template = _TIME_PHRASE.sub(
+            lambda _m: overdue_wording.replace("{", "{{").replace("}", "}}"), template
+        )
     nobody = locale_text.someone(language)
     return template.format(
-        author=handle,
+        author=author or greeting or locale_text.greeting(language),
         owner_first_name=owner.first_name if owner else nobody,
         owner=owner.name if owner else nobody,
         team=team.label,

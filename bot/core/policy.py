@@ -269,6 +269,17 @@ class Settings:
     conversation_gap: timedelta = timedelta(hours=24)
     default_team: str | None = None
     admin_channel: str | None = None
+    # What an acknowledgement calls a customer whose handle the platform does not verify
+    # (webhook, feed): never their self-typed name.
+    ack_greeting: str | None = None  # None: the template language's word (bot.core.locale_text)
+    # Replaces the time left ({due_in}, "within {due_in}", "by {due}") when a post arrives overdue.
+    ack_overdue_wording: str = "as soon as possible"
+    # Staff may act on another team's conversations (default: only that team, its manager and on-call).
+    cross_team_actions: bool = False
+    # Retention (None: keep forever): sent outbox rows, events of closed conversations, customer text.
+    retention_outbox: timedelta | None = timedelta(days=30)
+    retention_events: timedelta | None = timedelta(days=365)
+    retention_text: timedelta | None = timedelta(days=180)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from bot.core.policy import Account, Policy
 from connectors.base import Connector, connector_classes
 
 COMMON_ACCOUNT_KEYS = keys_of(AccountTable)  # kind, own_ids, poll_interval, can_reply
-PLACEHOLDER_SECRET = "placeholder"
+# Long enough for connectors that refuse short secrets (a webhook's needs 32 bytes).
+PLACEHOLDER_SECRET = "placeholder-secret-standing-in-for-the-real-one"
 
 
 class ConnectorSetupError(Exception):

@@ -26,7 +26,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from bot.core.locale_text import language_candidates
-from bot.core.messages import render_acknowledgement
+from bot.core.messages import render_acknowledgement, verified_handle
 from bot.core.policy import PRIORITIES
 from bot.core.routing import Route, choose_owner, classify
 from bot.flow.context import AppContext
@@ -699,7 +699,9 @@ class _Batch:
         owner = ctx.policy.experts.get(conversation.owner) if conversation.owner else None
         text = render_acknowledgement(
             template,
-            author=post.author_handle or post.author_name or "there",
+            author=verified_handle(configured.kind, post.author_handle),
+            greeting=ctx.policy.settings.ack_greeting,
+            overdue_wording=ctx.policy.settings.ack_overdue_wording,
             owner=owner,
             team=team,
             due_at=self._promise(conversation),

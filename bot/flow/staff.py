@@ -257,8 +257,8 @@ def can_read_team(policy: Policy, expert_id: str, team: str) -> bool:
 
     Working in a team means being one of its experts, its on-call person or its manager, so a
     manager reads the queues of the teams they manage. Acting on a conversation (claim, reply,
-    reassign, close...) stays open to every staff member: a misrouted conversation is handed
-    across teams from its card.
+    reassign, close...) follows the same rule (`can_act_on_team`) unless the policy sets
+    ``cross_team_actions = true``.
     """
     return team in teams_of(policy, expert_id)
 
@@ -271,6 +271,33 @@ def require_team_reader(policy: Policy, expert_id: str, team: str) -> None:
         mine = ", ".join(teams_of(policy, expert_id)) or "none"
         raise PermissionDenied(
             f"You can only see the queues of your own teams ({mine}); {label} is not one of them."
+        )
+
+
+def can_act_on_team(policy: Policy, expert_id: str, team: str) -> bool:
+    """Whether an expert may act on (claim, reply to, close...) a conversation of `team`.
+
+    Its own experts, its manager and its on-call may; others only when the policy says
+    ``cross_team_actions = true`` (a misrouted conversation is then handed across from its card;
+    otherwise its team's manager or on-call reassigns it).
+    """
+    found = policy.teams.get(team)
+    if found is None:
+        return policy.settings.cross_team_actions
+    return (
+        expert_id in found.experts
+        or expert_id in (found.on_call, found.manager)
+        or policy.settings.cross_team_actions
+    )
+
+
+def require_team_actor(policy: Policy, expert_id: str, conversation: Conversation) -> None:
+    """Raise `PermissionDenied` unless the expert may act on `conversation` (`can_act_on_team`)."""
+    if not can_act_on_team(policy, expert_id, conversation.team):
+        found = policy.teams.get(conversation.team)
+        label = found.label if found is not None else conversation.team
+        raise PermissionDenied(
+            f"#{conversation.id} belongs to {label}, not one of your teams; ask its manager or on-call."
         )
 
 
@@ -297,8 +324,9 @@ def _atomic(session: Session) -> Iterator[None]:
         yield
 
 
-def _locked(session: Session, conversation_id: int) -> Conversation:
-    """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises)."""
+def _locked(session: Session, conversation_id: int, ctx: AppContext, expert_id: str) -> Conversation:
+    """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises),
+    once `expert_id` is known to be allowed to act on its team (`require_team_actor`)."""
     conversation = session.scalars(
         select(Conversation)
         .where(Conversation.id == conversation_id)
@@ -307,6 +335,7 @@ def _locked(session: Session, conversation_id: int) -> Conversation:
     ).one_or_none()
     if conversation is None:
         raise NotFound(f"Conversation #{conversation_id} does not exist.")
+    require_team_actor(ctx.policy, expert_id, conversation)
     return conversation
 
 
@@ -363,6 +392,7 @@ def claim(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
+        _locked(session, conversation_id, ctx, expert_id)
         statement = (
             update(Conversation)
             .where(
@@ -412,7 +442,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.claimed_by != expert_id:
             holder = conversation.claimed_by
             raise InvalidState(
@@ -443,7 +473,7 @@ def reassign(
     if to_expert not in staff_experts(ctx.policy):
         raise InvalidState(f"{to_expert} is not a replyclock expert.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed.")
         previous = conversation.owner
@@ -509,7 +539,7 @@ def snooze(
     if until <= now:
         raise InvalidState("A snooze must end in the future.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is {conversation.status}: there is nothing to snooze.")
         previous = conversation.next_action_at
@@ -539,7 +569,7 @@ def wait_on_customer(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed: there is nobody to wait for.")
         if conversation.waiting_since is not None:
@@ -604,7 +634,7 @@ def mark_answered(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is already {conversation.status}.")
         conversations.mark_answered(session, conversation, at=now, by=expert_id, now=now)
@@ -625,7 +655,7 @@ def close(
     if not reason:
         raise InvalidState("Say why it is closed.")
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is already closed.")
         was = conversation.status
@@ -736,7 +766,7 @@ def reply(
     """
     _require_expert(ctx.policy, expert_id)
     with _atomic(session):
-        conversation = _locked(session, conversation_id)
+        conversation = _locked(session, conversation_id, ctx, expert_id)
         validate_reply(session, ctx, conversation_id, text)
         account, _limit = _reply_target(session, ctx, conversation)
         post_id = session.scalar(
@@ -802,6 +832,9 @@ def _expert_row(session: Session, ctx: AppContext, expert_id: str) -> ExpertRow:
     return row
 
 
+MAX_AWAY = timedelta(days=366)
+
+
 def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now: datetime) -> datetime:
     """Away through `until` (a date in the expert's own time zone): routing skips them till then.
 
@@ -814,8 +847,15 @@ def set_away(session: Session, ctx: AppContext, expert_id: str, until: date, now
     """
     _require_expert(ctx.policy, expert_id)
     tz = ctx.expert_calendar(expert_id).tz
-    if until < now.astimezone(tz).date():
+    today = now.astimezone(tz).date()
+    if until < today:
         raise InvalidState(f"{until.isoformat()} is in the past.")
+    if until > today + MAX_AWAY:
+        # Also keeps the date arithmetic below in range (9999-12-31 + 1 day overflowed: HTTP 500).
+        raise InvalidState(
+            f"{until.isoformat()} is more than {MAX_AWAY.days} days away; pick a date within a year "
+            "and set it again later if needed."
+        )
     back_at = datetime.combine(until + timedelta(days=1), time(0), tz).astimezone(UTC)
     with _atomic(session):
         row = _expert_row(session, ctx, expert_id)

@@ -75,22 +75,22 @@ def register(app: App) -> None:
 
 
 def conversation_id_of(session: Session, body: Body) -> int | None:
-    """The conversation a click is about.
+    """The conversation a click is about, or None when it cannot be told or does not add up.
 
     Buttons carry the id as their value; menus (whose option values are the choice) sit in the
-    card's ``conversation:<id>`` actions block; failing both, the card message is looked up.
+    card's ``conversation:<id>`` actions block. When the click is on a message that is a stored
+    card, the card's own conversation decides: a value or block naming another conversation is
+    refused (None), so a button acts only on the conversation of the message it is on. Clicks
+    elsewhere (the App Home, a DM) use the value.
     """
     action = _first_action(body)
-    from_value = parse_conversation_id(action.get("value"))
-    if from_value is not None:
-        return from_value
-    from_block = conversation_id_from_block_id(action.get("block_id"))
-    if from_block is not None:
-        return from_block
+    claimed = parse_conversation_id(action.get("value"))
+    if claimed is None:
+        claimed = conversation_id_from_block_id(action.get("block_id"))
     container = _dict(body.get("container"))
     ts = container.get("message_ts") or _dict(body.get("message")).get("ts")
     if not isinstance(ts, str) or not ts:
-        return None
+        return claimed
     channel = container.get("channel_id") or _dict(body.get("channel")).get("id")
     found = list(
         session.execute(
@@ -99,7 +99,16 @@ def conversation_id_of(session: Session, body: Body) -> int | None:
     )
     if len(found) > 1:
         found = [row for row in found if row.slack_channel == channel] or found
-    return int(found[0].id) if found else None
+    if not found:
+        return claimed
+    card = int(found[0].id)
+    if claimed is not None and claimed != card:
+        log.warning(
+            "a click named another conversation than its card; refused",
+            extra={"card": card, "named": claimed, "user": _user_id(body)},
+        )
+        return None
+    return card
 
 
 def _run(
@@ -217,6 +226,7 @@ def handle_reply_action(ack: Ack, body: Body, context: BoltContext, client: WebC
         tell(client, body, f"#{conversation.id} is closed; there is nobody to reply to.")
         return
     try:
+        staff.require_team_actor(ctx.policy, expert_of(context), conversation)
         limit = staff.reply_limit_for(session, ctx, conversation)
     except staff.StaffError as error:
         tell(client, body, f"#{conversation.id}: {error}")

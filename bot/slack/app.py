@@ -4,10 +4,12 @@
 
 1. bolt's own checks (HTTP mode: signature and a timestamp within five minutes, else 401);
 2. `ReplayGuard`: a signed body seen before within that window is refused with 401 (bolt does
-   not dedupe: a captured request could otherwise be replayed for five minutes);
-3. `StaffCheck`: a click, modal submission or slash command from anyone who is not one of the
-   teams' experts is refused (an ephemeral note, or the modal's error) before any listener or
-   database work; the expert's id goes into ``context["expert_id"]``;
+   not dedupe: a captured request could otherwise be replayed for five minutes); the seen
+   signatures are in the database, shared by all processes and kept across restarts;
+3. `StaffCheck`: every interaction (click, modal submission, slash command, and any payload
+   type replyclock does not handle, which is refused outright) from anyone who is not one of
+   the teams' experts is refused (an ephemeral note, or the modal's error) before any listener
+   or database work; the expert's id goes into ``context["expert_id"]``;
 4. `DatabaseSession`: one SQLAlchemy session per request in ``context["db_session"]``.
 
 bolt's sync middleware cannot wrap a listener (``next()`` only marks the chain as continued, and
@@ -28,9 +30,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from slack_bolt import App, BoltRequest, BoltResponse
@@ -39,9 +41,11 @@ from slack_bolt.adapter.starlette.handler import SlackRequestHandler, to_bolt_re
 from slack_bolt.listener.listener_completion_handler import ListenerCompletionHandler
 from slack_bolt.listener.listener_error_handler import ListenerErrorHandler
 from slack_bolt.middleware import Middleware
-from slack_bolt.request.payload_utils import is_block_actions, is_slash_command, is_view_submission
+from slack_bolt.request.payload_utils import is_slash_command, is_view_submission
 from slack_sdk import WebClient
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -54,6 +58,7 @@ from bot.httputil import BodyTooLarge, read_body
 from bot.slack import actions, commands, home, views
 from bot.slack.common import APP_CONTEXT, DB_SESSION, EXPERT_ID, NOT_STAFF, ON_CHANGE, tell
 from bot.slack.ids import REPLY_BLOCK, VIEW_REPLY
+from storage.seen import first_time
 
 log = logging.getLogger("replyclock.slack")
 
@@ -78,27 +83,22 @@ class ReplayGuard(Middleware):
     """Refuse (401) a signed request whose signature was already seen inside the signature window.
 
     Slack signs ``v0:<timestamp>:<body>``, so the signature identifies one delivery; bolt accepts
-    it again and again for five minutes. Remembering each signature until its timestamp leaves
-    the window makes a replay fail and change nothing (Slack's own retries are re-signed with a
-    new timestamp, so they pass). Memory, not the database: a signature older than the window
-    is refused by bolt anyway, so a process only needs five minutes of them. Behind several web
-    processes a replay could reach another one: then keep the set in a table instead (signature
-    as primary key, inserted ignoring conflicts; a conflict means a replay; rows older than the
-    window deleted by the retention job).
+    it again and again for five minutes. Each signature is recorded in the ``seen_requests``
+    table (storage.seen) until its timestamp leaves the window: a replay fails and changes
+    nothing whichever process it reaches, and after a restart too. Slack's own retries are
+    re-signed with a new timestamp, so they pass. Expired rows are deleted by the retention job.
     """
 
     def __init__(
         self,
+        engine: Engine,
         *,
         window_seconds: int = SIGNATURE_WINDOW_SECONDS,
         clock: Callable[[], float] = time.time,
-        max_entries: int = 200_000,
     ) -> None:
+        self.engine = engine
         self.window_seconds = window_seconds
         self.clock = clock
-        self.max_entries = max_entries
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def process(
         self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
@@ -110,24 +110,36 @@ class ReplayGuard(Middleware):
         if signature is None or timestamp is None:
             return next()  # unsigned: only possible with request verification off
         try:
-            expires = float(timestamp) + self.window_seconds + 60
-        except ValueError:
+            expires = datetime.fromtimestamp(int(timestamp) + self.window_seconds + 60, UTC)
+        except (ValueError, OverflowError, OSError):
             return BoltResponse(status=401, body="")
-        now = self.clock()
-        with self._lock:
-            if len(self._seen) >= self.max_entries or len(self._seen) % 512 == 0:
-                self._seen = {key: until for key, until in self._seen.items() if until > now}
-            if signature in self._seen:
-                log.warning("replayed Slack request refused", extra={"timestamp": timestamp})
-                return BoltResponse(status=401, body="")
-            if len(self._seen) >= self.max_entries:
-                return BoltResponse(status=503, body="")
-            self._seen[signature] = expires
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        try:
+            fresh = first_time(self.engine, f"slack:{signature}", expires_at=expires, now=now)
+        except SQLAlchemyError as error:
+            log.error("replay guard: database unavailable", extra={"error": type(error).__name__})
+            return BoltResponse(status=503, body="")
+        if not fresh:
+            log.warning("replayed Slack request refused", extra={"timestamp": timestamp})
+            return BoltResponse(status=401, body="")
         return next()
 
 
+# Payload types replyclock handles. Every other interaction type (legacy ``interactive_message``
+# attachments, ``dialog_submission``, shortcuts, ``block_suggestion``...) is refused for everyone.
+_HANDLED_INTERACTIONS = frozenset({"block_actions", "view_submission"})
+_IGNORED_INTERACTIONS = frozenset({"view_closed"})
+_EVENT_TYPES = frozenset({"event_callback", "url_verification", "app_rate_limited"})
+
+
 class StaffCheck(Middleware):
-    """Let only the teams' experts click, submit and run commands; tell everyone else why not."""
+    """Let only the teams' experts click, submit and run commands; tell everyone else why not.
+
+    Every request that is not an Events API delivery is an interaction and passes this gate:
+    slash commands, the payload types replyclock handles (`_HANDLED_INTERACTIONS`), and any
+    other type, which is refused whoever sent it (400) so that a listener bolt might match by
+    ``callback_id`` or ``action_id`` on a type nobody checked never runs.
+    """
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -136,9 +148,14 @@ class StaffCheck(Middleware):
         self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
     ) -> BoltResponse | None:
         body = req.body
-        interactive = is_block_actions(body) or is_view_submission(body) or is_slash_command(body)
-        if not interactive:
+        kind = body.get("type") if isinstance(body, dict) else None
+        if kind in _EVENT_TYPES and not is_slash_command(body):
             return next()
+        if not is_slash_command(body) and kind not in _HANDLED_INTERACTIONS:
+            if kind in _IGNORED_INTERACTIONS:
+                return BoltResponse(status=200, body="")
+            log.info("refused an unhandled Slack payload type", extra={"type": str(kind)[:40]})
+            return BoltResponse(status=400, body="")
         user_id = req.context.user_id or ""
         expert = staff.expert_for_slack_user(self.ctx.policy, user_id)
         if expert is not None:
@@ -251,7 +268,7 @@ def create_bolt_app(
         # this name, which would mute (and double) every replyclock.* log line.
         name="replyclock-bolt",
     )
-    app.use(ReplayGuard())
+    app.use(ReplayGuard(ctx.engine))
     app.use(StaffCheck(ctx))
     app.use(DatabaseSession(ctx, on_change))
     runner = app.listener_runner
@@ -401,6 +418,15 @@ def signature_valid(
     return hmac.compare_digest(expected.encode(), signature.encode("latin-1", errors="replace"))
 
 
+def _headers_plausible(timestamp: str | None, signature: str | None, now: float) -> bool:
+    """Both signature headers present, the signature shaped ``v0=<64 hex>``, the timestamp fresh."""
+    if not timestamp or not signature or not signature.startswith("v0=") or len(signature) != 67:
+        return False
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        return False
+    return abs(int(now) - int(timestamp)) <= SIGNATURE_WINDOW_SECONDS
+
+
 def _refuse(status: int, reason: str, *, close: bool = False) -> Response:
     log.info("Slack request refused", extra={"status": status, "reason": reason})
     headers = {"Connection": "close"} if close else None
@@ -434,6 +460,11 @@ class _ThreadedSlackRequestHandler(SlackRequestHandler):
     ) -> Response:
         if req.method != "POST":
             return await super().handle(req, addition_context_properties)
+        if self.signing_secret is not None and not _headers_plausible(
+            req.headers.get("x-slack-request-timestamp"), req.headers.get("x-slack-signature"), time.time()
+        ):
+            # Before a byte of the body is read: no signature, or a timestamp outside the window.
+            return _refuse(401, "missing, bad or stale Slack signature", close=True)
         try:
             body = await read_body(req, MAX_BODY_BYTES)
         except BodyTooLarge:

@@ -173,6 +173,16 @@ def graphemes(text: str) -> Iterator[str]:
         yield text[start:index]
 
 
+# Every line break Python (and a Slack client) may honour: CR LF, lone CR, VT, FF, the file/group/
+# record separators, NEL (U+0085), LINE SEPARATOR (U+2028) and PARAGRAPH SEPARATOR (U+2029).
+_LINE_BREAKS = re.compile("\r\n|[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def normalise_line_breaks(text: str) -> str:
+    """Every kind of line break as ``\\n``: a quote (``>``) then covers each line the reader sees."""
+    return _LINE_BREAKS.sub("\n", text)
+
+
 def clip_escaped(text: str, limit: int, *, max_lines: int | None = None, quote: bool = False) -> str:
     """Customer text made inert (`escape_mrkdwn`) and cut to at most `limit` UTF-16 units.
 
@@ -181,6 +191,7 @@ def clip_escaped(text: str, limit: int, *, max_lines: int | None = None, quote: 
     cut text ends with "…". With `quote`, every line is a Slack block quote (``>``), which
     sets the customer's words apart from ours; the quote marks count towards the limit.
     """
+    text = normalise_line_breaks(text)
     budget = limit - len(ELLIPSIS)
     prefix = "> " if quote else ""
     parts = [prefix]

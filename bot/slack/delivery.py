@@ -52,6 +52,7 @@ from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import DEFAULT_LEASE, Handler, OutboxMessage, Retry
 from bot.httputil import header, retry_after
+from bot.logs import redact_urls
 from bot.slack import blocks
 from bot.telemetry import record_slack_error
 from storage import repo
@@ -368,7 +369,7 @@ class SlackDelivery:
         """An operator alert to the admin channel (skipped, with a log line, when there is none)."""
         payload = message.payload
         channel = _text(payload.get("channel")) or self.ctx.policy.settings.admin_channel
-        text = _text(payload.get("text")) or "(no text)"
+        text = redact_urls(_text(payload.get("text")) or "(no text)")
         if not channel:
             log.warning("admin alert not posted: no admin_channel configured", extra={"alert": text})
             return "skipped: no admin channel"

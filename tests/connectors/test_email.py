@@ -210,7 +210,9 @@ def test_samples_stored_once_acknowledged_safely_threaded_and_answered(
     assert to_jane["Subject"] == "Re: My order #4411 never arrived"
     assert to_jane["Auto-Submitted"] == "auto-replied"
     assert to_jane["From"] == f"Acme Support <{USER}>"
-    assert to_jane.get_content().startswith("Thanks Jane Doe!")
+    # The sender's display name is theirs to type (and a forged From would carry it to someone
+    # else): acknowledgements use the greeting (issue 11).
+    assert to_jane.get_content().startswith("Thanks there!")
     assert email.utils.parseaddr(to_jane["From"])[1] == USER
     ack_id = str(to_jane["Message-ID"])
     to_bob = next(r for r in acks if r.recipients == ["bob@example.org"]).message

@@ -160,6 +160,7 @@ keywords = ["invoice", "charged", "refund"]
 
 [accounts.{ACCOUNT}]
 kind = "webhook"
+legacy_signature = true  # the storm signs the legacy way
 own_ids = ["{OWN_ID}"]
 reply_url = "{reply_url}"
 reply_timeout = 10

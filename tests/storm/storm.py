@@ -37,7 +37,7 @@ from tests.storm.scenario import (
 )
 from tests.storm.servers import Reply, ReplyRecorder
 
-SECRET = "storm-webhook-secret-value"
+SECRET = "storm-webhook-secret-value-0123456789-0123456789"
 LEAD_IN = 1.0  # seconds between building the schedule and its first delivery
 POLL = 0.5
 ANALYZE_EVERY = 30.0  # seconds: what autovacuum would do for tables growing this fast

@@ -1,0 +1,49 @@
+"""The shared replay guard: a signed request's key is accepted once, by any process, until it expires."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Engine, delete, insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.models import SeenRequest
+
+
+def first_time(engine: Engine, key: str, *, expires_at: datetime, now: datetime) -> bool:
+    """Record `key` until `expires_at`; False when it is already recorded and not yet expired.
+
+    One short transaction of its own (committed before the request is acted on), so two
+    processes racing with the same key cannot both see True: the primary key decides. An
+    expired row with the same key is replaced (its timestamp was outside the window anyway).
+    """
+    key = key[:200]
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                delete(SeenRequest).where(SeenRequest.key == key, SeenRequest.expires_at <= now)
+            )
+            connection.execute(insert(SeenRequest).values(key=key, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True
+
+
+def prune(engine: Engine, now: datetime) -> int:
+    """Delete expired keys (the retention job); returns how many."""
+    with engine.begin() as connection:
+        result = connection.execute(delete(SeenRequest).where(SeenRequest.expires_at <= now))
+    return int(result.rowcount or 0)
+
+
+def remember(session: Session, key: str, *, expires_at: datetime, now: datetime) -> bool:
+    """Like `first_time`, inside the caller's transaction (a savepoint): False for a key seen before."""
+    key = key[:200]
+    try:
+        with session.begin_nested():
+            session.execute(delete(SeenRequest).where(SeenRequest.key == key, SeenRequest.expires_at <= now))
+            session.execute(insert(SeenRequest).values(key=key, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True
