@@ -34,6 +34,7 @@ Run it from the project root (the full run, 10k and 1M on both databases, takes 
     .venv/bin/python -m bench.sweep
     .venv/bin/python -m bench.sweep --quick                 # 10k and 100k, a fast check
     .venv/bin/python -m bench.sweep --databases sqlite --sizes 10000,200000 --rounds 3
+    .venv/bin/python -m bench.sweep --databases sqlite --profile 25  # and cProfile one more sweep
 
 PostgreSQL is used when reachable at ``--postgres-url`` (default: the environment variable
 REPLYCLOCK_BENCH_DATABASE_URL, else postgresql+psycopg://postgres@127.0.0.1:5432/replyclock_bench;
@@ -44,8 +45,11 @@ stderr, the report to stdout.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
 import platform
+import pstats
 import random
 import sqlite3
 import statistics
@@ -153,6 +157,7 @@ class Seeder:
         found = {
             "clock_started_at": deadline.clock_started_at,
             "due_at": deadline.due_at,
+            "first_due_at": deadline.due_at,  # cycle 0: the first deadline is the current one
             "breached_at": deadline.due_at if breached else None,
             "breach_cycle": 0 if breached else None,
             "warnings_sent": decided.state.warnings_sent,
@@ -214,6 +219,8 @@ class Seeder:
             "slack_channel": f"#{team}",
             "slack_ts": f"{1_700_000_000 + index}.000100",
             "version": 1,
+            "resolution_due_at": None,
+            "waiting_since": None,
             **self._ladder(policy, team, start, due),
         }
 
@@ -469,7 +476,7 @@ def plans_of(target: Target) -> Plans:
 
 
 def run_database(
-    database: str, sizes: Sequence[int], rounds: int, policy: Policy, postgres_url: str
+    database: str, sizes: Sequence[int], rounds: int, policy: Policy, postgres_url: str, profile: int = 0
 ) -> tuple[list[Target], Plans]:
     """Seed every size, then time the rounds interleaved (ABBA order), so load from elsewhere hits all sizes alike."""
     with ExitStack() as stack:
@@ -479,7 +486,29 @@ def run_database(
                 run_round(target, round_)
         for target in targets:
             check_and_probe(target, rounds)
+        if profile:
+            profile_round(targets[0], rounds, profile)
         return targets, plans_of(targets[-1])
+
+
+def profile_round(target: Target, round_: int, lines: int) -> None:
+    """One more round under cProfile (untimed, not in the table): the top `lines` functions by own and
+    by cumulative time."""
+    make_due(target.seeder, round_)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = sweep(target.ctx)
+    profiler.disable()
+    if result.processed != DUE or result.failed:
+        raise RuntimeError(f"profiled round: processed {result.processed}, failed {result.failed}")
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out)
+        stats.strip_dirs().sort_stats(order).print_stats(lines)
+        print(f"cProfile of sweep(), {target.database}, {target.size:,} open, {DUE:,} due, by {order}:")
+        body = out.getvalue().strip().splitlines()
+        print("\n".join(line for line in body if line.strip()))
+        print()
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -559,6 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=5, help="timed sweeps per size (the median is reported)"
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="LINES",
+        help="after the timed rounds, profile one more sweep of the smallest size; print LINES lines",
+    )
     parser.add_argument("--quick", action="store_true", help="10,000 and 100,000 open only: a fast check")
     parser.add_argument(
         "--postgres-url",
@@ -571,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(databases) - {"sqlite", "postgres"}
     if unknown:
         parser.error(f"unknown databases: {', '.join(sorted(unknown))}")
-    if not 1 <= args.rounds <= sizes[0] // DUE:
+    if not 1 <= args.rounds + (1 if args.profile else 0) <= sizes[0] // DUE:
         parser.error(f"--rounds must be between 1 and {sizes[0] // DUE} with {sizes[0]:,} open conversations")
 
     started = time.perf_counter()
@@ -590,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets: list[Target] = []
     plans: list[Plans] = []
     for database in databases:
-        found, plan = run_database(database, sizes, args.rounds, policy, args.postgres_url)
+        found, plan = run_database(database, sizes, args.rounds, policy, args.postgres_url, args.profile)
         targets.extend(found)
         plans.append(plan)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import cast
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
-from bot.flow.sweep import earliest_next_action, sweep
-from storage.models import Conversation, Event, Outbox
+from bot.flow.sweep import apply_ladder, earliest_next_action, sweep
+from storage.models import OPEN, Conversation, Event, Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post
 
@@ -114,3 +116,138 @@ def test_nags_wait_for_the_owner_while_escalation_goes_on(ctx: AppContext, clock
         (MONDAY + timedelta(days=1, hours=6), "nina"),
         (MONDAY + timedelta(days=1, hours=6, minutes=20), "nina"),
     ]
+
+
+Snapshot = dict[str, list[tuple[object, ...]]]
+
+
+def snapshot_of(session: Session) -> Snapshot:
+    """Everything the sweep writes, in write order, without the ids a rollback may not give back.
+
+    A conversation's version is opaque (it only has to move when the row changes; the ORM bumped it
+    twice for a reassignment, flushed once early), so only whether it moved is compared (bumped())."""
+    return {
+        "outbox": [
+            (r.kind, r.conversation_id, r.idempotency_key, r.status, r.urgency, r.payload, r.created_at)
+            for r in session.scalars(select(Outbox).order_by(Outbox.id))
+        ],
+        "events": [
+            (e.conversation_id, e.at, e.actor, e.action, e.detail)
+            for e in session.scalars(select(Event).order_by(Event.id))
+        ],
+        "conversations": [
+            (
+                c.id,
+                c.owner,
+                c.assigned_at,
+                c.warnings_sent,
+                c.escalation_step,
+                c.nag_level,
+                c.reassignments,
+                c.breach_cycle,
+                c.breached_at,
+                c.next_action_at,
+                c.version,
+            )
+            for c in session.scalars(select(Conversation).order_by(Conversation.id))
+        ],
+    }
+
+
+def one_at_a_time(ctx: AppContext) -> Snapshot:
+    """The reference: apply_ladder through the ORM for each due conversation in turn (the sweep
+    before it worked set-wise), in a transaction that is rolled back; what it would have written."""
+    now = ctx.clock.now()
+    with ctx.sessions() as session:
+        transaction = session.begin()
+        due = session.scalars(
+            select(Conversation)
+            .where(Conversation.next_action_at <= now, Conversation.status == OPEN)
+            .order_by(Conversation.next_action_at)
+        ).all()
+        for conversation in due:
+            with session.begin_nested():
+                apply_ladder(session, ctx, conversation, now)
+        session.flush()
+        session.expire_all()
+        found = snapshot_of(session)
+        transaction.rollback()
+    return found
+
+
+def bumped(before: Snapshot, after: Snapshot) -> Snapshot:
+    """`after`, each conversation's version replaced by whether it moved since `before`."""
+    versions = {row[0]: row[-1] for row in before["conversations"]}
+    conversations = [
+        (*row[:-1], cast(int, row[-1]) > cast(int, versions[row[0]])) for row in after["conversations"]
+    ]
+    return {**after, "conversations": conversations}
+
+
+def test_set_wise_sweep_writes_what_one_conversation_at_a_time_did(ctx: AppContext, clock: FakeClock) -> None:
+    # Urgent and classic posts in two teams, two unclaimed billing ones (reassigned in one batch:
+    # the second sees the first's move in the load), pending cards and acknowledgements (which
+    # urgent ladder rows lend their urgency to), small batches so a sweep spans several.
+    ingest(
+        ctx,
+        post("1", "the site is down!"),
+        post("2", "refund for my invoice please", author="bo"),
+        post("3", "invoice wrong, refund?", author="cy"),
+        post("4", "hello, a question", author="di"),
+        post("5", "outage again", author="bigcustomer"),
+    )
+    for step in (30, 60, 60, 180, 360, 840, 60):
+        clock.advance(timedelta(minutes=step))  # into the night, then a late sweep next morning
+        with ctx.sessions() as session:
+            before = snapshot_of(session)
+        expected = bumped(before, one_at_a_time(ctx))
+        result = sweep(ctx, batch_size=2)
+        assert result.failed == 0
+        with ctx.sessions() as session:
+            found = bumped(before, snapshot_of(session))
+        for table, rows in expected.items():
+            assert len(found[table]) == len(rows), table
+            for got, wanted in zip(found[table], rows, strict=True):
+                assert got == wanted, table
+    with ctx.sessions() as session:
+        kinds = {row[0] for row in snapshot_of(session)["outbox"]}
+    assert {"breach", "escalation", "nag", "reassign"} <= kinds
+
+
+def test_a_failing_batch_write_falls_back_to_one_conversation_at_a_time(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    ingest(
+        ctx,
+        post("1", "the site is down!"),
+        post("2", "outage too", author="bo"),
+        post("3", "down!", author="cy"),
+    )
+    with ctx.sessions() as session:
+        bad = session.scalars(select(Conversation.id).order_by(Conversation.id)).all()[1]
+    # A real database error for one conversation's audit rows: the batch's executemany fails.
+    with ctx.engine.begin() as conn:
+        if ctx.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.conversation_id = {bad} "
+                "AND NEW.actor = 'sweep' BEGIN SELECT RAISE(ABORT, 'boom'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.conversation_id = {bad} AND NEW.actor = 'sweep' THEN RAISE EXCEPTION 'boom'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER boom BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION boom()"
+            )
+    clock.advance(timedelta(hours=1, minutes=25))
+    result = sweep(ctx)
+    assert (result.processed, result.failed) == (2, 1)
+    with ctx.sessions() as session:
+        breached = session.scalars(
+            select(Outbox.conversation_id).where(Outbox.kind == "breach").order_by(Outbox.conversation_id)
+        ).all()
+        retry_at = session.scalar(select(Conversation.next_action_at).where(Conversation.id == bad))
+    assert bad not in breached and len(breached) == 2
+    assert retry_at == clock.now() + timedelta(minutes=5)

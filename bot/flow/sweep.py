@@ -10,20 +10,26 @@ transaction starts with ``BEGIN IMMEDIATE`` (see storage.db): one sweeper at a t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Literal, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Row, Table, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from bot.core.ladder import LadderState, Plan, Step, plan
+from bot.core.policy import SlaPolicy
 from bot.core.routing import choose_owner
+from bot.core.sla import Deadline
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.flow.conversations import current_deadline, owner_shift_end, policy_of
+from bot.flow.conversations import current_deadline, deadline_for, owner_shift_end, policy_of
 from storage import repo
 from storage.db import is_postgres
-from storage.models import OPEN, Conversation, Event
+from storage.models import DEFAULT_URGENCY, OPEN, PENDING, URGENCY, Account, Conversation, Event, Outbox
 
 log = logging.getLogger("replyclock.sweep")
 
@@ -41,16 +47,22 @@ class SweepResult:
 
 
 def sweep(ctx: AppContext, *, batch_size: int = 200, max_batches: int | None = None) -> SweepResult:
-    """Process every conversation due now, in batches of `batch_size`, each batch one transaction."""
+    """Process every conversation due now, in batches of `batch_size`, each batch one transaction.
+
+    A batch is worked set-wise: its conversations are claimed as plain rows, the ladder is planned
+    for each in memory, then its outbox rows, audit events and conversation updates are written with
+    a handful of statements (executemany) in one savepoint. Should that fail, the batch falls back to
+    one conversation at a time, each in its own savepoint, so one bad conversation cannot stop the rest.
+    """
     result = SweepResult()
     batches = 0
+    cache = _Cache(ctx)
     while max_batches is None or batches < max_batches:
         batches += 1
         now = ctx.clock.now()
         with ctx.sessions() as session, session.begin():
             claimed = _claim(session, now, batch_size)
-            for conversation in claimed:
-                _process_one(session, ctx, conversation, now, result)
+            _process_batch(session, ctx, cache, claimed, now, result)
         if len(claimed) < batch_size:
             break
     try:
@@ -120,9 +132,47 @@ def check_at_risk(ctx: AppContext, now: datetime) -> int:
     return notified
 
 
-def _claim(session: Session, now: datetime, limit: int) -> list[Conversation]:
+# What the sweep reads of a claimed conversation (plain rows: no ORM identity map, no flush).
+_CLAIMED = (
+    Conversation.id,
+    Conversation.account_id,
+    Conversation.team,
+    Conversation.priority,
+    Conversation.policy,
+    Conversation.owner,
+    Conversation.assigned_at,
+    Conversation.claimed_by,
+    Conversation.cycle,
+    Conversation.cycle_started_at,
+    Conversation.due_at,
+    Conversation.breach_cycle,
+    Conversation.breached_at,
+    Conversation.warnings_sent,
+    Conversation.nag_level,
+    Conversation.escalation_step,
+    Conversation.reassignments,
+    Conversation.next_action_at,
+    Conversation.version,
+    Conversation.status,
+    Conversation.waiting_since,
+)
+# The columns a ladder step may change (all written together, so executemany sees one shape).
+_LADDER_COLUMNS = (
+    "owner",
+    "assigned_at",
+    "warnings_sent",
+    "escalation_step",
+    "nag_level",
+    "reassignments",
+    "breach_cycle",
+    "breached_at",
+    "next_action_at",
+)
+
+
+def _claim(session: Session, now: datetime, limit: int) -> list[Row[Any]]:
     query = (
-        select(Conversation)
+        select(*_CLAIMED)
         .where(
             Conversation.next_action_at <= now,
             or_(Conversation.status == OPEN, Conversation.waiting_since.is_not(None)),
@@ -132,7 +182,359 @@ def _claim(session: Session, now: datetime, limit: int) -> list[Conversation]:
     )
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True)
-    return list(session.scalars(query))
+    return list(session.execute(query))
+
+
+class _Cache:
+    """Pure look-ups repeated across one sweep: policies by name and deadlines by cycle start."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.by_name: dict[str, SlaPolicy] = {}
+        for candidate in ctx.policy.policies:  # the first of a name wins, as in policy_of
+            self.by_name.setdefault(candidate.name, candidate)
+        self.matched: dict[tuple[int, str, str], SlaPolicy] = {}
+        self.deadlines: dict[tuple[int, str, datetime, str], Deadline] = {}
+
+    def policy(self, session: Session, row: Row[Any]) -> SlaPolicy:
+        found = self.by_name.get(row.policy)
+        if found is not None:
+            return found
+        key = (row.account_id, row.team, row.priority)
+        matched = self.matched.get(key)
+        if matched is None:  # its policy left the file: matched afresh, as policy_of does
+            account = session.scalar(select(Account.name).where(Account.id == row.account_id))
+            matched = self.ctx.policy.policy_for(team=row.team, account=account or "", priority=row.priority)
+            self.matched[key] = matched
+        return matched
+
+    def deadline(self, sla: SlaPolicy, team: str, start: datetime, cycle: int) -> Deadline:
+        kind: Literal["first", "next"] = "first" if cycle == 0 else "next"
+        key = (id(sla), team, start, kind)
+        found = self.deadlines.get(key)
+        if found is None:
+            found = self.deadlines[key] = deadline_for(self.ctx, sla, team, start, kind)
+        return found
+
+
+@dataclass
+class _Batch:
+    """Database look-ups of one batch that reassignment needs, read once and kept current in memory."""
+
+    loads: dict[str, dict[str, int]] = field(default_factory=dict)
+    away: frozenset[str] | None = None
+
+    def load_of(self, session: Session, team: str) -> dict[str, int]:
+        found = self.loads.get(team)
+        if found is None:
+            found = self.loads[team] = repo.open_loads(session=session, team=team)
+        return found
+
+    def away_experts(self, session: Session, now: datetime) -> frozenset[str]:
+        if self.away is None:
+            self.away = repo.away_experts(session=session, now=now)
+        return self.away
+
+    def moved(self, team: str, previous: str | None, new: str) -> None:
+        """A conversation of `team` went from `previous` to `new` (as open_loads would now count)."""
+        load = self.loads[team]
+        if previous is not None:
+            left = load.get(previous, 0) - 1
+            if left > 0:
+                load[previous] = left
+            else:
+                load.pop(previous, None)
+        load[new] = load.get(new, 0) + 1
+
+
+@dataclass
+class _Decision:
+    """The plan for one claimed conversation, not yet written."""
+
+    row: Row[Any]
+    steps: tuple[Step, ...]
+    payloads: list[dict[str, object]]
+    values: dict[str, object]
+
+
+def _plain_ladder(session: Session, ctx: AppContext, cache: _Cache, row: Row[Any]) -> bool:
+    """Whether a claimed conversation needs nothing but the ladder (the set-wise path)."""
+    if row.waiting_since is not None or row.status != OPEN:
+        return False
+    if cache.policy(session, row).reassign_if_silent is not None:
+        return False
+    team = ctx.policy.teams.get(row.team)
+    return not (team is not None and team.follow_the_sun)
+
+
+def _decide(
+    session: Session, ctx: AppContext, cache: _Cache, batch: _Batch, row: Row[Any], now: datetime
+) -> _Decision:
+    """What apply_ladder would do to one conversation, computed without writing anything."""
+    sla = cache.policy(session, row)
+    deadline = cache.deadline(sla, row.team, row.cycle_started_at, row.cycle)
+    owner = row.owner if row.owner in ctx.policy.experts else None
+
+    def on_duty(at: datetime) -> bool:
+        return owner is None or ctx.expert_calendar(owner).is_open(at)
+
+    def next_on_duty(at: datetime) -> datetime | None:
+        if owner is None:
+            return at
+        try:
+            return ctx.expert_calendar(owner).next_open(at)
+        except ValueError:
+            return None
+
+    breached = row.breach_cycle == row.cycle
+    state = LadderState(
+        warnings_sent=row.warnings_sent,
+        breached=breached,
+        escalation_step=row.escalation_step,
+        nag_level=row.nag_level,
+        reassignments=row.reassignments,
+        assigned_at=row.assigned_at,
+        claimed=row.claimed_by is not None,
+    )
+    decided: Plan = plan(
+        policy=sla,
+        due_at=row.due_at,
+        warn_at=deadline.warn_at if deadline.due_at == row.due_at else (),
+        state=state,
+        now=now,
+        owner_on_duty=on_duty,
+        owner_next_on_duty=next_on_duty,
+    )
+    current_owner: str | None = row.owner
+    assigned_at: datetime | None = row.assigned_at
+    payloads: list[dict[str, object]] = []
+    for step in decided.steps:
+        payload: dict[str, object] = {
+            "conversation_id": row.id,
+            "step": step.kind,
+            "index": step.index,
+            "notify": step.notify,
+            "scheduled_at": step.scheduled_at.isoformat(),
+            "owner": current_owner,
+        }
+        if step.kind == "reassign":
+            previous = current_owner
+            choice = choose_owner(
+                ctx.policy,
+                team=row.team,
+                topics=(),
+                at=now,
+                load=batch.load_of(session, row.team),
+                last_assigned=previous,
+                exclude=batch.away_experts(session, now) | ({previous} if previous else set()),
+            )
+            if choice.expert_id is not None and choice.expert_id != previous:
+                batch.moved(row.team, previous, choice.expert_id)
+                current_owner = choice.expert_id
+                assigned_at = now
+                payload.update(owner=choice.expert_id, previous_owner=previous)
+            else:
+                assigned_at = now
+                payload.update(owner=previous, previous_owner=previous, note="no other expert on duty")
+        if step.kind == "escalation" and step.notify == "manager":
+            payload["manager"] = ctx.policy.teams[row.team].manager
+        if step.kind == "escalation" and step.notify == "on_call":
+            payload["on_call"] = ctx.policy.teams[row.team].on_call
+        payloads.append(payload)
+    values: dict[str, object] = {
+        "owner": current_owner,
+        "assigned_at": assigned_at,
+        "warnings_sent": decided.state.warnings_sent,
+        "escalation_step": decided.state.escalation_step,
+        "nag_level": decided.state.nag_level,
+        "reassignments": decided.state.reassignments,
+        "breach_cycle": row.breach_cycle,
+        "breached_at": row.breached_at,
+        "next_action_at": decided.next_action_at,
+    }
+    if decided.state.breached and not breached:
+        values["breach_cycle"] = row.cycle
+        if row.breached_at is None:
+            values["breached_at"] = row.due_at
+    return _Decision(row, decided.steps, payloads, values)
+
+
+def _process_batch(
+    session: Session,
+    ctx: AppContext,
+    cache: _Cache,
+    claimed: Sequence[Row[Any]],
+    now: datetime,
+    result: SweepResult,
+) -> None:
+    """Plan every claimed conversation, then write the whole batch set-wise (see sweep).
+
+    Conversations that need more than the plain ladder (waiting on the customer, a policy with
+    reassign_if_silent, a follow-the-sun team) go through the ORM one at a time first."""
+    plain: list[Row[Any]] = []
+    for row in claimed:
+        try:
+            if _plain_ladder(session, ctx, cache, row):
+                plain.append(row)
+                continue
+            conversation = session.get(Conversation, row.id)
+        except Exception:
+            _failed(session, row.id, now, result)
+            continue
+        if conversation is not None:
+            _process_one(session, ctx, conversation, now, result)
+    batch = _Batch()
+    decisions: list[_Decision] = []
+    for row in plain:
+        try:
+            decisions.append(_decide(session, ctx, cache, batch, row, now))
+        except Exception:
+            _failed(session, row.id, now, result)
+    if not decisions:
+        return
+    try:
+        with session.begin_nested():
+            _write(session, decisions, now)
+    except Exception:
+        log.warning("sweep batch write failed; one conversation at a time", exc_info=True)
+        for decision in decisions:
+            conversation = session.get(Conversation, decision.row.id, populate_existing=True)
+            if conversation is None or conversation.status != OPEN:
+                continue
+            _process_one(session, ctx, conversation, now, result)
+        return
+    result.processed += len(decisions)
+    for decision in decisions:
+        for step in decision.steps:
+            result.steps[step.kind] = result.steps.get(step.kind, 0) + 1
+
+
+OUTBOX = cast(Table, Outbox.__table__)
+EVENTS = cast(Table, Event.__table__)
+CONVERSATIONS = cast(Table, Conversation.__table__)
+
+
+def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> None:
+    """Write a batch's outbox rows, audit events and conversation updates: a few statements in all.
+
+    The outcome is the one of writing each conversation's steps in order with repo.enqueue (an
+    existing idempotency key writes nothing; each urgent row written lends its urgency to the
+    earlier unsent rows of its conversation's lane) and then updating the conversation.
+    """
+    wanted: list[tuple[_Decision, Step, dict[str, object], str]] = [
+        (decision, step, payload, f"conv:{decision.row.id}:c{decision.row.cycle}:{step.kind}:{step.index}")
+        for decision in decisions
+        for step, payload in zip(decision.steps, decision.payloads, strict=True)
+    ]
+    existing: set[str] = set()
+    if wanted:
+        existing = set(
+            session.scalars(
+                select(Outbox.idempotency_key).where(
+                    Outbox.idempotency_key.in_([key for _, _, _, key in wanted])
+                )
+            )
+        )
+    to_write = [item for item in wanted if item[3] not in existing]
+
+    # Urgency as enqueue leaves it: a row written takes the lowest urgency of the urgent rows
+    # written after it for the same conversation; the rows there before take the lowest of all.
+    rows: list[dict[str, Any]] = []
+    lowest: dict[int, int] = {}
+    for decision, step, payload, key in reversed(to_write):
+        own = URGENCY.get(step.kind, DEFAULT_URGENCY)
+        later = lowest.get(decision.row.id)
+        urgency = own if later is None else min(own, later)
+        if own < DEFAULT_URGENCY:
+            lowest[decision.row.id] = own if later is None else min(own, later)
+        rows.append(
+            {
+                "kind": step.kind,
+                "conversation_id": decision.row.id,
+                "payload": payload,
+                "idempotency_key": key,
+                "status": PENDING,
+                "urgency": urgency,
+                "attempts": 0,
+                "created_at": now,
+                "next_attempt_at": now,
+            }
+        )
+    rows.reverse()
+    by_urgency: dict[int, list[int]] = {}
+    for conversation_id, urgency in lowest.items():
+        by_urgency.setdefault(urgency, []).append(conversation_id)
+    for urgency, conversation_ids in sorted(by_urgency.items()):
+        session.execute(
+            update(OUTBOX)
+            .where(
+                OUTBOX.c.conversation_id.in_(conversation_ids),
+                OUTBOX.c.status == PENDING,
+                OUTBOX.c.urgency > urgency,
+                OUTBOX.c.kind.not_in(repo.CUSTOMER_LANE),
+            )
+            .values(urgency=urgency)
+        )
+
+    written: set[str] = set()
+    if rows:
+        dialect = postgresql if is_postgres(session) else sqlite
+        statement = dialect.insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        written = set(session.scalars(statement.returning(OUTBOX.c.idempotency_key), rows))
+
+    events: list[dict[str, Any]] = []
+    for decision, step, _, key in to_write:
+        if key not in written:
+            continue
+        events.append(
+            {
+                "conversation_id": decision.row.id,
+                "at": now,
+                "actor": "sweep",
+                "action": step.kind,
+                "detail": {
+                    "index": step.index,
+                    "notify": step.notify,
+                    "scheduled_at": step.scheduled_at.isoformat(),
+                    "lateness_seconds": (now - step.scheduled_at).total_seconds(),
+                },
+            }
+        )
+        log.info(
+            "ladder step",
+            extra={"conversation_id": decision.row.id, "step": step.kind, "index": step.index},
+        )
+    if events:
+        session.execute(insert(EVENTS), events)
+
+    updates: list[dict[str, Any]] = []
+    for decision in decisions:
+        row = decision.row
+        if all(getattr(row, name) == value for name, value in decision.values.items()):
+            continue  # nothing changed: like the ORM, write nothing (and keep the version)
+        updates.append(
+            {"b_id": row.id, "b_version": row.version, "version": row.version + 1, **decision.values}
+        )
+    if updates:
+        updates.sort(key=lambda values: int(values["b_id"]))  # table order: fewer page visits, one lock order
+        statement = update(CONVERSATIONS).where(
+            CONVERSATIONS.c.id == bindparam("b_id"), CONVERSATIONS.c.version == bindparam("b_version")
+        )
+        done = session.connection().execute(statement, updates)
+        if session.get_bind().dialect.supports_sane_multi_rowcount and done.rowcount != len(updates):
+            raise StaleDataError(f"sweep: {len(updates) - done.rowcount} conversations changed under it")
+
+
+def _failed(session: Session, conversation_id: int, now: datetime, result: SweepResult) -> None:
+    """One bad conversation must not stop the sweep: log it and look again later."""
+    result.failed += 1
+    log.exception("sweep failed for conversation", extra={"conversation_id": conversation_id})
+    session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(next_action_at=now + RETRY_FAILED_ITEM_AFTER, version=Conversation.version + 1)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _process_one(
@@ -154,15 +556,7 @@ def _process_one(
         for step in steps:
             result.steps[step.kind] = result.steps.get(step.kind, 0) + 1
     except Exception:
-        # One bad conversation must not stop the sweep: log it and look again later.
-        result.failed += 1
-        log.exception("sweep failed for conversation", extra={"conversation_id": conversation_id})
-        session.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation_id)
-            .values(next_action_at=now + RETRY_FAILED_ITEM_AFTER, version=Conversation.version + 1)
-            .execution_options(synchronize_session=False)
-        )
+        _failed(session, conversation_id, now, result)
 
 
 def apply_ladder(
