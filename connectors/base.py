@@ -170,6 +170,13 @@ class Connector(ABC):
         self.settings: Mapping[str, Any] = settings or {}
         self.consecutive_failures = 0
 
+    def reject_unknown_settings(self, label: str) -> None:
+        """Raise ValueError naming every account key outside `settings_keys` (`label`: "X", "e-mail"...)."""
+        known = self.settings_keys or ()
+        unknown = sorted(set(self.settings) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {label} setting(s) {', '.join(unknown)} (known: {', '.join(known)})")
+
     @abstractmethod
     def fetch(self, cursor: str | None) -> Batch:
         """New posts since `cursor`, oldest first, and the cursor that covers them."""

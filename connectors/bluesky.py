@@ -215,11 +215,7 @@ class BlueskyConnector(Connector):
         env = os.environ if environ is None else environ
         self.clock: Clock = clock or SystemClock()
         s = self.settings
-        unknown = sorted(set(s) - set(SETTINGS_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown Bluesky setting(s) {', '.join(unknown)} (known: {', '.join(SETTINGS_KEYS)})"
-            )
+        self.reject_unknown_settings("Bluesky")
         handle = s.get("handle")
         if not isinstance(handle, str) or not _HANDLE.match(handle.lstrip("@")):
             raise ValueError(

@@ -557,11 +557,7 @@ class EmailConnector(Connector):
         env = os.environ if environ is None else environ
         self.clock: Clock = clock or SystemClock()
         s = self.settings
-        unknown = sorted(set(s) - set(SETTINGS_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown e-mail setting(s) {', '.join(unknown)} (known: {', '.join(SETTINGS_KEYS)})"
-            )
+        self.reject_unknown_settings("e-mail")
         address = s.get("address")
         if not isinstance(address, str) or not _ADDRESS.match(address.strip()):
             raise ValueError(f"setting address must be our e-mail address, not {address!r}")

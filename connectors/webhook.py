@@ -329,11 +329,7 @@ class WebhookConnector(Connector):
     ) -> None:
         super().__init__(name, own_ids=own_ids, settings=settings)
         env = os.environ if environ is None else environ
-        unknown = sorted(set(self.settings) - set(SETTINGS_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown webhook setting(s) {', '.join(unknown)} (known: {', '.join(SETTINGS_KEYS)})"
-            )
+        self.reject_unknown_settings("webhook")
         secret_env = self.settings.get("secret_env", default_secret_env(name))
         if not isinstance(secret_env, str) or not secret_env:
             raise ValueError("secret_env must be the name of an environment variable")

@@ -476,9 +476,7 @@ class XConnector(Connector):
         super().__init__(name, own_ids=own_ids, settings=settings)
         env = os.environ if environ is None else environ
         self.clock: Clock = clock or SystemClock()
-        unknown = sorted(set(self.settings) - set(SETTINGS_KEYS))
-        if unknown:
-            raise ValueError(f"unknown X setting(s) {', '.join(unknown)} (known: {', '.join(SETTINGS_KEYS)})")
+        self.reject_unknown_settings("X")
 
         raw_user = self.settings.get("user_id")
         if raw_user is None or isinstance(raw_user, bool):
