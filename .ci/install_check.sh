@@ -83,7 +83,7 @@ grep -q '"\$schema"' "$work/out" || fail "schema printed no JSON Schema"
 cp "$root/examples/replyclock.toml" example.toml
 step "replyclock check (the example)" env X_BEARER_TOKEN=install-check X_CONSUMER_KEY=install-check \
   X_CONSUMER_SECRET=install-check X_ACCESS_TOKEN=install-check X_ACCESS_TOKEN_SECRET=install-check \
-  MASTODON_ACCESS_TOKEN=install-check WEBHOOK_SECRET_SHOP=install-check \
+  MASTODON_ACCESS_TOKEN=install-check WEBHOOK_SECRET_SHOP=install-check-webhook-secret-of-32-bytes \
   replyclock check --config example.toml
 step "replyclock db upgrade (SQLite from .env)" replyclock db upgrade
 [ -s replyclock.db ] || fail "db upgrade left no replyclock.db"
