@@ -366,7 +366,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_settings(settings)
         client = slack.client()
         if client is not None:
-            staff = slack_handlers(ctx, client, pacer=Pacer(ctx.clock.now))
+            pacer = Pacer(ctx.clock.now) if settings.slack_pacing else None
+            staff = slack_handlers(ctx, client, pacer=pacer)
         else:
             staff = text_handlers(
                 ctx, lambda line: log.info("staff message (Slack not configured)", extra={"text": line})

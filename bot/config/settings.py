@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     slack_signing_secret: str = Field("", repr=False, description="signs Slack's requests to web")
     slack_api_url: AnyHttpUrl | None = Field(None, description="another Slack Web API base URL (a proxy)")
     slack_timeout: float = Field(30, gt=0, le=600, description="seconds per Slack Web API call")
+    slack_pacing: bool = Field(
+        True,
+        description="pace sends under Slack's published rate limits (off only for an unlimited stand-in)",
+    )
 
     host: str = Field("0.0.0.0", min_length=1, description="address `web` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `web` listens on (0: any free port)")

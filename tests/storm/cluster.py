@@ -99,6 +99,8 @@ class Cluster:
     runs: int = 4
     outbox_interval: float | None = None
     sweep_max_interval: float | None = None
+    # "false" against a stand-in without Slack's rate limits (pacing would only slow the storm down)
+    slack_pacing: str = "true"
     extra_env: Mapping[str, str] = field(default_factory=dict)  # for every process (e.g. PYTHONPATH)
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
@@ -165,7 +167,12 @@ class Cluster:
             self._spawn(
                 f"run{number}",
                 "run",
-                self._env(SLACK_BOT_TOKEN=self.slack_token, SLACK_API_URL=self.slack_api_url, **timing),
+                self._env(
+                    SLACK_BOT_TOKEN=self.slack_token,
+                    SLACK_API_URL=self.slack_api_url,
+                    SLACK_PACING=self.slack_pacing,
+                    **timing,
+                ),
             )
         deadline = time.monotonic() + START_TIMEOUT
         waiting = {p.name for p in self.processes}

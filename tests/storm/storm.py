@@ -158,6 +158,7 @@ def run_storm(
             runs=config.run_processes,
             outbox_interval=config.outbox_interval,
             sweep_max_interval=config.sweep_max_interval,
+            slack_pacing="true" if slack.rate_limits else "false",
             extra_env=dict(extra_env or {}),
         )
         statistics = StatisticsKeeper(database_url)
