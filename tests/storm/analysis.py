@@ -371,6 +371,9 @@ def _check_steps(
     unmatched = 0
     skipped = 0
     for row in outbox:
+        if row.kind in LADDER_KINDS and row.status == "retired":
+            skipped += 1  # answered before its turn: retired in the answer's transaction, never sent
+            continue
         if row.kind not in LADDER_KINDS or row.status != "sent":
             continue
         key = _result_key(row.result)
