@@ -32,11 +32,17 @@ class Backtest:
     model: EmpiricalModel | None = None
     policy: Policy | None = None
     # "At risk" notices emulated on what happened after the split (forecast with the fitted model).
-    at_risk: AtRisk | None = None
+    at_risk: AtRiskReport | None = None
 
 
 @dataclass(frozen=True)
 class AtRisk:
+    """The at-risk notice with one cut on the chance of a breach, over the conversations opened in
+    a span: a catch is a notice (always before the first warning: the check stops there) for a
+    conversation answered after its deadline or never; a false alarm, one for a conversation
+    answered within its target."""
+
+    threshold: float
     conversations: int
     breached: int
     flagged: int
@@ -51,20 +57,67 @@ class AtRisk:
     def recall(self) -> float | None:
         return self.flagged_and_breached / self.breached if self.breached else None
 
+    @property
+    def f1(self) -> float:
+        p, r = self.precision or 0.0, self.recall or 0.0
+        return 2 * p * r / (p + r) if p + r else 0.0
 
-def at_risk_figures(conversations: Sequence[SimConversation], since: datetime) -> AtRisk:
-    later = [c for c in conversations if c.opened_at >= since]
-    breached = [c for c in later if c.first_response_at is None or c.first_response_at > c.first_due_at]
-    flagged = [c for c in later if c.at_risk_at is not None]
-    hits = [c for c in flagged if c in breached]
-    leads = sorted(c.first_due_at - c.at_risk_at for c in hits if c.at_risk_at is not None)
+
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+MIN_PRECISION = 0.6  # the calibration's bar for "few false alarms"
+
+
+@dataclass(frozen=True)
+class AtRiskReport:
+    """Cuts tried on the calibration weeks, the one chosen there, and every cut on the held-out weeks."""
+
+    calibration: list[AtRisk]
+    chosen: float
+    evaluation: list[AtRisk]
+
+    @property
+    def result(self) -> AtRisk:
+        return next(figures for figures in self.evaluation if figures.threshold == self.chosen)
+
+
+def at_risk_figures(
+    conversations: Sequence[SimConversation], since: datetime, until: datetime, threshold: float
+) -> AtRisk:
+    """Precision and recall of the notice (a chance of at least `threshold`) over [since, until)."""
+    span = [c for c in conversations if since <= c.opened_at < until]
+    breached = {id(c) for c in span if c.first_response_at is None or c.first_response_at > c.first_due_at}
+    flagged = [(c, c.flagged_at(threshold)) for c in span]
+    flagged = [(c, at) for c, at in flagged if at is not None]
+    leads = sorted(c.first_due_at - at for c, at in flagged if id(c) in breached and at is not None)
     return AtRisk(
-        conversations=len(later),
+        threshold=threshold,
+        conversations=len(span),
         breached=len(breached),
         flagged=len(flagged),
-        flagged_and_breached=len(hits),
+        flagged_and_breached=sum(1 for c, _ in flagged if id(c) in breached),
         median_lead=leads[len(leads) // 2] if leads else None,
     )
+
+
+def choose_threshold(figures: Sequence[AtRisk], min_precision: float = MIN_PRECISION) -> float:
+    """The cut with the best recall among those with precision >= `min_precision`; without any,
+    the one with the best F1 (ties: the higher cut)."""
+    good = [f for f in figures if (f.precision or 0.0) >= min_precision and f.recall is not None]
+    if good:
+        return max(good, key=lambda f: (f.recall or 0.0, f.threshold)).threshold
+    return max(figures, key=lambda f: (f.f1, f.threshold)).threshold
+
+
+def at_risk_report(
+    conversations: Sequence[SimConversation],
+    calibrate: tuple[datetime, datetime],
+    evaluate: tuple[datetime, datetime],
+) -> AtRiskReport:
+    """Choose the cut on the calibration span only, then report every cut on the evaluation span."""
+    calibration = [at_risk_figures(conversations, *calibrate, t) for t in THRESHOLDS]
+    chosen = choose_threshold(calibration)
+    evaluation = [at_risk_figures(conversations, *evaluate, t) for t in THRESHOLDS]
+    return AtRiskReport(calibration=calibration, chosen=chosen, evaluation=evaluation)
 
 
 def records_of(conversations: Sequence[SimConversation], before: datetime) -> list[AnswerRecord]:
@@ -100,10 +153,12 @@ def run_backtest(
     split_week: int = 21,
     replications: int = 3,
     seed: int = 3,
-    at_risk: int | None = None,
+    at_risk: bool = False,
+    evaluate_week: int = 31,
 ) -> Backtest:
     """Generate, fit on the weeks before ISO week `split_week`, simulate the rest, compare;
-    with `at_risk` (a percentile), also emulate the at-risk notice on what happened after the split."""
+    with `at_risk`, also emulate the at-risk check on what happened after the split: its cut on the
+    chance of a breach is chosen on the weeks before `evaluate_week` and judged on the weeks from it."""
     policy = realistic_policy(copies)
     arrivals = realistic_arrivals(year=year, per_year=per_year, seed=seed)
     start = datetime(year, 1, 1, tzinfo=UTC)
@@ -123,12 +178,13 @@ def run_backtest(
         model=model,
         policy=policy,
     )
-    if at_risk is not None:
+    if at_risk:
         # The same world (same seed, same answers) with the at-risk check emulated every 15 minutes,
-        # forecasting at percentile `at_risk` with the model fitted before the split.
-        probe = Probe(model, start=split, every=timedelta(minutes=15), percentile=at_risk)
+        # with the model fitted before the split.
+        probe = Probe(model, start=split, every=timedelta(minutes=15))
         probed = world.run(arrivals, seed=seed + 1000, ladder=False, probe=probe)
-        result.at_risk = at_risk_figures(probed.conversations, split)
+        held_out = datetime.fromisocalendar(year, evaluate_week, 1).replace(tzinfo=UTC)
+        result.at_risk = at_risk_report(probed.conversations, (split, held_out), (held_out, end))
     for team, spec in policy.teams.items():
         zone = policy.calendars[spec.calendar].timezone
         # Whole weeks after the split (the first one lets the simulated queues fill up).

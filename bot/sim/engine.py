@@ -17,7 +17,6 @@ Everything random comes from one seeded generator, so a seed gives the same resu
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from bot.core.policy import Expert, Policy, SlaPolicy
 from bot.core.routing import choose_owner, classify, is_on_duty
 from bot.core.sla import BusinessCalendar, Deadline, compute_deadline
 from bot.sim.model import AnswerTimes, EmpiricalModel
-from bot.sim.queueing import forecast_finish
-from bot.sim.workclock import TeamCapacity, WorkClock, to_datetime
+from bot.sim.queueing import QueueItem, queue_finishes
+from bot.sim.workclock import WorkClock, to_datetime
 
 # Conversations still waiting this long after the last arrival stay unanswered in the result.
 DRAIN = timedelta(days=45)
@@ -69,19 +68,27 @@ class SimConversation:
     breached: bool = False
     nags: int = 0
     escalations: int = 0
-    at_risk_at: datetime | None = None
+    # The "at risk" check (`Probe`): each time the chance of missing the deadline rose to a new
+    # high before the first warning, (when, chance); empty when never checked or never above 0.
+    risk: list[tuple[datetime, float]] = field(default_factory=list)
+
+    def flagged_at(self, threshold: float) -> datetime | None:
+        """When the at-risk notice would have gone out with this cut on the chance (None: never)."""
+        return next((at for at, chance in self.risk if chance >= threshold), None)
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Emulate the "at risk" check every `every` from `start`: the forecast (`bot.sim.forecast`)
-    of each waiting conversation, with `model`, before its first warning; the first time it is past
-    the deadline is kept as `SimConversation.at_risk_at`."""
+    """Emulate the "at risk" check every `every` from `start`, with what the live check knows:
+    each team's open conversations (waiting or being answered) earliest deadline first, the
+    experts' hours and `model`. The chance that each one is answered after its deadline
+    (`bot.sim.queueing.queue_finishes`, `draws` draws) is recorded while it is before its first
+    warning and its deadline, in `SimConversation.risk`."""
 
     model: EmpiricalModel
     start: datetime
     every: timedelta = timedelta(minutes=5)
-    percentile: int = 80
+    draws: int = 200
 
 
 @dataclass
@@ -124,7 +131,6 @@ class Simulator:
             expert.id: WorkClock(BusinessCalendar(expert.calendar()), self.start - 86400.0, self.end)
             for expert in policy.experts.values()
         }
-        self._capacities: dict[str, TeamCapacity] = {}
         self.teams_of: dict[str, tuple[str, ...]] = {}
         for team in policy.teams.values():
             for expert_id in dict.fromkeys(team.experts):
@@ -165,6 +171,7 @@ class Simulator:
                 events.append((opening, 2, seq, 2, expert_id))
                 seq += 1
         current: dict[str, int] = {}  # expert -> the conversation they are working on
+        began: dict[str, float] = {}  # expert -> when they started on it
         probe_until = (arrivals[-1].at.timestamp() if arrivals else 0.0) + 7 * 86400.0
         if probe is not None and arrivals:
             events.append((max(probe.start.timestamp(), arrivals[0].at.timestamp()), 3, seq, 3, 0))
@@ -192,6 +199,7 @@ class Simulator:
             finish = clock.wall(clock.work(now) + worked)
             busy[expert_id] = True
             current[expert_id] = index
+            began[expert_id] = now
             busy_seconds[expert_id] += worked
             if finish != float("inf"):
                 heapq.heappush(events, (finish, 0, seq, 0, f"{expert_id}\x00{index}"))
@@ -274,7 +282,7 @@ class Simulator:
                     dispatch(subject, now)
             else:
                 assert probe is not None
-                self._probe(probe, now, waiting, conversations, owner_of)
+                self._probe(probe, now, waiting, current, began, conversations, due_of)
                 following = now + probe.every.total_seconds()
                 if following <= probe_until:
                     heapq.heappush(events, (following, 3, seq, 3, 0))
@@ -289,43 +297,48 @@ class Simulator:
         probe: Probe,
         now: float,
         waiting: Mapping[str, list[tuple[float, int]]],
+        current: Mapping[str, int],
+        began: Mapping[str, float],
         conversations: Sequence[SimConversation],
-        owner_of: Sequence[str | None],
+        due_of: Sequence[float],
     ) -> None:
+        # What an expert is working on counts as claimed by them (live: claimed_by, claimed_at).
+        claimed: dict[int, tuple[str, float]] = {index: (e, began[e]) for e, index in current.items()}
+        being_answered: dict[str, list[tuple[float, int]]] = {}
+        for index in claimed:
+            being_answered.setdefault(conversations[index].team, []).append((due_of[index], index))
         for team, queue in waiting.items():
-            if not queue:
+            order = sorted([*queue, *being_answered.get(team, ())])
+            if not any(self._checkable(conversations[index], now) for _, index in order):
                 continue
-            capacity = self._capacity(team)
-            order = sorted(queue)  # (deadline, arrival order): earliest deadline first, then first come
-            for due, index in queue:
+            members = self._members(team)
+            place = {expert: i for i, (expert, _) in enumerate(members)}
+            items = []
+            for _, index in order:
+                by, since = claimed.get(index, ("", now))
+                owner = conversations[index].owner or ""
+                items.append(QueueItem(place.get(owner, -1), place.get(by, -1), since))
+            finishes = queue_finishes(
+                probe.model, team=team, now=now, items=items, members=members, draws=probe.draws
+            )
+            for row, (due, index) in enumerate(order):
                 conversation = conversations[index]
-                owner = owner_of[index]
-                if conversation.at_risk_at is not None or owner is None or owner not in self.clocks:
+                if not self._checkable(conversation, now):
                     continue
-                first = conversation.warn_at[0] if conversation.warn_at else conversation.first_due_at
-                if now >= first.timestamp():
-                    continue
-                finish = forecast_finish(
-                    probe.model,
-                    owner=owner,
-                    team=team,
-                    now=now,
-                    ahead=bisect.bisect_left(order, (due, index)),
-                    capacity=capacity,
-                    owner_clock=self.clocks[owner],
-                    percentile=probe.percentile,
-                    seed=index,
-                )
-                if finish > due:
-                    conversation.at_risk_at = to_datetime(now)
+                chance = float(np.mean(finishes[row] > due))
+                if chance > (conversation.risk[-1][1] if conversation.risk else 0.0):
+                    conversation.risk.append((to_datetime(now), chance))
 
-    def _capacity(self, team: str) -> TeamCapacity:
-        found = self._capacities.get(team)
-        if found is None:
-            members = [e for e in dict.fromkeys(self.policy.teams[team].experts) if e in self.clocks]
-            found = TeamCapacity([self.clocks[e] for e in members])
-            self._capacities[team] = found
-        return found
+    @staticmethod
+    def _checkable(conversation: SimConversation, now: float) -> bool:
+        """Open and still before its first warning (and its deadline): the live check's candidates."""
+        first = conversation.warn_at[0] if conversation.warn_at else conversation.first_due_at
+        return now < min(first, conversation.first_due_at).timestamp() and conversation.owner is not None
+
+    def _members(self, team: str) -> list[tuple[str, WorkClock]]:
+        return [
+            (e, self.clocks[e]) for e in dict.fromkeys(self.policy.teams[team].experts) if e in self.clocks
+        ]
 
     def _ladder(self, conversations: list[SimConversation]) -> None:
         policies = {sla.name: sla for sla in self.policy.policies}
