@@ -160,14 +160,20 @@ def _risk_row(figures: AtRisk, chosen: float) -> str:
     )
 
 
-def at_risk(per_year: int) -> None:
+def at_risk(per_year: int, claims: bool) -> None:
     print(
         f"== at risk: a generated year of ~{per_year:,} conversations (one copy of the staff); model fitted "
         "on weeks 1-20, the check emulated every 15 min before each first warning; the cut on the "
-        "chance of a breach chosen on weeks 21-30 (best recall with precision >= 60 %), judged on weeks 31-52 =="
+        "chance of a breach chosen on weeks 21-30 (best recall with precision >= 60 %), judged on weeks 31-52; "
+        + (
+            "claims known (who is answering what, since when)"
+            if claims
+            else "WITHOUT claims (everyone taken to be free)"
+        )
+        + " =="
     )
     began = time.perf_counter()
-    result = run_backtest(per_year=per_year, copies=1, replications=1, seed=11, at_risk=True)
+    result = run_backtest(per_year=per_year, copies=1, replications=1, seed=11, at_risk=True, claims=claims)
     report = result.at_risk
     assert report is not None
     header = f"  {'cut':>5} {'flagged':>8} {'hits':>6} {'breached':>8} {'prec. %':>9} {'recall %':>7} {'lead h':>8}"
@@ -195,6 +201,9 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=("all", "speed", "erlang", "backtest", "atrisk"), default="all")
     parser.add_argument("--per-year", type=int, default=100_000)
+    parser.add_argument(
+        "--without-claims", action="store_true", help="at risk: the check does not know who answers what"
+    )
     parser.add_argument("--arrivals", type=int, default=60_000, help="arrivals per Erlang run")
     parser.add_argument("--replications", type=int, default=3, help="Erlang runs per case (averaged)")
     args = parser.parse_args()
@@ -206,7 +215,7 @@ def main() -> None:
     if args.part in ("all", "backtest"):
         backtest(args.per_year)
     if args.part in ("all", "atrisk"):
-        at_risk(20_000)
+        at_risk(20_000, not args.without_claims)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory {peak:.0f} MiB")
 

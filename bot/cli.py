@@ -293,9 +293,22 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bot.demo.story import run_demo
+    from bot.demo.story import DEMO_POLICY, run_demo
 
-    return run_demo(minutes=args.minutes)
+    if args.keep is None:
+        return run_demo(minutes=args.minutes)
+    database = Path(args.keep)
+    policy_file = database.with_suffix(".toml")
+    for path in (database, policy_file):
+        if path.exists():
+            print(f"{path} exists: the demo keeps its data only in a new file", file=sys.stderr)
+            return 2
+    code = run_demo(minutes=args.minutes, database=database.resolve(), history_weeks=args.history_weeks)
+    policy_file.write_text(DEMO_POLICY)
+    print(
+        f"\nkept: the database in {database} (DATABASE_URL=sqlite:///{database}), the policy in {policy_file}"
+    )
+    return code
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -730,6 +743,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole pipeline on a temporary database, sped up")
     demo.add_argument("--minutes", type=int, default=240, help="simulated minutes to run (default 240)")
+    demo.add_argument(
+        "--keep",
+        metavar="FILE",
+        help="keep the demo's SQLite database in FILE (new) and its policy next to it (FILE with .toml)",
+    )
+    demo.add_argument(
+        "--history-weeks",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --keep: also store N weeks of generated past conversations (default 8; 0: none)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     from bot.reports.simulate_command import register as register_simulate

@@ -256,49 +256,51 @@ def test_hours_and_staffing_changes() -> None:
     assert remove_expert(bigger, "ann").teams["care"].experts == (ident,)
 
 
-def test_team_capacity_pools_working_hours() -> None:
-    from bot.sim.workclock import TeamCapacity
-
-    def clock(start_minute: int, end_minute: int) -> WorkClock:
-        spec = CalendarSpec(
-            name="x", timezone="UTC", hours={d: ((start_minute, end_minute),) for d in range(7)}
-        )
-        return WorkClock(BusinessCalendar(spec), START.timestamp(), (START + timedelta(days=3)).timestamp())
-
-    import numpy as np
-
-    capacity = TeamCapacity([clock(9 * 60, 17 * 60), clock(13 * 60, 21 * 60)])
-    nine = START.replace(hour=9).timestamp()
-    # 09-13 one person (4 h of work), 13-17 two (8 h), 17-21 one (4 h).
-    assert capacity.work(START.replace(hour=17).timestamp()) - capacity.work(nine) == 12 * 3600
-    done = capacity.wall(capacity.work(nine) + np.array([0.0, 2 * 3600, 6 * 3600, 14 * 3600]))
-    assert list(done) == [nine, nine + 2 * 3600, nine + 5 * 3600, nine + 10 * 3600]
+def _weekday_clock(start_minute: int, end_minute: int) -> WorkClock:
+    spec = CalendarSpec(name="x", timezone="UTC", hours={d: ((start_minute, end_minute),) for d in range(5)})
+    return WorkClock(BusinessCalendar(spec), START.timestamp(), (START + timedelta(days=20)).timestamp())
 
 
-def test_queue_forecast_grows_with_the_queue_and_counts_working_hours_only() -> None:
-    from bot.sim.queueing import forecast_finish
-    from bot.sim.workclock import TeamCapacity
-
-    spec = CalendarSpec(name="x", timezone="UTC", hours={d: ((540, 1020),) for d in range(5)})
-    clock = WorkClock(BusinessCalendar(spec), START.timestamp(), (START + timedelta(days=20)).timestamp())
+def _hour_long_answers(*experts: str) -> EmpiricalModel:
     model = EmpiricalModel(min_samples=1)
-    model.add("ann", "care", 9, 3600.0)  # every answer takes one working hour
+    for expert in experts:
+        model.add(expert, "care", 9, 3600.0)  # every answer takes one working hour
+    return model
+
+
+def test_queue_forecast_works_through_the_queue_in_working_hours_only() -> None:
+    from bot.sim.queueing import QueueItem, queue_finishes
+
     nine = START.replace(hour=9).timestamp()
+    members = [("ann", _weekday_clock(9 * 60, 17 * 60))]
+    finishes = queue_finishes(
+        _hour_long_answers("ann"), team="care", now=nine, items=[QueueItem()] * 11, members=members, draws=5
+    )
+    assert finishes.shape == (11, 5)
+    assert list(finishes[0]) == [nine + 3600] * 5
+    assert finishes[3][0] == nine + 4 * 3600
+    # Eight answers on Monday, then the ninth to eleventh on Tuesday from 09:00.
+    assert finishes[10][0] == START.replace(day=3, hour=12).timestamp()
 
-    def finish(ahead: int) -> float:
-        return forecast_finish(
-            model,
-            owner="ann",
-            team="care",
-            now=nine,
-            ahead=ahead,
-            capacity=TeamCapacity([clock]),
-            owner_clock=clock,
-            percentile=80,
-            seed=1,
-        )
 
-    assert finish(0) == nine + 3600
-    assert finish(3) == nine + 4 * 3600
-    # Ten ahead: eight hours on Monday, then three more on Tuesday from 09:00.
-    assert finish(10) == START.replace(day=3, hour=12).timestamp()
+def test_queue_forecast_pins_claims_and_lets_owners_pick_up_their_own() -> None:
+    from bot.sim.queueing import QueueItem, queue_finishes
+
+    nine = START.replace(hour=9).timestamp()
+    ann, bob = _weekday_clock(9 * 60, 17 * 60), _weekday_clock(9 * 60, 10 * 60)
+    model = _hour_long_answers("ann", "bob")
+    now = nine + 1800
+    items = [
+        QueueItem(owner=0, claimed_by=0, claimed_at=nine),  # Ann has spent half an hour on it
+        QueueItem(owner=1),  # Bob's: he starts now, has half an hour left today
+        QueueItem(owner=0),
+    ]
+    finishes = queue_finishes(model, team="care", now=now, items=items, members=[("ann", ann), ("bob", bob)])
+    assert set(finishes[0]) == {nine + 3600}  # the rest of the hour, not a fresh one
+    assert set(finishes[1]) == {START.replace(day=3, hour=9, minute=30).timestamp()}  # across the night
+    assert set(finishes[2]) == {nine + 2 * 3600}  # Ann, once her claimed one is done
+    # When Ann's own one comes next but Bob is free first, Bob takes it (whoever gets to it first).
+    items[1:] = [QueueItem(owner=0), QueueItem()]
+    again = queue_finishes(model, team="care", now=now, items=items, members=[("ann", ann), ("bob", bob)])
+    assert set(again[1]) == {START.replace(day=3, hour=9, minute=30).timestamp()}
+    assert set(again[2]) == {nine + 2 * 3600}

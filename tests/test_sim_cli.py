@@ -4,7 +4,6 @@ demo's data; actual figures checked against the digest's; repeatable with a seed
 from __future__ import annotations
 
 import csv
-import io
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import load_policy
-from bot.demo.story import DEMO_POLICY, run_demo
+from bot.demo.story import DEMO_POLICY
 from bot.flow.context import AppContext
 from bot.reports.digest import WeekRange, build_digest
 from bot.sim.engine import Simulator
@@ -153,25 +152,56 @@ def test_goal_search_prints_a_schedule_that_reaches_it(history: tuple[Path, Path
     assert share >= 90.0
 
 
-def test_simulate_runs_on_the_demo_data(tmp_path: Path) -> None:
-    database = tmp_path / "demo.db"
-    assert run_demo(io.StringIO(), database=database) == 0
-    policy_file = tmp_path / "demo.toml"
-    policy_file.write_text(DEMO_POLICY)
-    result = simulate(
-        database,
-        "--current",
-        str(policy_file),
-        "--from",
-        "2026-11-23",
-        "--to",
-        "2026-11-23",
-        "--csv",
-        str(tmp_path / "demo.csv"),
-        "--png",
-        str(tmp_path / "demo.png"),
+def test_simulate_runs_on_the_demo_data_kept_from_the_command_line(tmp_path: Path) -> None:
+    """`replyclock demo --keep` stores the story and eight weeks of history before it; `replyclock
+    simulate` replays those weeks from the command line, the same seed giving the same bytes."""
+    demo = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "demo", "--keep", "demo.db"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    table = rows(tmp_path / "demo.csv")
-    assert {r["source"] for r in table} == {"actual", "simulated"}
-    assert (tmp_path / "demo.png").stat().st_size > 1000
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "kept: the database in demo.db" in demo.stdout
+    assert (tmp_path / "demo.toml").read_text() == DEMO_POLICY
+    # The story's own three conversations are there, with the weeks before it.
+    assert "figures: 3 conversations, 3 answered" in demo.stdout
+    stored = int(demo.stdout.split("history: ")[1].split(" conversations")[0])
+    assert stored > 800
+    again = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "demo", "--keep", "demo.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    database = tmp_path / "demo.db"
+    common = ["--current", str(tmp_path / "demo.toml"), "--from", "2026-09-28", "--to", "2026-11-21"]
+    first = simulate(
+        database, *common, "--seed", "7", "--csv", str(tmp_path / "a.csv"), "--png", str(tmp_path / "a.png")
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = simulate(database, *common, "--seed", "7", "--csv", str(tmp_path / "b.csv"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    other = simulate(database, *common, "--seed", "8", "--csv", str(tmp_path / "c.csv"))
+    assert other.returncode == 0 and (tmp_path / "c.csv").read_bytes() != (tmp_path / "a.csv").read_bytes()
+    # Enough history to mean something: eight weeks per team, dozens judged a week, and the
+    # simulated share within target close to the actual one on average.
+    table = rows(tmp_path / "a.csv")
+    for team in ("care", "billing"):
+        actual = {r["week"]: r for r in table if r["team"] == team and r["source"] == "actual"}
+        simulated = {r["week"]: r for r in table if r["team"] == team and r["source"] == "simulated"}
+        weeks = [w for w in actual if int(actual[w]["judged"]) >= 20 and simulated[w]["share_within_target"]]
+        assert len(weeks) == 8, (team, sorted(actual))
+        gaps = [
+            abs(float(actual[w]["share_within_target"]) - float(simulated[w]["share_within_target"]))
+            for w in weeks
+        ]
+        assert sum(gaps) / len(gaps) < 0.10, (team, gaps)

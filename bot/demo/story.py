@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from slack_sdk import WebClient
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from bot.config import parse_policy
 from bot.core.clock import FakeClock
@@ -39,7 +39,7 @@ from bot.slack.delivery import slack_handlers
 from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY, REPLY_BLOCK, REPLY_INPUT
 from bot.web import create_app, serve_in_thread
 from connectors.demo import DemoConnector, DemoMailConnector, ScriptedMail, ScriptedPost
-from storage.db import make_engine
+from storage.db import make_engine, make_sessionmaker
 from storage.migrate import upgrade
 from storage.models import ANSWERED, Conversation, Event, Outbox
 
@@ -273,8 +273,55 @@ On 23.11.26 10:50, ACME Support wrote:
     ]
 
 
-def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | None = None) -> int:
-    """Run the scripted story and print its transcript; returns the exit code."""
+# Weeks of history `replyclock demo --keep` stores before the story (for `replyclock simulate`):
+# posts by weight, and how fast each expert answers (median working minutes, log-normal).
+HISTORY_TEXTS = (
+    (0.3, "My invoice shows the wrong amount, please refund the difference"),
+    (0.1, "The app is not working, I cannot log in"),
+    (0.6, "Where is my parcel? I ordered it last week"),
+)
+HISTORY_SPEEDS = {"maria": 20.0, "sam": 25.0, "lee": 35.0}
+HISTORY_PER_WEEK = 150
+
+
+def write_demo_history(engine: Engine, weeks: int, *, seed: int = 5) -> tuple[int, int]:
+    """Store `weeks` of generated past conversations of the demo's helpdesk before the story's
+    Monday: posts with the demo's seasonality, routed and answered by the simulator with the
+    demo's policy and experts of `HISTORY_SPEEDS`. Only those answered before the story are kept.
+    Returns (conversations, answered with an owner)."""
+    from bot.sim.engine import Simulator
+    from bot.sim.synth import TrueTimes, recent_arrivals, write_history
+
+    policy = parse_policy(tomllib.loads(DEMO_POLICY), source="<demo policy>", text=DEMO_POLICY)
+    start = (DEMO_START - timedelta(weeks=weeks)).replace(hour=0, minute=0)
+    arrivals = recent_arrivals(
+        start=start,
+        end=DEMO_START,
+        per_week=HISTORY_PER_WEEK,
+        seed=seed,
+        texts=HISTORY_TEXTS,
+        account="social",
+    )
+    result = Simulator(policy, TrueTimes(HISTORY_SPEEDS), start=start, end=DEMO_START).run(
+        arrivals, seed=seed
+    )
+    kept = [
+        (arrival, conversation)
+        for arrival, conversation in zip(arrivals, result.conversations, strict=True)
+        if conversation.first_response_at is not None and conversation.first_response_at < DEMO_START
+    ]
+    with make_sessionmaker(engine)() as session:
+        written = write_history(session, policy, [a for a, _ in kept], [c for _, c in kept], account="social")
+        session.commit()
+    return written, sum(1 for _, c in kept if c.answered_by is not None)
+
+
+def run_demo(
+    out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | None = None, history_weeks: int = 0
+) -> int:
+    """Run the scripted story and print its transcript; returns the exit code. With `database`,
+    the SQLite file is kept there, and with `history_weeks`, weeks of generated past conversations
+    are stored in it after the story (`write_demo_history`)."""
     policy = parse_policy(tomllib.loads(DEMO_POLICY), source="<demo policy>", text=DEMO_POLICY)
     users = [SlackUser(e.slack_id, e.name, tz=e.timezone) for e in policy.experts.values()]
     with tempfile.TemporaryDirectory(prefix="replyclock-demo-") as tmp:
@@ -307,9 +354,8 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
             jobs = Jobs(ctx, connectors, sender, send_after_poll=False)
             with serve_in_thread(create_app(ctx, {}, extra_routes=slack_routes(bolt))) as base:
                 staff = _Staff(ctx, slack, f"{base}/slack/events", say)
-                say(
-                    "replyclock demo: a sped-up Monday; SQLite in a temporary folder, Slack on a local stand-in"
-                )
+                where = "in a temporary folder" if database is None else f"in {path}"
+                say(f"replyclock demo: a sped-up Monday; SQLite {where}, Slack on a local stand-in")
                 seen_calls = seen_replies = seen_mails = 0
                 for minute in range(minutes + 1):
                     before = _event_count(ctx)
@@ -332,6 +378,12 @@ def run_demo(out: TextIO = sys.stdout, *, minutes: int = 240, database: Path | N
                         seen_mails += 1
                     clock.advance(timedelta(minutes=1))
                 _print_figures(ctx, say)
+                if history_weeks > 0:
+                    written, answered = write_demo_history(engine, history_weeks)
+                    say(
+                        f"history: {written} conversations of the {history_weeks} weeks before this Monday "
+                        f"stored ({answered} answered by an expert), for `replyclock simulate`"
+                    )
                 print("\nThe Slack side (the stand-in's record of every Web API call; times UTC):", file=out)
                 for line in slack.transcript():
                     print("  " + line, file=out)

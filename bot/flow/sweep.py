@@ -78,8 +78,8 @@ _at_risk_checked: dict[int, datetime] = {}
 
 
 def check_at_risk(ctx: AppContext, now: datetime) -> int:
-    """Notify owner and team (once per cycle) when the forecast answer time of an open conversation
-    of a team with ``at_risk = true`` is past its deadline, while no warning has gone out yet."""
+    """Notify owner and team (once per cycle) when an open conversation of a team with
+    ``at_risk = true`` is likely to miss its deadline (bot.sim.forecast), before any warning."""
     teams = [name for name, team in ctx.policy.teams.items() if team.at_risk]
     last = _at_risk_checked.get(id(ctx))
     if not teams or (last is not None and now - last < AT_RISK_EVERY):
@@ -102,7 +102,7 @@ def check_at_risk(ctx: AppContext, now: datetime) -> int:
             if conversation.breach_cycle == conversation.cycle:
                 continue
             found = forecast_for(session, ctx.policy, conversation, now, calendar_of=ctx.expert_calendar)
-            if found is None or found.at <= conversation.due_at:
+            if found is None or not found.at_risk:
                 continue
             key = f"conv:{conversation.id}:c{conversation.cycle}:at_risk"
             payload: dict[str, object] = {
@@ -127,6 +127,7 @@ def check_at_risk(ctx: AppContext, now: datetime) -> int:
                     conversation_id=conversation.id,
                     forecast_at=found.at.isoformat(),
                     ahead=found.ahead,
+                    chance=round(found.chance, 2),
                 )
                 notified += 1
     return notified

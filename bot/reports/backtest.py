@@ -155,6 +155,7 @@ def run_backtest(
     seed: int = 3,
     at_risk: bool = False,
     evaluate_week: int = 31,
+    claims: bool = True,
 ) -> Backtest:
     """Generate, fit on the weeks before ISO week `split_week`, simulate the rest, compare;
     with `at_risk`, also emulate the at-risk check on what happened after the split: its cut on the
@@ -181,7 +182,7 @@ def run_backtest(
     if at_risk:
         # The same world (same seed, same answers) with the at-risk check emulated every 15 minutes,
         # with the model fitted before the split.
-        probe = Probe(model, start=split, every=timedelta(minutes=15))
+        probe = Probe(model, start=split, every=timedelta(minutes=15), claims=claims)
         probed = world.run(arrivals, seed=seed + 1000, ladder=False, probe=probe)
         held_out = datetime.fromisocalendar(year, evaluate_week, 1).replace(tzinfo=UTC)
         result.at_risk = at_risk_report(probed.conversations, (split, held_out), (held_out, end))

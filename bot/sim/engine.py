@@ -83,12 +83,15 @@ class Probe:
     each team's open conversations (waiting or being answered) earliest deadline first, the
     experts' hours and `model`. The chance that each one is answered after its deadline
     (`bot.sim.queueing.queue_finishes`, `draws` draws) is recorded while it is before its first
-    warning and its deadline, in `SimConversation.risk`."""
+    warning and its deadline, in `SimConversation.risk`. What an expert is working on counts as
+    claimed by them since they started (live: ``claimed_by``, ``claimed_at``); with `claims`
+    off, the check knows nothing of who works on what (everyone is taken to be free)."""
 
     model: EmpiricalModel
     start: datetime
     every: timedelta = timedelta(minutes=5)
     draws: int = 200
+    claims: bool = True
 
 
 @dataclass
@@ -304,6 +307,8 @@ class Simulator:
     ) -> None:
         # What an expert is working on counts as claimed by them (live: claimed_by, claimed_at).
         claimed: dict[int, tuple[str, float]] = {index: (e, began[e]) for e, index in current.items()}
+        if not probe.claims:
+            claimed = {index: ("", now) for index in claimed}
         being_answered: dict[str, list[tuple[float, int]]] = {}
         for index in claimed:
             being_answered.setdefault(conversations[index].team, []).append((due_of[index], index))

@@ -289,22 +289,61 @@ def holiday_dates(year: int) -> set[date]:
     return set(holidays.country_holidays("GB", years=[year]))
 
 
+def recent_arrivals(
+    *,
+    start: datetime,
+    end: datetime,
+    per_week: float,
+    seed: int,
+    texts: Sequence[tuple[float, str]],
+    account: str,
+) -> list[Arrival]:
+    """Poisson arrivals in [start, end) with the weekly and daily seasonality of
+    `realistic_arrivals` (no holidays, no launch), about `per_week` a week; each post's text is
+    drawn from `texts` (weight, text)."""
+    rng = np.random.default_rng(seed)
+    peak = max(_WEEKDAY) * max(_HOUR)
+    mean = sum(_WEEKDAY) / 7 * sum(_HOUR) / 24
+    hours = (end - start).total_seconds() / 3600
+    candidate_rate = per_week / (7 * 24 * mean) * peak  # per hour
+    count = int(rng.poisson(candidate_rate * hours))
+    times = np.sort(rng.uniform(start.timestamp(), end.timestamp(), size=count))
+    keep = rng.random(count)
+    weights = np.array([weight for weight, _ in texts], dtype=float)
+    picks = rng.choice(len(texts), size=count, p=weights / weights.sum())
+    arrivals: list[Arrival] = []
+    for t, u, pick in zip(times.tolist(), keep.tolist(), picks.tolist(), strict=True):
+        moment = datetime.fromtimestamp(t, UTC)
+        if u * peak > _WEEKDAY[moment.weekday()] * _HOUR[moment.hour]:
+            continue
+        index = len(arrivals)
+        arrivals.append(
+            Arrival(key=index, at=moment, account=account, author_id=f"h{index}", text=texts[pick][1])
+        )
+    return arrivals
+
+
 def write_history(
-    session: Session, policy: Policy, arrivals: Sequence[Arrival], conversations: Sequence[SimConversation]
+    session: Session,
+    policy: Policy,
+    arrivals: Sequence[Arrival],
+    conversations: Sequence[SimConversation],
+    *,
+    account: str = "x",
 ) -> int:
-    """Store a simulated history as if replyclock had recorded it: one account ("x"), a post,
+    """Store a simulated history as if replyclock had recorded it: one account (`account`), a post,
     a conversation (owner, assignment at arrival, first response, answered) and an "answered"
     event each. The caller commits. Returns the number of conversations written."""
     from sqlalchemy import insert, select
 
     from storage.models import Account, Conversation, Event, Post
 
-    account_id = session.scalar(select(Account.id).where(Account.name == "x"))
+    account_id = session.scalar(select(Account.id).where(Account.name == account))
     if account_id is None:
-        account = Account(name="x", kind="demo")
-        session.add(account)
+        created = Account(name=account, kind="demo")
+        session.add(created)
         session.flush()
-        account_id = account.id
+        account_id = created.id
     conversation_rows: list[dict[str, object]] = []
     post_rows: list[dict[str, object]] = []
     event_rows: list[dict[str, object]] = []
