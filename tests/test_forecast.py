@@ -19,7 +19,7 @@ from bot.flow.context import AppContext
 from bot.flow.outbox import OutboxSender
 from bot.flow.sweep import sweep
 from bot.sim.engine import SimConversation
-from bot.sim.forecast import forget_models
+from bot.sim.forecast import AT_RISK_CHANCE, forecast_for, forget_models
 from bot.sim.synth import write_history
 from bot.slack.delivery import slack_handlers
 from storage.models import Conversation, Event, Outbox
@@ -47,7 +47,7 @@ def fctx(engine: Engine) -> Iterator[AppContext]:
     forget_models()
     ctx = AppContext(policy=forecasting_policy(), engine=engine, clock=FakeClock(MONDAY))
     # History: four weeks of billing conversations, each answered by Maria in 30 working minutes.
-    history = []
+    history: list[SimConversation] = []
     for week in range(1, 5):
         for day in range(5):
             for hour in (9, 11, 14):
@@ -103,6 +103,28 @@ def test_without_the_switch_the_acknowledgement_promises_the_deadline(engine: En
     assert "17:00" in ack.payload["text"]
 
 
+def test_a_claim_keeps_its_claimer_busy_for_the_rest_of_the_answer(fctx: AppContext) -> None:
+    # Three billing questions at 09:00 Berlin; Maria and Lee each answer in 30 working minutes.
+    ingest(fctx, *(post(str(i), f"refund please, order {i}", author=f"c{i}") for i in range(3)))
+    with fctx.sessions() as session, session.begin():
+        first, second, third = session.scalars(
+            select(Conversation)
+            .where(Conversation.status == "open")
+            .order_by(Conversation.due_at, Conversation.id)
+        ).all()
+        before = forecast_for(session, fctx.policy, third, MONDAY, calendar_of=fctx.expert_calendar)
+        # Nothing claimed: both start on the first two now, the third follows at 09:30 -> 10:00.
+        assert before is not None and before.ahead == 2 and before.at == MONDAY + timedelta(hours=1)
+        # Maria claimed the first ten minutes ago: twenty left, then she takes the third (-> 09:50).
+        first.claimed_by, first.claimed_at = "maria", MONDAY - timedelta(minutes=10)
+        session.flush()
+        after = forecast_for(session, fctx.policy, third, MONDAY, calendar_of=fctx.expert_calendar)
+        assert after is not None and after.at == MONDAY + timedelta(minutes=50)
+        # Due at 13:00: no chance of a breach, nothing at risk.
+        assert after.chance == 0.0 and not after.at_risk and after.promised == after.at
+        assert second.due_at == third.due_at
+
+
 def test_at_risk_reaches_slack_before_any_warning(fctx: AppContext) -> None:
     # Forty billing questions at once: far more than two experts answer in one working day.
     ingest(fctx, *(post(str(i), f"refund please, order {i}", author=f"c{i}") for i in range(40)))
@@ -131,6 +153,7 @@ def test_at_risk_reaches_slack_before_any_warning(fctx: AppContext) -> None:
         forecast = next((e.detail for e in at_risk if e.conversation_id == conversation.id), None)
         if forecast is not None:
             assert datetime.fromisoformat(forecast["forecast_at"]) > conversation.due_at
+            assert forecast["chance"] >= AT_RISK_CHANCE
     assert 0 < len(flagged) < len(conversations)
     # Once per cycle: later sweeps may flag more (time passes, nobody answers), never one again.
     assert isinstance(fctx.clock, FakeClock)
