@@ -304,3 +304,56 @@ def test_queue_forecast_pins_claims_and_lets_owners_pick_up_their_own() -> None:
     again = queue_finishes(model, team="care", now=now, items=items, members=[("ann", ann), ("bob", bob)])
     assert set(again[1]) == {START.replace(day=3, hour=9, minute=30).timestamp()}
     assert set(again[2]) == {nine + 2 * 3600}
+
+
+def test_at_risk_figures_count_catches_and_false_alarms_and_choose_the_cut_on_other_weeks() -> None:
+    from bot.reports.backtest import at_risk_figures, at_risk_report, choose_threshold
+    from bot.sim.engine import SimConversation
+
+    def conversation(opened: datetime, late: bool | None, peaks: list[float]) -> SimConversation:
+        due = opened + timedelta(hours=4)
+        answered = None if late is None else due + timedelta(minutes=30 if late else -30)
+        found = SimConversation(
+            key=0,
+            team="care",
+            policy="p",
+            calendar="c",
+            owner="ann",
+            opened_at=opened,
+            first_due_at=due,
+            first_target=timedelta(hours=4),
+            warn_at=(opened + timedelta(hours=3),),
+            first_response_at=answered,
+        )
+        found.risk = [(opened + timedelta(minutes=15 * (i + 1)), p) for i, p in enumerate(peaks)]
+        return found
+
+    week1, week2 = START, START + timedelta(weeks=1)
+    history = [
+        conversation(week1, True, [0.3, 0.9]),  # caught at 0.5 (its second check)
+        conversation(week1, None, [0.6]),  # never answered: a breach, caught
+        conversation(week1, True, []),  # a breach nobody saw coming
+        conversation(week1, False, [0.7]),  # a false alarm at 0.5
+        conversation(week1, False, [0.2]),
+        conversation(week2, True, [0.95]),
+        conversation(week2, False, [0.55]),
+    ]
+    figures = at_risk_figures(history, week1, week2, 0.5)
+    assert (figures.conversations, figures.breached, figures.flagged, figures.flagged_and_breached) == (
+        5,
+        3,
+        3,
+        2,
+    )
+    assert figures.precision == pytest.approx(2 / 3) and figures.recall == pytest.approx(2 / 3)
+    # The first check over the cut is when the notice goes: 3 h 30 min before the deadline.
+    assert history[0].flagged_at(0.5) == week1 + timedelta(minutes=30)
+    high = at_risk_figures(history, week1, week2, 0.8)
+    assert (high.flagged, high.flagged_and_breached) == (1, 1)
+    # Week 1: precision >= 60 % from 0.25 (2 of 3); recall 2 of 3 up to 0.6, then 1 of 3: the
+    # best recall wins, the higher cut among equals. Judged on week 2 only.
+    report = at_risk_report(history, (week1, week2), (week2, week2 + timedelta(weeks=1)))
+    assert report.chosen == choose_threshold(report.calibration) == 0.6
+    assert report.result.threshold == 0.6 and report.result.precision == 1.0 and report.result.recall == 1.0
+    # At 0.5 week 2 has a false alarm too.
+    assert next(f for f in report.evaluation if f.threshold == 0.5).precision == 0.5
