@@ -5,6 +5,10 @@ did as "what happened", fits an `EmpiricalModel` on the weeks before `split`, an
 weeks from `split` on (the recorded arrivals, `replications` seeds, averaged). It returns the
 error of the weekly share within target per team and week, and, as the floor no model can go
 below, the error of "what happened" re-run with another seed (the same truth, other luck).
+
+With `at_risk`, it also emulates the live "at risk" check on what happened after the split
+(`bot.sim.engine.Probe`) and reports its precision and recall for every cut on the chance of a
+breach (`at_risk_report`): the cut is chosen on the calibration weeks and judged on later ones.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _finishes(
         seed=zlib.crc32(team.encode()),
     )
     with _lock:
-        if len(_queues) > 64:
+        if len(_queues) > 8:  # (rows x draws) arrays: keep few
             _queues.clear()
         _queues[key] = found
     return found
