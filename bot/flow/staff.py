@@ -31,7 +31,16 @@ from bot.core.policy import Expert, Policy, format_duration, parse_duration
 from bot.flow import conversations
 from bot.flow.context import AppContext
 from storage import repo
-from storage.models import CLOSED, OPEN, Account, Conversation, Outbox, Post
+from storage.models import (
+    CLOSED,
+    LADDER_KINDS,
+    OPEN,
+    RESOLUTION_KINDS,
+    Account,
+    Conversation,
+    Outbox,
+    Post,
+)
 from storage.models import Expert as ExpertRow
 
 __all__ = [
@@ -367,6 +376,19 @@ def _restart_offer(ctx: AppContext, session: Session, conversation: Conversation
         conversation.next_action_at = offer_ends
 
 
+def _look_at_shift_end(ctx: AppContext, conversation: Conversation, now: datetime) -> None:
+    """Follow the sun: a new owner whose working hours end before the deadline hands it over
+    then, so the sweep must look at that moment (not only at the next ladder step)."""
+    team = ctx.policy.teams.get(conversation.team)
+    if team is None or not team.follow_the_sun or conversation.status != OPEN:
+        return
+    shift_end = conversations.owner_shift_end(ctx, conversation.owner, now, conversation.due_at)
+    if shift_end is not None and (
+        conversation.next_action_at is None or shift_end < conversation.next_action_at
+    ):
+        conversation.next_action_at = shift_end
+
+
 # --------------------------------------------------------------------------------------------
 # Claiming and handing over
 
@@ -419,10 +441,12 @@ def claim(
             )
             silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
             if silence is not None:
-                # The sweep must look when the owner's silence would run out (reassign_if_silent).
-                check_at = now + silence
+                # The sweep must look when the owner's silence would run out (reassign_if_silent),
+                # counted in their working hours.
+                check_at = conversations.owner_hours(ctx, expert_id).working_time_after(now, silence)
                 if conversation.next_action_at is None or conversation.next_action_at > check_at:
                     conversation.next_action_at = check_at
+            _look_at_shift_end(ctx, conversation, now)
             _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
         return ClaimResult(
             won=won,
@@ -453,6 +477,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
         conversation.claimed_by = None
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
+        _look_at_shift_end(ctx, conversation, now)
         repo.record_event(
             session=session, at=now, actor=expert_id, action="unclaimed", conversation_id=conversation_id
         )
@@ -483,6 +508,7 @@ def reassign(
         conversation.claimed_by = None
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
+        _look_at_shift_end(ctx, conversation, now)
         repo.record_event(
             session=session,
             at=now,
@@ -608,6 +634,13 @@ def close_silent(session: Session, ctx: AppContext, conversation: Conversation, 
         :CLOSE_REASON_MAX
     ]
     conversation.next_action_at = None
+    repo.retire_ladder(
+        session=session,
+        conversation_ids=[conversation.id],
+        reason="closed first",
+        now=now,
+        kinds=LADDER_KINDS | RESOLUTION_KINDS,
+    )
     repo.record_event(
         session=session,
         at=now,
@@ -673,7 +706,11 @@ def close(
             was=was,
         )
         repo.retire_ladder(
-            session=session, conversation_ids=[conversation_id], reason="closed first", now=now
+            session=session,
+            conversation_ids=[conversation_id],
+            reason="closed first",
+            now=now,
+            kinds=LADDER_KINDS | RESOLUTION_KINDS,
         )
         _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
 
