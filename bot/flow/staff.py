@@ -333,6 +333,18 @@ def _atomic(session: Session) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _acting_on(
+    session: Session, ctx: AppContext, conversation_id: int, expert_id: str
+) -> Iterator[Conversation]:
+    """The shape of every action on a conversation: staff only (`PermissionDenied` before
+    anything is read), in a savepoint (a refusal leaves the caller's transaction as it was),
+    on the row locked once the expert may act on its team (`_locked`)."""
+    _require_expert(ctx.policy, expert_id)
+    with _atomic(session):
+        yield _locked(session, conversation_id, ctx, expert_id)
+
+
 def _locked(session: Session, conversation_id: int, ctx: AppContext, expert_id: str) -> Conversation:
     """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises),
     once `expert_id` is known to be allowed to act on its team (`require_team_actor`)."""
@@ -412,9 +424,7 @@ def claim(
         PermissionDenied: `expert_id` is not staff.
         NotFound: no such conversation.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id):
         statement = (
             update(Conversation)
             .where(
@@ -464,9 +474,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: this expert has not claimed it.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.claimed_by != expert_id:
             holder = conversation.claimed_by
             raise InvalidState(
@@ -494,11 +502,9 @@ def reassign(
         InvalidState: `to_expert` is not one of the teams' experts, already owns it, or the
             conversation is closed.
     """
-    _require_expert(ctx.policy, expert_id)
-    if to_expert not in staff_experts(ctx.policy):
-        raise InvalidState(f"{to_expert} is not a replyclock expert.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if to_expert not in staff_experts(ctx.policy):
+            raise InvalidState(f"{to_expert} is not a replyclock expert.")
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed.")
         previous = conversation.owner
@@ -561,11 +567,9 @@ def snooze(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is not open, or `until` is not in the future.
     """
-    _require_expert(ctx.policy, expert_id)
-    if until <= now:
-        raise InvalidState("A snooze must end in the future.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if until <= now:
+            raise InvalidState("A snooze must end in the future.")
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is {conversation.status}: there is nothing to snooze.")
         previous = conversation.next_action_at
@@ -593,9 +597,7 @@ def wait_on_customer(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is closed or already waiting.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed: there is nobody to wait for.")
         if conversation.waiting_since is not None:
@@ -665,9 +667,7 @@ def mark_answered(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is not open.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is already {conversation.status}.")
         conversations.mark_answered(session, conversation, at=now, by=expert_id, now=now)
@@ -683,12 +683,10 @@ def close(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: already closed, or no reason given.
     """
-    _require_expert(ctx.policy, expert_id)
     reason = reason.strip()
-    if not reason:
-        raise InvalidState("Say why it is closed.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if not reason:
+            raise InvalidState("Say why it is closed.")
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is already closed.")
         was = conversation.status
@@ -801,9 +799,7 @@ def reply(
             nothing is written.
         Conflict: another reply to it was queued at the same moment.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         validate_reply(session, ctx, conversation_id, text)
         account, _limit = _reply_target(session, ctx, conversation)
         post_id = session.scalar(
