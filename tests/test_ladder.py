@@ -185,12 +185,5 @@ def test_resolution_notices_come_once_each_and_in_order(looks: list[int], shares
         assert decided.next_action_at is None or decided.next_action_at > now
     assert len(kinds) == len(set(kinds))
     assert [kind for kind, _ in kinds].count("resolution_breach") == (1 if max(looks) >= 20 * 60 else 0)
-    assert (
-        all(kind == "resolution_breach" for kind, _ in kinds[kinds.index(("resolution_breach", 0)) :])
-        if (
-            "resolution_breach",
-            0,
-        )
-        in kinds
-        else True
-    )
+    if ("resolution_breach", 0) in kinds:
+        assert kinds[-1] == ("resolution_breach", 0)  # nothing after the breach notice
