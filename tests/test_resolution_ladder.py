@@ -14,11 +14,14 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from bot.core.clock import FakeClock
 from bot.core.ladder import ResolutionPlan, resolution_plan
+from bot.flow.context import AppContext
 from bot.flow.sweep import sweep
 from bot.slack.ids import ACTION_ANSWERED, ACTION_CLOSE, ACTION_WAIT
-from storage.models import Outbox
+from storage.models import Conversation, Outbox
 from tests.conftest import MONDAY
+from tests.test_ingest import ingest, post
 from tests.test_slack_app import MARIA, Harness, eventually, harness  # noqa: F401  (the fixture)
 
 H = timedelta(hours=1)
@@ -158,3 +161,27 @@ def test_the_resolution_plan_follows_the_clock_used() -> None:
     # Waited 3 h after 4 h: the deadline moved to 13 h; the first warning comes at 5 h used = 8 h.
     moved = at(7 * H, due_at=MONDAY + 13 * H)
     assert moved.steps == () and moved.next_action_at == MONDAY + 8 * H
+
+
+def test_a_resolution_target_shorter_than_the_response_target_is_planned_from_the_start(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """Resolution 2 h, first response 8 h (both business hours): the first resolution warning
+    (1 h used, 10:00) comes before the response ladder's first look (4 h used, 13:00)."""
+    ctx.policy = dataclasses.replace(
+        ctx.policy,
+        policies=tuple(
+            dataclasses.replace(p, resolution=2 * H) if p.name == "billing" else p
+            for p in ctx.policy.policies
+        ),
+    )
+    ingest(ctx, post("1", "refund for my invoice please"))  # Monday 09:00 Berlin
+    sweep(ctx)
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.next_action_at)).one() == MONDAY + H
+    clock.set(MONDAY + H)
+    sweep(ctx)
+    with ctx.sessions() as session:
+        assert session.scalars(
+            select(Outbox.idempotency_key).where(Outbox.kind.like("resolution_%"))
+        ).all() == ["conv:1:resolution:warning:0"]

@@ -609,6 +609,10 @@ class _Batch:
             shift_end = owner_shift_end(ctx, choice.expert_id, now, deadline.due_at)
             if shift_end is not None:
                 first_action = min(first_action, shift_end)
+        if sla.resolution is not None and sla.resolution < deadline.target:
+            # Same clock, same start, same warn_at shares: the resolution ladder's first notice
+            # comes before the response ladder's first look, so the sweep plans both now.
+            first_action = now
         conversation = Conversation(
             account_id=self.account_id,
             thread_key=post.thread_key or post.external_id,
