@@ -220,6 +220,8 @@ class Seeder:
             "slack_ts": f"{1_700_000_000 + index}.000100",
             "version": 1,
             "resolution_due_at": None,
+            "resolution_warnings_sent": 0,
+            "resolution_breach_sent": False,
             "waiting_since": None,
             **self._ladder(policy, team, start, due),
         }

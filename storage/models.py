@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -14,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -53,17 +55,21 @@ PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
 OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
 # Staff messages that only matter while their conversation is open (retired when it is answered).
 LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
+# The resolution ladder's notices: they outlive an answer (the target is closing it), not a close.
+RESOLUTION_KINDS = frozenset({"resolution_warning", "resolution_breach"})
 # Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can
 # send at once (a storm, a rate-limited channel). Within one conversation's lane, order of writing
 # still rules. Kinds not listed: DEFAULT_URGENCY.
 URGENCY = {
     "breach": 0,
+    "resolution_breach": 0,
     "escalation": 0,
     "delivery_unknown": 0,
     "delivery_failed": 0,
     "ack": 1,
     "reply": 1,
     "warning": 2,
+    "resolution_warning": 2,
     "admin_alert": 2,
     "card": 3,
     "thread_post": 3,
@@ -182,6 +188,9 @@ class Conversation(Base):
     nag_level: Mapped[int] = mapped_column(Integer, default=0)
     escalation_step: Mapped[int] = mapped_column(Integer, default=0)
     reassignments: Mapped[int] = mapped_column(Integer, default=0)
+    # The resolution ladder (policy `resolution`): warnings sent and the breach notice, whatever the cycle.
+    resolution_warnings_sent: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    resolution_breach_sent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     next_action_at: Mapped[datetime | None]
     slack_channel: Mapped[str | None] = mapped_column(String(100))
     slack_ts: Mapped[str | None] = mapped_column(String(40))

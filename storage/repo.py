@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -229,9 +229,15 @@ CUSTOMER_LANE = ("ack", "reply")  # as bot.flow.outbox.CUSTOMER_KINDS: the custo
 
 
 def retire_ladder(
-    *, session: Session, conversation_ids: Sequence[int], reason: str, now: datetime
+    *,
+    session: Session,
+    conversation_ids: Sequence[int],
+    reason: str,
+    now: datetime,
+    kinds: Collection[str] = LADDER_KINDS,
 ) -> list[tuple[int, str, int]]:
-    """Retire the unsent ladder rows (warning, breach, nag, escalation, reassign) of conversations
+    """Retire the unsent ladder rows (`kinds`: warning, breach, nag, escalation, reassign; on a
+    close also the resolution notices, storage.models.RESOLUTION_KINDS) of conversations
     that were just answered or closed, in the caller's transaction; audit what was retired.
 
     Only `pending` rows are touched: a row being sent (`sending`) is settled by its sender. On
@@ -248,7 +254,7 @@ def retire_ladder(
         .where(
             Outbox.conversation_id.in_(list(conversation_ids)),
             Outbox.status == PENDING,
-            Outbox.kind.in_(LADDER_KINDS),
+            Outbox.kind.in_(sorted(kinds)),
         )
         .values(status=RETIRED, result=f"retired: {reason}"[:2000], lease_until=None)
         .returning(Outbox.conversation_id, Outbox.kind, Outbox.payload)

@@ -668,12 +668,12 @@ def test_duplicate_policy_names(tmp_path: Path) -> None:
         (
             "Hi {name}!",
             "unknown placeholder {name} (allowed: {author}, {owner_first_name}, {owner}, {team}, {due}, "
-            "{due_in}; write {{ and }} for literal braces)",
+            "{due_in}, {promise}; write {{ and }} for literal braces)",
         ),
         (
             "Hi {autor}!",
             "unknown placeholder {autor} (did you mean {author}? allowed: {author}, {owner_first_name}, "
-            "{owner}, {team}, {due}, {due_in}; write {{ and }} for literal braces)",
+            "{owner}, {team}, {due}, {due_in}, {promise}; write {{ and }} for literal braces)",
         ),
         (
             "Hi {author",
@@ -683,7 +683,7 @@ def test_duplicate_policy_names(tmp_path: Path) -> None:
         (
             "Hi {}",
             "unknown placeholder {} (allowed: {author}, {owner_first_name}, {owner}, {team}, {due}, "
-            "{due_in}; write {{ and }} for literal braces)",
+            "{due_in}, {promise}; write {{ and }} for literal braces)",
         ),
     ],
 )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.core.ladder import LadderState, Plan, plan
+from bot.core.ladder import LadderState, Plan, Step, plan, resolution_plan, step_key
 from bot.core.policy import EscalationStep, SlaPolicy
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -145,3 +145,45 @@ def test_each_step_at_most_once_whatever_the_sweep_times(gaps: list[int]) -> Non
         assert ("breach", 0) in seen
     if now >= DUE + timedelta(hours=2):
         assert ("escalation", 1) in seen
+
+
+def test_step_keys_are_per_cycle_for_responses_and_per_conversation_for_resolution() -> None:
+    at = datetime(2026, 11, 23, tzinfo=UTC)
+    assert step_key(7, 2, Step("breach", 0, at, "team_channel")) == "conv:7:c2:breach:0"
+    assert step_key(7, 2, Step("resolution_warning", 1, at, "owner")) == "conv:7:resolution:warning:1"
+    assert step_key(7, 0, Step("resolution_breach", 0, at, "owner")) == "conv:7:resolution:breach:0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    looks=st.lists(st.integers(min_value=0, max_value=30 * 60), min_size=1, max_size=12),
+    shares=st.lists(st.sampled_from([0.25, 0.5, 0.75, 0.9, 1.0, 0.0]), max_size=4),
+)
+def test_resolution_notices_come_once_each_and_in_order(looks: list[int], shares: list[float]) -> None:
+    """Whenever the sweep happens to look, each notice comes at most once, warnings before the
+    breach, never a warning at or after the deadline, and the breach once the deadline is past."""
+    start = datetime(2026, 11, 23, tzinfo=UTC)
+    target = timedelta(hours=20)
+    due = start + target
+    sent, breach_sent, kinds = 0, False, []
+    for minute in sorted(looks):
+        now = start + timedelta(minutes=minute)
+        decided = resolution_plan(
+            due_at=due,
+            target=target,
+            warn_at=tuple(shares),
+            warnings_sent=sent,
+            breach_sent=breach_sent,
+            now=now,
+            left_on_clock=lambda at: max(due - at, timedelta(0)),
+            clock_after=lambda at, amount: at + amount,
+        )
+        for step in decided.steps:
+            assert step.kind != "resolution_warning" or now < due
+            kinds.append((step.kind, step.index))
+        sent, breach_sent = decided.warnings_sent, decided.breach_sent
+        assert decided.next_action_at is None or decided.next_action_at > now
+    assert len(kinds) == len(set(kinds))
+    assert [kind for kind, _ in kinds].count("resolution_breach") == (1 if max(looks) >= 20 * 60 else 0)
+    if ("resolution_breach", 0) in kinds:
+        assert kinds[-1] == ("resolution_breach", 0)  # nothing after the breach notice

@@ -14,7 +14,14 @@ from sqlalchemy import Engine, select
 
 from bot.config import load_policy
 from bot.core.clock import FakeClock
-from bot.core.locale_text import duration_words, language_candidates, local_due_label
+from bot.core.locale_text import (
+    OVERDUE,
+    PROMISE,
+    TIME_WORDS,
+    duration_words,
+    language_candidates,
+    local_due_label,
+)
 from bot.core.messages import render_acknowledgement
 from bot.core.policy import Team
 from bot.flow.context import AppContext
@@ -168,3 +175,76 @@ def test_the_german_acknowledgement_names_dienstag_and_the_german_zone(engine: E
     text = _ingest(ctx, post)
     assert text.startswith("Obrigado @bia! Recebemos a sua mensagem:") and "terça-feira" in text
     assert english_words(text) == []
+
+
+OVERDUE_NOW = NOW + timedelta(minutes=5)  # the post came in after its deadline (DUE - 1 day...)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_an_overdue_post_is_promised_an_answer_in_its_own_language(language: str) -> None:
+    """Overdue on arrival: the language's own "as soon as possible" takes the first time phrase,
+    the words before it ("innerhalb von", "d'ici"...) and the other time phrases go."""
+    policy = load_policy(EXAMPLE)
+    team = Team(name="t", channel="#t", experts=(), calendar="c", display_name="Acme")
+    tz = ZoneInfo("Europe/Berlin")
+    shipped = policy.acknowledgements["default"][language]
+    with_promise = "{author}: {owner_first_name} ({team}) {promise}."
+    for template in (shipped, with_promise):
+        text = render_acknowledgement(
+            template,
+            author="@ana",
+            owner=policy.experts["carla"],
+            team=team,
+            due_at=NOW,
+            timezone=tz,
+            now=OVERDUE_NOW,
+            language=language,
+        )
+        assert text.count(OVERDUE[language]) == 1, text
+        assert TUESDAY[language] not in text and "Montag" not in text and "()" not in text, text
+        assert not re.search(r"\s[.,)]", text), text  # nothing left dangling before punctuation
+        for word in TIME_WORDS[language]:
+            assert not re.search(rf"(?<!\w){re.escape(word)}\s+{re.escape(OVERDUE[language])}", text), text
+        if language != "en":
+            assert english_words(text) == [], text
+    # In time, {promise} is the language's own "by <deadline>".
+    in_time = render_acknowledgement(
+        with_promise,
+        author="@ana",
+        owner=None,
+        team=team,
+        due_at=DUE,
+        timezone=tz,
+        now=NOW,
+        language=language,
+    )
+    assert in_time.endswith(PROMISE[language].format(due=local_due_label(DUE, tz, language)) + "."), in_time
+    if language != "en":
+        assert english_words(in_time) == [], in_time
+
+
+def test_overdue_wording_examples_read_naturally() -> None:
+    policy = load_policy(EXAMPLE)
+    team = Team(name="t", channel="#t", experts=(), calendar="c", display_name="Acme")
+    common = {
+        "author": "@ana",
+        "owner": policy.experts["carla"],
+        "team": team,
+        "due_at": NOW,
+        "timezone": ZoneInfo("Europe/Berlin"),
+        "now": OVERDUE_NOW,
+    }
+    default = policy.acknowledgements["default"]
+    assert render_acknowledgement(default["de"], language="de", **common).endswith(  # type: ignore[arg-type]
+        "aus unserem Team Acme antwortet so bald wie möglich."
+    )
+    assert render_acknowledgement(default["en"], language="en", **common).endswith(  # type: ignore[arg-type]
+        "from our Acme team will answer as soon as possible."
+    )
+    # An operator's own wording still wins, in every language.
+    assert "sofort" in render_acknowledgement(
+        default["de"],
+        language="de",
+        overdue_wording="sofort",
+        **common,  # type: ignore[arg-type]
+    )

@@ -8,6 +8,7 @@ others, before and after the sweep catches up.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from datetime import timedelta
 
@@ -97,6 +98,15 @@ def readings(ctx: AppContext) -> dict[str, object]:
             sum(r["first_response_verdict"] == "breached" for r in rows),
         ),
         "stats_counts": (figures.answered_within_sla, figures.breached_this_week),
+        "resolution_digest": (
+            digest.current.resolved_within_target,
+            sorted(ids[c] for c in digest.current.resolution_breaches),
+        ),
+        "resolution_export": (
+            sorted(r["author_handle"] for r in rows if r["resolution_verdict"] == "within"),
+            sorted(r["author_handle"] for r in rows if r["resolution_verdict"] == "breached"),
+        ),
+        "resolution_stats": (figures.resolved_within_target, figures.resolution_breached_this_week),
         "stats_text": stats_text,
         "home": str(home),
         "metrics": metrics,
@@ -104,7 +114,15 @@ def readings(ctx: AppContext) -> dict[str, object]:
 
 
 def test_digest_export_stats_home_and_metrics_agree(ctx: AppContext, clock: FakeClock) -> None:
-    # Monday 09:00 Berlin. "classic" is 24 h on the wall clock, "urgent" 1 h.
+    # Monday 09:00 Berlin. "classic" is 24 h on the wall clock, "urgent" 1 h; classic conversations
+    # must also be resolved (answered and closed) within 20 h.
+    ctx.policy = dataclasses.replace(
+        ctx.policy,
+        policies=tuple(
+            dataclasses.replace(p, resolution=20 * H) if p.name == "classic" else p
+            for p in ctx.policy.policies
+        ),
+    )
     ingest(
         ctx,
         customer("a", "a general question", "ann", 0),  # classic: due Tue 08:00 UTC
@@ -118,9 +136,14 @@ def test_digest_export_stats_home_and_metrics_agree(ctx: AppContext, clock: Fake
     with ctx.sessions() as session, session.begin():
         eve = session.scalars(select(Conversation).where(Conversation.author_handle == "eve")).one()
         staff.close(session, ctx, eve.id, "sam", "spam", clock.now())
+        bob = session.scalars(select(Conversation).where(Conversation.author_handle == "bob")).one()
+        staff.close(session, ctx, bob.id, "sam", "resolved", clock.now())  # resolved in 2 h: within
     # The worker is down from here: no sweep. Answers arrive later, backfilled with their times.
     clock.set(MONDAY + 31 * H)
     ingest(ctx, ours("ra", "a", 30), ours("rc", "c", 2.5))  # ann 6 h late, cat 1 h 30 min late
+    with ctx.sessions() as session, session.begin():  # ann resolved at 31 h: 11 h past her 20 h
+        ann = session.scalars(select(Conversation).where(Conversation.author_handle == "ann")).one()
+        staff.close(session, ctx, ann.id, "sam", "resolved", clock.now())
     # dan is never answered: 30 h late at now.
     expected = {"ann": "breached", "bob": "within", "cat": "breached", "dan": "breached", "eve": "not_judged"}
     assert verdicts(ctx) == expected
@@ -137,8 +160,17 @@ def test_digest_export_stats_home_and_metrics_agree(ctx: AppContext, clock: Fake
         assert "25% within the deadline, 1 of 4" in str(seen["stats_text"]), phase
         assert "deadlines missed: 3" in str(seen["stats_text"]), phase
         assert "25% in time this week, 3 missed" in str(seen["home"]), phase
+        # Resolution: bob within, ann late; eve closed unanswered is not judged; cat and dan
+        # (urgent) have no target.
+        assert seen["resolution_digest"] == (1, ["ann"]), phase
+        assert seen["resolution_export"] == (["bob"], ["ann"]), phase
+        assert seen["resolution_stats"] == (1, 1), phase
+        assert "resolved within target: 1, resolution targets missed: 1" in str(seen["stats_text"]), phase
+        assert "Resolution this week: 1 within target, 1 missed" in str(seen["home"]), phase
         metrics = str(seen["metrics"])
         assert 'replyclock_first_responses_this_week{team="care",verdict="within"} 1.0' in metrics, phase
         assert 'replyclock_first_responses_this_week{team="care",verdict="breached"} 3.0' in metrics, phase
+        assert 'replyclock_resolutions_this_week{team="care",verdict="within"} 1.0' in metrics, phase
+        assert 'replyclock_resolutions_this_week{team="care",verdict="breached"} 1.0' in metrics, phase
         sweep(ctx)
     assert verdicts(ctx) == expected

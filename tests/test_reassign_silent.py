@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -130,3 +130,101 @@ def test_without_follow_the_sun_the_owner_keeps_it_overnight(ctx: AppContext, cl
     sweep(ctx)
     with ctx.sessions() as session:
         assert session.scalars(select(Conversation.owner)).one() == "nina"
+
+
+def _silence_policy(ctx: AppContext) -> None:
+    ctx.policy = dataclasses.replace(
+        ctx.policy,
+        policies=tuple(
+            dataclasses.replace(p, reassign_if_silent=2 * H) if p.name == "billing" else p
+            for p in ctx.policy.policies
+        ),
+    )
+
+
+def test_silence_counts_the_owners_working_hours_not_the_night() -> None:
+    """Pure: a claim at 17:55 by an owner who stops at 18:00 is silent 2 h later of their hours."""
+    policy = SlaPolicy(name="p", clock="wall", calendar=None, first_response=48 * H, reassign_if_silent=2 * H)
+    claimed_at = MONDAY.replace(hour=16, minute=55)  # 17:55 Berlin; the owner works 08:00-18:00
+
+    def working_time_after(start: datetime, amount: timedelta) -> datetime:
+        assert start == claimed_at and amount == 2 * H
+        return MONDAY.replace(hour=8, minute=55) + 24 * H  # 5 min on Monday, 1 h 55 from 08:00
+
+    state = LadderState(claimed=True, assigned_at=claimed_at, owner_active_at=claimed_at)
+    kwargs = {
+        "policy": policy,
+        "due_at": MONDAY + 48 * H,
+        "warn_at": (),
+        "state": state,
+        "owner_on_duty": lambda _at: True,
+        "owner_next_on_duty": lambda at: at,
+        "owner_working_time_after": working_time_after,
+    }
+    night = plan(now=claimed_at + 3 * H, **kwargs)  # type: ignore[arg-type]
+    assert night.steps == () and night.next_action_at == MONDAY.replace(hour=8, minute=55) + 24 * H
+    morning = plan(now=MONDAY.replace(hour=8, minute=55) + 24 * H, **kwargs)  # type: ignore[arg-type]
+    assert [step.kind for step in morning.steps] == ["reassign"]
+
+
+def test_a_claim_before_the_owners_day_ends_is_not_silent_overnight(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    _silence_policy(ctx)
+    claim_at = MONDAY.replace(hour=16, minute=55)  # 17:55 Berlin: Maria works until 18:00
+    clock.set(claim_at)
+    ingest(ctx, post("1", "refund for my invoice please", at=claim_at))
+    with ctx.sessions() as session, session.begin():
+        conversation_id = session.scalars(select(Conversation.id)).one()
+        staff.claim(session, ctx, conversation_id, "maria", claim_at)
+    tuesday_0955 = MONDAY.replace(hour=8, minute=55) + 24 * H  # 5 min Monday + 1 h 55 from 08:00
+    clock.set(claim_at + 2 * H)  # the sweep looks when the claim offer would have run out
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.get(Conversation, conversation_id)
+        assert conversation is not None and conversation.claimed_by == "maria"
+        assert conversation.next_action_at == tuesday_0955
+    # The sweep looks in the night anyway (say, a restart): 2 h of wall time have passed, not of hers.
+    clock.set(MONDAY.replace(hour=22))
+    with ctx.sessions() as session, session.begin():
+        session.get(Conversation, conversation_id).next_action_at = clock.now()  # type: ignore[union-attr]
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.get(Conversation, conversation_id)
+        assert conversation is not None and conversation.claimed_by == "maria"
+        assert conversation.next_action_at == tuesday_0955
+    clock.set(tuesday_0955 - timedelta(minutes=1))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        assert session.get(Conversation, conversation_id).claimed_by == "maria"  # type: ignore[union-attr]
+    clock.set(tuesday_0955)
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.get(Conversation, conversation_id)
+        assert conversation is not None and (conversation.owner, conversation.claimed_by) == ("lee", None)
+        note = session.scalars(select(Outbox.payload).where(Outbox.kind == "reassign")).one()
+        assert note["reason"] == "silent" and note["scheduled_at"] == tuesday_0955.isoformat()
+
+
+def test_a_claim_late_in_the_day_is_handed_over_at_the_shift_end(ctx: AppContext, clock: FakeClock) -> None:
+    """Follow the sun: Nina (New York, 09:00-17:00) claims at 16:55 one due tomorrow 08:30;
+    the sweep looks at 17:00 her time and Sam takes it then, not at the next ladder step."""
+    _follow_the_sun(ctx, True)
+    clock.set(MONDAY.replace(hour=13, minute=30))  # 08:30 in New York
+    ingest(ctx, post("1", "where is my parcel?", at=clock.now()))  # care, classic: 24 h
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        conversation_id, due_at = conversation.id, conversation.due_at
+    assert due_at == MONDAY.replace(hour=13, minute=30) + 24 * H  # before Nina is back at 09:00
+    clock.set(MONDAY.replace(hour=21, minute=55))
+    with ctx.sessions() as session, session.begin():
+        staff.claim(session, ctx, conversation_id, "nina", clock.now())
+    with ctx.sessions() as session:
+        assert session.get(Conversation, conversation_id).next_action_at == MONDAY.replace(hour=22)  # type: ignore[union-attr]
+    clock.set(MONDAY.replace(hour=22))
+    sweep(ctx)
+    with ctx.sessions() as session:
+        conversation = session.get(Conversation, conversation_id)
+        assert conversation is not None and (conversation.owner, conversation.claimed_by) == ("sam", None)
+        note = session.scalars(select(Outbox.payload).where(Outbox.kind == "reassign")).one()
+        assert note["reason"] == "handover" and note["previous_owner"] == "nina"

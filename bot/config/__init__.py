@@ -34,8 +34,10 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     ``admin_channel``     Slack channel for operational notices (``"#replyclock-admin"``).
     ``ack_greeting``      default: the template language's word (``"there"``, ``"dir"``...): what ``{author}`` becomes when the platform does not
                           verify handles (webhook, feed); a customer-typed name is never used.
-    ``ack_overdue_wording`` default ``"as soon as possible"``: replaces the time left in an
-                          acknowledgement of a post that arrives already overdue.
+    ``ack_overdue_wording`` default: the template language's own (``"as soon as possible"``,
+                          ``"so bald wie möglich"``...): replaces the first time phrase (``{promise}``,
+                          or ``{due}``/``{due_in}`` with the words before them) in an acknowledgement
+                          of a post that arrives already overdue; the other time phrases go.
     ``cross_team_actions`` boolean, default false: let any expert act on any team's conversation
                           (otherwise only its team, its manager and its on-call).
     ``retention_outbox``  duration or ``"off"``, default ``"30d"``: sent outbox rows are deleted after it.
@@ -146,7 +148,8 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
     {team} team will answer within {due_in}."``. Placeholders: ``{author}`` (the customer's
     handle), ``{owner}`` and ``{owner_first_name}`` (the assigned expert), ``{team}`` (its
     display name), ``{due}`` (the deadline, e.g. ``Dienstag 14:00 MEZ``), ``{due_in}`` (the time
-    left, e.g. ``3 Stunden und 20 Minuten``), both formatted by Babel in the template's language;
+    left, e.g. ``3 Stunden und 20 Minuten``), both formatted by Babel in the template's language,
+    ``{promise}`` (``bis Dienstag 14:00 MEZ``, or overdue ``so bald wie möglich``);
     write ``{{`` and ``}}`` for literal braces. The template is looked up in the team's table,
     then ``default``, in the post's language (``pt-BR``, then ``pt``), then the team's, then ``en``.
 

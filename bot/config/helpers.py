@@ -17,7 +17,15 @@ from bot.core.policy import (
     Period,
 )
 
-PLACEHOLDERS: Final[tuple[str, ...]] = ("author", "owner_first_name", "owner", "team", "due", "due_in")
+PLACEHOLDERS: Final[tuple[str, ...]] = (
+    "author",
+    "owner_first_name",
+    "owner",
+    "team",
+    "due",
+    "due_in",
+    "promise",
+)
 """The placeholders an acknowledgement template may use."""
 
 

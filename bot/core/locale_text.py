@@ -23,13 +23,19 @@ from babel.units import format_unit
 
 __all__ = [
     "GREETING",
+    "OVERDUE",
+    "PROMISE",
     "SOMEONE",
+    "TIME_WORDS",
     "babel_locale",
     "duration_words",
     "greeting",
     "language_candidates",
     "local_due_label",
+    "overdue_wording",
+    "promise_pattern",
     "someone",
+    "time_words",
     "zone_label",
 ]
 
@@ -56,6 +62,46 @@ GREETING: dict[str, str] = {
     "pt": "a você",
     "nl": "daarvoor",
     "it": "a te",
+}
+
+# A post overdue on arrival is promised an answer "as soon as possible", in the template's language.
+OVERDUE: dict[str, str] = {
+    "en": "as soon as possible",
+    "de": "so bald wie möglich",
+    "fr": "dès que possible",
+    "es": "lo antes posible",
+    "pt": "o mais rápido possível",
+    "nl": "zo snel mogelijk",
+    "it": "il prima possibile",
+    "ja": "できるだけ早く",
+    "ar": "في أقرب وقت ممكن",
+}
+
+# What {promise} becomes while the deadline is ahead ({due}: the deadline as `local_due_label`
+# writes it); overdue on arrival it becomes the language's OVERDUE wording instead.
+PROMISE: dict[str, str] = {
+    "en": "by {due}",
+    "de": "bis {due}",
+    "fr": "d'ici {due}",
+    "es": "antes del {due}",
+    "pt": "até {due}",
+    "nl": "uiterlijk {due}",
+    "it": "entro {due}",
+    "ja": "{due}までに",
+    "ar": "بحلول {due}",
+}
+
+# The words a template puts right before {due} or {due_in} ("within", "bis", "d'ici"...): when
+# the post is already overdue they go with the time, so "antwortet innerhalb von {due_in}"
+# reads "antwortet so bald wie möglich" and no language's own words are left dangling.
+TIME_WORDS: dict[str, tuple[str, ...]] = {
+    "en": ("within", "in", "by", "before"),
+    "de": ("innerhalb von", "innerhalb", "binnen", "in", "bis", "vor"),
+    "fr": ("d'ici", "d\u2019ici", "sous", "dans", "avant", "en"),
+    "es": ("antes del", "antes de", "dentro de", "en"),
+    "pt": ("dentro de", "antes de", "até", "em"),
+    "nl": ("uiterlijk", "binnen", "vóór", "voor", "in"),
+    "it": ("entro", "prima di", "tra", "fra"),
 }
 
 _DIGIT = re.compile(r"\d")
@@ -94,6 +140,25 @@ def someone(language: str) -> str:
 def greeting(language: str) -> str:
     """The stand-in for an unverified customer's name in a language (English when we have none)."""
     return GREETING.get(language.split("-")[0].lower(), GREETING["en"])
+
+
+def _primary(language: str) -> str:
+    return language.split("-")[0].lower()
+
+
+def overdue_wording(language: str) -> str:
+    """ "As soon as possible" in a language (English when we have none)."""
+    return OVERDUE.get(_primary(language), OVERDUE["en"])
+
+
+def time_words(language: str) -> tuple[str, ...]:
+    """The words that may stand before {due} / {due_in} in a template of this language."""
+    return TIME_WORDS.get(_primary(language), ())
+
+
+def promise_pattern(language: str) -> str:
+    """The {promise} phrase of a language while the deadline is ahead (``bis {due}``)."""
+    return PROMISE.get(_primary(language), PROMISE["en"])
 
 
 def zone_label(at: datetime, tz: ZoneInfo, language: str) -> str:

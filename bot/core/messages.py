@@ -60,8 +60,31 @@ _HANDLE = re.compile(
     r"@?(?:[A-Za-z0-9_]{1,30}(?:@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?)?"
     r"|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?){1,10})"
 )
-# "within {due_in}", "by {due}": the time words go too when the post is already overdue.
-_TIME_PHRASE = re.compile(r"(?:\b(?:within|in|by|before)\s+)?\{(?:due|due_in)\}")
+# Where a further time phrase was removed, with the brackets around it and the space before it.
+_REMOVED = "\x00"
+_REMOVED_SPAN = re.compile(r"[ \t]*\([ \t]*\x00[ \t]*\)|[ \t]*\x00")
+
+
+def _time_phrase(language: str) -> re.Pattern[str]:
+    """{due}, {due_in} or {promise} with the language's words before them ("within", "bis")."""
+    words = sorted(locale_text.time_words(language), key=len, reverse=True)
+    before = "|".join(re.escape(word) for word in words)
+    prefix = rf"(?:(?<!\w)(?:{before})\s+)?" if before else ""
+    return re.compile(prefix + r"\{(?:due|due_in|promise)\}", flags=re.IGNORECASE)
+
+
+def _overdue_template(template: str, language: str, wording: str) -> str:
+    """The template with its first time phrase replaced by `wording` and the others removed."""
+    literal = wording.replace("{", "{{").replace("}", "}}")
+    seen = 0
+
+    def replace(_match: re.Match[str]) -> str:
+        nonlocal seen
+        seen += 1
+        return literal if seen == 1 else _REMOVED
+
+    text = _time_phrase(language).sub(replace, template.replace(_REMOVED, ""))
+    return _REMOVED_SPAN.sub("", text)
 
 
 def verified_handle(kind: str, handle: str | None) -> str | None:
@@ -82,27 +105,32 @@ def render_acknowledgement(
     now: datetime,
     language: str = "en",
     greeting: str | None = None,
-    overdue_wording: str = "as soon as possible",
+    overdue_wording: str | None = None,
 ) -> str:
     """Fill an acknowledgement template (placeholders checked when the policy file was loaded).
 
     `author` is a verified handle (`verified_handle`) or None, then `greeting` (or, unset, the
     language's own word) stands in: what
-    a customer typed as their name never reaches a public reply. A post already due (overdue on
-    arrival) gets `overdue_wording` instead of the time left and its "within"/"by". `language` is
-    the template's language: {due}, {due_in} and the word for a missing owner are formatted for it
+    a customer typed as their name never reaches a public reply. `language` is the template's
+    language: {due}, {due_in}, {promise} and the word for a missing owner are formatted for it
     (`bot.core.locale_text`), so no English word of ours reaches the customer.
+
+    {promise} is the language's own "by {due}" (``bis Dienstag 12:00 MEZ``). A post already due
+    (overdue on arrival) is promised `overdue_wording`, else the language's own "as soon as
+    possible": it stands in the first time phrase ({promise}, {due} or {due_in} with the words
+    the language puts before them, "innerhalb von", "d'ici"...), and the others go.
     """
+    due_label = locale_text.local_due_label(due_at, timezone, language)
     if due_at <= now:
-        template = _TIME_PHRASE.sub(
-            lambda _m: overdue_wording.replace("{", "{{").replace("}", "}}"), template
-        )
+        wording = overdue_wording or locale_text.overdue_wording(language)
+        template = _overdue_template(template, language, wording)
     nobody = locale_text.someone(language)
     return template.format(
         author=author or greeting or locale_text.greeting(language),
         owner_first_name=owner.first_name if owner else nobody,
         owner=owner.name if owner else nobody,
         team=team.label,
-        due=locale_text.local_due_label(due_at, timezone, language),
+        due=due_label,
         due_in=locale_text.duration_words(due_at - now, language),
+        promise=locale_text.promise_pattern(language).format(due=due_label),
     )

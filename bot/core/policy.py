@@ -273,7 +273,7 @@ class Settings:
     # (webhook, feed): never their self-typed name.
     ack_greeting: str | None = None  # None: the template language's word (bot.core.locale_text)
     # Replaces the time left ({due_in}, "within {due_in}", "by {due}") when a post arrives overdue.
-    ack_overdue_wording: str = "as soon as possible"
+    ack_overdue_wording: str | None = None  # None: the template language's own (bot.core.locale_text)
     # Staff may act on another team's conversations (default: only that team, its manager and on-call).
     cross_team_actions: bool = False
     # Retention (None: keep forever): sent outbox rows, events of closed conversations, customer text.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy.orm import Session
@@ -85,6 +86,41 @@ def resolution_verdict(conversation: Conversation, now: datetime) -> SlaOutcome 
     )
 
 
+@dataclass(frozen=True)
+class OwnerHours:
+    """An owner's working hours as the ladder asks about them (no owner: the team channel, which
+    is always on duty). One helper for the set-wise and the one-at-a-time path."""
+
+    calendar: BusinessCalendar | None
+
+    def on_duty(self, at: datetime) -> bool:
+        return self.calendar is None or self.calendar.is_open(at)
+
+    def next_on_duty(self, at: datetime) -> datetime | None:
+        if self.calendar is None:
+            return at
+        try:
+            return self.calendar.next_open(at)
+        except ValueError:
+            return None
+
+    def working_time_after(self, start: datetime, amount: timedelta) -> datetime:
+        """When the owner has worked `amount` since `start` (wall time without hours to go by)."""
+        if self.calendar is None:
+            return start + amount
+        try:
+            return self.calendar.add_business_time(start, amount)
+        except ValueError:  # never at work within a year: count wall time rather than never
+            return start + amount
+
+
+def owner_hours(ctx: AppContext, owner: str | None) -> OwnerHours:
+    """The working hours of a conversation's owner (an id not among the experts counts as nobody)."""
+    if owner is None or owner not in ctx.policy.experts:
+        return OwnerHours(None)
+    return OwnerHours(ctx.expert_calendar(owner))
+
+
 def owner_shift_end(ctx: AppContext, owner: str | None, now: datetime, due_at: datetime) -> datetime | None:
     """When the owner's current working stretch ends, if they are at work now and it ends before
     `due_at` (follow the sun hands the conversation on then); else None."""
@@ -141,7 +177,12 @@ def answer(conversation: Conversation, *, at: datetime, by: str) -> None:
     conversation.answered_by = by
     if conversation.first_response_at is None:
         conversation.first_response_at = at
-    conversation.next_action_at = None
+    # The response ladder stops; a resolution ladder still to climb has the sweep look again now
+    # (it plans the next resolution notice; `at` may be a backfilled time, already past).
+    resolution_pending = (
+        conversation.resolution_due_at is not None and not conversation.resolution_breach_sent
+    )
+    conversation.next_action_at = at if resolution_pending else None
 
 
 def mark_answered(

@@ -36,6 +36,8 @@ STAFF_KINDS = (
     "delivery_failed",
     "admin_alert",
     "at_risk",
+    "resolution_warning",
+    "resolution_breach",
 )
 
 
@@ -162,6 +164,12 @@ def describe(session: Session, ctx: AppContext, message: OutboxMessage, now: dat
         return f"{channel} thread #{conversation.id}: warning to {who}: {due}"
     if kind == "breach":
         return f"{channel} thread #{conversation.id}: DEADLINE MISSED, {due}; owner {who}"
+    if kind in ("resolution_warning", "resolution_breach"):
+        resolve_by = conversation.resolution_due_at
+        words = due_in_words(resolve_by, now, tz) if tz and resolve_by else str(resolve_by)
+        if kind == "resolution_warning":
+            return f"{channel} thread #{conversation.id}: resolution warning to {who}: {words}"
+        return f"{channel} thread #{conversation.id}: RESOLUTION TARGET MISSED, {words}; owner {who}"
     if kind == "nag":
         return f"DM to {who}: #{conversation.id} from @{customer} is {due.split(' (')[0]}; please answer"
     if kind == "escalation":

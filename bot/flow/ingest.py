@@ -609,6 +609,10 @@ class _Batch:
             shift_end = owner_shift_end(ctx, choice.expert_id, now, deadline.due_at)
             if shift_end is not None:
                 first_action = min(first_action, shift_end)
+        if sla.resolution is not None and sla.resolution < deadline.target:
+            # Same clock, same start, same warn_at shares: the resolution ladder's first notice
+            # comes before the response ladder's first look, so the sweep plans both now.
+            first_action = now
         conversation = Conversation(
             account_id=self.account_id,
             thread_key=post.thread_key or post.external_id,
@@ -669,6 +673,13 @@ class _Batch:
         conversation.nag_level = 0
         conversation.escalation_step = 0
         conversation.next_action_at = deadline.warn_at[0] if deadline.warn_at else deadline.due_at
+        if self.ctx.policy.teams[conversation.team].follow_the_sun:
+            # Hand over at the owner's shift end when it comes before the new deadline.
+            shift_end = owner_shift_end(self.ctx, conversation.owner, self.now, deadline.due_at)
+            if shift_end is not None:
+                conversation.next_action_at = min(conversation.next_action_at, shift_end)
+        if conversation.resolution_due_at is not None and not conversation.resolution_breach_sent:
+            conversation.next_action_at = self.now  # the sweep plans both ladders afresh
         self.reopened.append(conversation)
         self._event(conversation, "reopened", cycle=conversation.cycle, due_at=deadline.due_at.isoformat())
         self._message(

@@ -31,7 +31,16 @@ from bot.core.policy import Expert, Policy, format_duration, parse_duration
 from bot.flow import conversations
 from bot.flow.context import AppContext
 from storage import repo
-from storage.models import CLOSED, OPEN, Account, Conversation, Outbox, Post
+from storage.models import (
+    CLOSED,
+    LADDER_KINDS,
+    OPEN,
+    RESOLUTION_KINDS,
+    Account,
+    Conversation,
+    Outbox,
+    Post,
+)
 from storage.models import Expert as ExpertRow
 
 __all__ = [
@@ -324,6 +333,18 @@ def _atomic(session: Session) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _acting_on(
+    session: Session, ctx: AppContext, conversation_id: int, expert_id: str
+) -> Iterator[Conversation]:
+    """The shape of every action on a conversation: staff only (`PermissionDenied` before
+    anything is read), in a savepoint (a refusal leaves the caller's transaction as it was),
+    on the row locked once the expert may act on its team (`_locked`)."""
+    _require_expert(ctx.policy, expert_id)
+    with _atomic(session):
+        yield _locked(session, conversation_id, ctx, expert_id)
+
+
 def _locked(session: Session, conversation_id: int, ctx: AppContext, expert_id: str) -> Conversation:
     """The conversation, row-locked on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises),
     once `expert_id` is known to be allowed to act on its team (`require_team_actor`)."""
@@ -367,6 +388,19 @@ def _restart_offer(ctx: AppContext, session: Session, conversation: Conversation
         conversation.next_action_at = offer_ends
 
 
+def _look_at_shift_end(ctx: AppContext, conversation: Conversation, now: datetime) -> None:
+    """Follow the sun: a new owner whose working hours end before the deadline hands it over
+    then, so the sweep must look at that moment (not only at the next ladder step)."""
+    team = ctx.policy.teams.get(conversation.team)
+    if team is None or not team.follow_the_sun or conversation.status != OPEN:
+        return
+    shift_end = conversations.owner_shift_end(ctx, conversation.owner, now, conversation.due_at)
+    if shift_end is not None and (
+        conversation.next_action_at is None or shift_end < conversation.next_action_at
+    ):
+        conversation.next_action_at = shift_end
+
+
 # --------------------------------------------------------------------------------------------
 # Claiming and handing over
 
@@ -390,9 +424,7 @@ def claim(
         PermissionDenied: `expert_id` is not staff.
         NotFound: no such conversation.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id):
         statement = (
             update(Conversation)
             .where(
@@ -419,10 +451,12 @@ def claim(
             )
             silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
             if silence is not None:
-                # The sweep must look when the owner's silence would run out (reassign_if_silent).
-                check_at = now + silence
+                # The sweep must look when the owner's silence would run out (reassign_if_silent),
+                # counted in their working hours.
+                check_at = conversations.owner_hours(ctx, expert_id).working_time_after(now, silence)
                 if conversation.next_action_at is None or conversation.next_action_at > check_at:
                     conversation.next_action_at = check_at
+            _look_at_shift_end(ctx, conversation, now)
             _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
         return ClaimResult(
             won=won,
@@ -440,9 +474,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: this expert has not claimed it.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.claimed_by != expert_id:
             holder = conversation.claimed_by
             raise InvalidState(
@@ -453,6 +485,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
         conversation.claimed_by = None
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
+        _look_at_shift_end(ctx, conversation, now)
         repo.record_event(
             session=session, at=now, actor=expert_id, action="unclaimed", conversation_id=conversation_id
         )
@@ -469,11 +502,9 @@ def reassign(
         InvalidState: `to_expert` is not one of the teams' experts, already owns it, or the
             conversation is closed.
     """
-    _require_expert(ctx.policy, expert_id)
-    if to_expert not in staff_experts(ctx.policy):
-        raise InvalidState(f"{to_expert} is not a replyclock expert.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if to_expert not in staff_experts(ctx.policy):
+            raise InvalidState(f"{to_expert} is not a replyclock expert.")
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed.")
         previous = conversation.owner
@@ -483,6 +514,7 @@ def reassign(
         conversation.claimed_by = None
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
+        _look_at_shift_end(ctx, conversation, now)
         repo.record_event(
             session=session,
             at=now,
@@ -535,11 +567,9 @@ def snooze(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is not open, or `until` is not in the future.
     """
-    _require_expert(ctx.policy, expert_id)
-    if until <= now:
-        raise InvalidState("A snooze must end in the future.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if until <= now:
+            raise InvalidState("A snooze must end in the future.")
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is {conversation.status}: there is nothing to snooze.")
         previous = conversation.next_action_at
@@ -567,9 +597,7 @@ def wait_on_customer(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is closed or already waiting.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is closed: there is nobody to wait for.")
         if conversation.waiting_since is not None:
@@ -608,6 +636,13 @@ def close_silent(session: Session, ctx: AppContext, conversation: Conversation, 
         :CLOSE_REASON_MAX
     ]
     conversation.next_action_at = None
+    repo.retire_ladder(
+        session=session,
+        conversation_ids=[conversation.id],
+        reason="closed first",
+        now=now,
+        kinds=LADDER_KINDS | RESOLUTION_KINDS,
+    )
     repo.record_event(
         session=session,
         at=now,
@@ -632,9 +667,7 @@ def mark_answered(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: the conversation is not open.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         if conversation.status != OPEN:
             raise InvalidState(f"This conversation is already {conversation.status}.")
         conversations.mark_answered(session, conversation, at=now, by=expert_id, now=now)
@@ -650,12 +683,10 @@ def close(
         PermissionDenied, NotFound: as for `claim`.
         InvalidState: already closed, or no reason given.
     """
-    _require_expert(ctx.policy, expert_id)
     reason = reason.strip()
-    if not reason:
-        raise InvalidState("Say why it is closed.")
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
+        if not reason:
+            raise InvalidState("Say why it is closed.")
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is already closed.")
         was = conversation.status
@@ -673,7 +704,11 @@ def close(
             was=was,
         )
         repo.retire_ladder(
-            session=session, conversation_ids=[conversation_id], reason="closed first", now=now
+            session=session,
+            conversation_ids=[conversation_id],
+            reason="closed first",
+            now=now,
+            kinds=LADDER_KINDS | RESOLUTION_KINDS,
         )
         _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
 
@@ -764,9 +799,7 @@ def reply(
             nothing is written.
         Conflict: another reply to it was queued at the same moment.
     """
-    _require_expert(ctx.policy, expert_id)
-    with _atomic(session):
-        conversation = _locked(session, conversation_id, ctx, expert_id)
+    with _acting_on(session, ctx, conversation_id, expert_id) as conversation:
         validate_reply(session, ctx, conversation_id, text)
         account, _limit = _reply_target(session, ctx, conversation)
         post_id = session.scalar(

@@ -20,16 +20,26 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from bot.core.ladder import LadderState, Plan, Step, plan
+from bot.core.ladder import LadderState, Plan, ResolutionPlan, Step, plan, resolution_plan, step_key
 from bot.core.policy import SlaPolicy
 from bot.core.routing import choose_owner
-from bot.core.sla import Deadline
+from bot.core.sla import Deadline, add_on_clock, elapsed
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.flow.conversations import current_deadline, deadline_for, owner_shift_end, policy_of
+from bot.flow.conversations import current_deadline, deadline_for, owner_hours, owner_shift_end, policy_of
 from storage import repo
 from storage.db import is_postgres
-from storage.models import DEFAULT_URGENCY, OPEN, PENDING, URGENCY, Account, Conversation, Event, Outbox
+from storage.models import (
+    ANSWERED,
+    DEFAULT_URGENCY,
+    OPEN,
+    PENDING,
+    URGENCY,
+    Account,
+    Conversation,
+    Event,
+    Outbox,
+)
 
 log = logging.getLogger("replyclock.sweep")
 
@@ -156,6 +166,9 @@ _CLAIMED = (
     Conversation.version,
     Conversation.status,
     Conversation.waiting_since,
+    Conversation.resolution_due_at,
+    Conversation.resolution_warnings_sent,
+    Conversation.resolution_breach_sent,
 )
 # The columns a ladder step may change (all written together, so executemany sees one shape).
 _LADDER_COLUMNS = (
@@ -167,6 +180,8 @@ _LADDER_COLUMNS = (
     "reassignments",
     "breach_cycle",
     "breached_at",
+    "resolution_warnings_sent",
+    "resolution_breach_sent",
     "next_action_at",
 )
 
@@ -176,7 +191,11 @@ def _claim(session: Session, now: datetime, limit: int) -> list[Row[Any]]:
         select(*_CLAIMED)
         .where(
             Conversation.next_action_at <= now,
-            or_(Conversation.status == OPEN, Conversation.waiting_since.is_not(None)),
+            # Answered ones carry a next_action_at only for their resolution ladder.
+            or_(
+                Conversation.status.in_((OPEN, ANSWERED)),
+                Conversation.waiting_since.is_not(None),
+            ),
         )
         .order_by(Conversation.next_action_at)
         .limit(limit)
@@ -184,6 +203,37 @@ def _claim(session: Session, now: datetime, limit: int) -> list[Row[Any]]:
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True)
     return list(session.execute(query))
+
+
+def _resolution(
+    ctx: AppContext,
+    sla: SlaPolicy,
+    team: str,
+    *,
+    due_at: datetime | None,
+    warnings_sent: int,
+    breach_sent: bool,
+    now: datetime,
+) -> ResolutionPlan | None:
+    """The resolution ladder of a conversation whose clocks run (None: no resolution target)."""
+    if due_at is None or sla.resolution is None:
+        return None
+    calendar = ctx.policy_calendar(sla, team) if sla.clock == "business" else None
+    return resolution_plan(
+        due_at=due_at,
+        target=sla.resolution,
+        warn_at=sla.warn_at,
+        warnings_sent=warnings_sent,
+        breach_sent=breach_sent,
+        now=now,
+        left_on_clock=lambda at: elapsed(sla, calendar, at, due_at),
+        clock_after=lambda at, amount: add_on_clock(sla, calendar, at, amount),
+    )
+
+
+def _earliest(*instants: datetime | None) -> datetime | None:
+    found = [at for at in instants if at is not None]
+    return min(found) if found else None
 
 
 class _Cache:
@@ -259,8 +309,8 @@ class _Decision:
 
 
 def _plain_ladder(session: Session, ctx: AppContext, cache: _Cache, row: Row[Any]) -> bool:
-    """Whether a claimed conversation needs nothing but the ladder (the set-wise path)."""
-    if row.waiting_since is not None or row.status != OPEN:
+    """Whether a claimed conversation needs nothing but the ladders (the set-wise path)."""
+    if row.waiting_since is not None or row.status not in (OPEN, ANSWERED):
         return False
     if cache.policy(session, row).reassign_if_silent is not None:
         return False
@@ -273,20 +323,7 @@ def _decide(
 ) -> _Decision:
     """What apply_ladder would do to one conversation, computed without writing anything."""
     sla = cache.policy(session, row)
-    deadline = cache.deadline(sla, row.team, row.cycle_started_at, row.cycle)
-    owner = row.owner if row.owner in ctx.policy.experts else None
-
-    def on_duty(at: datetime) -> bool:
-        return owner is None or ctx.expert_calendar(owner).is_open(at)
-
-    def next_on_duty(at: datetime) -> datetime | None:
-        if owner is None:
-            return at
-        try:
-            return ctx.expert_calendar(owner).next_open(at)
-        except ValueError:
-            return None
-
+    hours = owner_hours(ctx, row.owner)
     breached = row.breach_cycle == row.cycle
     state = LadderState(
         warnings_sent=row.warnings_sent,
@@ -297,14 +334,27 @@ def _decide(
         assigned_at=row.assigned_at,
         claimed=row.claimed_by is not None,
     )
-    decided: Plan = plan(
-        policy=sla,
-        due_at=row.due_at,
-        warn_at=deadline.warn_at if deadline.due_at == row.due_at else (),
-        state=state,
+    if row.status == OPEN:
+        deadline = cache.deadline(sla, row.team, row.cycle_started_at, row.cycle)
+        decided: Plan = plan(
+            policy=sla,
+            due_at=row.due_at,
+            warn_at=deadline.warn_at if deadline.due_at == row.due_at else (),
+            state=state,
+            now=now,
+            owner_on_duty=hours.on_duty,
+            owner_next_on_duty=hours.next_on_duty,
+        )
+    else:  # answered: only the resolution ladder is left
+        decided = Plan((), state, None)
+    resolution = _resolution(
+        ctx,
+        sla,
+        row.team,
+        due_at=row.resolution_due_at,
+        warnings_sent=row.resolution_warnings_sent,
+        breach_sent=row.resolution_breach_sent,
         now=now,
-        owner_on_duty=on_duty,
-        owner_next_on_duty=next_on_duty,
     )
     current_owner: str | None = row.owner
     assigned_at: datetime | None = row.assigned_at
@@ -342,6 +392,13 @@ def _decide(
         if step.kind == "escalation" and step.notify == "on_call":
             payload["on_call"] = ctx.policy.teams[row.team].on_call
         payloads.append(payload)
+    steps = decided.steps
+    if resolution is not None:
+        steps += resolution.steps
+        payloads.extend(
+            _resolution_payload(row.id, step, current_owner, row.resolution_due_at)
+            for step in resolution.steps
+        )
     values: dict[str, object] = {
         "owner": current_owner,
         "assigned_at": assigned_at,
@@ -351,13 +408,33 @@ def _decide(
         "reassignments": decided.state.reassignments,
         "breach_cycle": row.breach_cycle,
         "breached_at": row.breached_at,
+        "resolution_warnings_sent": row.resolution_warnings_sent,
+        "resolution_breach_sent": row.resolution_breach_sent,
         "next_action_at": decided.next_action_at,
     }
     if decided.state.breached and not breached:
         values["breach_cycle"] = row.cycle
         if row.breached_at is None:
             values["breached_at"] = row.due_at
-    return _Decision(row, decided.steps, payloads, values)
+    if resolution is not None:
+        values["resolution_warnings_sent"] = resolution.warnings_sent
+        values["resolution_breach_sent"] = resolution.breach_sent
+        values["next_action_at"] = _earliest(decided.next_action_at, resolution.next_action_at)
+    return _Decision(row, steps, payloads, values)
+
+
+def _resolution_payload(
+    conversation_id: int, step: Step, owner: str | None, due_at: datetime | None
+) -> dict[str, object]:
+    return {
+        "conversation_id": conversation_id,
+        "step": step.kind,
+        "index": step.index,
+        "notify": step.notify,
+        "scheduled_at": step.scheduled_at.isoformat(),
+        "owner": owner,
+        "resolution_due_at": due_at.isoformat() if due_at is not None else None,
+    }
 
 
 def _process_batch(
@@ -400,7 +477,7 @@ def _process_batch(
         log.warning("sweep batch write failed; one conversation at a time", exc_info=True)
         for decision in decisions:
             conversation = session.get(Conversation, decision.row.id, populate_existing=True)
-            if conversation is None or conversation.status != OPEN:
+            if conversation is None or conversation.status not in (OPEN, ANSWERED):
                 continue
             _process_one(session, ctx, conversation, now, result)
         return
@@ -423,7 +500,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
     earlier unsent rows of its conversation's lane) and then updating the conversation.
     """
     wanted: list[tuple[_Decision, Step, dict[str, object], str]] = [
-        (decision, step, payload, f"conv:{decision.row.id}:c{decision.row.cycle}:{step.kind}:{step.index}")
+        (decision, step, payload, step_key(decision.row.id, decision.row.cycle, step))
         for decision in decisions
         for step, payload in zip(decision.steps, decision.payloads, strict=True)
     ]
@@ -563,22 +640,13 @@ def _process_one(
 def apply_ladder(
     session: Session, ctx: AppContext, conversation: Conversation, now: datetime
 ) -> tuple[Step, ...]:
-    """Carry out the ladder steps due for one claimed conversation; returns them."""
+    """Carry out the ladder steps due for one claimed conversation; returns them.
+
+    An open conversation climbs its response ladder (and, on a follow-the-sun team, is handed
+    over when its owner's day ends before the deadline); with a resolution target, open or
+    answered, it also climbs the resolution ladder."""
     sla = policy_of(session, ctx, conversation)
-    deadline = current_deadline(session, ctx, conversation)
-    owner = conversation.owner if conversation.owner in ctx.policy.experts else None
-
-    def on_duty(at: datetime) -> bool:
-        return owner is None or ctx.expert_calendar(owner).is_open(at)
-
-    def next_on_duty(at: datetime) -> datetime | None:
-        if owner is None:
-            return at
-        try:
-            return ctx.expert_calendar(owner).next_open(at)
-        except ValueError:
-            return None
-
+    hours = owner_hours(ctx, conversation.owner)
     state = LadderState(
         warnings_sent=conversation.warnings_sent,
         breached=conversation.breach_cycle == conversation.cycle,
@@ -591,22 +659,32 @@ def apply_ladder(
         if sla.reassign_if_silent is not None
         else None,
     )
-    decided: Plan = plan(
-        policy=sla,
-        due_at=conversation.due_at,
-        warn_at=deadline.warn_at if deadline.due_at == conversation.due_at else (),
-        state=state,
-        now=now,
-        owner_on_duty=on_duty,
-        owner_next_on_duty=next_on_duty,
-    )
+    is_open = conversation.status == OPEN
+    if is_open:
+        deadline = current_deadline(session, ctx, conversation)
+        decided: Plan = plan(
+            policy=sla,
+            due_at=conversation.due_at,
+            warn_at=deadline.warn_at if deadline.due_at == conversation.due_at else (),
+            state=state,
+            now=now,
+            owner_on_duty=hours.on_duty,
+            owner_next_on_duty=hours.next_on_duty,
+            owner_working_time_after=owner_hours(ctx, conversation.claimed_by).working_time_after,
+        )
+    else:  # answered: only the resolution ladder is left
+        decided = Plan((), state, None)
     for step in decided.steps:
         _carry_out(session, ctx, conversation, step, now)
     team = ctx.policy.teams.get(conversation.team)
-    follow_the_sun = team is not None and team.follow_the_sun and conversation.status == OPEN
-    if follow_the_sun and owner is not None and not any(step.kind == "reassign" for step in decided.steps):
-        back = next_on_duty(now)
-        if not on_duty(now) and (back is None or back > conversation.due_at):
+    follow_the_sun = team is not None and team.follow_the_sun and is_open
+    if (
+        follow_the_sun
+        and hours.calendar is not None
+        and not any(step.kind == "reassign" for step in decided.steps)
+    ):
+        back = hours.next_on_duty(now)
+        if not hours.on_duty(now) and (back is None or back > conversation.due_at):
             _hand_over(session, ctx, conversation, now)
     conversation.warnings_sent = decided.state.warnings_sent
     conversation.escalation_step = decided.state.escalation_step
@@ -619,11 +697,26 @@ def apply_ladder(
     conversation.next_action_at = decided.next_action_at
     if follow_the_sun:
         # Look again when the (possibly new) owner's working hours end before the deadline.
-        shift_end = owner_shift_end(ctx, conversation.owner, now, conversation.due_at)
-        if shift_end is not None and (
-            conversation.next_action_at is None or shift_end < conversation.next_action_at
-        ):
-            conversation.next_action_at = shift_end
+        conversation.next_action_at = _earliest(
+            conversation.next_action_at,
+            owner_shift_end(ctx, conversation.owner, now, conversation.due_at),
+        )
+    resolution = _resolution(
+        ctx,
+        sla,
+        conversation.team,
+        due_at=conversation.resolution_due_at,
+        warnings_sent=conversation.resolution_warnings_sent,
+        breach_sent=conversation.resolution_breach_sent,
+        now=now,
+    )
+    if resolution is not None:
+        for step in resolution.steps:
+            _carry_out(session, ctx, conversation, step, now)
+        conversation.resolution_warnings_sent = resolution.warnings_sent
+        conversation.resolution_breach_sent = resolution.breach_sent
+        conversation.next_action_at = _earliest(conversation.next_action_at, resolution.next_action_at)
+        decided = Plan(decided.steps + resolution.steps, decided.state, conversation.next_action_at)
     session.flush()
     return decided.steps
 
@@ -687,6 +780,10 @@ def _carry_out(
         "scheduled_at": step.scheduled_at.isoformat(),
         "owner": conversation.owner,
     }
+    if step.kind.startswith("resolution_"):
+        payload = _resolution_payload(
+            conversation.id, step, conversation.owner, conversation.resolution_due_at
+        )
     if step.kind == "reassign":
         previous = conversation.owner
         if conversation.claimed_by is not None:
@@ -714,7 +811,7 @@ def _carry_out(
         payload["manager"] = ctx.policy.teams[conversation.team].manager
     if step.kind == "escalation" and step.notify == "on_call":
         payload["on_call"] = ctx.policy.teams[conversation.team].on_call
-    key = f"conv:{conversation.id}:c{conversation.cycle}:{step.kind}:{step.index}"
+    key = step_key(conversation.id, conversation.cycle, step)
     written = repo.enqueue(
         session=session, kind=step.kind, key=key, payload=payload, conversation_id=conversation.id, now=now
     )

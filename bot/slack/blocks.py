@@ -636,6 +636,39 @@ def breach_message(conversation: Conversation, *, ctx_policy: Policy, now: datet
     )
 
 
+def _resolution_due(conversation: Conversation) -> datetime:
+    # Only called for a conversation with a resolution target (the sweep plans none otherwise).
+    return conversation.resolution_due_at or conversation.due_at
+
+
+def resolution_warning_message(
+    conversation: Conversation, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo
+) -> Message:
+    """Thread reply: the resolution deadline is near (the owner is pinged while on duty)."""
+    owner = conversation.claimed_by or conversation.owner
+    due = _resolution_due(conversation)
+    left = f"due in {duration_in_words(due - now)}" if due > now else "due now"
+    ask = f"Owner: {_person(ctx_policy, owner, now=now)}." if owner else "Nobody owns it yet."
+    line = (
+        f":hourglass_flowing_sand: *Resolution* of {_subject(conversation)} is {left} "
+        f"({slack_date(due, tz)}): answer it and close it, or wait on the customer. {ask}"
+    )
+    return _simple(line, f"Resolution of #{conversation.id} is {left}")
+
+
+def resolution_breach_message(
+    conversation: Conversation, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo
+) -> Message:
+    """Thread reply: the resolution deadline passed and the conversation is not closed."""
+    owner = conversation.claimed_by or conversation.owner
+    due = _resolution_due(conversation)
+    line = (
+        f":red_circle: *Resolution target missed*: {_subject(conversation)} was to be resolved by "
+        f"{slack_date(due, tz)}. Owner: {_person(ctx_policy, owner, now=now)}."
+    )
+    return _simple(line, f"Resolution target missed: #{conversation.id} was due {_fallback_time(due, tz)}")
+
+
 def _fallback_time(at: datetime, tz: ZoneInfo) -> str:
     return at.astimezone(tz).strftime("%a %H:%M %Z")
 

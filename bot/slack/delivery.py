@@ -60,6 +60,7 @@ from bot.telemetry import record_slack_error
 from storage import repo
 from storage.db import is_postgres
 from storage.models import (
+    CLOSED,
     DEFAULT_URGENCY,
     OPEN,
     PENDING,
@@ -194,6 +195,8 @@ class SlackDelivery:
             "delivery_failed": self.delivery_problem,
             "admin_alert": self.admin_alert,
             "at_risk": self.at_risk,
+            "resolution_warning": self.resolution_notice,
+            "resolution_breach": self.resolution_notice,
         }
         assert set(found) == set(STAFF_KINDS), "every staff kind needs a Slack handler"
         return {kind: self._ranked(handler) for kind, handler in found.items()}
@@ -282,6 +285,21 @@ class SlackDelivery:
         self._paced("chat.postMessage", loaded.conversation.slack_channel)  # before the edit, not between
         self._refresh_card(loaded, now)
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
+        return self._thread_reply(loaded, built)
+
+    def resolution_notice(self, message: OutboxMessage) -> str:
+        """The resolution deadline is near or has passed: a line in the card's thread, pinging the
+        owner (answered conversations too: the target is closing it)."""
+        now = self.ctx.clock.now()
+        loaded = self._read(message)
+        if loaded.conversation.status == CLOSED:
+            return "skipped: conversation is closed"
+        build = (
+            blocks.resolution_breach_message
+            if message.kind == "resolution_breach"
+            else blocks.resolution_warning_message
+        )
+        built = build(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
         return self._thread_reply(loaded, built)
 
     def reassign(self, message: OutboxMessage) -> str:

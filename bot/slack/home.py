@@ -1,4 +1,7 @@
-"""The App Home tab: the member's own queue, soonest deadline first, and their teams' figures."""
+"""The App Home tab: the member's own queue, soonest deadline first, and their teams' figures.
+
+Every figure comes from `bot.flow.staff.team_stats`, whose verdicts are those of the one-truth
+module `bot.core.sla_outcome` (first response and resolution alike)."""
 
 from __future__ import annotations
 
@@ -111,8 +114,17 @@ def home_view(
             in_time = (
                 "" if share is None else f" · {share:.0%} in time this week, {team.breached_this_week} missed"
             )
+            # Resolution (policy `resolution`): the same verdicts as stats, digest, export and metrics.
+            resolved = (
+                f"\nResolution this week: {team.resolved_within_target} within target, "
+                f"{team.resolution_breached_this_week} missed"
+                if team.resolved_within_target or team.resolution_breached_this_week
+                else ""
+            )
             blocks.append(
-                _section(f"*{escape_mrkdwn(label)}*: {team.open} open · {team.overdue} overdue{in_time}")
+                _section(
+                    f"*{escape_mrkdwn(label)}*: {team.open} open · {team.overdue} overdue{in_time}{resolved}"
+                )
             )
     blocks.append(
         {
