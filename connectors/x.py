@@ -43,7 +43,6 @@ import dataclasses
 import html
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ import tweepy
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -64,6 +63,8 @@ from connectors.base import (
     InboundPost,
     NotSent,
     RateLimited,
+    ReplyAuthFailed,
+    ReplyOutcomeUnknown,
     ReplyTarget,
     ShapeError,
     SkippedItem,
@@ -145,20 +146,6 @@ class _RedactBearer(logging.Filter):
 _tweepy_log = logging.getLogger("tweepy.client")
 if not any(isinstance(f, _RedactBearer) for f in _tweepy_log.filters):
     _tweepy_log.addFilter(_RedactBearer())
-
-
-class ReplyAuthFailed(AuthFailed, NotSent):
-    """X refused our credentials (401) when posting: nothing was posted, and a human must fix the keys.
-
-    An `AuthFailed` for the operator, and a `NotSent` for the outbox, which knows the customer
-    certainly did not get the message (it retries, then reports it as failed, never "unknown").
-    """
-
-
-class ReplyOutcomeUnknown(ConnectorError):
-    """X may or may not have posted the reply (5xx, timeout or broken connection after sending)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True)
@@ -463,6 +450,7 @@ class XConnector(Connector):
 
     kind: ClassVar[str] = "x"
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
+    settings_label: ClassVar[str] = "X"
 
     def __init__(
         self,
@@ -473,21 +461,16 @@ class XConnector(Connector):
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        env = os.environ if environ is None else environ
-        self.clock: Clock = clock or SystemClock()
-        self.reject_unknown_settings("X")
-
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
         raw_user = self.settings.get("user_id")
         if raw_user is None or isinstance(raw_user, bool):
             raise ValueError("setting user_id is required: the numeric user id of our X account")
         self.user_id = str(raw_user).strip()
         if not _DIGITS.fullmatch(self.user_id):
             raise ValueError(f"setting user_id must be a numeric X user id, not {raw_user!r}")
-        if self.user_id not in self.own_ids:
-            self.own_ids = (*self.own_ids, self.user_id)
+        self.include_own_id(self.user_id)
 
-        secrets = {key: self._secret(env, key) for key in DEFAULT_ENV}
+        secrets = {key: self._secret(key) for key in DEFAULT_ENV}
         missing = [self._env_name(key) for key in USER_CONTEXT_KEYS if secrets[key] is None]
         if missing:
             raise ValueError(
@@ -496,10 +479,7 @@ class XConnector(Connector):
             )
         self.uses_bearer = secrets["bearer_token_env"] is not None
 
-        base_url = self.settings.get("api_base_url", DEFAULT_API_BASE_URL)
-        if not isinstance(base_url, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", base_url):
-            raise ValueError(f"setting api_base_url must be an http(s) URL, not {base_url!r}")
-        self.api_base_url = base_url.rstrip("/")
+        self.api_base_url = self.url_setting("api_base_url", DEFAULT_API_BASE_URL)
 
         max_results = self.settings.get("max_results", DEFAULT_MAX_RESULTS)
         if isinstance(max_results, bool) or not isinstance(max_results, int):
@@ -508,9 +488,7 @@ class XConnector(Connector):
             raise ValueError(f"setting max_results must be between {MIN_MAX_RESULTS} and {MAX_MAX_RESULTS}")
         self.max_results = max_results
 
-        timeout = self.settings.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"setting timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
 
         since_id = self.settings.get("since_id")
         if since_id is not None and (isinstance(since_id, bool) or not _DIGITS.fullmatch(str(since_id))):
@@ -553,19 +531,13 @@ class XConnector(Connector):
             return_type=dict,
             wait_on_rate_limit=False,
         )
-        self.client.session.mount(
-            TWEEPY_HOST + "/", BaseUrlAdapter(self.api_base_url, timeout=float(timeout))
-        )
+        self.client.session.mount(TWEEPY_HOST + "/", BaseUrlAdapter(self.api_base_url, timeout=timeout))
 
     def _env_name(self, key: str) -> str:
-        value = self.settings.get(key, DEFAULT_ENV[key])
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"setting {key} must name an environment variable, not {value!r}")
-        return value
+        return self.env_name_setting(key, DEFAULT_ENV[key])
 
-    def _secret(self, env: Mapping[str, str], key: str) -> str | None:
-        value = env.get(self._env_name(key), "").strip()
-        return value or None
+    def _secret(self, key: str) -> str | None:
+        return self.environ.get(self._env_name(key), "").strip() or None
 
     def __repr__(self) -> str:
         return f"XConnector({self.name!r}, user_id={self.user_id!r}, api_base_url={self.api_base_url!r})"
