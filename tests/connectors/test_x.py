@@ -53,6 +53,7 @@ from tests.connectors.x_server import (
     tweet,
     user,
 )
+from tests.procs.launch import free_port
 
 MENTIONS = r"/2/users/[0-9]+/mentions"
 ENV = {
@@ -427,12 +428,6 @@ def test_reply_posts_a_signed_reply_and_returns_the_id(server: XServer) -> None:
     expected = base64.b64encode(hmac.new(key.encode(), base.encode(), hashlib.sha1).digest()).decode()
     assert oauth["oauth_signature"] == expected
     assert "Bearer" not in header
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 DUPLICATE = problem(403, "Forbidden", "You are not allowed to create a Tweet with duplicate content.")
