@@ -44,7 +44,7 @@ import html
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -582,8 +582,8 @@ class XConnector(Connector):
     def _search_page(self, query: str, state: XCursor) -> tuple[list[InboundPost], XCursor]:
         """One page of a recent search after its own cursor; hits that do not address us are marked."""
         since_id = state.since_id
-        try:
-            payload = self.client.search_recent_tweets(
+        payload = self._read(
+            lambda: self.client.search_recent_tweets(
                 f"({query}) -is:retweet",
                 since_id=since_id,
                 next_token=state.next_token,
@@ -592,24 +592,13 @@ class XConnector(Connector):
                 expansions=EXPANSIONS,
                 user_fields=USER_FIELDS,
                 user_auth=not self.uses_bearer,
-            )
-        except tweepy.TooManyRequests as error:
-            raise RateLimited(self._reset_at(error), f"X rate limit searching for {self.name}") from error
-        except (tweepy.Unauthorized, tweepy.Forbidden) as error:
-            raise AuthFailed(
-                f"X refused recent search ({_describe(error)}); check "
-                f"{self._credential_names(for_reading=True)} and the app's access level (search needs Basic or above)"
-            ) from error
-        except tweepy.BadRequest as error:
-            if state.next_token is None:
-                raise ConnectorError(f"X refused the search {query!r}: {_describe(error)}") from error
+            ),
+            kind="search",
+            request=f"the search {query!r}",
+            paging=state.next_token is not None,
+        )
+        if payload is None:
             return [], XCursor(since_id=since_id)  # expired token: page again from the same bound
-        except tweepy.HTTPException as error:
-            raise ConnectorError(f"X search request failed: {_describe(error)}") from error
-        except requests.RequestException as error:
-            raise ConnectorError(f"X search request failed: {type(error).__name__}: {error}") from error
-        if not isinstance(payload, Mapping):
-            raise ConnectorError(f"X search answer is not a JSON object: {type(payload).__name__}")
         batch = self._page(payload, state, since_id)
         next_state = XCursor.load(batch.cursor)
         if since_id is None and next_state.next_token:
@@ -653,8 +642,8 @@ class XConnector(Connector):
         """
         state = XCursor.load(cursor)
         since_id = state.since_id or (None if state.next_token else self.initial_since_id)
-        try:
-            payload = self.client.get_users_mentions(
+        payload = self._read(
+            lambda: self.client.get_users_mentions(
                 self.user_id,
                 since_id=since_id,
                 pagination_token=state.next_token,
@@ -663,33 +652,57 @@ class XConnector(Connector):
                 expansions=EXPANSIONS,
                 user_fields=USER_FIELDS,
                 user_auth=not self.uses_bearer,
-            )
+            ),
+            kind="mentions",
+            request="the mentions request",
+            paging=state.next_token is not None,
+        )
+        if payload is None:
+            # Start the pages again from the same since_id. Nothing is skipped; posts already
+            # stored are recognised as duplicates.
+            return Batch(posts=(), cursor=XCursor(since_id=since_id).dump(), more=True)
+        return self._page(payload, state, since_id)
+
+    def _read(
+        self, call: Callable[[], object], *, kind: str, request: str, paging: bool
+    ) -> Mapping[str, Any] | None:
+        """Call one of X's read endpoints (`kind`: "mentions" or "search") and map its failures.
+
+        Returns:
+            The answer; None when X refused our page token (`paging`; tokens expire): page again.
+
+        Raises:
+            RateLimited: 429, with X's reset time.
+            AuthFailed: 401/403, the credentials or the app's access level need a human.
+            ConnectorError: anything else (network, 5xx, a refused `request`, an unusable answer).
+        """
+        doing = "searching" if kind == "search" else "reading mentions"
+        try:
+            payload = call()
         except tweepy.TooManyRequests as error:
-            raise RateLimited(
-                self._reset_at(error), f"X rate limit reading mentions for {self.name}"
-            ) from error
+            raise RateLimited(self._reset_at(error), f"X rate limit {doing} for {self.name}") from error
         except (tweepy.Unauthorized, tweepy.Forbidden) as error:
+            note = " (search needs Basic or above)" if kind == "search" else ""
             raise AuthFailed(
-                f"X refused our credentials reading mentions ({_describe(error)}); check "
-                f"{self._credential_names(for_reading=True)} and the app's access level"
+                f"X refused our credentials {doing} ({_describe(error)}); check "
+                f"{self._credential_names(for_reading=True)} and the app's access level{note}"
             ) from error
         except tweepy.BadRequest as error:
-            if state.next_token is None:
-                raise ConnectorError(f"X refused the mentions request: {_describe(error)}") from error
-            # Most likely an expired pagination token: start the pages again from the same since_id.
-            # Nothing is skipped; posts already stored are recognised as duplicates.
+            if not paging:
+                raise ConnectorError(f"X refused {request}: {_describe(error)}") from error
+            # Most likely an expired pagination token.
             log.warning(
                 "X refused the pagination token; restarting the pages",
-                extra={"account": self.name, "error": str(error)},
+                extra={"account": self.name, "request": kind, "error": str(error)},
             )
-            return Batch(posts=(), cursor=XCursor(since_id=since_id).dump(), more=True)
+            return None
         except tweepy.HTTPException as error:
-            raise ConnectorError(f"X mentions request failed: {_describe(error)}") from error
+            raise ConnectorError(f"X {kind} request failed: {_describe(error)}") from error
         except requests.RequestException as error:
-            raise ConnectorError(f"X mentions request failed: {type(error).__name__}: {error}") from error
+            raise ConnectorError(f"X {kind} request failed: {type(error).__name__}: {error}") from error
         if not isinstance(payload, Mapping):
-            raise ConnectorError(f"X mentions answer is not a JSON object: {type(payload).__name__}")
-        return self._page(payload, state, since_id)
+            raise ConnectorError(f"X {kind} answer is not a JSON object: {type(payload).__name__}")
+        return payload
 
     def _page(self, payload: Mapping[str, Any], state: XCursor, since_id: str | None) -> Batch:
         posts, skipped = parse_page(payload)
