@@ -20,11 +20,12 @@ from bot.flow.delivery import STAFF_KINDS, customer_handlers
 from bot.flow.ingest import ingest_batch
 from bot.flow.outbox import OutboxMessage, OutboxSender
 from bot.jobs import Jobs
-from connectors.base import AuthFailed, Batch, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
+from connectors.base import AuthFailed, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 from connectors.mastodon import MastodonConnector, ReplyAuthFailed, rate_limit_reset, with_mention
 from connectors.text import html_to_text
 from storage.models import Account, Conversation, Outbox, Post
 from tests.conftest import POLICY_TOML
+from tests.connectors.crashing import CrashesAfterFetch
 from tests.connectors.mastodon_server import (
     MastodonStandIn,
     own_account_from_recording,
@@ -173,18 +174,8 @@ def test_a_server_that_ignores_the_type_filter_still_yields_only_mentions(server
 # -- paging and restarts ---------------------------------------------------------------------------
 
 
-class CrashAfterFetch(MastodonConnector):
-    """Dies after the `crash_on`-th fetch got its answer, before Jobs.poll could commit it."""
-
-    crash_on = 0
-    calls = 0
-
-    def fetch(self, cursor: str | None) -> Batch:
-        batch = super().fetch(cursor)
-        self.calls += 1
-        if self.calls == self.crash_on:
-            raise RuntimeError("process killed between fetch and commit")
-        return batch
+class CrashAfterFetch(CrashesAfterFetch, MastodonConnector):
+    pass
 
 
 def test_pages_are_followed_and_a_restart_loses_nothing_and_stores_nothing_twice(
