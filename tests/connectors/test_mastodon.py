@@ -16,16 +16,15 @@ from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.channels import ConnectorSetupError, build_connectors
 from bot.flow.context import AppContext
-from bot.flow.delivery import STAFF_KINDS, customer_handlers
 from bot.flow.ingest import ingest_batch
-from bot.flow.outbox import OutboxMessage, OutboxSender
+from bot.flow.outbox import OutboxSender
 from bot.jobs import Jobs
 from connectors.base import AuthFailed, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 from connectors.mastodon import MastodonConnector, ReplyAuthFailed, rate_limit_reset, with_mention
 from connectors.text import html_to_text
 from storage.models import Account, Conversation, Outbox, Post
 from tests.conftest import POLICY_TOML
-from tests.connectors.crashing import CrashesAfterFetch
+from tests.connectors.common import CrashesAfterFetch, jobs_recording_staff
 from tests.connectors.mastodon_server import (
     MastodonStandIn,
     own_account_from_recording,
@@ -434,16 +433,8 @@ def test_recorded_post_in_acknowledged_once_and_our_reply_answers(
     ctx = fedi_ctx
     clock.set(RECORDED_AT + timedelta(minutes=1))
     connectors = build_connectors(ctx.policy, {"MASTODON_ACCESS_TOKEN": TOKEN})
-    staff_messages: list[str] = []
-
-    def staff(message: OutboxMessage) -> str | None:
-        staff_messages.append(message.kind)
-        return "noop"
-
-    sender = OutboxSender(
-        ctx, {**customer_handlers(ctx, connectors), **{kind: staff for kind in STAFF_KINDS}}
-    )
-    jobs = Jobs(ctx, connectors, sender)  # sends the outbox right after the poll
+    jobs, staff_messages = jobs_recording_staff(ctx, connectors)  # sends the outbox right after the poll
+    sender = jobs.sender
 
     assert jobs.poll("fedi") == 1
     with ctx.sessions() as session:

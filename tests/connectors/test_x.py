@@ -38,6 +38,7 @@ from connectors.x import (
 from storage.models import Account, Conversation, Outbox, Post
 from tests.conftest import POLICY_TOML
 from tests.connectors.x_server import (
+    ENV,
     RECORDED_TWEET_ID,
     RECORDED_USER_ID,
     Timeline,
@@ -56,13 +57,6 @@ from tests.connectors.x_server import (
 from tests.procs.launch import free_port
 
 MENTIONS = r"/2/users/[0-9]+/mentions"
-ENV = {
-    "X_BEARER_TOKEN": "AAAA-test-bearer-0123456789",
-    "X_CONSUMER_KEY": "test-consumer-key",
-    "X_CONSUMER_SECRET": "test-consumer-secret",
-    "X_ACCESS_TOKEN": "783214-test-access-token",
-    "X_ACCESS_TOKEN_SECRET": "test-access-token-secret",
-}
 # When tweepy's suite recorded the mentions cassette (its `date` header): Friday 7 October 2022, 22:43:18 UTC.
 RECORDED_AT = datetime(2022, 10, 7, 22, 43, 18, tzinfo=UTC)
 RECORDED_IDS = [
