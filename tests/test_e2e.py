@@ -79,6 +79,7 @@ def test_webhook_to_card_to_claim_across_two_processes(
         "SLACK_API_URL": slack.base_url,
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "OPERATOR_PORT": str(free_port()),  # not the default 9464: the machine may be running another
         "OUTBOX_INTERVAL": "0.2",
         "SWEEP_MAX_INTERVAL": "5",
     }

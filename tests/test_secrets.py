@@ -221,6 +221,7 @@ def test_no_secret_reaches_the_logs_at_debug(
             "SLACK_API_URL": slack.base_url,
             "HOST": "127.0.0.1",
             "PORT": str(port),
+            "OPERATOR_PORT": str(free_port()),  # not the default 9464: the machine may be running another
             "OUTBOX_INTERVAL": "0.2",
             "SWEEP_MAX_INTERVAL": "2",
             "LOG_LEVEL": "DEBUG",
