@@ -426,8 +426,8 @@ class Jobs:
             try:
                 result = self._ingest(name, connector, posts, fetched, skipped, account_id, parking)
             except Exception:
-                if park is not None:  # parked all the same: the platform said to wait
-                    self._update_account(account_id, park.values(self.ctx.clock.now()))
+                if parking is not None:  # parked (or resumed) all the same: that is the platform's word
+                    self._update_account(account_id, parking)
                 raise
             stored = result.stored
             record_ingested(name, connector.kind, result.stored)
