@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -70,6 +71,18 @@ def sweep_max_interval() -> timedelta:
     from bot.config.settings import load_settings
 
     return timedelta(seconds=load_settings().sweep_max_interval)
+
+
+@dataclass(frozen=True)
+class _Park:
+    """A poll's decision to park its account until `until`, for the reason `error`."""
+
+    until: datetime
+    error: str
+
+    def values(self, now: datetime) -> dict[str, object]:
+        """The account columns that record it."""
+        return {"parked_until": self.until, "last_error": redact_urls(self.error)[:2000], "last_poll_at": now}
 
 
 class Jobs:
@@ -343,13 +356,17 @@ class Jobs:
         skipped: list[SkippedItem] = []
         # Admin notices are written after the pages are ingested: the cursor comes first.
         notices: list[tuple[str, str]] = []
+        # Parking (or resuming) is written with the cursor, in the ingest's transaction and after
+        # it: nobody sees the account parked on a page whose cursor is not stored yet.
+        park: _Park | None = None
+        resumed = False
         fetched = cursor
         for _page in range(MAX_PAGES_PER_POLL):
             try:
                 batch = connector.fetch(fetched)
             except RateLimited as error:
                 record_rate_limit(name, (error.reset_at - now).total_seconds())
-                self._park(account_id, error.reset_at, str(error))
+                park = _Park(error.reset_at, str(error))
                 log.warning(
                     "connector rate limited", extra={"account": name, "until": error.reset_at.isoformat()}
                 )
@@ -363,7 +380,7 @@ class Jobs:
             except AuthFailed as error:
                 record_connector_error(name, "auth")
                 connector.record_failure()
-                self._park(account_id, now + timedelta(minutes=15), str(error))
+                park = _Park(now + timedelta(minutes=15), str(error))
                 log.error("connector credentials refused", extra={"account": name, "error": str(error)})
                 self._alert_admins(name, f"{name}: credentials refused ({error}); polling paused for 15 min")
                 break
@@ -373,7 +390,7 @@ class Jobs:
                 # Back off from the account's own interval (at most 30 s), not a fixed 30 s: an account
                 # polled every few seconds should not go quiet for a minute after one 503.
                 base = min(self.ctx.policy.accounts[name].poll_interval, ERROR_BACKOFF_BASE)
-                self._park(account_id, now + connector.next_poll_delay(base), str(error))
+                park = _Park(now + connector.next_poll_delay(base), str(error))
                 log.exception("connector fetch failed", extra={"account": name})
                 if connector.consecutive_failures >= self.alert_after_failures:
                     notices.append(
@@ -387,7 +404,7 @@ class Jobs:
             if parked_until is not None and _page == 0:
                 # It had been parked and works again; the admins hear of it when they heard of the
                 # park (a rate limit, or failures enough to be reported), not after one blip.
-                self._resume(account_id)
+                resumed = True
                 if (
                     "rate limit" in last_error.lower()
                     or connector.consecutive_failures >= self.alert_after_failures
@@ -399,11 +416,23 @@ class Jobs:
             fetched = batch.cursor
             if not batch.more:
                 break
+        parking: dict[str, object] | None = None
+        if park is not None:
+            parking = park.values(self.ctx.clock.now())
+        elif resumed:
+            parking = {"parked_until": None}
         stored = 0
         if posts or skipped or fetched != cursor:
-            result = self._ingest(name, connector, posts, fetched, skipped)
+            try:
+                result = self._ingest(name, connector, posts, fetched, skipped, account_id, parking)
+            except Exception:
+                if parking is not None:  # parked (or resumed) all the same: that is the platform's word
+                    self._update_account(account_id, parking)
+                raise
             stored = result.stored
             record_ingested(name, connector.kind, result.stored)
+        elif parking is not None:
+            self._update_account(account_id, parking)
         for topic, text in notices:
             self._alert_admins(name, text, topic=topic)
         if skipped:
@@ -438,8 +467,13 @@ class Jobs:
         posts: list[InboundPost],
         cursor: str | None,
         skipped: Sequence[SkippedItem] = (),
+        account_id: int | None = None,
+        account_values: Mapping[str, object] | None = None,
     ) -> IngestResult:
         """One batch in one transaction; again if a conversation changed under it (PostgreSQL).
+
+        `account_values` (parking or resuming the account) are written in that transaction after
+        the cursor, so the account is never seen parked with an older cursor than its posts.
 
         Ingest reads conversations without locking them and updates them with the optimistic
         version check, so a sweep that moved one meanwhile fails the batch with StaleDataError.
@@ -455,6 +489,10 @@ class Jobs:
                     repo.record_skipped(
                         session=session, account=name, items=skipped, now=self.ctx.clock.now()
                     )
+                    if account_id is not None and account_values:
+                        session.execute(
+                            update(Account).where(Account.id == account_id).values(**account_values)
+                        )
                     return result
             except StaleDataError:
                 if attempt == INGEST_ATTEMPTS:
@@ -480,18 +518,6 @@ class Jobs:
                 now=now,
             )
 
-    def _resume(self, account_id: int) -> None:
+    def _update_account(self, account_id: int, values: Mapping[str, object]) -> None:
         with self.ctx.sessions() as session, session.begin():
-            session.execute(update(Account).where(Account.id == account_id).values(parked_until=None))
-
-    def _park(self, account_id: int, until: datetime, error: str) -> None:
-        with self.ctx.sessions() as session, session.begin():
-            session.execute(
-                update(Account)
-                .where(Account.id == account_id)
-                .values(
-                    parked_until=until,
-                    last_error=redact_urls(error)[:2000],
-                    last_poll_at=self.ctx.clock.now(),
-                )
-            )
+            session.execute(update(Account).where(Account.id == account_id).values(**values))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from difflib import get_close_matches
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+from bot.core.clock import Clock, SystemClock
+
 ENTRY_POINT_GROUP = "replyclock.connectors"
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,20 @@ class NotSent(ConnectorError):
     """The platform refused a reply and certainly did not post it (safe to retry later)."""
 
 
+class ReplyAuthFailed(AuthFailed, NotSent):
+    """The platform refused our credentials when posting: nothing was posted, and a human must fix them.
+
+    An `AuthFailed` for the operator, and a `NotSent` for the outbox, which knows the customer
+    certainly did not get the message (it retries, then reports it as failed, never "unknown").
+    """
+
+
+class ReplyOutcomeUnknown(ConnectorError):
+    """The reply may or may not have been posted (5xx, timeout or a broken connection after sending)."""
+
+    retryable = False
+
+
 class Connector(ABC):
     """One channel. Subclasses set `kind` and implement fetch, reply and is_own.
 
@@ -160,22 +180,77 @@ class Connector(ABC):
     push: ClassVar[bool] = False  # push connectors (webhook) never poll
     settings_keys: ClassVar[tuple[str, ...] | None] = None
     """The account keys this connector understands (besides kind, own_ids, poll_interval, can_reply):
-    `replyclock check` reports any other key with its line. None: the connector checks them itself."""
+    `replyclock check` reports any other key with its line, and the constructor refuses it.
+    None: the connector checks them itself."""
+    settings_label: ClassVar[str] = ""
+    """How messages about the settings name the channel ("X", "e-mail"); the kind when empty."""
 
     def __init__(
-        self, name: str, *, own_ids: tuple[str, ...] = (), settings: Mapping[str, Any] | None = None
-    ):
-        self.name = name
-        self.own_ids = own_ids
-        self.settings: Mapping[str, Any] = settings or {}
-        self.consecutive_failures = 0
+        self,
+        name: str,
+        *,
+        own_ids: tuple[str, ...] = (),
+        settings: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """What every connector has: its account name, our own ids on the channel, the account's
+        settings, where its secrets are read (the process environment unless given) and its clock.
 
-    def reject_unknown_settings(self, label: str) -> None:
-        """Raise ValueError naming every account key outside `settings_keys` (`label`: "X", "e-mail"...)."""
+        Raises:
+            ValueError: a setting outside `settings_keys` (when the class declares them).
+        """
+        self.name = name
+        self.own_ids = tuple(own_ids)
+        self.settings: Mapping[str, Any] = settings or {}
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.clock: Clock = clock or SystemClock()
+        self.consecutive_failures = 0
+        if self.settings_keys is not None:
+            self.reject_unknown_settings()
+
+    # -- reading the account's settings: each refusal names the key and the value -------------------
+
+    def reject_unknown_settings(self) -> None:
+        """Raise ValueError naming every account key outside `settings_keys`, with a "did you mean"."""
         known = self.settings_keys or ()
         unknown = sorted(set(self.settings) - set(known))
-        if unknown:
-            raise ValueError(f"unknown {label} setting(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        if not unknown:
+            return
+        guesses = [guess for key in unknown for guess in get_close_matches(key, known, n=1, cutoff=0.6)]
+        hint = (
+            f"did you mean {', '.join(repr(g) for g in guesses)}?"
+            if guesses
+            else f"known: {', '.join(known)}"
+        )
+        label = self.settings_label or getattr(self, "kind", "connector")
+        raise ValueError(f"unknown {label} setting(s) {', '.join(unknown)} ({hint})")
+
+    def include_own_id(self, own_id: str) -> None:
+        """Count `own_id` (our account on the channel, from its settings) among `own_ids`."""
+        if own_id not in self.own_ids:
+            self.own_ids = (*self.own_ids, own_id)
+
+    def env_name_setting(self, key: str, default: str) -> str:
+        """The setting `key` that names an environment variable (a secret's)."""
+        value = self.settings.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"setting {key} must name an environment variable, not {value!r}")
+        return value
+
+    def seconds_setting(self, key: str, default: float) -> float:
+        """The setting `key` as a positive number of seconds (a timeout)."""
+        value = self.settings.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"setting {key} must be a positive number of seconds, not {value!r}")
+        return float(value)
+
+    def url_setting(self, key: str, default: str) -> str:
+        """The setting `key` as an http(s) base URL, without a trailing slash."""
+        value = self.settings.get(key, default)
+        if not isinstance(value, str) or not _HTTP_URL.fullmatch(value):
+            raise ValueError(f"setting {key} must be an http(s) URL, not {value!r}")
+        return value.rstrip("/")
 
     @abstractmethod
     def fetch(self, cursor: str | None) -> Batch:

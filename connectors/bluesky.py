@@ -47,7 +47,7 @@ from atproto_client.exceptions import (  # type: ignore[import-untyped]
 )
 from atproto_client.request import Request  # type: ignore[import-untyped]
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -56,6 +56,8 @@ from connectors.base import (
     InboundPost,
     NotSent,
     RateLimited,
+    ReplyAuthFailed,
+    ReplyOutcomeUnknown,
     ReplyTarget,
 )
 
@@ -70,16 +72,6 @@ DEFAULT_TIMEOUT = 30.0
 POST_REASONS = ("mention", "reply", "quote")
 DEFAULT_RATE_LIMIT_WAIT = timedelta(minutes=5)
 _HANDLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,}$")
-
-
-class ReplyAuthFailed(AuthFailed, NotSent):
-    """Bluesky refused our credentials when posting: nothing was posted."""
-
-
-class ReplyOutcomeUnknown(ConnectorError):
-    """The post may or may not exist (5xx, timeout or a broken connection after sending)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +193,7 @@ class BlueskyConnector(Connector):
 
     kind: ClassVar[str] = "bluesky"
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
+    settings_label: ClassVar[str] = "Bluesky"
 
     def __init__(
         self,
@@ -211,34 +204,22 @@ class BlueskyConnector(Connector):
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        env = os.environ if environ is None else environ
-        self.clock: Clock = clock or SystemClock()
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
         s = self.settings
-        self.reject_unknown_settings("Bluesky")
         handle = s.get("handle")
         if not isinstance(handle, str) or not _HANDLE.match(handle.lstrip("@")):
             raise ValueError(
                 f"setting handle must be our Bluesky handle (e.g. acme.bsky.social), not {handle!r}"
             )
         self.handle = handle.lstrip("@").lower()
-        if self.handle not in self.own_ids:
-            self.own_ids = (*self.own_ids, self.handle)
-        password_env = s.get("app_password_env", DEFAULT_PASSWORD_ENV)
-        if not isinstance(password_env, str) or not password_env:
-            raise ValueError(
-                f"setting app_password_env must name an environment variable, not {password_env!r}"
-            )
-        self.password_env = password_env
-        self.password = env.get(password_env, "").strip()
+        self.include_own_id(self.handle)
+        self.password_env = self.env_name_setting("app_password_env", DEFAULT_PASSWORD_ENV)
+        self.password = self.environ.get(self.password_env, "").strip()
         if not self.password:
             raise ValueError(
-                f"environment variable {password_env} not set: a Bluesky app password of {self.handle} is needed"
+                f"environment variable {self.password_env} not set: a Bluesky app password of {self.handle} is needed"
             )
-        service = s.get("service", DEFAULT_SERVICE)
-        if not isinstance(service, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", service):
-            raise ValueError(f"setting service must be an http(s) URL, not {service!r}")
-        self.service = service.rstrip("/")
+        self.service = self.url_setting("service", DEFAULT_SERVICE)
         session_file = s.get("session_file")
         if session_file is not None and (not isinstance(session_file, str) or not session_file):
             raise ValueError(f"setting session_file must be a file path, not {session_file!r}")
@@ -247,10 +228,7 @@ class BlueskyConnector(Connector):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise ValueError(f"setting limit must be an integer from 1 to 100, not {limit!r}")
         self.limit = limit
-        timeout = s.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"setting timeout must be a positive number of seconds, not {timeout!r}")
-        self.timeout = float(timeout)
+        self.timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
         self.did: str | None = None
         self._client: Client | None = None
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, ClassVar
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from connectors.base import Batch, Connector, InboundPost, ReplyTarget
 from connectors.mail import build_reply, parse_message, short_id
 
@@ -42,8 +42,7 @@ class DemoConnector(Connector):
         script: Sequence[ScriptedPost] = (),
         start: datetime | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        self.clock = clock or SystemClock()
+        super().__init__(name, own_ids=own_ids, settings=settings, clock=clock)
         self.start = start or self.clock.now()
         self.script = sorted(script, key=lambda p: p.after)
         self.sent: list[tuple[ReplyTarget, str, str]] = []
@@ -100,10 +99,9 @@ class DemoMailConnector(Connector):
         script: Sequence[ScriptedMail] = (),
         start: datetime | None = None,
     ) -> None:
-        super().__init__(name, own_ids=(address.lower(),))
+        super().__init__(name, own_ids=(address.lower(),), clock=clock)
         self.address = address.lower()
         self.display_name = display_name
-        self.clock = clock or SystemClock()
         self.start = start or self.clock.now()
         self.script = sorted(script, key=lambda m: m.after)
         self.sent: list[EmailMessage] = []

@@ -36,14 +36,13 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from difflib import get_close_matches
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import feedparser
 import httpx
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from bot.httputil import client as http_client
 from bot.httputil import retry_after
 from connectors.base import (
@@ -127,26 +126,20 @@ class FeedConnector(Connector):
         Raises:
             ValueError: a setting is missing or malformed.
         """
-        settings = dict(settings or {})
-        _reject_unknown(settings, SETTINGS)
-        url = settings.get("url")
+        super().__init__(name, own_ids=own_ids, settings=settings, clock=clock)
+        url = self.settings.get("url")
         if not isinstance(url, str) or urlsplit(url.strip()).scheme not in ("http", "https"):
             raise ValueError("setting 'url' is required: the feed's http(s) address")
-        staff = settings.get("staff_authors", [])
+        staff = self.settings.get("staff_authors", [])
         if (
             isinstance(staff, str)
             or not isinstance(staff, Sequence)
             or not all(isinstance(s, str) for s in staff)
         ):
             raise ValueError("setting 'staff_authors' must be a list of author names")
-        timeout = settings.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError("setting 'timeout' must be a positive number of seconds")
-        super().__init__(name, own_ids=own_ids, settings=settings)
+        self.timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
         self.url = url.strip()
         self.staff_authors = frozenset(_name_key(s) for s in staff if s.strip())
-        self.timeout = float(timeout)
-        self.clock: Clock = clock or SystemClock()
         self._transport = transport
 
     # -- fetch -------------------------------------------------------------------------------------
@@ -401,14 +394,6 @@ def _ends_complete(body: bytes) -> bool:
 
 def _name_key(name: str) -> str:
     return " ".join(name.split()).casefold()
-
-
-def _reject_unknown(settings: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    for key in settings:
-        if key not in known:
-            guess = get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(known)})"
-            raise ValueError(f"unknown setting '{key}'{hint}")
 
 
 __all__ = ["FeedConnector", "FeedCursor", "thread_of"]

@@ -68,7 +68,7 @@ from imap_tools.mailbox import BaseMailBox
 from imap_tools.message import MailMessage
 from mailparser_reply import EmailReplyParser  # type: ignore[import-untyped]
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -76,6 +76,8 @@ from connectors.base import (
     ConnectorError,
     InboundPost,
     NotSent,
+    ReplyAuthFailed,
+    ReplyOutcomeUnknown,
     ReplyTarget,
 )
 from connectors.text import html_to_text
@@ -443,16 +445,6 @@ def dump_cursor(cursor: Mapping[str, FolderCursor]) -> str:
 # -- sending -------------------------------------------------------------------------------------
 
 
-class ReplyOutcomeUnknown(ConnectorError):
-    """The SMTP server may or may not have accepted the message (the connection broke during DATA)."""
-
-    retryable = False
-
-
-class ReplyAuthFailed(AuthFailed, NotSent):
-    """The SMTP server refused our credentials: nothing was sent, and a human must fix them."""
-
-
 def reply_subject(subject: str | None) -> str:
     subject = " ".join((subject or "").split())
     if not subject:
@@ -543,6 +535,7 @@ class EmailConnector(Connector):
 
     kind: ClassVar[str] = "email"
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
+    settings_label: ClassVar[str] = "e-mail"
 
     def __init__(
         self,
@@ -553,11 +546,8 @@ class EmailConnector(Connector):
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        env = os.environ if environ is None else environ
-        self.clock: Clock = clock or SystemClock()
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
         s = self.settings
-        self.reject_unknown_settings("e-mail")
         address = s.get("address")
         if not isinstance(address, str) or not _ADDRESS.match(address.strip()):
             raise ValueError(f"setting address must be our e-mail address, not {address!r}")
@@ -578,8 +568,8 @@ class EmailConnector(Connector):
         self.smtp_port = self._port("smtp_port", 465 if self.smtp_security == "tls" else 587)
         self.smtp_user = self._text("smtp_user", self.imap_user)
         self.smtp_password_env = self._text("smtp_password_env", self.imap_password_env)
-        self.imap_password = env.get(self.imap_password_env, "")
-        self.smtp_password = env.get(self.smtp_password_env, "")
+        self.imap_password = self.environ.get(self.imap_password_env, "")
+        self.smtp_password = self.environ.get(self.smtp_password_env, "")
         missing = sorted(
             {
                 var
@@ -606,10 +596,7 @@ class EmailConnector(Connector):
         self.ca_file = ca_file
         self.max_size = self._positive_int("max_size", DEFAULT_MAX_SIZE)
         self.batch_size = self._positive_int("batch_size", DEFAULT_BATCH_SIZE)
-        timeout = s.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"setting timeout must be a positive number of seconds, not {timeout!r}")
-        self.timeout = float(timeout)
+        self.timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
         languages = s.get("reply_languages", list(DEFAULT_REPLY_LANGUAGES))
         if not isinstance(languages, list) or not all(isinstance(x, str) for x in languages):
             raise ValueError(f"setting reply_languages must be a list of language codes, not {languages!r}")

@@ -25,12 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from difflib import get_close_matches
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -45,7 +43,7 @@ from mastodon import (
     MastodonUnauthorizedError,
 )
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from bot.httputil import http_date, retry_after
 from connectors.base import (
     AuthFailed,
@@ -55,6 +53,7 @@ from connectors.base import (
     InboundPost,
     NotSent,
     RateLimited,
+    ReplyAuthFailed,
     ReplyTarget,
     ShapeError,
     SkippedItem,
@@ -82,15 +81,12 @@ REPLY_VISIBILITY: Mapping[str, str] = {
 }
 
 
-class ReplyAuthFailed(AuthFailed, NotSent):
-    """Credentials refused while replying: certainly not posted, and a human must fix the token."""
-
-
 class MastodonConnector(Connector):
     """Mentions of our account in, replies out, through Mastodon.py."""
 
     kind: ClassVar[str] = "mastodon"
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
+    settings_label: ClassVar[str] = "Mastodon"
 
     def __init__(
         self,
@@ -107,34 +103,25 @@ class MastodonConnector(Connector):
         Raises:
             ValueError: a setting is missing or malformed, or the token variable is unset.
         """
-        settings = dict(settings or {})
-        _reject_unknown(settings, SETTINGS)
-        api_base_url = settings.get("api_base_url")
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
+        api_base_url = self.settings.get("api_base_url")
         if not isinstance(api_base_url, str) or not api_base_url.strip():
             raise ValueError(
                 "setting 'api_base_url' is required (the instance, e.g. \"https://mastodon.social\")"
             )
-        token_env = settings.get("access_token_env", DEFAULT_TOKEN_ENV)
-        if not isinstance(token_env, str) or not token_env:
-            raise ValueError("setting 'access_token_env' must name an environment variable")
-        environ = os.environ if environ is None else environ
-        token = environ.get(token_env, "").strip()
+        token_env = self.env_name_setting("access_token_env", DEFAULT_TOKEN_ENV)
+        token = self.environ.get(token_env, "").strip()
         if not token:
             raise ValueError(f"environment variable {token_env} (the Mastodon access token) is not set")
-        account_id = settings.get("account_id")
+        account_id = self.settings.get("account_id")
         if account_id is not None and not isinstance(account_id, str | int):
             raise ValueError("setting 'account_id' must be our account's id")
-        timeout = settings.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError("setting 'timeout' must be a positive number of seconds")
-        own = tuple(own_ids)
-        if account_id is not None and str(account_id) not in own:
-            own = (*own, str(account_id))
-        super().__init__(name, own_ids=own, settings=settings)
+        timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
+        if account_id is not None:
+            self.include_own_id(str(account_id))
         self.api_base_url = api_base_url.strip().rstrip("/")
         self.account_id = str(account_id) if account_id is not None else None
         self.domain = (urlsplit(self.api_base_url).hostname or "").lower()
-        self.clock: Clock = clock or SystemClock()
         self._last_response = threading.local()
         http = session or requests.Session()
         http.hooks["response"].append(self._remember_response)
@@ -143,7 +130,7 @@ class MastodonConnector(Connector):
             api_base_url=self.api_base_url,
             version_check_mode="none",
             ratelimit_method="throw",  # never sleep inside a job: Jobs.poll parks the connector instead
-            request_timeout=float(timeout),
+            request_timeout=timeout,
             session=http,
             user_agent="replyclock",
         )
@@ -479,11 +466,3 @@ def _status_code(error: MastodonError) -> int | None:
 def _describe(error: MastodonError) -> str:
     parts = [str(a) for a in error.args[1:] if a not in (None, "")] or [str(error)]
     return " ".join(parts)
-
-
-def _reject_unknown(settings: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    for key in settings:
-        if key not in known:
-            guess = get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(known)})"
-            raise ValueError(f"unknown setting '{key}'{hint}")

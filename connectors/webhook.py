@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import uuid
 from collections.abc import Mapping
@@ -327,13 +326,9 @@ class WebhookConnector(Connector):
         environ: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        env = os.environ if environ is None else environ
-        self.reject_unknown_settings("webhook")
-        secret_env = self.settings.get("secret_env", default_secret_env(name))
-        if not isinstance(secret_env, str) or not secret_env:
-            raise ValueError("secret_env must be the name of an environment variable")
-        secret = env.get(secret_env, "")
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ)
+        secret_env = self.env_name_setting("secret_env", default_secret_env(name))
+        secret = self.environ.get(secret_env, "")
         if not secret:
             raise ValueError(f"webhook secret missing: set the environment variable {secret_env}")
         self.secret_env = secret_env
@@ -355,10 +350,7 @@ class WebhookConnector(Connector):
             if not urlsplit(reply_url).netloc:
                 raise ValueError("reply_url must be an absolute http(s) URL")
         self.reply_url: str | None = reply_url
-        timeout = self.settings.get("reply_timeout", DEFAULT_REPLY_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError("reply_timeout must be a positive number of seconds")
-        self.reply_timeout = float(timeout)
+        self.reply_timeout = self.seconds_setting("reply_timeout", DEFAULT_REPLY_TIMEOUT)
         self._transport = transport
 
     def __repr__(self) -> str:  # never show the secret

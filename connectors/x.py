@@ -43,9 +43,8 @@ import dataclasses
 import html
 import json
 import logging
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -55,7 +54,7 @@ import tweepy
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from bot.core.clock import Clock, SystemClock
+from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
@@ -64,6 +63,8 @@ from connectors.base import (
     InboundPost,
     NotSent,
     RateLimited,
+    ReplyAuthFailed,
+    ReplyOutcomeUnknown,
     ReplyTarget,
     ShapeError,
     SkippedItem,
@@ -145,20 +146,6 @@ class _RedactBearer(logging.Filter):
 _tweepy_log = logging.getLogger("tweepy.client")
 if not any(isinstance(f, _RedactBearer) for f in _tweepy_log.filters):
     _tweepy_log.addFilter(_RedactBearer())
-
-
-class ReplyAuthFailed(AuthFailed, NotSent):
-    """X refused our credentials (401) when posting: nothing was posted, and a human must fix the keys.
-
-    An `AuthFailed` for the operator, and a `NotSent` for the outbox, which knows the customer
-    certainly did not get the message (it retries, then reports it as failed, never "unknown").
-    """
-
-
-class ReplyOutcomeUnknown(ConnectorError):
-    """X may or may not have posted the reply (5xx, timeout or broken connection after sending)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True)
@@ -463,6 +450,7 @@ class XConnector(Connector):
 
     kind: ClassVar[str] = "x"
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
+    settings_label: ClassVar[str] = "X"
 
     def __init__(
         self,
@@ -473,21 +461,16 @@ class XConnector(Connector):
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings)
-        env = os.environ if environ is None else environ
-        self.clock: Clock = clock or SystemClock()
-        self.reject_unknown_settings("X")
-
+        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
         raw_user = self.settings.get("user_id")
         if raw_user is None or isinstance(raw_user, bool):
             raise ValueError("setting user_id is required: the numeric user id of our X account")
         self.user_id = str(raw_user).strip()
         if not _DIGITS.fullmatch(self.user_id):
             raise ValueError(f"setting user_id must be a numeric X user id, not {raw_user!r}")
-        if self.user_id not in self.own_ids:
-            self.own_ids = (*self.own_ids, self.user_id)
+        self.include_own_id(self.user_id)
 
-        secrets = {key: self._secret(env, key) for key in DEFAULT_ENV}
+        secrets = {key: self._secret(key) for key in DEFAULT_ENV}
         missing = [self._env_name(key) for key in USER_CONTEXT_KEYS if secrets[key] is None]
         if missing:
             raise ValueError(
@@ -496,10 +479,7 @@ class XConnector(Connector):
             )
         self.uses_bearer = secrets["bearer_token_env"] is not None
 
-        base_url = self.settings.get("api_base_url", DEFAULT_API_BASE_URL)
-        if not isinstance(base_url, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", base_url):
-            raise ValueError(f"setting api_base_url must be an http(s) URL, not {base_url!r}")
-        self.api_base_url = base_url.rstrip("/")
+        self.api_base_url = self.url_setting("api_base_url", DEFAULT_API_BASE_URL)
 
         max_results = self.settings.get("max_results", DEFAULT_MAX_RESULTS)
         if isinstance(max_results, bool) or not isinstance(max_results, int):
@@ -508,9 +488,7 @@ class XConnector(Connector):
             raise ValueError(f"setting max_results must be between {MIN_MAX_RESULTS} and {MAX_MAX_RESULTS}")
         self.max_results = max_results
 
-        timeout = self.settings.get("timeout", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"setting timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = self.seconds_setting("timeout", DEFAULT_TIMEOUT)
 
         since_id = self.settings.get("since_id")
         if since_id is not None and (isinstance(since_id, bool) or not _DIGITS.fullmatch(str(since_id))):
@@ -553,19 +531,13 @@ class XConnector(Connector):
             return_type=dict,
             wait_on_rate_limit=False,
         )
-        self.client.session.mount(
-            TWEEPY_HOST + "/", BaseUrlAdapter(self.api_base_url, timeout=float(timeout))
-        )
+        self.client.session.mount(TWEEPY_HOST + "/", BaseUrlAdapter(self.api_base_url, timeout=timeout))
 
     def _env_name(self, key: str) -> str:
-        value = self.settings.get(key, DEFAULT_ENV[key])
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"setting {key} must name an environment variable, not {value!r}")
-        return value
+        return self.env_name_setting(key, DEFAULT_ENV[key])
 
-    def _secret(self, env: Mapping[str, str], key: str) -> str | None:
-        value = env.get(self._env_name(key), "").strip()
-        return value or None
+    def _secret(self, key: str) -> str | None:
+        return self.environ.get(self._env_name(key), "").strip() or None
 
     def __repr__(self) -> str:
         return f"XConnector({self.name!r}, user_id={self.user_id!r}, api_base_url={self.api_base_url!r})"
@@ -610,8 +582,8 @@ class XConnector(Connector):
     def _search_page(self, query: str, state: XCursor) -> tuple[list[InboundPost], XCursor]:
         """One page of a recent search after its own cursor; hits that do not address us are marked."""
         since_id = state.since_id
-        try:
-            payload = self.client.search_recent_tweets(
+        payload = self._read(
+            lambda: self.client.search_recent_tweets(
                 f"({query}) -is:retweet",
                 since_id=since_id,
                 next_token=state.next_token,
@@ -620,24 +592,13 @@ class XConnector(Connector):
                 expansions=EXPANSIONS,
                 user_fields=USER_FIELDS,
                 user_auth=not self.uses_bearer,
-            )
-        except tweepy.TooManyRequests as error:
-            raise RateLimited(self._reset_at(error), f"X rate limit searching for {self.name}") from error
-        except (tweepy.Unauthorized, tweepy.Forbidden) as error:
-            raise AuthFailed(
-                f"X refused recent search ({_describe(error)}); check "
-                f"{self._credential_names(for_reading=True)} and the app's access level (search needs Basic or above)"
-            ) from error
-        except tweepy.BadRequest as error:
-            if state.next_token is None:
-                raise ConnectorError(f"X refused the search {query!r}: {_describe(error)}") from error
+            ),
+            kind="search",
+            request=f"the search {query!r}",
+            paging=state.next_token is not None,
+        )
+        if payload is None:
             return [], XCursor(since_id=since_id)  # expired token: page again from the same bound
-        except tweepy.HTTPException as error:
-            raise ConnectorError(f"X search request failed: {_describe(error)}") from error
-        except requests.RequestException as error:
-            raise ConnectorError(f"X search request failed: {type(error).__name__}: {error}") from error
-        if not isinstance(payload, Mapping):
-            raise ConnectorError(f"X search answer is not a JSON object: {type(payload).__name__}")
         batch = self._page(payload, state, since_id)
         next_state = XCursor.load(batch.cursor)
         if since_id is None and next_state.next_token:
@@ -681,8 +642,8 @@ class XConnector(Connector):
         """
         state = XCursor.load(cursor)
         since_id = state.since_id or (None if state.next_token else self.initial_since_id)
-        try:
-            payload = self.client.get_users_mentions(
+        payload = self._read(
+            lambda: self.client.get_users_mentions(
                 self.user_id,
                 since_id=since_id,
                 pagination_token=state.next_token,
@@ -691,33 +652,57 @@ class XConnector(Connector):
                 expansions=EXPANSIONS,
                 user_fields=USER_FIELDS,
                 user_auth=not self.uses_bearer,
-            )
+            ),
+            kind="mentions",
+            request="the mentions request",
+            paging=state.next_token is not None,
+        )
+        if payload is None:
+            # Start the pages again from the same since_id. Nothing is skipped; posts already
+            # stored are recognised as duplicates.
+            return Batch(posts=(), cursor=XCursor(since_id=since_id).dump(), more=True)
+        return self._page(payload, state, since_id)
+
+    def _read(
+        self, call: Callable[[], object], *, kind: str, request: str, paging: bool
+    ) -> Mapping[str, Any] | None:
+        """Call one of X's read endpoints (`kind`: "mentions" or "search") and map its failures.
+
+        Returns:
+            The answer; None when X refused our page token (`paging`; tokens expire): page again.
+
+        Raises:
+            RateLimited: 429, with X's reset time.
+            AuthFailed: 401/403, the credentials or the app's access level need a human.
+            ConnectorError: anything else (network, 5xx, a refused `request`, an unusable answer).
+        """
+        doing = "searching" if kind == "search" else "reading mentions"
+        try:
+            payload = call()
         except tweepy.TooManyRequests as error:
-            raise RateLimited(
-                self._reset_at(error), f"X rate limit reading mentions for {self.name}"
-            ) from error
+            raise RateLimited(self._reset_at(error), f"X rate limit {doing} for {self.name}") from error
         except (tweepy.Unauthorized, tweepy.Forbidden) as error:
+            note = " (search needs Basic or above)" if kind == "search" else ""
             raise AuthFailed(
-                f"X refused our credentials reading mentions ({_describe(error)}); check "
-                f"{self._credential_names(for_reading=True)} and the app's access level"
+                f"X refused our credentials {doing} ({_describe(error)}); check "
+                f"{self._credential_names(for_reading=True)} and the app's access level{note}"
             ) from error
         except tweepy.BadRequest as error:
-            if state.next_token is None:
-                raise ConnectorError(f"X refused the mentions request: {_describe(error)}") from error
-            # Most likely an expired pagination token: start the pages again from the same since_id.
-            # Nothing is skipped; posts already stored are recognised as duplicates.
+            if not paging:
+                raise ConnectorError(f"X refused {request}: {_describe(error)}") from error
+            # Most likely an expired pagination token.
             log.warning(
                 "X refused the pagination token; restarting the pages",
-                extra={"account": self.name, "error": str(error)},
+                extra={"account": self.name, "request": kind, "error": str(error)},
             )
-            return Batch(posts=(), cursor=XCursor(since_id=since_id).dump(), more=True)
+            return None
         except tweepy.HTTPException as error:
-            raise ConnectorError(f"X mentions request failed: {_describe(error)}") from error
+            raise ConnectorError(f"X {kind} request failed: {_describe(error)}") from error
         except requests.RequestException as error:
-            raise ConnectorError(f"X mentions request failed: {type(error).__name__}: {error}") from error
+            raise ConnectorError(f"X {kind} request failed: {type(error).__name__}: {error}") from error
         if not isinstance(payload, Mapping):
-            raise ConnectorError(f"X mentions answer is not a JSON object: {type(payload).__name__}")
-        return self._page(payload, state, since_id)
+            raise ConnectorError(f"X {kind} answer is not a JSON object: {type(payload).__name__}")
+        return payload
 
     def _page(self, payload: Mapping[str, Any], state: XCursor, since_id: str | None) -> Batch:
         posts, skipped = parse_page(payload)

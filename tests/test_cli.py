@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs.launch import free_port, run_lease_pid, start, wait_until_leased, wait_until_serving
+
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "tests" / "data" / "policy.toml"
 EXAMPLE = ROOT / "examples" / "replyclock.toml"
@@ -162,20 +164,9 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'run.db'}", "SWEEP_MAX_INTERVAL": "1"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start("run", "--config", str(POLICY), cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while _run_lease_pid(tmp_path / "run.db") != first.pid:
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "replyclock run did not start"
-            time.sleep(0.1)
+        wait_until_leased(first, tmp_path / "run.db")
         # The guard is a lease row in the database itself: no side file to delete, and a hard
         # link to the file (another name for the same database) is refused just the same.
         assert not list(tmp_path.glob("*.lock"))
@@ -199,7 +190,7 @@ def test_run_starts_and_a_second_run_on_the_same_sqlite_file_is_refused(tmp_path
         _out, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
     assert '"event": "replyclock running"' in err  # structured JSON log lines
-    assert _run_lease_pid(tmp_path / "run.db") is None  # given up on a clean stop
+    assert run_lease_pid(tmp_path / "run.db") is None  # given up on a clean stop
 
 
 @pytest.mark.slow
@@ -212,14 +203,9 @@ def test_run_stops_within_ten_seconds_of_sigterm_while_its_jobs_wait_on_a_locked
 
     database = tmp_path / "run.db"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}", "SWEEP_MAX_INTERVAL": "1"}
-    command = [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    first = start("run", "--config", str(POLICY), cwd=tmp_path, env=env, stdout=None)
     try:
-        deadline = time.monotonic() + 30
-        while _run_lease_pid(database) != first.pid:
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "replyclock run did not start"
-            time.sleep(0.1)
+        wait_until_leased(first, database)
         with contextlib.closing(sqlite3.connect(database, timeout=5, isolation_level=None)) as blocker:
             blocker.execute("BEGIN EXCLUSIVE")  # every job of the run now waits for the lock
             time.sleep(2.5)
@@ -235,43 +221,22 @@ def test_run_stops_within_ten_seconds_of_sigterm_while_its_jobs_wait_on_a_locked
     assert first.returncode == 0, err
     assert '"event": "stopping"' in err
     # The lease may still name the stopped process: a new run on this host takes it over at once.
-    second = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    second = start("run", "--config", str(POLICY), cwd=tmp_path, env=env, stdout=None)
     try:
-        deadline = time.monotonic() + 30
-        while _run_lease_pid(database) != second.pid:
-            assert second.poll() is None, second.communicate()
-            assert time.monotonic() < deadline, "the second run did not take the lease"
-            time.sleep(0.1)
+        wait_until_leased(second, database)
     finally:
         second.send_signal(signal.SIGTERM)
         second.communicate(timeout=30)
     assert second.returncode == 0
 
 
-def _run_lease_pid(database: Path) -> int | None:
-    import sqlite3
-
-    if not database.exists():
-        return None
-    try:
-        with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
-            row = connection.execute("SELECT pid FROM leases WHERE name = 'run'").fetchone()
-    except sqlite3.OperationalError:  # not migrated yet
-        return None
-    return int(row[0]) if row else None
-
-
 @pytest.mark.slow
 def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
     import json
-    import socket
     import urllib.error
     import urllib.request
 
-    with socket.socket() as probe, socket.socket() as probe2:
-        probe.bind(("127.0.0.1", 0))
-        probe2.bind(("127.0.0.1", 0))
-        port, operator_port = probe.getsockname()[1], probe2.getsockname()[1]
+    port, operator_port = free_port(), free_port()
     url = f"sqlite:///{tmp_path / 'web.db'}"
     assert replyclock("db", "upgrade", env={"DATABASE_URL": url}).returncode == 0
     env = {
@@ -281,25 +246,9 @@ def test_web_serves_health_and_metrics(tmp_path: Path) -> None:
         "PORT": str(port),
         "OPERATOR_PORT": str(operator_port),
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "web", "--config", str(POLICY)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = start("web", "--config", str(POLICY), cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    health = json.loads(response.read())
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()
-                assert time.monotonic() < deadline, "replyclock web did not start"
-                time.sleep(0.1)
+        health = wait_until_serving(f"http://127.0.0.1:{port}", server)
         assert health == {"status": "ok"}  # the public listener says no more (issue 11)
         with urllib.request.urlopen(f"http://127.0.0.1:{operator_port}/healthz", timeout=5) as response:
             assert json.loads(response.read())["database"]["ok"] is True

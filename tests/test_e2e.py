@@ -13,7 +13,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,13 @@ import pytest
 
 from bot.demo.standin import DEFAULT_SIGNING_SECRET, DEFAULT_TOKEN, SlackStandIn, SlackUser
 from bot.slack.ids import ACTION_CLAIM
+from tests.procs.launch import free_port, start, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "e2e-webhook-secret-value-0123456789-0123456789"
 CARE, BILLING = "C0CARE0001", "C0BILLING1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -85,6 +79,7 @@ def test_webhook_to_card_to_claim_across_two_processes(
         "SLACK_API_URL": slack.base_url,
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "OPERATOR_PORT": str(free_port()),  # not the default 9464: the machine may be running another
         "OUTBOX_INTERVAL": "0.2",
         "SWEEP_MAX_INTERVAL": "5",
     }
@@ -92,30 +87,10 @@ def test_webhook_to_card_to_claim_across_two_processes(
         subprocess.run([sys.executable, "-m", "bot.cli", "db", "upgrade"], env=env, cwd=tmp_path).returncode
         == 0
     )
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", command],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for command in ("web", "run")
-    ]
+    processes = [start(command, cwd=tmp_path, env=env) for command in ("web", "run")]
     base = f"http://127.0.0.1:{port}"
     try:
-
-        def up() -> bool:
-            for process in processes:
-                assert process.poll() is None, process.communicate()
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        eventually(up)
+        wait_until_serving(base, processes)
         body = json.dumps(
             {
                 "id": "order-77",

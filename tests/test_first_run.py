@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import postgres_url
-from tests.test_cli import _run_lease_pid
+from tests.procs.launch import free_port, start, wait_until_leased, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "replyclock.toml"
@@ -193,41 +191,19 @@ def test_web_refuses_a_slack_token_without_signing_secret(tmp_path: Path) -> Non
     assert result.returncode == 2 and "SLACK_SIGNING_SECRET" in one_error(result)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_web_migrates_on_request_logs_one_startup_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port, operator_port = _free_port(), _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "web", "--migrate", "--config", str(POLICY)],
-        cwd=tmp_path,
-        env=clean_env(
-            PYTHONPATH=str(ROOT),
-            HOST="127.0.0.1",
-            PORT=str(port),
-            OPERATOR_PORT=str(operator_port),
-            DATABASE_URL="sqlite:///web.db",
-            WEBHOOK_SECRET_SHOP="s3cret-s3cret",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    port, operator_port = free_port(), free_port()
+    env = clean_env(
+        PYTHONPATH=str(ROOT),
+        HOST="127.0.0.1",
+        PORT=str(port),
+        OPERATOR_PORT=str(operator_port),
+        DATABASE_URL="sqlite:///web.db",
+        WEBHOOK_SECRET_SHOP="s3cret-s3cret",
     )
+    server = start("web", "--migrate", "--config", str(POLICY), cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    health = json.loads(response.read())
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()
-                assert time.monotonic() < deadline, "replyclock web did not start"
-                time.sleep(0.1)
+        health = wait_until_serving(f"http://127.0.0.1:{port}", server)
         assert health == {"status": "ok"}  # the public health says only ok or not (issue 11)
         with urllib.request.urlopen(f"http://127.0.0.1:{operator_port}/healthz", timeout=5) as response:
             assert json.loads(response.read())["database"]["ok"] is True
@@ -245,20 +221,9 @@ def test_web_migrates_on_request_logs_one_startup_line_and_stops_on_ctrl_c(tmp_p
 
 def test_run_stops_on_ctrl_c_and_a_second_run_is_one_line(tmp_path: Path) -> None:
     env = clean_env(PYTHONPATH=str(ROOT), DATABASE_URL="sqlite:///run.db")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "run", "--config", str(POLICY)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start("run", "--config", str(POLICY), cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while _run_lease_pid(tmp_path / "run.db") != first.pid:  # the run lease is taken
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "replyclock run did not start"
-            time.sleep(0.1)
+        wait_until_leased(first, tmp_path / "run.db")
         second = replyclock("run", "--config", str(POLICY), cwd=tmp_path, DATABASE_URL="sqlite:///run.db")
         assert second.returncode == 1 and "SQLite allows one running process" in one_error(second)
     finally:

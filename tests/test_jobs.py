@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
@@ -11,7 +11,7 @@ from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.outbox import OutboxSender
 from bot.jobs import OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, Jobs
-from connectors.base import AuthFailed, Batch, Connector, RateLimited, ReplyTarget
+from connectors.base import AuthFailed, Batch, Connector, InboundPost, RateLimited, ReplyTarget
 from connectors.demo import DemoConnector, ScriptedPost
 from storage.models import Account, Conversation, Outbox
 from tests.conftest import MONDAY
@@ -70,6 +70,52 @@ def test_rate_limit_parks_the_account_until_reset(ctx: AppContext, clock: FakeCl
     clock.advance(timedelta(minutes=16))
     jobs.poll("social")
     assert connector.calls == 2
+
+
+class LimitedAfterOnePage(Connector):
+    """Page 1 holds one post and says there is more; page 2 is refused with a 429 until `reset`."""
+
+    kind = "demo"
+
+    def __init__(self, reset: datetime) -> None:
+        super().__init__("social")
+        self.reset = reset
+        self.limited = True
+
+    def fetch(self, cursor: str | None) -> Batch:
+        if cursor is None:
+            post = InboundPost("1", "ana", "the site is down", MONDAY, author_name="Ana")
+            return Batch(posts=(post,), cursor="page-2", more=True)
+        if self.limited:
+            raise RateLimited(self.reset)
+        return Batch(posts=(), cursor="done")
+
+    def reply(self, to: ReplyTarget, text: str) -> str:
+        raise NotImplementedError
+
+
+def test_a_rate_limit_on_page_two_parks_the_account_with_page_one_stored(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    reset = MONDAY + timedelta(minutes=15)
+    connector = LimitedAfterOnePage(reset)
+    jobs = Jobs(ctx, {"social": connector}, OutboxSender(ctx, {}), send_after_poll=False)
+    assert jobs.poll("social") == 1
+    with ctx.sessions() as session:
+        account = session.scalars(select(Account)).one()
+    # Parked with page 1's cursor; page 1's success does not wipe out why it is parked.
+    assert (account.cursor, account.parked_until) == ("page-2", reset)
+    assert account.last_error is not None and "rate limited" in account.last_error
+    clock.advance(timedelta(minutes=16))
+    connector.limited = False
+    assert jobs.poll("social") == 0
+    with ctx.sessions() as session:
+        account = session.scalars(select(Account)).one()
+        texts = [
+            row.payload["text"] for row in session.scalars(select(Outbox).where(Outbox.kind == "admin_alert"))
+        ]
+    assert (account.cursor, account.parked_until, account.last_error) == ("done", None, None)
+    assert any("polling resumed" in text for text in texts), texts
 
 
 def test_refused_credentials_alert_the_admins_once_an_hour(ctx: AppContext, clock: FakeClock) -> None:

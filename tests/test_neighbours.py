@@ -115,6 +115,12 @@ def all_sent(engine: Engine) -> bool:
     return bool(counts) and set(counts) == {SENT}
 
 
+def all_answered_and_sent(engine: Engine) -> bool:
+    """Every conversation answered and every outbox row sent."""
+    open_left = scalar(engine, select(func.count()).where(Conversation.answered_at.is_(None)))
+    return open_left == 0 and all_sent(engine)
+
+
 def assert_structured_logs(worker: Worker) -> None:
     """Every line the process wrote is one JSON event (tracebacks only inside an `exception` field)."""
     stray = [line.text for line in worker.lines() if line.event is None]
@@ -212,15 +218,12 @@ def test_slack_failing_for_a_while_delays_staff_messages_then_delivers_them_in_o
         # Then we answer everyone on X: the clocks stop and each card is edited to say so.
         x_server.arm(answers(customers))
         answered_at = time.time()
-
-        def settled() -> bool:
-            with engine.connect() as connection:
-                open_left = connection.execute(
-                    select(func.count()).where(Conversation.answered_at.is_(None))
-                ).scalar()
-            return open_left == 0 and all_sent(engine)
-
-        eventually(settled, 15, "all conversations answered and every message sent", worker)
+        eventually(
+            lambda: all_answered_and_sent(engine),
+            15,
+            "all conversations answered and every message sent",
+            worker,
+        )
         assert worker.alive
     finally:
         code = worker.stop()
@@ -491,15 +494,7 @@ def test_postgres_restarted_mid_run_the_process_reconnects_and_loses_nothing(
         answered_at = time.time()
         replies = answers(everyone)
         x_server.arm(replies)
-
-        def settled() -> bool:
-            with engine.connect() as connection:
-                open_left = connection.execute(
-                    select(func.count()).where(Conversation.answered_at.is_(None))
-                ).scalar()
-            return open_left == 0 and all_sent(engine)
-
-        eventually(settled, 15, "all answered and every message sent", worker)
+        eventually(lambda: all_answered_and_sent(engine), 15, "all answered and every message sent", worker)
         assert worker.alive, worker.tail()
     finally:
         code = worker.stop()

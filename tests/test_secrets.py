@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from connectors.webhook import SIGNATURE_HEADER, sign
 from tests.conftest import fresh_database_url
 from tests.connectors.mastodon_server import MastodonStandIn, own_account_from_recording
 from tests.connectors.x_server import RECORDED_USER_ID, XServer, postman_unauthorized, problem
+from tests.procs.launch import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +64,6 @@ SECRETS = {
     "MASTODON_ACCESS_TOKEN": "SECRETMASTODON4444555566667777",
 }
 DB_PASSWORD = 'SECRETdbPASS"with\\quote/and%40'  # needs escaping in JSON and encoding in URLs
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -227,6 +221,7 @@ def test_no_secret_reaches_the_logs_at_debug(
             "SLACK_API_URL": slack.base_url,
             "HOST": "127.0.0.1",
             "PORT": str(port),
+            "OPERATOR_PORT": str(free_port()),  # not the default 9464: the machine may be running another
             "OUTBOX_INTERVAL": "0.2",
             "SWEEP_MAX_INTERVAL": "2",
             "LOG_LEVEL": "DEBUG",
@@ -297,16 +292,7 @@ def exercise(
 ) -> None:
     """Drive both processes through good and bad paths."""
 
-    def up() -> bool:
-        for process in processes:
-            assert process.poll() is None, f"a process ended early ({process.args!r})"
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    eventually(up, what="the web process")
+    wait_until_serving(base, processes)
 
     def post(path: str, body: bytes, headers: dict[str, str]) -> int:
         request = urllib.request.Request(f"{base}{path}", data=body, headers=headers, method="POST")

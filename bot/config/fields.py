@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Literal, TypeVar
 
@@ -98,6 +98,20 @@ class _Fields:
         if key not in data:
             return {}
         return self.table(data[key], (key,), f"a table (write [{key}.<name>] or [{key}])") or {}
+
+    def named_tables(
+        self, data: Mapping[str, object], key: str, allowed: Sequence[str] | None = None
+    ) -> Iterator[tuple[str, KeyPath, dict[str, object]]]:
+        """(name, path, table) for each ``[key.<name>]`` that is a table; with `allowed`, its keys
+        are checked (the others are reported, with a "did you mean")."""
+        for name, raw in self.section(data, key).items():
+            path: KeyPath = (key, name)
+            table = self.table(raw, path)
+            if table is None:
+                continue
+            if allowed is not None:
+                self.check_keys(table, path, allowed)
+            yield name, path, table
 
     def array_of_tables(
         self, data: Mapping[str, object], key: str

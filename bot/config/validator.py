@@ -87,12 +87,7 @@ class _Validator(_Fields):
 
     def calendars(self, data: Mapping[str, object]) -> dict[str, CalendarSpec]:
         out: dict[str, CalendarSpec] = {}
-        for name, raw in self.section(data, "calendars").items():
-            path: KeyPath = ("calendars", name)
-            table = self.table(raw, path)
-            if table is None:
-                continue
-            self.check_keys(table, path, _CALENDAR_KEYS)
+        for name, path, table in self.named_tables(data, "calendars", _CALENDAR_KEYS):
             zone = self.field(
                 table, path, "timezone", self.timezone, required="an IANA time zone such as 'Europe/Berlin'"
             )
@@ -156,12 +151,7 @@ class _Validator(_Fields):
     def experts(self, data: Mapping[str, object]) -> dict[str, Expert]:
         out: dict[str, Expert] = {}
         slack_owner: dict[str, str] = {}
-        for expert_id, raw in self.section(data, "experts").items():
-            path: KeyPath = ("experts", expert_id)
-            table = self.table(raw, path)
-            if table is None:
-                continue
-            self.check_keys(table, path, _EXPERT_KEYS)
+        for expert_id, path, table in self.named_tables(data, "experts", _EXPERT_KEYS):
             name = self.field(table, path, "name", self.string, required="the expert's name")
             slack_id = self.field(
                 table,
@@ -215,12 +205,7 @@ class _Validator(_Fields):
         out: dict[str, Team] = {}
         expert_ref = self.reference("expert", experts, "add an [experts.<id>] table")
         calendar_ref = self.reference("calendar", calendars, "add a [calendars.<name>] table")
-        for name, raw in self.section(data, "teams").items():
-            path: KeyPath = ("teams", name)
-            table = self.table(raw, path)
-            if table is None:
-                continue
-            self.check_keys(table, path, _TEAM_KEYS)
+        for name, path, table in self.named_tables(data, "teams", _TEAM_KEYS):
             channel = self.field(
                 table, path, "channel", self.channel, required="a Slack channel such as '#care'"
             )
@@ -275,11 +260,7 @@ class _Validator(_Fields):
         self, data: Mapping[str, object], teams: Collection[str] | None = None
     ) -> dict[str, Account]:
         out: dict[str, Account] = {}
-        for name, raw in self.section(data, "accounts").items():
-            path: KeyPath = ("accounts", name)
-            table = self.table(raw, path)
-            if table is None:
-                continue
+        for name, path, table in self.named_tables(data, "accounts"):
             flagged: set[str] = set()
             for key in table:
                 if key in _ACCOUNT_KEYS:

@@ -18,14 +18,14 @@ from bot.core.policy import Policy
 from bot.flow import staff as staff_flow
 from bot.flow.channels import account_check, build_connectors
 from bot.flow.context import AppContext
-from bot.flow.delivery import STAFF_KINDS, customer_handlers
-from bot.flow.outbox import OutboxMessage, OutboxSender
+from bot.flow.outbox import OutboxSender
 from bot.jobs import Jobs
-from connectors.base import AuthFailed, Batch, NotSent, RateLimited, ReplyTarget
+from connectors.base import AuthFailed, NotSent, RateLimited, ReplyTarget
 from connectors.bluesky import BlueskyConnector, BlueskyCursor, mention_facet, normalise
 from storage.models import Account, Conversation, Post
 from tests.conftest import POLICY_TOML
 from tests.connectors.bluesky_server import APP_PASSWORD, OUR_DID, OUR_HANDLE, BlueskyStandIn, fixture
+from tests.connectors.common import CrashesAfterFetch, jobs_recording_staff
 
 ENV = {"BLUESKY_APP_PASSWORD": APP_PASSWORD}
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -131,16 +131,8 @@ def test_odd_notifications_are_skipped_not_fatal() -> None:
     assert post is not None and post.posted_at == datetime(2026, 11, 23, 7, 55, 0, 941000, tzinfo=UTC)
 
 
-class CrashAfterFetch(BlueskyConnector):
-    crash_on = 0
-    calls = 0
-
-    def fetch(self, cursor: str | None) -> Batch:
-        batch = super().fetch(cursor)
-        self.calls += 1
-        if self.calls == self.crash_on:
-            raise RuntimeError("process killed between fetch and commit")
-        return batch
+class CrashAfterFetch(CrashesAfterFetch, BlueskyConnector):
+    pass
 
 
 def test_pages_are_followed_and_a_restart_mid_page_loses_nothing_and_stores_nothing_twice(
@@ -255,16 +247,8 @@ def test_acknowledgements_are_threaded_replies_with_a_mention_facet(
 ) -> None:
     ctx = AppContext(policy=sky_policy(server, tmp_path / "sky.session"), engine=engine, clock=clock)
     connectors = build_connectors(ctx.policy, ENV)
-    staff: list[str] = []
-
-    def staff_handler(message: OutboxMessage) -> str | None:
-        staff.append(message.kind)
-        return "noop"
-
-    sender = OutboxSender(
-        ctx, {**customer_handlers(ctx, connectors), **{k: staff_handler for k in STAFF_KINDS}}
-    )
-    jobs = Jobs(ctx, connectors, sender)
+    jobs, _staff = jobs_recording_staff(ctx, connectors)
+    sender = jobs.sender
     assert jobs.poll("sky") == 3
     created = server.calls("com.atproto.repo.createRecord")
     assert len(created) == 2  # Jane and Bob; Carla answered in Bob's thread, which is his conversation

@@ -25,13 +25,11 @@ from bot.core.policy import Policy
 from bot.flow import staff
 from bot.flow.channels import account_check, build_connectors
 from bot.flow.context import AppContext
-from bot.flow.delivery import STAFF_KINDS, customer_handlers
-from bot.flow.outbox import OutboxMessage, OutboxSender
-from bot.jobs import Jobs
 from connectors.base import AuthFailed, NotSent, ReplyTarget
 from connectors.mail import EmailConnector, ReplyAuthFailed, load_cursor
 from storage.models import Account, Conversation, Event, Post
 from tests.conftest import POLICY_TOML
+from tests.connectors.common import jobs_recording_staff
 from tests.mail import samples
 from tests.mail.dovecot import DOVECOT, PASSWORD, USER, Dovecot
 from tests.mail.smtp import SMTP_PASSWORD, SubmissionServer
@@ -104,16 +102,8 @@ class Harness:
     def start(self, environ: dict[str, str] | None = None) -> None:
         """(Re)start as a new process would: connectors built afresh from the policy."""
         self.connectors = build_connectors(self.ctx.policy, environ or ENV)
-
-        def staff_handler(message: OutboxMessage) -> str | None:
-            self.staff.append(message.kind)
-            return "noop"
-
-        self.sender = OutboxSender(
-            self.ctx,
-            {**customer_handlers(self.ctx, self.connectors), **{k: staff_handler for k in STAFF_KINDS}},
-        )
-        self.jobs = Jobs(self.ctx, self.connectors, self.sender)
+        self.jobs, _staff = jobs_recording_staff(self.ctx, self.connectors, self.staff)
+        self.sender = self.jobs.sender
 
     def poll(self) -> int:
         return self.jobs.poll("mail")

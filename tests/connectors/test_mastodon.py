@@ -16,15 +16,15 @@ from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.channels import ConnectorSetupError, build_connectors
 from bot.flow.context import AppContext
-from bot.flow.delivery import STAFF_KINDS, customer_handlers
 from bot.flow.ingest import ingest_batch
-from bot.flow.outbox import OutboxMessage, OutboxSender
+from bot.flow.outbox import OutboxSender
 from bot.jobs import Jobs
-from connectors.base import AuthFailed, Batch, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
+from connectors.base import AuthFailed, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
 from connectors.mastodon import MastodonConnector, ReplyAuthFailed, rate_limit_reset, with_mention
 from connectors.text import html_to_text
 from storage.models import Account, Conversation, Outbox, Post
 from tests.conftest import POLICY_TOML
+from tests.connectors.common import CrashesAfterFetch, jobs_recording_staff
 from tests.connectors.mastodon_server import (
     MastodonStandIn,
     own_account_from_recording,
@@ -173,18 +173,8 @@ def test_a_server_that_ignores_the_type_filter_still_yields_only_mentions(server
 # -- paging and restarts ---------------------------------------------------------------------------
 
 
-class CrashAfterFetch(MastodonConnector):
-    """Dies after the `crash_on`-th fetch got its answer, before Jobs.poll could commit it."""
-
-    crash_on = 0
-    calls = 0
-
-    def fetch(self, cursor: str | None) -> Batch:
-        batch = super().fetch(cursor)
-        self.calls += 1
-        if self.calls == self.crash_on:
-            raise RuntimeError("process killed between fetch and commit")
-        return batch
+class CrashAfterFetch(CrashesAfterFetch, MastodonConnector):
+    pass
 
 
 def test_pages_are_followed_and_a_restart_loses_nothing_and_stores_nothing_twice(
@@ -443,16 +433,8 @@ def test_recorded_post_in_acknowledged_once_and_our_reply_answers(
     ctx = fedi_ctx
     clock.set(RECORDED_AT + timedelta(minutes=1))
     connectors = build_connectors(ctx.policy, {"MASTODON_ACCESS_TOKEN": TOKEN})
-    staff_messages: list[str] = []
-
-    def staff(message: OutboxMessage) -> str | None:
-        staff_messages.append(message.kind)
-        return "noop"
-
-    sender = OutboxSender(
-        ctx, {**customer_handlers(ctx, connectors), **{kind: staff for kind in STAFF_KINDS}}
-    )
-    jobs = Jobs(ctx, connectors, sender)  # sends the outbox right after the poll
+    jobs, staff_messages = jobs_recording_staff(ctx, connectors)  # sends the outbox right after the poll
+    sender = jobs.sender
 
     assert jobs.poll("fedi") == 1
     with ctx.sessions() as session:

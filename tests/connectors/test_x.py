@@ -38,6 +38,7 @@ from connectors.x import (
 from storage.models import Account, Conversation, Outbox, Post
 from tests.conftest import POLICY_TOML
 from tests.connectors.x_server import (
+    ENV,
     RECORDED_TWEET_ID,
     RECORDED_USER_ID,
     Timeline,
@@ -53,15 +54,9 @@ from tests.connectors.x_server import (
     tweet,
     user,
 )
+from tests.procs.launch import free_port
 
 MENTIONS = r"/2/users/[0-9]+/mentions"
-ENV = {
-    "X_BEARER_TOKEN": "AAAA-test-bearer-0123456789",
-    "X_CONSUMER_KEY": "test-consumer-key",
-    "X_CONSUMER_SECRET": "test-consumer-secret",
-    "X_ACCESS_TOKEN": "783214-test-access-token",
-    "X_ACCESS_TOKEN_SECRET": "test-access-token-secret",
-}
 # When tweepy's suite recorded the mentions cassette (its `date` header): Friday 7 October 2022, 22:43:18 UTC.
 RECORDED_AT = datetime(2022, 10, 7, 22, 43, 18, tzinfo=UTC)
 RECORDED_IDS = [
@@ -427,12 +422,6 @@ def test_reply_posts_a_signed_reply_and_returns_the_id(server: XServer) -> None:
     expected = base64.b64encode(hmac.new(key.encode(), base.encode(), hashlib.sha1).digest()).decode()
     assert oauth["oauth_signature"] == expected
     assert "Bearer" not in header
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 DUPLICATE = problem(403, "Forbidden", "You are not allowed to create a Tweet with duplicate content.")

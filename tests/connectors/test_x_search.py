@@ -13,21 +13,13 @@ from sqlalchemy import Engine, select
 from bot.config import parse_policy
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
-from bot.flow.delivery import STAFF_KINDS, customer_handlers
-from bot.flow.outbox import OutboxMessage, OutboxSender
 from bot.jobs import Jobs
 from connectors.x import XConnector, XState
 from storage.models import Account, Conversation, Event, Post
 from tests.conftest import POLICY_TOML
-from tests.connectors.x_server import RECORDED_USER_ID, Timeline, XServer, tweet, user
+from tests.connectors.common import jobs_recording_staff
+from tests.connectors.x_server import ENV, RECORDED_USER_ID, Timeline, XServer, tweet, user
 
-ENV = {
-    "X_BEARER_TOKEN": "AAAA-test-bearer-0123456789",
-    "X_CONSUMER_KEY": "test-consumer-key",
-    "X_CONSUMER_SECRET": "test-consumer-secret",
-    "X_ACCESS_TOKEN": "783214-test-access-token",
-    "X_ACCESS_TOKEN_SECRET": "test-access-token-secret",
-}
 QUERY = "acme app"
 SENT_QUERY = "(acme app) -is:retweet"
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -84,16 +76,7 @@ def jobs_for(ctx: AppContext) -> tuple[Jobs, list[str]]:
     from bot.flow.channels import build_connectors
 
     connectors = build_connectors(ctx.policy, ENV)
-    staff: list[str] = []
-
-    def staff_handler(message: OutboxMessage) -> str | None:
-        staff.append(message.kind)
-        return "noop"
-
-    sender = OutboxSender(
-        ctx, {**customer_handlers(ctx, connectors), **{k: staff_handler for k in STAFF_KINDS}}
-    )
-    return Jobs(ctx, connectors, sender), staff
+    return jobs_recording_staff(ctx, connectors)
 
 
 def test_search_hits_merge_with_mentions_once_go_to_the_listening_team_and_are_not_acknowledged(

@@ -48,6 +48,14 @@ CREATE_CASSETTE = FIXTURES / "test_client_create_and_delete_tweet.yaml"
 POSTMAN = FIXTURES / "postman_twitter_api_v2.collection.json"
 RECORDED_USER_ID = "783214"  # the account whose mentions the cassette holds
 RECORDED_TWEET_ID = "1456012973835788293"  # the id POST /2/tweets answered in the cassette
+# The credentials' environment of an X connector talking to this server (made-up values).
+ENV = {
+    "X_BEARER_TOKEN": "AAAA-test-bearer-0123456789",
+    "X_CONSUMER_KEY": "test-consumer-key",
+    "X_CONSUMER_SECRET": "test-consumer-secret",
+    "X_ACCESS_TOKEN": "783214-test-access-token",
+    "X_ACCESS_TOKEN_SECRET": "test-access-token-secret",
+}
 # Headers a replay must not copy: cookies for twitter.com, and lengths we recompute.
 DROPPED_HEADERS = {"set-cookie", "content-length", "transfer-encoding", "connection"}
 DEFAULT_TWEET_FIELDS = ("id", "text", "edit_history_tweet_ids")

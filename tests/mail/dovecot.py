@@ -22,16 +22,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.procs.launch import free_port
+
 DOVECOT = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
 DOVEADM = shutil.which("doveadm") or ("/usr/bin/doveadm" if Path("/usr/bin/doveadm").exists() else None)
 USER = "support@acme.test"
 PASSWORD = "imap-test-password-7f3a"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:

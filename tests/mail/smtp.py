@@ -18,7 +18,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.mail.dovecot import free_port
+from tests.procs.launch import free_port
 
 SMTP_USER = "support@acme.test"
 SMTP_PASSWORD = "smtp-test-password-41c9"

@@ -29,6 +29,11 @@ X_ENV = {
 }
 
 T = TypeVar("T")
+# How long a process may take to start (imports, migrations) before it logs "replyclock running":
+# seconds on a quiet machine, 15 and more on a loaded 2-core one. Kept apart from the waits for
+# the behaviour under test, which start counting once the process runs.
+START_TIMEOUT = 90.0
+RUNNING_EVENT = "replyclock running"
 
 
 def policy_toml(
@@ -112,6 +117,7 @@ class Worker:
         self.log_path = cwd / f"{name}.stderr"
         self._log: IO[str] = self.log_path.open("w")
         self.started = time.time()
+        self._running = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bot.cli", "run"],
             env=dict(env),
@@ -124,6 +130,21 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def wait_running(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the process has logged that it runs; fail if it exits or takes `timeout` s."""
+        if self._running:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.events(RUNNING_EVENT):
+            if not self.alive:
+                raise AssertionError(
+                    f"replyclock run exited ({self.proc.returncode}) at start\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replyclock run did not start within {timeout} s\n{self.tail()}")
+            time.sleep(0.1)
+        self._running = True
 
     def lines(self) -> list[LogLine]:
         if not self._log.closed:
@@ -199,7 +220,12 @@ def run_env(
 
 
 def eventually(check: Callable[[], T | None], timeout: float, what: str, worker: Worker | None = None) -> T:
-    """Poll `check` until it returns something truthy; fail with the worker's last log lines."""
+    """Poll `check` until it returns something truthy; fail with the worker's last log lines.
+
+    With a `worker`, the `timeout` counts from when it runs: its start-up is not what is awaited.
+    """
+    if worker is not None:
+        worker.wait_running()
     deadline = time.monotonic() + timeout
     while True:
         value = check()

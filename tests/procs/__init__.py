@@ -1,0 +1,1 @@
+"""Helpers and worker scripts for tests that run real processes."""
