@@ -85,8 +85,9 @@ Public holidays (``holidays``, for calendars and experts) come from the `holiday
                      handover note in the card's thread).
     ``forecast_ack``        boolean, default false: acknowledgements promise the forecast answer
                             time (never later than the deadline) instead of the deadline.
-    ``at_risk``             boolean, default false: tell owner and team when the forecast for an
-                            open conversation moves past its deadline, before the first warning.
+    ``at_risk``             boolean, default false: tell owner and team when the simulated chance
+                            that an open conversation misses its deadline reaches the calibrated
+                            cut (bot.sim.forecast), before the first warning.
     ``forecast_percentile`` integer 50-99, default 80: the percentile of the forecast used.
 
 ``[[policies]]`` (at least one; the first that matches a conversation applies)
