@@ -828,7 +828,8 @@ class SlackDelivery:
 
     def _paced(self, method: str, channel: str | None) -> None:
         """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
-        ready = self.pacer.ready(method, channel) if self.pacer is not None else None
+        rank = getattr(self._rank, "value", DEFAULT_URGENCY)
+        ready = self.pacer.ready(method, channel, rank=rank) if self.pacer is not None else None
         if ready is not None:
             raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
 
