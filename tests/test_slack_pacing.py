@@ -16,7 +16,7 @@ from bot.demo.standin import DEFAULT_TOKEN, SlackStandIn
 from bot.flow.context import AppContext
 from bot.flow.outbox import OutboxSender
 from bot.flow.sweep import sweep
-from bot.slack.pacing import POST, Pacer, SharedPacer
+from bot.slack.pacing import OVERBOOK, POST, Pacer, SharedPacer
 from storage.db import make_engine
 from storage.models import Outbox
 from tests.conftest import MONDAY
@@ -25,6 +25,7 @@ from tests.test_slack_delivery import CARE, USERS, sender_for, top_level
 
 POST_MESSAGE = "chat.postMessage"
 SECOND = timedelta(seconds=1)
+SLOT = SECOND / OVERBOOK  # calls put off are promised a slot each OVERBOOK to a second
 
 
 def test_a_burst_then_one_a_second_per_channel() -> None:
@@ -45,11 +46,11 @@ def test_the_last_token_is_kept_for_breaches_and_calls_put_off_are_spread() -> N
     # Cards (rank 3) take the burst but its reserve: two of three.
     assert [pacer.take(POST_MESSAGE, "C1", rank=3) for _ in range(2)] == [None, None]
     later = [pacer.take(POST_MESSAGE, "C1", rank=3) for _ in range(3)]
-    assert later == [MONDAY + SECOND, MONDAY + 2 * SECOND, MONDAY + 3 * SECOND]  # one slot each
+    assert later == [MONDAY + SECOND, MONDAY + SECOND + SLOT, MONDAY + SECOND + 2 * SLOT]  # spread
     assert pacer.take(POST_MESSAGE, "C1", rank=0) is None  # a breach: the reserve, at once
     # A breach put off is told the very next slot; a nag, the slot after the cards'.
     assert pacer.take(POST_MESSAGE, "C1", rank=0) == MONDAY + SECOND
-    assert pacer.take(POST_MESSAGE, "C1", rank=6) == MONDAY + 4 * SECOND
+    assert pacer.take(POST_MESSAGE, "C1", rank=6) == MONDAY + SECOND + 3 * SLOT
     assert pacer.ready(POST_MESSAGE, "C1", rank=0) == MONDAY + SECOND  # a peek takes and promises nothing
     assert pacer.ready(POST_MESSAGE, "C1", rank=3) == MONDAY + 2 * SECOND
 
@@ -57,11 +58,12 @@ def test_the_last_token_is_kept_for_breaches_and_calls_put_off_are_spread() -> N
 def test_a_backlog_beyond_the_horizon_asks_again_later_not_all_at_once() -> None:
     clock = FakeClock(MONDAY)
     pacer = Pacer(clock.now)
-    slots = [pacer.take(POST_MESSAGE, "C1", rank=3) for _ in range(200)]
+    slots = [pacer.take(POST_MESSAGE, "C1", rank=3) for _ in range(int(POST.horizon) * OVERBOOK * 2)]
     promised = [slot for slot in slots if slot is not None]
     horizon = MONDAY + timedelta(seconds=POST.horizon)
     near = [slot for slot in promised if slot <= horizon]
-    assert len(near) == len(set(near)) == int(POST.horizon)  # one call per slot up to the horizon
+    # One call per slot up to the horizon (from the first slot, a second from now).
+    assert len(near) == len(set(near)) == int((POST.horizon - 1) * OVERBOOK) + 1
     far = [slot for slot in promised if slot > horizon]
     assert all(slot <= horizon + timedelta(seconds=POST.horizon) for slot in far)
     assert len(set(far)) > len(far) // 2  # spread out, not one herd
@@ -99,7 +101,7 @@ def test_processes_share_one_budget_per_channel(engine: Engine) -> None:
     assert two.take("chat.update", "C1") is None  # tiers are workspace-wide, per method
     # Slots promised to calls put off are shared too: the next card is told the slot after,
     # a breach the very next slot.
-    assert one.take(POST_MESSAGE, "C1", rank=3) == MONDAY + 3 * SECOND
+    assert one.take(POST_MESSAGE, "C1", rank=3) == MONDAY + 2 * SECOND + SLOT
     assert two.take(POST_MESSAGE, "C1", rank=0) == MONDAY + SECOND
     # A 429 seen by one process closes the channel for every process.
     one.block(POST_MESSAGE, "C2", MONDAY + 30 * SECOND)

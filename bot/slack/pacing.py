@@ -20,8 +20,8 @@ comes anyway pushes ``tat`` past its ``Retry-After`` for every process.
 Urgency under the limits: the last `Pace.reserve` tokens of a bucket are kept for urgent calls
 (rank `URGENT_RANK` or lower: breach and escalation notices, unknown-fate warnings), so a breach
 finds a token at once even while cards and nags keep the channel at its pace; and calls put off
-are promised slots in two queues (urgent, ordinary) so that a backlog of cards is not re-tried
-all at every slot, while a breach put off is told the very next slot. Among the ordinary ones
+are promised slots in two queues (urgent, ordinary; `OVERBOOK` calls a slot) so that a backlog
+of cards is not re-tried all at every slot, while a breach put off is told the very next slot. Among the ordinary ones
 the outbox's claim order (urgency, then due time) decides who takes a free slot.
 
 If the database cannot be reached, each process paces itself alone (the local buckets below,
@@ -54,7 +54,8 @@ log = logging.getLogger("replyclock.slack")
 
 URGENT_RANK = 0  # storage.models.URGENCY of breach, escalation and unknown-fate notices
 ALIAS = "alias"  # SlackPace.method of a row naming a channel's id
-RETRY_SHARED = 5.0  # seconds of local pacing after a database failure before trying it again
+RETRY_SHARED = 5.0
+OVERBOOK = 2  # calls put off that are promised each slot  # seconds of local pacing after a database failure before trying it again
 _LOG_EVERY = 60.0  # seconds between two "shared pacing unavailable" log lines
 
 
@@ -84,7 +85,7 @@ class Pace:
 
 # chat.postMessage per channel: Slack's ~1/s, with a burst of 3 (Slack publishes no number; the
 # stand-in allows 4), the last one kept for breaches and escalations.
-POST = Pace(per_second=1.0, burst=3.0, reserve=1.0, horizon=60.0)
+POST = Pace(per_second=1.0, burst=3.0, reserve=1.0, horizon=120.0)
 
 # Per method (workspace-wide), a little under the published tier; unknown methods go unpaced.
 _TIER3 = Pace(per_second=45 / 60, burst=10.0, reserve=3.0, horizon=120.0)  # Tier 3: 50/min
@@ -145,10 +146,12 @@ def _step(state: _State, pace: Pace, now: float, op: str, rank: int, until: floa
     if slot > now + pace.horizon:
         # A backlog longer than the horizon: ask again somewhere in the next horizon, not all at once.
         return max(ready, now + pace.horizon + random.uniform(0.0, pace.horizon))
+    # Two calls promised each slot: one whose row was retired or taken by a storm meanwhile does
+    # not leave the slot unused; if both come, the second is promised a later one.
     if urgent:
-        state.urgent_tail = slot + interval
+        state.urgent_tail = slot + interval / OVERBOOK
     else:
-        state.tail = slot + interval
+        state.tail = slot + interval / OVERBOOK
     return slot
 
 
