@@ -21,9 +21,19 @@ It prints:
   its scheduled time and its Slack call (the stand-in's record of the chat.postMessage whose
   channel and ts the outbox row stored), p50/p99/max, per kind, split into the sweep's part and
   the sender's part, and over time; the aim is a p99 under 2 seconds;
-* the CPU time each process used, and every check of the test (nothing twice, nothing lost).
+* the CPU time each process used, and every check of the test (nothing twice, nothing lost);
+* Slack's limits (on by default: the stand-in enforces Slack's published limits, the processes
+  pace themselves from one budget in the database; ``--no-rate-limits`` for the unlimited
+  stand-in): per channel (the two storm channels, the "quiet" team's channel that gets every
+  500th post, and each person's DMs) its posts, 429s and busiest 10 seconds, whether it was
+  rate-limited, and the lateness of breach and escalation notices, of cards (webhook answered
+  -> card) and of nags; nag lateness where the limit allows; the share of sends that were
+  skips (a handler that found nothing to send; target <= 1 %); each process's peak RSS
+  (target <= 200 MB); and whether everything was sent before ``--settle-timeout``. At Slack's
+  pace (one post a second per channel) a storm of thousands of conversations in two channels
+  cannot settle in minutes: the report says what was still unsent when the wait ended.
 
-Run it from the project root (PostgreSQL must be reachable; about 6 minutes)::
+Run it from the project root (PostgreSQL must be reachable; about 6 to 10 minutes)::
 
     .venv/bin/python -m bench.storm
     .venv/bin/python -m bench.storm --posts 3000 --seconds 60       # a shorter storm
