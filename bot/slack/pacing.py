@@ -31,6 +31,7 @@ as before pacing was shared) and tries the database again after `RETRY_SHARED`.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -38,12 +39,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Double, Engine, case, literal, select, update
+from sqlalchemy import Double, Engine, Update, bindparam, case, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import InstrumentedAttribute
-from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import READ_ONLY, make_engine
 from storage.models import SlackPace
@@ -359,13 +358,18 @@ class SharedPacer(Pacer):
             return _step(state, pace, now, op, rank, until)
         with self._engine.connect() as db:
             if op in (TAKE, SPEND):
-                # The common case, one statement: a token is there (or is spent anyway).
-                moved = (
-                    update(SlackPace).where(*where).values(tat=_greatest(SlackPace.tat, now) + pace.interval)
-                )
-                if op == TAKE:
-                    moved = moved.where(SlackPace.tat <= now + pace.tolerance(rank))
-                changed = db.execute(moved).rowcount
+                # The common case, one statement built once: a token is there (or is spent anyway).
+                limit = now + pace.tolerance(rank) if op == TAKE else math.inf
+                changed = db.execute(
+                    _TAKE,
+                    {
+                        "b_method": method,
+                        "b_channel": channel,
+                        "now": now,
+                        "step": pace.interval,
+                        "limit": limit,
+                    },
+                ).rowcount
                 db.commit()
                 if changed:
                     return None
@@ -392,10 +396,25 @@ class SharedPacer(Pacer):
         raise RuntimeError("the pace row was both missing and present")  # pragma: no cover
 
 
-def _greatest(column: InstrumentedAttribute[float], now: float) -> ColumnElement[float]:
-    """``max(column, now)`` in SQL that SQLite and PostgreSQL both speak."""
-    value = literal(now, Double)
-    return case((column > value, column), else_=value)
+def _take_statement() -> Update:
+    """``UPDATE slack_pace SET tat = max(tat, :now) + :step WHERE (method, channel) = .. AND tat <= :limit``.
+
+    Built once, with bound parameters only (SQLAlchemy then reuses its compiled form): the
+    statement every paced Slack call runs. ``max`` as a CASE, which SQLite and PostgreSQL both speak.
+    """
+    now = bindparam("now", type_=Double)
+    return (
+        update(SlackPace)
+        .where(
+            SlackPace.method == bindparam("b_method"),
+            SlackPace.channel == bindparam("b_channel"),
+            SlackPace.tat <= bindparam("limit", type_=Double),
+        )
+        .values(tat=case((SlackPace.tat > now, SlackPace.tat), else_=now) + bindparam("step", type_=Double))
+    )
+
+
+_TAKE = _take_statement()
 
 
 def pacing_engine(engine: Engine) -> Engine:
