@@ -342,7 +342,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.reports.digest_delivery import digest_handlers
     from bot.runlock import single_writer_lock
     from bot.slack.delivery import slack_handlers
-    from bot.slack.pacing import Pacer
+    from bot.slack.pacing import SharedPacer, pacing_engine
 
     settings = _settings()
     logs.configure(settings.log_level)
@@ -379,7 +379,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         slack = SlackSettings.from_settings(settings)
         client = slack.client()
         if client is not None:
-            pacer = Pacer(ctx.clock.now) if settings.slack_pacing else None
+            # Slack's limits are the workspace's: every process paces from one budget in the database.
+            pacer = SharedPacer(ctx.clock.now, pacing_engine(engine)) if settings.slack_pacing else None
             staff = slack_handlers(ctx, client, pacer=pacer)
         else:
             staff = text_handlers(

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -332,3 +333,23 @@ class Lease(Base):
     pid: Mapped[int] = mapped_column(Integer)
     acquired_at: Mapped[datetime]
     expires_at: Mapped[datetime]
+
+
+class SlackPace(Base):
+    """Slack's rate-limit budget for one (method, channel), shared by every process on the database.
+
+    bot.slack.pacing: `tat` is the bucket's theoretical arrival time (GCRA, seconds since the
+    epoch: a call may go while ``tat`` is at most the bucket's tolerance ahead of now);
+    `tail` and `urgent_tail` are the next slots promised to calls put off (ordinary, urgent).
+    ``channel`` is "" for a workspace-wide method tier. A row of method ``alias`` says which
+    channel id a configured name (``#care``) is, so that every process spends from the id's row.
+    """
+
+    __tablename__ = "slack_pace"
+
+    method: Mapped[str] = mapped_column(String(60), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tat: Mapped[float] = mapped_column(Double)
+    tail: Mapped[float] = mapped_column(Double)
+    urgent_tail: Mapped[float] = mapped_column(Double)
+    same_as: Mapped[str | None] = mapped_column(String(100))

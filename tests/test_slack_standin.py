@@ -29,6 +29,8 @@ from bot.demo.standin import (
     DEFAULT_TOKEN,
     METHOD_TIERS,
     POST_BURST,
+    POST_PER_SECOND,
+    PUBLISHED_LIMITS,
     RATE_LIMITS_ENV,
     RESPONSE_URL_METHOD,
     TIER_PER_MINUTE,
@@ -326,6 +328,17 @@ def test_published_limits_tiers_per_method() -> None:
             assert client.users_info(user="U0MARIA01")["ok"]
         assert slack_error(lambda: client.users_info(user="U0MARIA01")).response.status_code == 429
         assert [call.status for call in slack.calls_to("users.info")].count(429) == 1
+
+
+def test_published_limits_are_one_table() -> None:
+    """Every limit the stand-in enforces is a row of PUBLISHED_LIMITS: the tiers and the per-channel posts."""
+    post = PUBLISHED_LIMITS["chat.postMessage"]
+    assert (post.per_second, post.burst, post.per_channel) == (POST_PER_SECOND, POST_BURST, True)
+    tiered = {method: limit for method, limit in PUBLISHED_LIMITS.items() if method != "chat.postMessage"}
+    assert set(tiered) == set(METHOD_TIERS)
+    for method, limit in tiered.items():
+        per_minute = TIER_PER_MINUTE[METHOD_TIERS[method]]
+        assert (limit.per_second * 60, limit.burst, limit.per_channel) == (per_minute, per_minute, False)
 
 
 def test_published_limits_are_off_by_default_and_on_by_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "METHOD_TIERS",
     "POST_BURST",
     "POST_PER_SECOND",
+    "PUBLISHED_LIMITS",
     "RATE_LIMITS_ENV",
     "RESPONSE_URL_METHOD",
     "TIER_PER_MINUTE",
@@ -77,6 +78,7 @@ __all__ = [
     "AppResponse",
     "Call",
     "Ephemeral",
+    "Limit",
     "Message",
     "SlackStandIn",
     "SlackUser",
@@ -133,6 +135,25 @@ POST_PER_SECOND = 1.0
 POST_BURST = 4
 """chat.postMessage: how many messages a quiet channel takes at once before the 1/s pace applies
 (Slack allows "short bursts" without publishing a number; four is the stand-in's choice)."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One rate limit: a bucket of `burst` calls refilled at `per_second`, per channel or per workspace."""
+
+    per_second: float
+    burst: float
+    per_channel: bool = False
+
+
+PUBLISHED_LIMITS: Mapping[str, Limit] = {
+    "chat.postMessage": Limit(POST_PER_SECOND, float(POST_BURST), per_channel=True),
+    **{
+        method: Limit(TIER_PER_MINUTE[tier] / 60.0, float(TIER_PER_MINUTE[tier]))
+        for method, tier in METHOD_TIERS.items()
+    },
+}
+"""Every limit `SlackStandIn` enforces with ``rate_limits`` on, by method: the one table."""
 
 MAX_MESSAGE_TEXT = 40_000  # chat.postMessage truncates longer text; chat.update answers msg_too_long
 MAX_MESSAGE_BLOCKS = 50
@@ -315,12 +336,6 @@ class _SlackError(Exception):
         self.extra = extra
 
 
-class _RateLimited(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("ratelimited")
-        self.retry_after = retry_after
-
-
 @dataclass
 class _Reply:
     status: int
@@ -418,37 +433,34 @@ class _Trigger:
 
 
 class _Limiter:
-    """Slack's published rate limits as token buckets: per method (tiers) and per channel (posts).
+    """Rate limits as token buckets, one per (method, channel) or per method, from a table of `Limit`.
 
     A bucket holds up to its burst of calls and refills at its rate; a call finding it empty
     is refused with the whole seconds until a call would pass (Slack's ``Retry-After``, at
     least 1). Time comes from `clock` (seconds; monotonic by default, a fake one in tests).
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], limits: Mapping[str, Limit]) -> None:
         self._clock = clock
+        self._limits = dict(limits)
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (tokens, at)
 
     def check(self, method: str, channel: str | None) -> int | None:
         """Take a call's token: None if it passes, else the Retry-After seconds."""
-        if method == "chat.postMessage":
-            if channel is None:
-                return None  # no channel: the method answers an error of its own
-            key, rate, burst = (method, channel), POST_PER_SECOND, float(POST_BURST)
-        else:
-            tier = METHOD_TIERS.get(method)
-            if tier is None:
-                return None
-            per_minute = TIER_PER_MINUTE[tier]
-            key, rate, burst = (method, ""), per_minute / 60.0, float(per_minute)
+        limit = self._limits.get(method)
+        if limit is None:
+            return None
+        if limit.per_channel and channel is None:
+            return None  # no channel: the method answers an error of its own
+        key = (method, (channel or "") if limit.per_channel else "")
         now = self._clock()
-        tokens, at = self._buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + max(now - at, 0.0) * rate)
+        tokens, at = self._buckets.get(key, (limit.burst, now))
+        tokens = min(limit.burst, tokens + max(now - at, 0.0) * limit.per_second)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             return None
         self._buckets[key] = (tokens, now)
-        return max(1, math.ceil((1.0 - tokens) / rate))
+        return max(1, math.ceil((1.0 - tokens) / limit.per_second))
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,12 +483,12 @@ class SlackStandIn:
             Without one, ``ts`` counts up from ``"1700000000.000100"`` in steps of 100 µs, so
             runs are reproducible; with one (e.g. a demo's fake clock) ``ts`` follows it, still
             unique and increasing, and the transcript shows times.
-        post_interval: simulate Slack's per-channel limit on ``chat.postMessage`` ("about one
-            message per second per channel"): a post sooner than this many (real) seconds after
-            the previous one in the same channel answers HTTP 429 ``ratelimited``.
-        rate_limits: enforce Slack's published limits (`TIER_PER_MINUTE` per method by its tier,
-            `METHOD_TIERS`; ``chat.postMessage`` `POST_PER_SECOND` per channel after a burst of
-            `POST_BURST`): a call beyond them answers HTTP 429 with ``Retry-After`` (whole
+        post_interval: a per-channel limit on ``chat.postMessage`` of one post per this many
+            seconds, without a burst (in place of the published one): a post sooner answers HTTP
+            429 ``ratelimited``. The same buckets as `rate_limits` (`PUBLISHED_LIMITS`).
+        rate_limits: enforce Slack's published limits (`PUBLISHED_LIMITS`: `TIER_PER_MINUTE`
+            per method by its tier, `METHOD_TIERS`; ``chat.postMessage`` `POST_PER_SECOND` per
+            channel after a burst of `POST_BURST`): a call beyond them answers HTTP 429 with ``Retry-After`` (whole
             seconds) and ``{"ok": false, "error": "ratelimited"}``, as Slack does, and changes
             nothing. Default: off, unless the environment variable `RATE_LIMITS_ENV` is set to 1.
         limit_clock: seconds (any origin) for the rate limits; default ``time.monotonic``. Give
@@ -526,11 +538,14 @@ class SlackStandIn:
 
         self._tokens: frozenset[str] | None = None if tokens is None else frozenset(tokens)
         self._clock = clock
-        self._post_interval = post_interval
         if rate_limits is None:
             rate_limits = os.environ.get(RATE_LIMITS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
         self.rate_limits = rate_limits
         self._limit_clock = limit_clock or time.monotonic
+        limits: dict[str, Limit] = dict(PUBLISHED_LIMITS) if rate_limits else {}
+        if post_interval is not None:  # one post per channel per post_interval, no burst
+            limits["chat.postMessage"] = Limit(1.0 / post_interval, 1.0, per_channel=True)
+        self._limits = limits
         self._strict_triggers = strict_triggers
         self._host = host
         self._port = port
@@ -580,8 +595,7 @@ class SlackStandIn:
             self._triggers: dict[str, _Trigger] = {}
             self._faults: list[_Fault] = []
             self._delays: list[_Delay] = []
-            self._last_post: dict[str, float] = {}
-            self._limiter = _Limiter(self._limit_clock)
+            self._limiter = _Limiter(self._limit_clock, self._limits)
             self._last_ts_us = 0
             self._serial = 0
             for channel_id in [c.id for c in self._channels.values() if c.is_im or c.is_mpim]:
@@ -1360,7 +1374,7 @@ class SlackStandIn:
             return _Reply.of_json({"ok": False, "error": "not_authed"})
         if self._tokens is not None and token not in self._tokens:
             return _Reply.of_json({"ok": False, "error": "invalid_auth"})
-        if self.rate_limits:
+        if self._limits:
             channel = _opt_str(params.get("channel"))
             if method == "chat.postMessage" and channel is not None:
                 channel = self._resolve_channel(channel, open_dm=False) or channel
@@ -1373,12 +1387,6 @@ class SlackStandIn:
             return _Reply.of_json({"ok": True, **handler(params)})
         except _SlackError as error:
             return _error_reply(error)
-        except _RateLimited as limited:
-            return _Reply.of_json(
-                {"ok": False, "error": "ratelimited"},
-                status=429,
-                headers=[("Retry-After", str(limited.retry_after))],
-            )
 
     # ----------------------------------------------------------------------------------------
     # Web API methods (called with the lock held)
@@ -1399,12 +1407,6 @@ class SlackStandIn:
         text, blocks, attachments = self._message_content(params, for_update=False)
         if len(text) > MAX_MESSAGE_TEXT:
             text = text[:MAX_MESSAGE_TEXT]
-        if self._post_interval is not None:
-            now = time.monotonic()
-            last = self._last_post.get(channel_id)
-            if last is not None and now - last < self._post_interval:
-                raise _RateLimited(max(1, math.ceil(self._post_interval - (now - last))))
-            self._last_post[channel_id] = now
         ts = self._next_ts()
         data = self._bot_message(text, blocks or [], attachments or [], ts)
         for name in ("username", "icon_emoji", "icon_url"):

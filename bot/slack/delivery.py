@@ -179,6 +179,7 @@ class SlackDelivery:
         self.storm_window = storm_window
         self.pacer = pacer
         self._rank = threading.local()  # the urgency of the message being delivered on this thread
+        self._dm_channels: dict[str, str] = {}  # Slack user id -> their DM channel id
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -282,10 +283,30 @@ class SlackDelivery:
             return f"skipped: conversation is {loaded.conversation.status}"
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
-        self._paced("chat.postMessage", loaded.conversation.slack_channel)  # before the edit, not between
-        self._refresh_card(loaded, now)
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
-        return self._thread_reply(loaded, built)
+        sent = self._thread_reply(loaded, built)
+        # The notice is out; the card's edit (chat.update, a workspace-wide tier of ~50 a minute)
+        # must not hold it back: when that tier is spent, a card_update row does it later.
+        self._refresh_or_queue(loaded, now, reason="overdue")
+        return sent
+
+    def _refresh_or_queue(self, loaded: _Loaded, now: datetime, *, reason: str) -> None:
+        """Edit the card now if Slack's pace allows, else queue a ``card_update`` (newer ones supersede it)."""
+        conversation = loaded.conversation
+        try:
+            self._refresh_card(loaded, now)
+            return
+        except (Retry, SlackDeliveryError) as error:
+            after = error.after if isinstance(error, Retry) else None
+        with self.ctx.sessions() as session, session.begin():
+            repo.enqueue(
+                session=session,
+                kind="card_update",
+                key=f"conv:{conversation.id}:c{conversation.cycle}:{reason}",
+                payload={"conversation_id": conversation.id, "reason": reason},
+                conversation_id=conversation.id,
+                now=max(after or now, now),
+            )
 
     def resolution_notice(self, message: OutboxMessage) -> str:
         """The resolution deadline is near or has passed: a line in the card's thread, pinging the
@@ -800,13 +821,17 @@ class SlackDelivery:
             )
 
     def _dm(self, expert: Expert, built: blocks.Message, conversation_id: int | None) -> str:
-        opened = self._call(
-            "conversations.open",
-            expert.slack_id,
-            conversation_id,
-            lambda: self.client.conversations_open(users=expert.slack_id),
-        )
-        channel_id = str(opened["channel"]["id"])
+        # A person's DM channel does not change: open it once per process (conversations.open is
+        # a workspace-wide tier of ~50 a minute, which a storm's nags would spend at once).
+        channel_id = self._dm_channels.get(expert.slack_id)
+        if channel_id is None:
+            opened = self._call(
+                "conversations.open",
+                expert.slack_id,
+                conversation_id,
+                lambda: self.client.conversations_open(users=expert.slack_id),
+            )
+            channel_id = self._dm_channels[expert.slack_id] = str(opened["channel"]["id"])
         channel, ts = self._post(built, channel=channel_id, conversation_id=conversation_id)
         return f"dm {channel} {ts}"
 
@@ -846,7 +871,8 @@ class SlackDelivery:
 
     def _paced(self, method: str, channel: str | None) -> None:
         """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
-        ready = self.pacer.ready(method, channel) if self.pacer is not None else None
+        rank = getattr(self._rank, "value", DEFAULT_URGENCY)
+        ready = self.pacer.ready(method, channel, rank=rank) if self.pacer is not None else None
         if ready is not None:
             raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
 

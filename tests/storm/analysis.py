@@ -30,7 +30,7 @@ from sqlalchemy import Engine, select
 from bot.demo.standin import Call
 from storage.models import Account, Conversation, Event, Outbox, Post
 from tests.storm.loader import Outcome
-from tests.storm.scenario import ACCOUNT, LADDER_KINDS, Schedule, StormConfig
+from tests.storm.scenario import ACCOUNT, CHANNELS, EXPERTS, LADDER_KINDS, Schedule, StormConfig
 from tests.storm.servers import Reply
 
 CARD_METADATA_TYPE = "replyclock_card"
@@ -44,6 +44,13 @@ STEP_TEXTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("escalation", re.compile(r"^Escalation: #(\d+) ")),
     ("warning", re.compile(r"^#(\d+) is ")),
 )
+
+
+# A channel is "rate-limited" when in some POST_WINDOW seconds it took at least LIMITED_SHARE of
+# what Slack's pace allows there (about one post a second): its messages had to queue.
+POST_WINDOW = 10.0
+LIMITED_SHARE = 0.8
+URGENT_KINDS = ("breach", "escalation")
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -94,6 +101,25 @@ class ProcessWork:
 
 
 @dataclass
+class ChannelFigures:
+    """What one Slack channel (a team's, or a person's DMs) received, and how late."""
+
+    label: str
+    posts: int = 0  # chat.postMessage calls answered ok
+    refused: int = 0  # chat.postMessage calls answered 429
+    peak: int = 0  # the most posts in any POST_WINDOW seconds
+    span: float = 0.0  # seconds from its first post to its last
+    urgent: list[float] = field(default_factory=list)  # breach and escalation: lateness, s
+    cards: list[float] = field(default_factory=list)  # webhook 202 -> card (or storm entry), s
+    warnings: list[float] = field(default_factory=list)
+    nags: list[float] = field(default_factory=list)
+
+    @property
+    def limited(self) -> bool:
+        return self.peak >= LIMITED_SHARE * POST_WINDOW
+
+
+@dataclass
 class Report:
     """Everything checked and measured; `problems` is empty when the storm went right."""
 
@@ -116,6 +142,18 @@ class Report:
     points: list[tuple[float, float, str]] = field(default_factory=list)
     owed_steps: int = 0  # steps due at least OWED_MARGIN before their conversation's answer arrived
     missing_steps: Counter[str] = field(default_factory=Counter)  # owed but never in Slack, by kind
+    channels: dict[str, ChannelFigures] = field(default_factory=dict)  # by channel id
+    sends: int = 0  # outbox rows settled as sent (a platform call, or a skip)
+    skipped_sends: int = 0  # of those, skips: the handler found nothing to send (answered first...)
+
+    @property
+    def skip_share(self) -> float:
+        return self.skipped_sends / self.sends if self.sends else 0.0
+
+    def by_limit(self, limited: bool, what: str) -> Spread:
+        """Lateness of `what` (urgent, cards, warnings, nags) over the channels (not) rate-limited."""
+        values = [v for c in self.channels.values() if c.limited == limited for v in getattr(c, what)]
+        return Spread.of(values)
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
@@ -222,6 +260,7 @@ def analyse(
     _check_acks(report, outbox, replies, by_author, posts)
     _measure(report, outcomes, calls, replies, posts, step_calls, events)
     _owed(report, config, schedule, outcomes, posts, conversations, step_calls)
+    _channels(report, calls, posts, outcomes, step_calls)
     report.work = process_work(logs)
     runs = config.run_processes
     idle = [name for name, work in report.work.items() if not work.did_work]
@@ -301,6 +340,10 @@ def _check_outbox(report: Report, outbox: Sequence[Any]) -> None:
     report.outbox_sent = len(sent_at)
     if sent_at:
         report.outbox_seconds = max(sent_at).timestamp() - min(row.created_at for row in outbox).timestamp()
+    sent_rows = [row for row in outbox if row.status == "sent"]
+    report.sends = len(sent_rows)
+    report.skipped_sends = sum(1 for row in sent_rows if str(row.result).startswith("skipped"))
+    report.counts["sends that were skips"] = report.skipped_sends
     report.counts["outbox rows sent more than once (attempts > 1)"] = sum(
         1 for row in outbox if row.attempts > 1
     )
@@ -567,6 +610,81 @@ def _owed(
                 report.owed_steps += 1
                 if (row.id, kind, index) not in sent:
                     report.missing_steps[kind] += 1
+
+
+def _answered_at(outcomes: Sequence[Outcome], posts: Sequence[Any]) -> dict[int, float]:
+    """Conversation id -> when the webhook first answered 202 for its first customer post."""
+    accepted: dict[str, float] = {}
+    for outcome in outcomes:
+        if outcome.status == 202 and outcome.delivery.kind == "post":
+            previous = accepted.get(outcome.delivery.external_id, math.inf)
+            accepted[outcome.delivery.external_id] = min(outcome.done, previous)
+    found: dict[int, float] = {}
+    for row in posts:
+        if row.direction == "in" and row.external_id in accepted and row.conversation_id is not None:
+            found.setdefault(row.conversation_id, accepted[row.external_id])
+    return found
+
+
+def _channels(
+    report: Report,
+    calls: Sequence[Call],
+    posts: Sequence[Any],
+    outcomes: Sequence[Outcome],
+    step_calls: Mapping[int, tuple[Call, Any]],
+) -> None:
+    """Per Slack channel: posts, 429s, its busiest POST_WINDOW, and the lateness of what it got."""
+    labels = {channel: team for team, channel in CHANNELS.items()}
+    names = {slack_id: name for name, slack_id in EXPERTS.values()}
+    times: dict[str, list[float]] = defaultdict(list)
+    for call in calls:
+        if call.method == "conversations.open" and call.ok and call.response is not None:
+            channel = (call.response.get("channel") or {}).get("id")
+            user = str(call.params.get("users", ""))
+            if channel:
+                labels.setdefault(str(channel), f"DM {names.get(user, user)}")
+        if call.method != "chat.postMessage":
+            continue
+        if call.ok and call.response is not None:
+            times[str(call.response.get("channel"))].append(call.timestamp)
+        elif call.status == 429:
+            channel = str(call.params.get("channel"))
+            figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
+            figures.refused += 1
+    for channel, stamps in times.items():
+        figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
+        figures.label = labels.get(channel, channel)
+        stamps.sort()
+        figures.posts = len(stamps)
+        figures.span = stamps[-1] - stamps[0]
+        start = 0
+        for end, at in enumerate(stamps):
+            while at - stamps[start] >= POST_WINDOW:
+                start += 1
+            figures.peak = max(figures.peak, end - start + 1)
+    for call, row in step_calls.values():
+        channel = str((call.response or {}).get("channel"))
+        figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
+        lateness = call.timestamp - _at(row.payload["scheduled_at"])
+        if row.kind in URGENT_KINDS:
+            figures.urgent.append(lateness)
+        elif row.kind == "warning":
+            figures.warnings.append(lateness)
+        elif row.kind == "nag":
+            figures.nags.append(lateness)
+    answered = _answered_at(outcomes, posts)
+    seen: set[int] = set()
+    for call in calls:
+        metadata = call.params.get("metadata") if call.method == "chat.postMessage" and call.ok else None
+        if not isinstance(metadata, dict) or metadata.get("event_type") != CARD_METADATA_TYPE:
+            continue
+        cid = int((metadata.get("event_payload") or {})["conversation_id"])
+        if cid in seen or cid not in answered:
+            continue
+        seen.add(cid)
+        channel = str((call.response or {}).get("channel"))
+        figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
+        figures.cards.append(call.timestamp - answered[cid])
 
 
 def timeline(

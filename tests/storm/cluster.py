@@ -69,6 +69,17 @@ def machine_cpu() -> tuple[float, float] | None:
     return (sum(ticks) - idle) / hz, sum(ticks) / hz
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The peak resident set size of a running process (VmHWM), in MB (Linux /proc; None elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass
 class Process:
     name: str
@@ -211,6 +222,15 @@ class Cluster:
             seconds = process.cpu_seconds()
             if seconds is not None:
                 found[process.name] = seconds
+        return found
+
+    def peak_rss(self) -> dict[str, float]:
+        """Peak resident memory (MB) of each process still running."""
+        found: dict[str, float] = {}
+        for process in self.processes:
+            mb = peak_rss_mb(process.popen.pid)
+            if mb is not None:
+                found[process.name] = mb
         return found
 
     def stop(self) -> dict[str, int]:

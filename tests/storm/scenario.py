@@ -24,15 +24,20 @@ from pathlib import Path
 ACCOUNT = "storm"
 SECRET_ENV = "WEBHOOK_SECRET_STORM"
 OWN_ID = "storm_staff"
-CHANNELS = {"care": "C0STORMCARE", "billing": "C0STORMBILL"}
+CHANNELS = {"care": "C0STORMCARE", "billing": "C0STORMBILL", "quiet": "C0STORMQUIET"}
 # expert id -> (name, Slack user id)
 EXPERTS = {
     "ada": ("Ada Byron", "U0STORMADA"),
     "bo": ("Bo Chen", "U0STORMBO0"),
     "cy": ("Cy Dorsey", "U0STORMCY0"),
     "di": ("Di Evans", "U0STORMDI0"),
+    "ed": ("Ed Fox", "U0STORMED0"),
+    "fay": ("Fay Gold", "U0STORMFAY"),
 }
-TEAMS = {"care": ("ada", "bo"), "billing": ("cy", "di")}
+# "quiet" gets every `StormConfig.quiet_every`-th post: a team whose channel and DMs stay within
+# Slack's limits while the storm fills the other two (the storm's own routing: "quiet" in the text).
+TEAMS = {"care": ("ada", "bo"), "billing": ("cy", "di"), "quiet": ("ed", "fay")}
+QUIET_TEXT = "A quiet question about my account settings"
 LADDER_KINDS = ("warning", "breach", "escalation", "nag")
 _TEXTS = (
     "Is the app down? I cannot log in since this morning",
@@ -65,6 +70,8 @@ class StormConfig:
         follow_up_every: every n-th post is a follow-up of an author who wrote shortly before.
         follow_up_delay: seconds between a first post and its follow-up.
         duplicate_every: every n-th delivery is sent twice at once.
+        quiet_every: every n-th first post goes to the "quiet" team (0: none), whose channel and
+            DMs stay within Slack's limits.
         outbox_interval: OUTBOX_INTERVAL of the run processes (the product default unless set).
         sweep_max_interval: SWEEP_MAX_INTERVAL of the run processes (the product default unless set).
         seed: for the texts and the follow-ups.
@@ -82,6 +89,7 @@ class StormConfig:
     follow_up_every: int = 10
     follow_up_delay: float = 3.0
     duplicate_every: int = 25
+    quiet_every: int = 0
     outbox_interval: float | None = None
     sweep_max_interval: float | None = None
     seed: int = 6
@@ -152,6 +160,11 @@ warn_at = [{config.warn_at}]
 nag_every = "{seconds_text(config.nag_every)}"
 acknowledge = true
 escalation = [ {{ after = "{seconds_text(config.escalation_after)}", notify = "team_channel" }} ]
+
+[[routing]]
+name = "quiet words"
+team = "quiet"
+keywords = ["quiet"]
 
 [[routing]]
 name = "billing words"
@@ -234,6 +247,8 @@ def build_schedule(config: StormConfig, start: datetime | None = None, run_id: s
         else:
             author = f"{run_id}cust{index}"
             text = rng.choice(_TEXTS)
+            if config.quiet_every > 0 and index % config.quiet_every == config.quiet_every // 2:
+                text = QUIET_TEXT
             body = _body(external_id, author, author.title(), text, begin + timedelta(seconds=at))
             delivery = Delivery(at, external_id, body, "post", author)
             authors.append((author, at, external_id))

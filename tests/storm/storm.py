@@ -62,6 +62,9 @@ class StormRun:
     machine_busy: float | None  # share of the machine's CPU time busy over the same span (0..1)
     autovacuum: bool  # the server's own autovacuum is on
     analyzed: int  # ANALYZE rounds the harness ran in its place (when it is off)
+    rate_limits: bool  # the Slack stand-in enforced Slack's published limits (and the processes paced)
+    settled: bool  # everything answered and sent before the settle timeout
+    peak_rss: dict[str, float]  # MB, per process, measured just before the stop
 
 
 class StatisticsKeeper:
@@ -141,12 +144,20 @@ def run_storm(
     *,
     settle_timeout: float = 120.0,
     extra_env: Mapping[str, str] | None = None,
+    rate_limits: bool | None = None,
     progress: Callable[[str], None] = lambda _line: None,
 ) -> StormRun:
-    """Run one storm on `database_url` (empty); logs and the policy file go to `workdir`."""
+    """Run one storm on `database_url` (empty); logs and the policy file go to `workdir`.
+
+    `rate_limits`: the Slack stand-in enforces Slack's published limits, and the processes pace
+    themselves (SLACK_PACING); None: as REPLYCLOCK_STANDIN_RATE_LIMITS says.
+    """
     users = [SlackUser(slack_id, name) for name, slack_id in EXPERTS.values()]
     channels = {channel: team for team, channel in CHANNELS.items()}
-    with SlackStandIn(channels=channels, users=users) as slack, ReplyRecorder(SECRET) as recorder:
+    with (
+        SlackStandIn(channels=channels, users=users, rate_limits=rate_limits) as slack,
+        ReplyRecorder(SECRET) as recorder,
+    ):
         policy = write_policy(config, recorder.url, workdir / "storm.toml")
         cluster = Cluster(
             workdir=workdir,
@@ -187,6 +198,7 @@ def run_storm(
             load_seconds = loaded - started.timestamp()
             progress(f"load sent in {load_seconds:.1f} s; waiting for the ladder to settle")
             deadline = time.monotonic() + settle_timeout
+            settled = False
             last_note = 0.0
             watcher = make_engine(database_url)
             while True:
@@ -196,6 +208,7 @@ def run_storm(
                     time.sleep(POLL)
                     continue
                 if unanswered == 0 and unsent == 0:
+                    settled = True
                     break
                 if cluster.exited():
                     raise RuntimeError(f"processes exited during the storm: {cluster.exited()}")
@@ -210,6 +223,7 @@ def run_storm(
             watcher.dispose()
             cpu_after = _cpu_snapshot(cluster)
             machine_after = machine_cpu()
+            peak_rss = cluster.peak_rss()
         finally:
             statistics.stop()
             exit_codes = cluster.stop()
@@ -242,6 +256,9 @@ def run_storm(
         standin_errors=standin_errors,
         autovacuum=statistics.autovacuum,
         analyzed=statistics.rounds,
+        rate_limits=slack.rate_limits,
+        settled=settled,
+        peak_rss=peak_rss,
         cpu={name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after},
         machine_busy=(
             (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
