@@ -469,7 +469,10 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
             update(OUTBOX)
             .where(
                 OUTBOX.c.conversation_id.in_(conversation_ids),
-                OUTBOX.c.status == PENDING,
+                # `status || ''`: not a term SQLite can look up in ix_outbox_status, so it takes the
+                # batch's conversations from ix_outbox_conversation_id instead of reading every
+                # pending row of the outbox (11 % of the sweep's time, growing with the outbox).
+                OUTBOX.c.status.concat("") == PENDING,
                 OUTBOX.c.urgency > urgency,
                 OUTBOX.c.kind.not_in(repo.CUSTOMER_LANE),
             )
