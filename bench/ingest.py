@@ -9,6 +9,12 @@ stands on. The ratio says what the work of turning a post into a conversation co
 
 Run:
     python -m bench.ingest [--posts 5000] [--batch 100] [--databases sqlite,postgres]
+    python -m bench.ingest --databases sqlite --open 1000000 --reuse /tmp/replyclock-sweep-seeds
+
+``--open N`` (SQLite) ingests into a database already holding N open conversations of the same
+teams, seeded as bench.sweep seeds them (``--reuse DIR`` shares bench.sweep's seeded files):
+routing reads each team's open loads and last assignment per batch, so this shows what the
+backlog costs ingest. The raw insert column is then left out.
 
 PostgreSQL is reached at $REPLYCLOCK_BENCH_DATABASE_URL (default
 postgresql+psycopg://postgres@127.0.0.1:5432/replyclock_bench); the database is created when
@@ -153,16 +159,38 @@ def postgres_engine(url: str) -> Iterator[Engine]:
             engine.dispose()
 
 
+@contextmanager
+def sqlite_backlog(size: int, reuse: Path | None) -> Iterator[Engine]:
+    """An SQLite database holding `size` open conversations (bench.sweep's seed)."""
+    from bench.sweep import open_target
+
+    policy = parse_policy(tomllib.loads(POLICY_TEXT), source="tests/data/policy.toml", text=POLICY_TEXT)
+    with ExitStack() as stack:
+        yield open_target("sqlite", size, policy, "", stack, reuse).engine
+
+
 def measure(
-    name: str, factory: Callable[[], AbstractContextManager[Engine]], posts: int, batch: int, rounds: int
+    name: str,
+    factory: Callable[[], AbstractContextManager[Engine]],
+    posts: int,
+    batch: int,
+    rounds: int,
+    *,
+    raw_insert: bool = True,
 ) -> None:
     ingest_rates: list[float] = []
     raw_rates: list[float] = []
     for _ in range(rounds):
         with factory() as engine:
             ingest_rates.append(posts / time_ingest(engine, posts, batch))
-            raw_rates.append(posts / time_core_insert(engine, posts, batch))
+            if raw_insert:
+                raw_rates.append(posts / time_core_insert(engine, posts, batch))
     ingest = statistics.median(ingest_rates)
+    if not raw_insert:
+        print(
+            f"{name:<10} {posts:>7,} {batch:>6} {ingest:>16,.0f}   ({' '.join(f'{r:,.0f}' for r in ingest_rates)})"
+        )
+        return
     raw = statistics.median(raw_rates)
     print(
         f"{name:<10} {posts:>7,} {batch:>6} {ingest:>16,.0f} {raw:>18,.0f} {raw / ingest:>14.1f}"
@@ -178,6 +206,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--databases", default="sqlite,postgres")
+    parser.add_argument("--open", type=int, default=0, help="SQLite: open conversations already there")
+    parser.add_argument("--reuse", type=Path, default=None, help="with --open: bench.sweep's seeded files")
     args = parser.parse_args()
     cpu = cpu_model()
     print(f"replyclock ingest benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
@@ -191,7 +221,11 @@ def main() -> None:
         f"{'database':<10} {'posts':>7} {'batch':>6} {'ingest posts/s':>16} {'core insert rows/s':>18} {'raw / ingest':>14}   (each round)"
     )
     for name in args.databases.split(","):
-        if name == "sqlite":
+        if name == "sqlite" and args.open:
+            print(f"(SQLite with {args.open:,} open conversations already there)")
+            backlog = partial(sqlite_backlog, args.open, args.reuse)
+            measure("sqlite", backlog, args.posts, args.batch, args.rounds, raw_insert=False)
+        elif name == "sqlite":
             measure("sqlite", sqlite_engine, args.posts, args.batch, args.rounds)
         elif name == "postgres":
             url = os.environ.get("REPLYCLOCK_BENCH_DATABASE_URL", DEFAULT_PG)

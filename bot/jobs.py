@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from bot.reports.digest_delivery import DIGEST_JOB_PREFIX, digest_trigger, enque
 from bot.telemetry import record_connector_error, record_ingested, record_rate_limit
 from connectors.base import AuthFailed, Connector, InboundPost, RateLimited, SkippedItem
 from storage import repo
+from storage.db import WAL_SIZE_LIMIT_BYTES, Checkpoint, checkpoint, wal_bytes
 from storage.models import Account
 
 log = logging.getLogger("replyclock.jobs")
@@ -51,6 +53,14 @@ OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
 RETENTION_JOB = "retention"
 RETENTION_INTERVAL = timedelta(hours=1)
+# SQLite: the write-ahead log is copied into the database file by this job, in the process's idle
+# time, rather than by SQLite inside whichever commit fills it (see storage.db).
+WAL_CHECKPOINT_JOB = "wal-checkpoint"
+WAL_CHECKPOINT_INTERVAL = timedelta(seconds=1)
+# A log file still this big after a passive checkpoint is emptied by a TRUNCATE checkpoint, which
+# waits up to WAL_TRUNCATE_WAIT for the writer and for readers that still see older pages.
+WAL_TRUNCATE_ABOVE_BYTES = WAL_SIZE_LIMIT_BYTES
+WAL_TRUNCATE_WAIT = timedelta(seconds=2)
 MAX_PAGES_PER_POLL = 20
 INGEST_ATTEMPTS = 3
 ERROR_BACKOFF_BASE = timedelta(seconds=30)  # first back-off after a failed fetch: 1-2 x this
@@ -104,6 +114,8 @@ class Jobs:
         self.scheduler: BaseScheduler | None = None
         self._lock = threading.Lock()
         self._sweeping = 0  # run_sweep calls under way in this process (each sets the wake-up at its end)
+        self.wal_truncate_above = WAL_TRUNCATE_ABOVE_BYTES
+        self.wal_truncate_wait = WAL_TRUNCATE_WAIT
 
     def install(self, scheduler: BaseScheduler, *, outbox_interval: timedelta = timedelta(seconds=2)) -> None:
         """Register every job on `scheduler` (not yet started)."""
@@ -176,6 +188,45 @@ class Jobs:
             id=RETENTION_JOB,
             **common,
         )
+        if self.ctx.engine.dialect.name == "sqlite":
+            scheduler.add_job(
+                self._guard(self.checkpoint_wal),
+                "interval",
+                seconds=WAL_CHECKPOINT_INTERVAL.total_seconds(),
+                id=WAL_CHECKPOINT_JOB,
+                **common,
+            )
+
+    def checkpoint_wal(self) -> Checkpoint | None:
+        """SQLite: copy the write-ahead log into the database file while no sweep runs here.
+
+        Passive: writers go on meanwhile. When the log file is then still above
+        WAL_TRUNCATE_ABOVE_BYTES (a long reader kept it from restarting, or a burst grew it), a
+        TRUNCATE checkpoint waits up to WAL_TRUNCATE_WAIT for the writer and the readers and empties
+        it; a log still held is one warning line, and the next run tries again (SQLite's automatic
+        checkpoint, storage.db, stays the backstop). None when skipped (a sweep is under way, or
+        not SQLite).
+        """
+        engine = self.ctx.engine
+        if engine.dialect.name != "sqlite":
+            return None
+        with self._lock:
+            if self._sweeping:
+                return None  # the sweep's commits go first; the next run comes within a second
+        try:
+            done = checkpoint(engine)
+            if done is None or wal_bytes(engine) <= self.wal_truncate_above:
+                return done
+            done = checkpoint(engine, "TRUNCATE", busy_timeout=self.wal_truncate_wait.total_seconds())
+        except sqlite3.Error as error:  # disk full, I/O error: one line, again in a second
+            log.error("database unavailable", extra={"job": "checkpoint_wal", "error": one_line(error)})
+            return None
+        if done is not None and not done.complete:
+            log.warning(
+                "write-ahead log not checkpointed: a reader still holds it",
+                extra={"wal_bytes": wal_bytes(engine), "log_frames": done.log_frames},
+            )
+        return done
 
     def run_retention(self) -> None:
         """Prune what the policy's retention says is no longer kept (several processes may run it)."""

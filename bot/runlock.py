@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, delete, update
 
 from storage import repo
-from storage.db import make_sessionmaker
+from storage.db import checkpoint, make_sessionmaker
 from storage.models import Lease
 
 log = logging.getLogger("replyclock.runlock")
@@ -113,11 +113,7 @@ def renew(engine: Engine, holder: str, now: datetime) -> bool:
         ).rowcount  # type: ignore[attr-defined]
     # Copy the renewal into the main file, so that whoever opens it without our -wal file (a copy,
     # another name) still sees a live lease.
-    raw = engine.raw_connection()  # outside any transaction: a checkpoint cannot run inside one
-    try:
-        raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
-    finally:
-        raw.close()
+    checkpoint(engine)
     return bool(changed)
 
 

@@ -141,7 +141,10 @@ class Conversation(Base):
         ),
         Index("ix_conversations_account_thread", "account_id", "thread_key"),
         Index("ix_conversations_account_author", "account_id", "author_id", "last_customer_post_at"),
-        Index("ix_conversations_team_status", "team", "status"),
+        # Routing, per team: open conversations per owner (from the index alone) and the expert
+        # assigned last (one index step), whatever the number of conversations.
+        Index("ix_conversations_team_status_owner", "team", "status", "owner"),
+        Index("ix_conversations_team_assigned", "team", "assigned_at", "id"),
         Index("ix_conversations_owner_status", "owner", "status"),
         # /metrics: open and overdue conversations per team, an index range over open ones only.
         Index("ix_conversations_status_team_due", "status", "team", "due_at"),

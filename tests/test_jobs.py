@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from bot.core.clock import FakeClock
+from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.flow.outbox import OutboxSender
-from bot.jobs import OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, Jobs
+from bot.jobs import OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, WAL_CHECKPOINT_JOB, Jobs
 from connectors.base import AuthFailed, Batch, Connector, InboundPost, RateLimited, ReplyTarget
 from connectors.demo import DemoConnector, ScriptedPost
-from storage.models import Account, Conversation, Outbox
+from storage.db import WAL_AUTOCHECKPOINT_PAGES, checkpoint, make_engine, wal_bytes
+from storage.migrate import upgrade
+from storage.models import Account, Conversation, Event, Outbox
 from tests.conftest import MONDAY
 
 
@@ -156,3 +164,79 @@ def test_each_team_gets_its_digest_job_unless_off(ctx: AppContext) -> None:
         assert scheduler.get_job("digest:billing") is not None
     finally:
         scheduler.shutdown(wait=False)
+
+
+# --- SQLite's write-ahead log: checkpointed by a job in idle time, not inside commits -------------
+
+
+@pytest.fixture
+def sqlite_ctx(tmp_path: Path, policy: Policy, clock: FakeClock) -> AppContext:
+    engine = make_engine(f"sqlite:///{tmp_path / 'replyclock.db'}")
+    upgrade(engine)
+    checkpoint(engine, "TRUNCATE")
+    return AppContext(policy=policy, engine=engine, clock=clock)
+
+
+def fill(ctx: AppContext, kib: int) -> None:
+    """About `kib` KiB of audit events, 100 rows per transaction."""
+    for _ in range(kib // 100):
+        with ctx.sessions() as session, session.begin():
+            session.execute(
+                insert(Event),
+                [{"at": MONDAY, "actor": "test", "action": "filler", "detail": {"pad": "x" * 1000}}] * 100,
+            )
+
+
+def test_sqlite_checkpoints_in_idle_time_not_inside_commits(sqlite_ctx: AppContext) -> None:
+    engine = sqlite_ctx.engine
+    database = str(engine.url.database)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == WAL_AUTOCHECKPOINT_PAGES
+    before = os.path.getsize(database)
+    fill(sqlite_ctx, 6_000)  # some 1,500 pages: SQLite's default would have checkpointed in a commit
+    assert os.path.getsize(database) == before  # no commit copied the log back
+    assert wal_bytes(engine) > 1_000 * 4096
+    jobs = Jobs(sqlite_ctx, {}, OutboxSender(sqlite_ctx, {}))
+    done = jobs.checkpoint_wal()
+    assert done is not None and done.complete and done.log_frames > 1_000
+    assert os.path.getsize(database) > before + 5_000 * 1024
+    with sqlite_ctx.read_sessions() as session:
+        assert session.scalar(select(Event.id).order_by(Event.id.desc()).limit(1)) == 6_000
+
+
+def test_a_log_held_by_a_reader_is_emptied_once_it_lets_go(
+    sqlite_ctx: AppContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = sqlite_ctx.engine
+    jobs = Jobs(sqlite_ctx, {}, OutboxSender(sqlite_ctx, {}))
+    jobs.wal_truncate_above = 1024 * 1024
+    jobs.wal_truncate_wait = timedelta(milliseconds=200)
+    reader = sqlite3.connect(str(engine.url.database), isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # a long read: it sees the old pages
+        fill(sqlite_ctx, 2_000)
+        with caplog.at_level(logging.WARNING, logger="replyclock.jobs"):
+            held = jobs.checkpoint_wal()
+        assert held is not None and not held.complete
+        assert "write-ahead log not checkpointed" in caplog.text
+        assert wal_bytes(engine) > 1024 * 1024
+    finally:
+        reader.close()
+    done = jobs.checkpoint_wal()
+    assert done is not None and done.complete
+    assert wal_bytes(engine) == 0  # TRUNCATE: the file is emptied, not only copied back
+
+
+def test_the_checkpoint_job_is_sqlite_only(ctx: AppContext) -> None:
+    jobs = Jobs(ctx, {}, OutboxSender(ctx, {}))
+    scheduler = BackgroundScheduler(timezone="UTC")
+    jobs.install(scheduler)
+    scheduler.start(paused=True)
+    try:
+        installed = scheduler.get_job(WAL_CHECKPOINT_JOB) is not None
+    finally:
+        scheduler.shutdown(wait=False)
+    sqlite = ctx.engine.dialect.name == "sqlite"
+    assert installed == sqlite
+    assert (jobs.checkpoint_wal() is not None) == sqlite

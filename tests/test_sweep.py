@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from bot.core.clock import FakeClock
@@ -81,6 +82,38 @@ def test_sweeping_twice_at_the_same_moment_does_nothing_twice(ctx: AppContext, c
     assert first.processed == 1 and second.processed == 0
     # A late sweep does what is due now in one go: no stale warning, the breach, one escalation, one nag.
     assert ladder_rows(ctx) == [("breach", 0), ("escalation", 0), ("nag", 1)]
+
+
+def test_the_urgency_update_reads_the_batch_conversations_not_the_pending_outbox(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """The breach lends its urgency to the card and acknowledgement queued before it, found through
+    ix_outbox_conversation_id: looking pending rows up in ix_outbox_status would read them all."""
+    if ctx.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's query plan (PostgreSQL plans by its statistics)")
+    ingest(ctx, *(post(str(i), "the site is down!", author=f"customer{i}") for i in range(20)))
+    clock.advance(timedelta(hours=1, minutes=25))
+    sent: list[tuple[str, Any]] = []
+
+    def capture(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if statement.startswith("UPDATE outbox SET urgency"):
+            sent.append((statement, parameters))
+
+    event.listen(ctx.engine, "before_cursor_execute", capture)
+    try:
+        sweep(ctx)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", capture)
+    assert len(sent) == 1
+    with ctx.engine.connect() as conn:
+        plan = " ".join(
+            str(row[3]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sent[0][0], sent[0][1])
+        )
+        urgencies = conn.execute(select(Outbox.kind, Outbox.urgency).order_by(Outbox.id)).all()
+    assert "ix_outbox_conversation_id" in plan and "ix_outbox_status" not in plan, plan
+    assert {urgency for kind, urgency in urgencies if kind == "card"} == {0}  # lent by the breaches behind
 
 
 def test_unclaimed_business_item_is_reassigned(ctx: AppContext, clock: FakeClock) -> None:

@@ -20,9 +20,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from bot.core.locale_text import language_candidates
@@ -55,6 +55,9 @@ from storage.models import (
 )
 
 log = logging.getLogger("replyclock.ingest")
+
+EVENTS = cast(Table, Event.__table__)
+POSTS = cast(Table, Post.__table__)
 
 
 class _Keep:
@@ -213,9 +216,13 @@ def _insert_posts(
         for c in candidates
     ]
     statement = repo.insert_ignoring_conflicts(session, Post, ["account_id", "external_id"])
+    # The batch's statements go through the session's connection: plain Core executemany, without
+    # the ORM's bulk machinery (which only would repeat, row by row, what the columns already say).
     ids = {
         external_id: post_id
-        for post_id, external_id in session.execute(statement.returning(Post.id, Post.external_id), rows)
+        for post_id, external_id in session.connection().execute(
+            statement.returning(Post.id, Post.external_id), rows
+        )
     }
     stored = []
     for candidate in candidates:
@@ -752,13 +759,14 @@ class _Batch:
     def _write(self) -> None:
         session = self.session
         session.flush()  # new conversations get their ids (one multi-row INSERT), changed ones are updated
+        connection = session.connection()
         if self.events:
-            session.execute(
-                insert(Event),
+            connection.execute(
+                insert(EVENTS),
                 [{**row, "conversation_id": c.id if c is not None else None} for c, row in self.events],
             )
         if self.messages:
-            session.execute(
+            connection.execute(
                 repo.insert_ignoring_conflicts(session, Outbox, ["idempotency_key"]),
                 [
                     {
@@ -787,15 +795,13 @@ class _Batch:
                 session=session,
                 conversation_ids=sorted({c.id for c, kind, _k, _p in self.messages if kind == "card_update"}),
             )
-        if self.links:
-            session.execute(
-                update(Post),
-                [
-                    {"id": p.id, "conversation_id": p.conversation.id}
-                    for p in self.links
-                    if p.conversation is not None
-                ],
-            )
+        links = [
+            {"b_id": p.id, "conversation_id": p.conversation.id}
+            for p in self.links
+            if p.conversation is not None
+        ]
+        if links:
+            connection.execute(update(POSTS).where(POSTS.c.id == bindparam("b_id")), links)
         result = self.result
         result.opened = [c.id for c in self.opened]
         result.continued = [c.id for c in self.continued]
