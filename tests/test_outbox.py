@@ -110,7 +110,9 @@ def test_staff_message_retries_after_a_failure(ctx: AppContext, clock: FakeClock
 def test_recover_settles_abandoned_rows_by_kind(ctx: AppContext, clock: FakeClock) -> None:
     ingest(ctx, post("1", "refund my invoice"))
     sender = OutboxSender(ctx, {}, lease=timedelta(minutes=5))
-    sender._claim(10)  # as if a process claimed both rows and died
+    # As if a process claimed both rows and died (a customer row is always claimed alone).
+    assert [m.kind for m in sender._claim(10)] == ["ack"]
+    assert [m.kind for m in sender._claim(10)] == ["card"]
     assert sender.recover() == 0  # leases still valid: maybe another live process
     clock.advance(timedelta(minutes=6))
     assert sender.recover() == 2

@@ -32,6 +32,7 @@ once (a rate limit midway) goes back to the outbox and joins that thread when re
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import threading
@@ -44,14 +45,24 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import func, literal, select, update
+from sqlalchemy import Select, and_, bindparam, func, literal, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from bot.core.policy import Expert
 from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
-from bot.flow.outbox import DEFAULT_LEASE, Defer, Handler, OutboxMessage, Retry
+from bot.flow.outbox import (
+    DEFAULT_LEASE,
+    Defer,
+    Handler,
+    OutboxMessage,
+    Retry,
+    loop_session,
+    relaxed_commit,
+    taken_over,
+)
 from bot.httputil import header, retry_after
 from bot.logs import redact_urls
 from bot.slack import blocks
@@ -218,18 +229,21 @@ class SlackDelivery:
         conversation_id = _conversation_id(message)
         now = self.ctx.clock.now()
         storm: _Storm | None = None
-        with self.ctx.sessions() as session:
+        waiting = 0
+        # One read for everything a card needs (each session costs round trips on PostgreSQL).
+        with loop_session(self.ctx, read_only=True) as session:
             loaded = self._load(session, conversation_id, post_id=message.payload.get("post_id"))
             if loaded.conversation.slack_ts is None:
-                storm = self._storm_covering(session, conversation_id, now)
+                storm, waiting = self._storm_state(session, loaded.conversation, message, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
-        claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
-        if claimed:
-            return self._post_storm(loaded, claimed, now)
+        if waiting + 1 > self.storm_threshold:
+            claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
+            if claimed:
+                return self._post_storm(loaded, claimed, now)
         return self._post_card(loaded, now)
 
     def card_update(self, message: OutboxMessage) -> str:
@@ -244,7 +258,7 @@ class SlackDelivery:
         """The customer wrote again: their words in the card's thread."""
         now = self.ctx.clock.now()
         loaded = self._read(message)
-        with self.ctx.sessions() as session:
+        with loop_session(self.ctx, read_only=True) as session:
             post_id = message.payload.get("post_id")
             post = session.get(Post, post_id) if isinstance(post_id, int) else None
         built = blocks.thread_post_message(loaded.conversation, post, ctx_policy=self.ctx.policy, now=now)
@@ -496,7 +510,8 @@ class SlackDelivery:
         `settle_outbox_id` is another conversation's ``card`` row, claimed by a storm: it is
         marked sent in the same transaction.
         """
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
+            relaxed_commit(session)  # a card lost with a database crash is posted again (at least once)
             expected = (
                 Conversation.slack_ts.is_(None) if replacing is None else Conversation.slack_ts == replacing
             )
@@ -536,6 +551,37 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Storms
 
+    def _storm_params(
+        self, conversation: Conversation, outbox_id: int, owner: str | None, now: datetime
+    ) -> dict[str, Any]:
+        """Parameters of `_storm_candidates` for this card."""
+        team = self.ctx.policy.teams[conversation.team]
+        return {
+            "storm_outbox_id": outbox_id,
+            "storm_owner": owner,
+            "storm_horizon": now + self.storm_window,
+            "storm_teams": [
+                name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
+            ],
+            "storm_since": now - STORM_MEMORY,
+            "storm_action": STORM_EVENT,
+        }
+
+    def _storm_state(
+        self, session: Session, conversation: Conversation, message: OutboxMessage, now: datetime
+    ) -> tuple[_Storm | None, int]:
+        """A storm summary this card belongs to, if any; else how many other cards for this channel
+        would join a storm now (see `_claim_storm`). One query in the usual case (no recent storm)."""
+        if self.ctx.policy.teams.get(conversation.team) is None:
+            return None, 0
+        found = session.execute(
+            _storm_state_query(message.owner is not None),
+            self._storm_params(conversation, message.id, message.owner, now),
+        ).one()
+        stormy, count = found[0], found[1]
+        storm = self._storm_covering(session, conversation.id, now) if stormy else None
+        return storm, 0 if storm is not None else int(count or 0)
+
     def _claim_storm(
         self, conversation: Conversation, outbox_id: int, now: datetime, *, owner: str | None = None
     ) -> list[tuple[int, int]]:
@@ -543,59 +589,35 @@ class SlackDelivery:
 
         They are claimed as the outbox sender claims (``sending`` with a lease, ``SKIP LOCKED``
         on PostgreSQL), so no other sender posts them meanwhile, and a crash hands them back.
+        Cards this sender claimed in its batch and has not tried yet join too: the send loop is
+        told they are taken over (bot.flow.outbox.taken_over) and skips them.
 
         Returns:
             (outbox id, conversation id) of the claimed rows; empty when there is no storm.
         """
-        team = self.ctx.policy.teams.get(conversation.team)
-        if team is None:
+        if self.ctx.policy.teams.get(conversation.team) is None:
             return []
-        same_channel = [
-            name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
-        ]
-        # A read without the write lock first: most cards come alone, and then there is nothing
-        # to claim (on SQLite the claim below would take the one write lock for nothing).
-        with self.ctx.read_sessions() as session:
-            waiting = session.scalar(
-                select(func.count())
-                .select_from(Outbox)
-                .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(
-                    Outbox.kind == "card",
-                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending applies
-                    Outbox.id != outbox_id,
-                    Outbox.next_attempt_at <= now + self.storm_window,
-                    Conversation.team.in_(same_channel),
-                    Conversation.slack_ts.is_(None),
-                )
-            )
-        if (waiting or 0) + 1 <= self.storm_threshold:
-            return []
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
             query = (
                 select(Outbox)
                 .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(
-                    Outbox.kind == "card",
-                    Outbox.status == PENDING,
-                    Outbox.id != outbox_id,
-                    Outbox.next_attempt_at <= now + self.storm_window,
-                    Conversation.team.in_(same_channel),
-                    Conversation.slack_ts.is_(None),
-                )
+                .where(_storm_candidates(owner is not None))
                 .order_by(Outbox.next_attempt_at, Outbox.id)
                 .limit(MAX_STORM - 1)
             )
             if is_postgres(session):
                 query = query.with_for_update(skip_locked=True, of=Outbox)
-            rows = [row for row in session.scalars(query) if row.conversation_id is not None]
+            params = self._storm_params(conversation, outbox_id, owner, now)
+            rows = [row for row in session.scalars(query, params) if row.conversation_id is not None]
             if len(rows) + 1 <= self.storm_threshold:
                 return []
             for row in rows:
+                if row.status == PENDING:
+                    row.attempts += 1
                 row.status = SENDING
-                row.attempts += 1
                 row.lease_until = now + DEFAULT_LEASE
                 row.owner = owner  # the claiming sender: its death hands them back within seconds
+            taken_over(row.id for row in rows)
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
@@ -620,13 +642,13 @@ class SlackDelivery:
         unposted = [outbox_id for outbox_id, _ in claimed]
         resume_at = now
         try:
-            with self.ctx.sessions() as session:
+            with loop_session(self.ctx, read_only=True) as session:
                 others = [(outbox_id, self._load(session, cid)) for outbox_id, cid in claimed]
             everyone = [first, *(loaded for _, loaded in others)]
             team_channel = self._team_channel(first.conversation)
             summary = blocks.storm_summary(team_channel, [m.conversation for m in everyone])
             channel, ts = self._post(summary, channel=team_channel, conversation_id=first.conversation.id)
-            with self.ctx.sessions() as session, session.begin():
+            with loop_session(self.ctx) as session, session.begin():
                 repo.record_event(
                     session=session,
                     at=now,
@@ -663,7 +685,7 @@ class SlackDelivery:
         """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt)."""
         if not outbox_ids:
             return
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
@@ -704,14 +726,23 @@ class SlackDelivery:
     # Reading
 
     def _read(self, message: OutboxMessage) -> _Loaded:
-        with self.ctx.sessions() as session:
+        with loop_session(self.ctx, read_only=True) as session:
             return self._load(session, _conversation_id(message))
 
     def _load(self, session: Session, conversation_id: int, *, post_id: object = None) -> _Loaded:
-        conversation = session.get(Conversation, conversation_id)
+        post: Post | None = None
+        if isinstance(post_id, int):
+            # The conversation and its card's post in one round trip.
+            found = session.execute(
+                select(Conversation, Post)
+                .outerjoin(Post, Post.id == post_id)
+                .where(Conversation.id == conversation_id)
+            ).first()
+            conversation, post = found if found is not None else (None, None)
+        else:
+            conversation = session.get(Conversation, conversation_id)
         if conversation is None:
             raise SlackDeliveryError(f"conversation {conversation_id} not found")
-        post = session.get(Post, post_id) if isinstance(post_id, int) else None
         if post is None:
             post = session.scalars(
                 select(Post)
@@ -906,6 +937,43 @@ class SlackDelivery:
             )
             return SlackDeliveryError(f"Slack {method}{where} failed: {code} ({hint})", code)
         return SlackDeliveryError(f"Slack {method}{where} failed: {code or f'HTTP {status}'}", code)
+
+
+@functools.cache
+def _storm_candidates(mine: bool) -> ColumnElement[bool]:
+    """The WHERE of a storm's other cards (parameters from SlackDelivery._storm_params): this
+    channel's cards due within the window, not yet posted, pending or (`mine`) claimed by this
+    very sender (in its batch, not tried yet). Built once: it runs for every new card."""
+    ready = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending applies
+    claimed = and_(
+        Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == bindparam("storm_owner")
+    )
+    return and_(
+        Outbox.kind == "card",
+        or_(ready, claimed) if mine else ready,
+        Outbox.id != bindparam("storm_outbox_id"),
+        Outbox.next_attempt_at <= bindparam("storm_horizon"),
+        Conversation.team.in_(bindparam("storm_teams", expanding=True)),
+        Conversation.slack_ts.is_(None),
+    )
+
+
+@functools.cache
+def _storm_state_query(mine: bool) -> Select[Any]:
+    """Is there a recent storm summary; how many other cards would join a storm (see above)."""
+    recent = (
+        select(Event.id)
+        .where(Event.action == bindparam("storm_action"), Event.at >= bindparam("storm_since"))
+        .exists()
+    )
+    waiting = (
+        select(func.count())
+        .select_from(Outbox)
+        .join(Conversation, Conversation.id == Outbox.conversation_id)
+        .where(_storm_candidates(mine))
+        .scalar_subquery()
+    )
+    return select(recent, waiting)
 
 
 def _conversation_id(message: OutboxMessage) -> int:
