@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, Table, and_, bindparam, delete, exists, literal, or_, select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import BindParameter
@@ -132,11 +132,16 @@ _loop = threading.local()  # the send loop on this thread: its connection, its b
 def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Session]:
     """A session for the send loop and the handlers it calls (``with loop_session(ctx) as s, s.begin()``).
 
-    On PostgreSQL the loop holds one connection while it runs, and these sessions use it: each
-    session from the pool costs a checkout and a ping (a round trip) besides its own statements,
-    several per message. Elsewhere, or once that connection broke, a session of `ctx` as usual.
+    On PostgreSQL the loop holds two connections while it runs, and these sessions use them:
+    each session from the pool costs a checkout and a ping (a round trip) besides its own
+    statements, several per message. Reads (`read_only`) go through one in autocommit (no BEGIN
+    and ROLLBACK round trips; each statement reads its own snapshot); writes through the other,
+    whose commits do not wait for the WAL flush (staff messages, at least once; customer
+    transactions on it call `durable_commit`). Elsewhere, or once a connection broke, a session
+    of `ctx` as usual.
     """
-    connection: Connection | None = getattr(_loop, "connection", None)
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else (held.reader if read_only else held.writer)
     if connection is None or connection.invalidated or connection.closed:
         with (ctx.read_sessions if read_only else ctx.sessions)() as session:
             yield session
@@ -146,9 +151,67 @@ def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Sessio
             yield session
     except DBAPIError as error:
         if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-            _loop.connection = None  # the next session comes from the pool (it pings, reconnects)
-            with contextlib.suppress(Exception):
-                connection.invalidate()
+            _loop.held = None  # the next sessions come from the pool (they ping, reconnect)
+            assert held is not None
+            held.close(broken=True)
+        raise
+
+
+@dataclass
+class _Held:
+    """The send loop's own connections (PostgreSQL; see `loop_session`)."""
+
+    writer: Connection
+    reader: Connection
+
+    @classmethod
+    def open(cls, engine: Engine) -> _Held | None:
+        connections: list[Connection] = []
+        try:
+            for _ in range(2):
+                connections.append(engine.connect())
+                connections[-1].exec_driver_sql("SET synchronous_commit TO off")
+                connections[-1].commit()
+            writer, reader = connections
+            reader.execution_options(isolation_level="AUTOCOMMIT")
+        except (OperationalError, InterfaceError):
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    connection.invalidate()
+            return None  # the database is away: sessions from the pool will say so
+        return cls(writer, reader)
+
+    def close(self, *, broken: bool = False) -> None:
+        """Back to the pool as they came (commits durable again), or discarded."""
+        for connection in (self.writer, self.reader):
+            try:
+                if broken:
+                    raise ConnectionError("broken")
+                connection.rollback()
+                connection.exec_driver_sql("RESET synchronous_commit")
+                connection.commit()
+                connection.close()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    connection.invalidate()
+                    connection.close()
+
+
+@contextmanager
+def loop_autocommit() -> Iterator[Connection | None]:
+    """The send loop's autocommit connection (PostgreSQL; commits not waiting for the WAL flush),
+    for a staff-side write in ONE statement (atomic by itself, one round trip); None elsewhere."""
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else held.reader
+    if held is None or connection is None or connection.invalidated or connection.closed:
+        yield None
+        return
+    try:
+        yield connection
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None
+            held.close(broken=True)
         raise
 
 
@@ -306,7 +369,7 @@ class OutboxSender:
         if not self._sending.acquire(blocking=False):
             return result  # another thread of this process is sending; it takes these rows too
         _loop.taken = set()
-        _loop.connection = self._connect()
+        _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
             done = 0
             while done < limit and not self._stopping.is_set():
@@ -315,21 +378,11 @@ class OutboxSender:
                     break
                 done += self._deliver_batch(claimed, result)
         finally:
-            connection, _loop.connection, _loop.taken = _loop.connection, None, None
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    connection.close()
+            held, _loop.held, _loop.taken = _loop.held, None, None
+            if held is not None:
+                held.close()
             self._sending.release()
         return result
-
-    def _connect(self) -> Connection | None:
-        """The send loop's own connection (PostgreSQL; see `loop_session`), or None."""
-        if not is_postgres(self.ctx.engine):
-            return None
-        try:
-            return self.ctx.engine.connect()
-        except (OperationalError, InterfaceError):
-            return None  # the database is away: sessions from the pool will say so
 
     def _deliver_batch(self, claimed: list[OutboxMessage], result: SendResult) -> int:
         """Deliver claimed rows in order, staff outcomes recorded together (see send_due); how many
@@ -403,6 +456,8 @@ class OutboxSender:
                 )
             if rows and rows[0].kind not in CUSTOMER_KINDS:
                 relaxed_commit(session)
+            elif rows:
+                durable_commit(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
 
@@ -525,6 +580,8 @@ class OutboxSender:
             with loop_session(self.ctx) as session, session.begin():
                 if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
                     relaxed_commit(session)
+                else:
+                    durable_commit(session)
                 if sent:
                     # One statement for all sent rows (executemany: pipelined by psycopg).
                     session.connection().execute(
@@ -639,9 +696,21 @@ def relaxed_commit(session: Session) -> None:
     or the settle (a fraction of a second of commits) sends the message again. Customer
     messages keep durable commits: their claim must be on disk before the call (at most once).
     Saves a disk flush (about 3 ms here, far more on a busy disk) twice per staff message.
+    (The send loop's own writer connection commits so already: no statement needed.)
     """
-    if is_postgres(session):
+    if is_postgres(session) and not _on_relaxed_writer(session):
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
+def durable_commit(session: Session) -> None:
+    """This transaction's commit waits for the WAL flush, even on the send loop's writer connection."""
+    if _on_relaxed_writer(session):
+        session.execute(text("SET LOCAL synchronous_commit TO ON"))
+
+
+def _on_relaxed_writer(session: Session) -> bool:
+    held: _Held | None = getattr(_loop, "held", None)
+    return held is not None and session.bind is held.writer
 
 
 @functools.cache

@@ -45,8 +45,8 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import Select, and_, bindparam, func, literal, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from bot.core.policy import Expert
@@ -59,6 +59,7 @@ from bot.flow.outbox import (
     Handler,
     OutboxMessage,
     Retry,
+    loop_autocommit,
     loop_session,
     relaxed_commit,
     taken_over,
@@ -189,6 +190,7 @@ class SlackDelivery:
         self.storm_window = storm_window
         self.pacer = pacer
         self._rank = threading.local()  # the urgency of the message being delivered on this thread
+        self._card_select: Select[Any] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -230,11 +232,31 @@ class SlackDelivery:
         now = self.ctx.clock.now()
         storm: _Storm | None = None
         waiting = 0
-        # One read for everything a card needs (each session costs round trips on PostgreSQL).
+        post_id = message.payload.get("post_id")
+        # One read for everything a card needs, one statement in the usual case (each statement
+        # and each session costs round trips on PostgreSQL).
         with loop_session(self.ctx, read_only=True) as session:
-            loaded = self._load(session, conversation_id, post_id=message.payload.get("post_id"))
-            if loaded.conversation.slack_ts is None:
-                storm, waiting = self._storm_state(session, loaded.conversation, message, now)
+            found = (
+                session.execute(
+                    self._card_query(),
+                    {
+                        **self._storm_params(message.id, message.owner, now),
+                        "card_conversation_id": conversation_id,
+                        "card_post_id": post_id if isinstance(post_id, int) else None,
+                    },
+                ).first()
+                if self.ctx.policy.teams
+                else None
+            )
+            if found is None:
+                loaded = self._load(session, conversation_id, post_id=post_id)
+                if loaded.conversation.slack_ts is None:
+                    storm, waiting = self._storm_state(session, loaded.conversation, message, now)
+            else:
+                conversation, post, stormy, waiting = found[0], found[1], bool(found[2]), int(found[3] or 0)
+                loaded = self._loaded(session, conversation, post)
+                if loaded.conversation.slack_ts is None and stormy:
+                    storm = self._storm_covering(session, conversation_id, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
         if storm is not None:
@@ -510,6 +532,34 @@ class SlackDelivery:
         `settle_outbox_id` is another conversation's ``card`` row, claimed by a storm: it is
         marked sent in the same transaction.
         """
+        if replacing is None and settle_outbox_id is None:
+            with loop_autocommit() as connection:
+                if connection is not None:
+                    # PostgreSQL, in the send loop: the compare-and-set and its audit event in one
+                    # statement (atomic by itself), one round trip.
+                    stored_id = (
+                        update(Conversation)
+                        .where(Conversation.id == conversation_id, Conversation.slack_ts.is_(None))
+                        .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
+                        .returning(Conversation.id)
+                        .cte("stored")
+                    )
+                    detail = {"channel": channel, "ts": ts, "thread_ts": thread_ts}
+                    found = connection.execute(
+                        insert(Event)
+                        .from_select(
+                            ["conversation_id", "at", "actor", "action", "detail"],
+                            select(
+                                stored_id.c.id,
+                                literal(now, Event.at.type),
+                                literal("slack"),
+                                literal(CARD_EVENT),
+                                literal(detail, Event.detail.type),
+                            ),
+                        )
+                        .returning(Event.id)
+                    ).first()
+                    return found is not None
         with loop_session(self.ctx) as session, session.begin():
             relaxed_commit(session)  # a card lost with a database crash is posted again (at least once)
             expected = (
@@ -551,21 +601,57 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Storms
 
-    def _storm_params(
-        self, conversation: Conversation, outbox_id: int, owner: str | None, now: datetime
-    ) -> dict[str, Any]:
-        """Parameters of `_storm_candidates` for this card."""
-        team = self.ctx.policy.teams[conversation.team]
+    def _storm_params(self, outbox_id: int, owner: str | None, now: datetime) -> dict[str, Any]:
+        """Parameters of `_storm_candidates` and `_card_query` for this card."""
         return {
             "storm_outbox_id": outbox_id,
             "storm_owner": owner,
             "storm_horizon": now + self.storm_window,
-            "storm_teams": [
-                name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
-            ],
             "storm_since": now - STORM_MEMORY,
             "storm_action": STORM_EVENT,
         }
+
+    def _channel_of(self, team: Any) -> Any:
+        """SQL: the Slack channel of a conversation's `team` column (from the policy)."""
+        return case({name: t.channel for name, t in self.ctx.policy.teams.items()}, value=team, else_=None)
+
+    def _card_query(self) -> Select[Any]:
+        """A card's conversation, its post, whether a storm summary was posted lately, and how many
+        other cards of its channel would join a storm now: one statement, built once."""
+        if self._card_select is None:
+            other, other_conversation = aliased(Outbox), aliased(Conversation)
+            waiting = (
+                select(func.count())
+                .select_from(other)
+                .join(other_conversation, other_conversation.id == other.conversation_id)
+                .where(
+                    other.kind == "card",
+                    or_(
+                        other.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                        and_(
+                            other.status == literal(SENDING, literal_execute=True),
+                            other.owner == bindparam("storm_owner"),
+                        ),
+                    ),
+                    other.id != bindparam("storm_outbox_id"),
+                    other.next_attempt_at <= bindparam("storm_horizon"),
+                    other_conversation.slack_ts.is_(None),
+                    self._channel_of(other_conversation.team) == self._channel_of(Conversation.team),
+                )
+                .correlate(Conversation)
+                .scalar_subquery()
+            )
+            recent = (
+                select(Event.id)
+                .where(Event.action == bindparam("storm_action"), Event.at >= bindparam("storm_since"))
+                .exists()
+            )
+            self._card_select = (
+                select(Conversation, Post, recent, waiting)
+                .outerjoin(Post, Post.id == bindparam("card_post_id"))
+                .where(Conversation.id == bindparam("card_conversation_id"))
+            )
+        return self._card_select
 
     def _storm_state(
         self, session: Session, conversation: Conversation, message: OutboxMessage, now: datetime
@@ -576,11 +662,18 @@ class SlackDelivery:
             return None, 0
         found = session.execute(
             _storm_state_query(message.owner is not None),
-            self._storm_params(conversation, message.id, message.owner, now),
+            {
+                **self._storm_params(message.id, message.owner, now),
+                "storm_teams": self._same_channel(conversation),
+            },
         ).one()
         stormy, count = found[0], found[1]
         storm = self._storm_covering(session, conversation.id, now) if stormy else None
         return storm, 0 if storm is not None else int(count or 0)
+
+    def _same_channel(self, conversation: Conversation) -> list[str]:
+        team = self.ctx.policy.teams[conversation.team]
+        return [name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel]
 
     def _claim_storm(
         self, conversation: Conversation, outbox_id: int, now: datetime, *, owner: str | None = None
@@ -607,7 +700,10 @@ class SlackDelivery:
             )
             if is_postgres(session):
                 query = query.with_for_update(skip_locked=True, of=Outbox)
-            params = self._storm_params(conversation, outbox_id, owner, now)
+            params = {
+                **self._storm_params(outbox_id, owner, now),
+                "storm_teams": self._same_channel(conversation),
+            }
             rows = [row for row in session.scalars(query, params) if row.conversation_id is not None]
             if len(rows) + 1 <= self.storm_threshold:
                 return []
@@ -730,19 +826,16 @@ class SlackDelivery:
             return self._load(session, _conversation_id(message))
 
     def _load(self, session: Session, conversation_id: int, *, post_id: object = None) -> _Loaded:
-        post: Post | None = None
-        if isinstance(post_id, int):
-            # The conversation and its card's post in one round trip.
-            found = session.execute(
-                select(Conversation, Post)
-                .outerjoin(Post, Post.id == post_id)
-                .where(Conversation.id == conversation_id)
-            ).first()
-            conversation, post = found if found is not None else (None, None)
-        else:
-            conversation = session.get(Conversation, conversation_id)
+        conversation = session.get(Conversation, conversation_id)
         if conversation is None:
             raise SlackDeliveryError(f"conversation {conversation_id} not found")
+        post = session.get(Post, post_id) if isinstance(post_id, int) else None
+        return self._loaded(session, conversation, post)
+
+    def _loaded(self, session: Session, conversation: Conversation, post: Post | None) -> _Loaded:
+        """`conversation` with what its messages need: its post (the first, when not given), time zone
+        and the storm summary its card is threaded under."""
+        conversation_id = conversation.id
         if post is None:
             post = session.scalars(
                 select(Post)
