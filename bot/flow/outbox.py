@@ -69,10 +69,10 @@ RECOVER_INTERVAL = timedelta(seconds=2)
 # Lapsed sender leases are deleted after this (they only name rows that are settled by then).
 FORGET_OWNER_AFTER = timedelta(hours=1)
 # Staff rows are claimed (and their outcomes recorded) up to this many per transaction; see send_due.
-STAFF_BATCH = 25
+STAFF_BATCH = 10
 # A claimed batch's rows not yet tried after this long go back to `pending`: a slow Slack must
 # not hold them (a breach that fell due meanwhile goes first), nor let their lease run out.
-BATCH_PATIENCE = timedelta(seconds=1)
+BATCH_PATIENCE = timedelta(seconds=0.5)
 
 
 @dataclass(frozen=True)
