@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -227,10 +228,19 @@ def standin(
         process.join(10)
 
 
+@dataclass(frozen=True)
+class SenderFigures:
+    sender_seconds: float
+    bare_seconds: float
+    messages: int
+    sender_cpu: float  # this process's CPU seconds (the stand-in's own process not counted)
+    bare_cpu: float
+
+
 def sender_bench(
     database: str, postgres_url: str, *, profile: int = 0, standin_in_process: bool = False
-) -> tuple[float, float, int]:
-    """(sender seconds, bare loop seconds, messages) for MESSAGES cards.
+) -> SenderFigures:
+    """Wall and CPU seconds of the sender and of the bare loop for MESSAGES cards.
 
     Both post to the same stand-in (rate limits off) and the sender paces nothing (no pacer):
     like with like. `profile` > 0: run the sender under cProfile and print that many lines of
@@ -259,13 +269,14 @@ def sender_bench(
         client.auth_test()  # warm up: channel lookups, first connection
         before = len(calls())
         profiler = cProfile.Profile() if profile else None
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         if profiler is not None:
             profiler.enable()
         result = sender.send_due(limit=MESSAGES + 10)
         if profiler is not None:
             profiler.disable()
         sender_seconds = time.perf_counter() - began
+        sender_cpu = time.process_time() - cpu_began
         if profiler is not None:
             out = io.StringIO()
             stats = pstats.Stats(profiler, stream=out).strip_dirs()
@@ -277,11 +288,12 @@ def sender_bench(
         posts = [params for method, ok, params in made if method == "chat.postMessage" and ok]
         if len(made) > len(posts):
             progress(f"(the sender also made {len(made) - len(posts)} other Slack calls)")
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         for params in posts:
             client.chat_postMessage(**params)
         bare_seconds = time.perf_counter() - began
-        return sender_seconds, bare_seconds, len(posts)
+        bare_cpu = time.process_time() - cpu_began
+        return SenderFigures(sender_seconds, bare_seconds, len(posts), sender_cpu, bare_cpu)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,15 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  ratio {results[-1][0]:,} / {results[0][0]:,}: {ratio:.2f} ({verdict})")
             status |= ratio > 1.5
         if not args.skip_sender:
-            sender_seconds, bare_seconds, count = sender_bench(
-                database, args.postgres_url, profile=args.profile
+            figures = sender_bench(
+                database, args.postgres_url, profile=args.profile, standin_in_process=args.standin_in_process
             )
-            ratio = sender_seconds / bare_seconds
+            count = figures.messages
+            ratio = figures.sender_seconds / figures.bare_seconds
             verdict = "OK" if ratio <= 2 else "WARNING: over 2"
             print(
-                f"{database}: {count} cards to the Slack stand-in: sender {sender_seconds:.2f} s "
-                f"({count / sender_seconds:.0f}/s), bare slack_sdk loop {bare_seconds:.2f} s "
-                f"({count / bare_seconds:.0f}/s); ratio {ratio:.2f} ({verdict})"
+                f"{database}: {count} cards to the Slack stand-in: sender {figures.sender_seconds:.2f} s "
+                f"({count / figures.sender_seconds:.0f}/s), bare slack_sdk loop {figures.bare_seconds:.2f} s "
+                f"({count / figures.bare_seconds:.0f}/s); ratio {ratio:.2f} ({verdict}); CPU of this "
+                f"process per message: sender {figures.sender_cpu / count * 1000:.2f} ms, bare loop "
+                f"{figures.bare_cpu / count * 1000:.2f} ms ({figures.sender_cpu / figures.bare_cpu:.2f}x)"
             )
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end")

@@ -573,15 +573,15 @@ class SlackDelivery:
             )
             stored = bool(result.rowcount)  # type: ignore[attr-defined]
             if stored:
-                repo.record_event(
-                    session=session,
-                    at=now,
-                    actor="slack",
-                    action=CARD_EVENT,
-                    conversation_id=conversation_id,
-                    channel=channel,
-                    ts=ts,
-                    thread_ts=thread_ts,
+                # A plain INSERT, not the ORM's unit of work (a flush costs more CPU than the write).
+                session.execute(
+                    insert(Event).values(
+                        conversation_id=conversation_id,
+                        at=now,
+                        actor="slack",
+                        action=CARD_EVENT,
+                        detail={"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                    )
                 )
             if settle_outbox_id is not None:
                 session.execute(
