@@ -537,27 +537,15 @@ class SlackDelivery:
                 if connection is not None:
                     # PostgreSQL, in the send loop: the compare-and-set and its audit event in one
                     # statement (atomic by itself), one round trip.
-                    stored_id = (
-                        update(Conversation)
-                        .where(Conversation.id == conversation_id, Conversation.slack_ts.is_(None))
-                        .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
-                        .returning(Conversation.id)
-                        .cte("stored")
-                    )
-                    detail = {"channel": channel, "ts": ts, "thread_ts": thread_ts}
                     found = connection.execute(
-                        insert(Event)
-                        .from_select(
-                            ["conversation_id", "at", "actor", "action", "detail"],
-                            select(
-                                stored_id.c.id,
-                                literal(now, Event.at.type),
-                                literal("slack"),
-                                literal(CARD_EVENT),
-                                literal(detail, Event.detail.type),
-                            ),
-                        )
-                        .returning(Event.id)
+                        _store_card_statement(),
+                        {
+                            "card_conversation_id": conversation_id,
+                            "card_channel": channel,
+                            "card_ts": ts,
+                            "card_at": now,
+                            "card_detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                        },
                     ).first()
                     return found is not None
         with loop_session(self.ctx) as session, session.begin():
@@ -1030,6 +1018,36 @@ class SlackDelivery:
             )
             return SlackDeliveryError(f"Slack {method}{where} failed: {code} ({hint})", code)
         return SlackDeliveryError(f"Slack {method}{where} failed: {code or f'HTTP {status}'}", code)
+
+
+@functools.cache
+def _store_card_statement() -> Any:
+    """A card's compare-and-set and its audit event, one statement (PostgreSQL), built once."""
+    stored = (
+        update(Conversation)
+        .where(Conversation.id == bindparam("card_conversation_id"), Conversation.slack_ts.is_(None))
+        .values(
+            slack_channel=bindparam("card_channel"),
+            slack_ts=bindparam("card_ts"),
+            version=Conversation.version + 1,
+        )
+        .returning(Conversation.id)
+        .cte("stored")
+    )
+    return (
+        insert(Event)
+        .from_select(
+            ["conversation_id", "at", "actor", "action", "detail"],
+            select(
+                stored.c.id,
+                bindparam("card_at", type_=Event.at.type),
+                literal("slack"),
+                literal(CARD_EVENT),
+                bindparam("card_detail", type_=Event.detail.type),
+            ),
+        )
+        .returning(Event.id)
+    )
 
 
 @functools.cache
