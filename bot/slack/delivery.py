@@ -550,26 +550,29 @@ class SlackDelivery:
                     return found is not None
         with loop_session(self.ctx) as session, session.begin():
             relaxed_commit(session)  # a card lost with a database crash is posted again (at least once)
-            expected = (
-                Conversation.slack_ts.is_(None) if replacing is None else Conversation.slack_ts == replacing
+            # Statements built once, run on the session's connection (no ORM layer: on a card
+            # per message, building and routing them cost more CPU than the writes).
+            connection = session.connection()
+            result = connection.execute(
+                _card_set_statement(replacing is not None),
+                {
+                    "card_conversation_id": conversation_id,
+                    "card_channel": channel,
+                    "card_ts": ts,
+                    "card_replacing": replacing,
+                },
             )
-            result = session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, expected)
-                .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
-                .execution_options(synchronize_session=False)
-            )
-            stored = bool(result.rowcount)  # type: ignore[attr-defined]
+            stored = bool(result.rowcount)
             if stored:
-                # A plain INSERT, not the ORM's unit of work (a flush costs more CPU than the write).
-                session.execute(
-                    insert(Event).values(
-                        conversation_id=conversation_id,
-                        at=now,
-                        actor="slack",
-                        action=CARD_EVENT,
-                        detail={"channel": channel, "ts": ts, "thread_ts": thread_ts},
-                    )
+                connection.execute(
+                    _EVENT_INSERT,
+                    {
+                        "conversation_id": conversation_id,
+                        "at": now,
+                        "actor": "slack",
+                        "action": CARD_EVENT,
+                        "detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                    },
                 )
             if settle_outbox_id is not None:
                 session.execute(
@@ -1018,6 +1021,26 @@ class SlackDelivery:
             )
             return SlackDeliveryError(f"Slack {method}{where} failed: {code} ({hint})", code)
         return SlackDeliveryError(f"Slack {method}{where} failed: {code or f'HTTP {status}'}", code)
+
+
+@functools.cache
+def _card_set_statement(replacing: bool) -> Any:
+    """Store a card's place on its conversation (compare-and-set on ``slack_ts``), built once."""
+    expected = (
+        Conversation.slack_ts == bindparam("card_replacing") if replacing else Conversation.slack_ts.is_(None)
+    )
+    return (
+        update(Conversation)
+        .where(Conversation.id == bindparam("card_conversation_id"), expected)
+        .values(
+            slack_channel=bindparam("card_channel"),
+            slack_ts=bindparam("card_ts"),
+            version=Conversation.version + 1,
+        )
+    )
+
+
+_EVENT_INSERT = insert(Event)
 
 
 @functools.cache
