@@ -323,6 +323,29 @@ def test_clip_escaped_property(text: str, limit: int) -> None:
     assert len(shown) in boundaries  # cut between graphemes
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.lists(
+        st.one_of(
+            st.sampled_from([*MIXED_EMOJI, ">", "&", "\n", "\r\n", "\u2028", "\u200d"]), st.characters()
+        ),
+        max_size=120,
+    ).map("".join),
+    limit=st.integers(min_value=8, max_value=200),
+    max_lines=st.one_of(st.none(), st.integers(min_value=1, max_value=6)),
+    quote=st.booleans(),
+)
+def test_clip_escaped_fast_path_is_the_walk(
+    text: str, limit: int, max_lines: int | None, quote: bool
+) -> None:
+    """A text that fits whole skips the grapheme walk; the result is the walk's, to the character."""
+    normalised = blocks.normalise_line_breaks(text)
+    walked = blocks._clip_walk(
+        normalised, limit - len(blocks.ELLIPSIS), "> " if quote else "", max_lines=max_lines, quote=quote
+    )
+    assert blocks.clip_escaped(text, limit, max_lines=max_lines, quote=quote) == walked
+
+
 def test_graphemes_keep_emoji_sequences_whole() -> None:
     assert list(blocks.graphemes("".join(MIXED_EMOJI) + "\r\nx")) == [*MIXED_EMOJI, "\r\n", "x"]
 
