@@ -14,14 +14,15 @@ from sqlalchemy import Engine, select
 from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, SlackStandIn
 from bot.flow.context import AppContext
-from bot.flow.outbox import OutboxSender
+from bot.flow.outbox import STAFF_BATCH, OutboxSender
 from bot.flow.sweep import sweep
+from bot.slack.delivery import slack_handlers
 from bot.slack.pacing import OVERBOOK, POST, Pacer, SharedPacer
 from storage.db import make_engine
 from storage.models import Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post
-from tests.test_slack_delivery import CARE, USERS, sender_for, top_level
+from tests.test_slack_delivery import CARE, USERS, top_level
 
 POST_MESSAGE = "chat.postMessage"
 SECOND = timedelta(seconds=1)
@@ -126,9 +127,13 @@ def test_shared_pacing_falls_back_to_pacing_alone_when_the_database_fails(tmp_pa
 
 
 def _storm_with_senders(
-    ctx: AppContext, clock: FakeClock, pacer: Callable[[], Pacer]
+    ctx: AppContext, clock: FakeClock, pacer: Callable[[], Pacer], staff_batch: int = STAFF_BATCH
 ) -> tuple[int, float, list[float]]:
     """Four senders (each its own pacer, client and thread, as four processes) and a storm in #care.
+
+    `staff_batch` staff rows per claim: with the default, these four threads (serialised by one
+    SQLite writer and the GIL) take the storm in a few batches, one after the other; with 1 their
+    calls interleave as four processes' do.
 
     Two urgent conversations are overdue just as 20 new ones arrive. Checks that everything
     arrived once; returns the 429s, the seconds from the storm to the last breach notice, and
@@ -142,11 +147,18 @@ def _storm_with_senders(
         channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
     ) as slack:
         senders: list[OutboxSender] = [
-            sender_for(
+            OutboxSender(
                 ctx,
-                WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url),
-                storm_threshold=10**9,
-                pacer=pacer(),
+                {
+                    **slack_handlers(
+                        ctx,
+                        WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url),
+                        storm_threshold=10**9,
+                        pacer=pacer(),
+                    ),
+                    "ack": lambda message: "ack sent",
+                },
+                staff_batch=staff_batch,
             )
             for _ in range(4)
         ]
@@ -196,11 +208,12 @@ def _storm_with_senders(
     return limited, last_breach - storm_at.timestamp(), before
 
 
+@pytest.mark.parametrize("staff_batch", [1, STAFF_BATCH])
 def test_four_senders_sharing_the_pace_get_no_429_and_send_breaches_first(
-    ctx: AppContext, clock: FakeClock
+    ctx: AppContext, clock: FakeClock, staff_batch: int
 ) -> None:
     limited, breach_after, cards_before = _storm_with_senders(
-        ctx, clock, lambda: SharedPacer(clock.now, ctx.engine)
+        ctx, clock, lambda: SharedPacer(clock.now, ctx.engine), staff_batch
     )
     assert limited == 0
     assert breach_after <= 1.0
@@ -212,8 +225,9 @@ def test_four_senders_sharing_the_pace_get_no_429_and_send_breaches_first(
 
 
 def test_four_senders_pacing_alone_meet_429s(ctx: AppContext, clock: FakeClock) -> None:
-    """What sharing the pace fixes: four pacers that know nothing of each other overrun the channel."""
-    limited, _, _ = _storm_with_senders(ctx, clock, lambda: Pacer(clock.now))
+    """What sharing the pace fixes: four pacers that know nothing of each other overrun the channel
+    (their calls interleaved, as four processes' are: one staff row per claim)."""
+    limited, _, _ = _storm_with_senders(ctx, clock, lambda: Pacer(clock.now), staff_batch=1)
     assert limited >= 4
 
 

@@ -241,11 +241,13 @@ class OutboxSender:
         *,
         lease: timedelta = DEFAULT_LEASE,
         max_attempts: int = MAX_ATTEMPTS,
+        staff_batch: int = STAFF_BATCH,
     ) -> None:
         self.ctx = ctx
         self.handlers = dict(handlers)
         self.lease = lease
         self.max_attempts = max_attempts
+        self.staff_batch = max(1, staff_batch)  # staff rows claimed per transaction (see send_due)
         # This sender's name in `leases` and in `Outbox.owner` (unique per process and sender).
         self.owner = f"sender:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         # One send loop per process: the outbox job, a poll and a sweep all call send_due, and a
@@ -373,7 +375,7 @@ class OutboxSender:
         try:
             done = 0
             while done < limit and not self._stopping.is_set():
-                claimed = self._claim(min(STAFF_BATCH, limit - done))
+                claimed = self._claim(min(self.staff_batch, limit - done))
                 if not claimed:
                     break
                 done += self._deliver_batch(claimed, result)

@@ -204,7 +204,8 @@ class SlackAudit:
 
         Walks each conversation's calls in arrival order: the delivering call of row k must come
         after that of row k-1, and any other call in between must be an attempt of row k (same
-        kind; a chat.update belongs to a breach or card update), or a note of the row before.
+        kind; a chat.update belongs to a breach or card update), a note of the row before, or the
+        card's edit that a breach makes right after its notice (the notice goes first).
         """
         problems: list[str] = []
         row_of = {row.id: row for row in self.rows}
@@ -216,10 +217,12 @@ class SlackAudit:
         for cid, exchanges in self.by_conversation.items():
             lane = sorted(lanes.get(cid, []), key=lambda r: r.id)
             k = 0
+            edit_of_breach = False  # the call just before was a breach notice's delivering call
             for e in exchanges:
                 head = lane[k] if k < len(lane) else None
                 row_id = delivered_by.get(id(e))
                 kind = kind_of(e)
+                follows_breach, edit_of_breach = edit_of_breach, False
                 if row_id is not None:
                     if head is None or row_id != head.id:
                         problems.append(
@@ -227,6 +230,9 @@ class SlackAudit:
                             f"{head.id if head else None} ({head.kind if head else None}) was still unsent"
                         )
                     k = next((i + 1 for i, r in enumerate(lane) if r.id == row_id), k)
+                    edit_of_breach = row_of[row_id].kind == "breach"
+                    continue
+                if kind == "update" and follows_breach:
                     continue
                 previous = lane[k - 1] if k > 0 else None
                 if kind == "note" and previous is not None and previous.kind == "escalation":
