@@ -942,3 +942,6 @@ def test_conversations_history_and_replies_with_metadata(slack: SlackStandIn, cl
         client.conversations_replies(channel=CARE, ts="1.000001")
     assert error.value.response["error"] == "thread_not_found"
     assert METHOD_TIERS["conversations.history"] == METHOD_TIERS["conversations.replies"] == 3
+    with pytest.raises(SlackApiError) as error:
+        client.conversations_history(channel="#care")  # ids only, as Slack
+    assert error.value.response["error"] == "channel_not_found"

@@ -1478,7 +1478,7 @@ class SlackStandIn:
         """A channel's top-level messages (and thread broadcasts), newest first, paged by ``limit``
         and ``cursor``, within ``oldest``/``latest`` (``inclusive``); message metadata only with
         ``include_all_metadata``, as Slack does."""
-        channel_id = self._existing_channel(params.get("channel"))
+        channel_id = self._readable_channel(params)
         stored = [
             m
             for m in self._messages.values()
@@ -1491,7 +1491,7 @@ class SlackStandIn:
 
     def _conversations_replies(self, params: JSON) -> JSON:
         """A thread: its parent first, then its replies oldest first (paged as history)."""
-        channel_id = self._existing_channel(params.get("channel"))
+        channel_id = self._readable_channel(params)
         ts = _opt_str(params.get("ts"))
         parent = self._messages.get((channel_id, ts or ""))
         if ts is None or parent is None or parent.deleted:
@@ -1504,6 +1504,16 @@ class SlackStandIn:
         ]
         stored.sort(key=lambda m: _ts_key(m.ts))
         return self._message_page(self._within(stored, params), params)
+
+    def _readable_channel(self, params: JSON) -> str:
+        """The channel a history read names: by id only (Slack takes no names here), the app a member."""
+        channel_id = _opt_str(params.get("channel"))
+        channel = self._channels.get(channel_id or "")
+        if channel is None:
+            raise _SlackError("channel_not_found")
+        if not (channel.is_member or channel.is_im or channel.is_mpim):
+            raise _SlackError("not_in_channel")
+        return channel.id
 
     def _within(self, stored: list[_StoredMessage], params: JSON) -> list[_StoredMessage]:
         inclusive = _truthy(params.get("inclusive"))

@@ -95,6 +95,8 @@ _TIER4 = Pace(per_second=90 / 60, burst=10.0, reserve=3.0, horizon=600.0)  # Tie
 TIERS: Mapping[str, Pace] = {
     "chat.update": _TIER3,
     "conversations.open": _TIER3,
+    "conversations.history": _TIER3,  # looking up a card whose post was not recorded
+    "conversations.replies": _TIER3,
     "chat.postEphemeral": _TIER4,
     "views.open": _TIER4,
     "views.update": _TIER4,
