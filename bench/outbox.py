@@ -9,10 +9,12 @@
    printed: median and p90 per claim, and the ratio of the largest size's median to the
    smallest's (goal: at most 1.5).
 2. **Sender vs bare loop.** 300 new conversations (ingested as posts) are delivered to the
-   Slack stand-in (bot.demo.standin) on loopback by the real `OutboxSender` with the Slack
-   handlers (cards; storm summaries off), then the very same `chat.postMessage` calls (channel,
-   text, blocks, metadata, as the stand-in recorded them) are posted again by a bare loop of
-   `slack_sdk.WebClient.chat_postMessage`. Printed: both times and their ratio (goal: at most 2).
+   Slack stand-in (bot.demo.standin, in a process of its own, rate limits off) on loopback by the
+   real `OutboxSender` with the Slack handlers (the cards ingest wrote; storm summaries off; no
+   pacing), then the very same `chat.postMessage` calls (channel, text, blocks, metadata, as the
+   stand-in recorded them) are posted again by a bare loop of `slack_sdk.WebClient.chat_postMessage`.
+   Printed: both times and their ratio (goal: at most 2). ``--profile N`` prints the top of the
+   sender's cProfile; ``--standin-in-process`` runs the stand-in as a thread of this process.
 
 Run from the project root::
 
@@ -27,15 +29,22 @@ Each size gets its own schema, dropped at the end.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import multiprocessing
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from slack_sdk import WebClient
 from sqlalchemy import Engine, func, select, text
@@ -60,6 +69,7 @@ CONVERSATIONS = 10_000
 PENDING = 1_000
 CLAIMS = 300
 MESSAGES = 300
+POSTED = ("channel", "text", "blocks", "metadata")  # what the bare loop posts again
 
 
 def progress(message: str) -> None:
@@ -77,8 +87,9 @@ def post(index: int) -> InboundPost:
     )
 
 
-def seed_conversations(ctx: AppContext, count: int) -> None:
-    """`count` conversations through the real ingest (in batches), their outbox rows then removed."""
+def seed_conversations(ctx: AppContext, count: int, *, keep_cards: bool = False) -> None:
+    """`count` conversations through the real ingest (in batches), their outbox rows then removed
+    (all, or all but their cards, as ingest wrote them)."""
     for start in range(0, count, 500):
         with ctx.sessions() as session, session.begin():
             ingest_batch(
@@ -90,7 +101,7 @@ def seed_conversations(ctx: AppContext, count: int) -> None:
                 cursor=None,
             )
     with ctx.sessions() as session, session.begin():
-        session.execute(text("DELETE FROM outbox"))
+        session.execute(text("DELETE FROM outbox" + (" WHERE kind <> 'card'" if keep_cards else "")))
         session.execute(text("DELETE FROM events"))
 
 
@@ -168,8 +179,73 @@ def claim_bench(database: str, sizes: Sequence[int], postgres_url: str) -> list[
     return results
 
 
-def sender_bench(database: str, postgres_url: str) -> tuple[float, float, int]:
-    """(sender seconds, bare loop seconds, messages) for MESSAGES cards."""
+def _serve_standin(conn: Connection, channels: dict[str, str], users: list[SlackUser]) -> None:
+    """A child process: the Slack stand-in (limits off), its URL sent back, then its posts on request."""
+    with SlackStandIn(channels=channels, users=users, rate_limits=False) as slack:
+        conn.send(slack.base_url)
+        while (request := conn.recv()) != "stop":
+            assert request == "calls"
+            conn.send(
+                [(c.method, c.ok, {k: v for k, v in c.params.items() if k in POSTED}) for c in slack.calls]
+            )
+
+
+@contextmanager
+def standin(
+    channels: dict[str, str], users: list[SlackUser], *, own_process: bool
+) -> Iterator[tuple[str, Callable[[], list[tuple[str, bool, dict[str, Any]]]]]]:
+    """The Slack stand-in (rate limits off): its base URL, and a function listing its calls.
+
+    In its own process by default: Slack is not in our process in production, and a stand-in
+    thread in ours competes for the GIL with the code measured (the sender's database waits
+    end with a GIL hand-over, a bare HTTP loop has few).
+    """
+    if not own_process:
+        with SlackStandIn(channels=channels, users=users, rate_limits=False) as slack:
+            yield (
+                slack.base_url,
+                lambda: [
+                    (c.method, c.ok, {k: v for k, v in c.params.items() if k in POSTED}) for c in slack.calls
+                ],
+            )
+        return
+    parent, child = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=_serve_standin, args=(child, channels, users), daemon=True
+    )
+    process.start()
+    try:
+        base_url = parent.recv()
+
+        def calls() -> list[tuple[str, bool, dict[str, Any]]]:
+            parent.send("calls")
+            found: list[tuple[str, bool, dict[str, Any]]] = parent.recv()
+            return found
+
+        yield base_url, calls
+    finally:
+        parent.send("stop")
+        process.join(10)
+
+
+@dataclass(frozen=True)
+class SenderFigures:
+    sender_seconds: float
+    bare_seconds: float
+    messages: int
+    sender_cpu: float  # this process's CPU seconds (the stand-in's own process not counted)
+    bare_cpu: float
+
+
+def sender_bench(
+    database: str, postgres_url: str, *, profile: int = 0, standin_in_process: bool = False
+) -> SenderFigures:
+    """Wall and CPU seconds of the sender and of the bare loop for MESSAGES cards.
+
+    Both post to the same stand-in (rate limits off) and the sender paces nothing (no pacer):
+    like with like. `profile` > 0: run the sender under cProfile and print that many lines of
+    its profile (by own time, then cumulative), to stderr.
+    """
     policy = load_policy(POLICY)
     users = [SlackUser(e.slack_id, e.name, tz="UTC") for e in policy.experts.values()]
     with ExitStack() as stack:
@@ -181,41 +257,43 @@ def sender_bench(database: str, postgres_url: str) -> tuple[float, float, int]:
         stack.callback(engine.dispose)
         upgrade(engine)
         ctx = AppContext(policy=policy, engine=engine, clock=FakeClock(NOW))
-        slack = stack.enter_context(
-            SlackStandIn(channels={"C0CARE0001": "care", "C0BILLING1": "billing"}, users=users)
+        base_url, calls = stack.enter_context(
+            standin(
+                {"C0CARE0001": "care", "C0BILLING1": "billing"}, users, own_process=not standin_in_process
+            )
         )
-        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
-        seed_conversations(ctx, MESSAGES)
-        with ctx.sessions() as session, session.begin():
-            session.execute(text("DELETE FROM outbox"))
-        # One card row per conversation, as ingest writes them.
-        with ctx.sessions() as session, session.begin():
-            for conversation_id in session.scalars(select(Conversation.id).order_by(Conversation.id)):
-                session.execute(
-                    text(
-                        "INSERT INTO outbox (kind, conversation_id, payload, idempotency_key, status, attempts, "
-                        "created_at, next_attempt_at) VALUES ('card', :c, :p, :k, 'pending', 0, :t, :t)"
-                    ),
-                    {"c": conversation_id, "p": "{}", "k": f"conv:{conversation_id}:card", "t": NOW},
-                )
-        handlers = slack_handlers(ctx, client, storm_threshold=10**9)
+        client = WebClient(token=DEFAULT_TOKEN, base_url=base_url)
+        seed_conversations(ctx, MESSAGES, keep_cards=True)
+        handlers = slack_handlers(ctx, client, storm_threshold=10**9, pacer=None)
         sender = OutboxSender(ctx, handlers)
         client.auth_test()  # warm up: channel lookups, first connection
-        before = len(slack.calls)
-        began = time.perf_counter()
+        before = len(calls())
+        profiler = cProfile.Profile() if profile else None
+        began, cpu_began = time.perf_counter(), time.process_time()
+        if profiler is not None:
+            profiler.enable()
         result = sender.send_due(limit=MESSAGES + 10)
+        if profiler is not None:
+            profiler.disable()
         sender_seconds = time.perf_counter() - began
+        sender_cpu = time.process_time() - cpu_began
+        if profiler is not None:
+            out = io.StringIO()
+            stats = pstats.Stats(profiler, stream=out).strip_dirs()
+            stats.sort_stats("tottime").print_stats(profile)
+            stats.sort_stats("cumulative").print_stats(profile)
+            progress(f"{database}: sender profile (cProfile)\n{out.getvalue()}")
         assert result.sent == MESSAGES, result
-        posts = [c for c in slack.calls[before:] if c.method == "chat.postMessage" and c.ok]
-        lookups = len(slack.calls[before:]) - len(posts)
-        if lookups:
-            progress(f"(the sender also made {lookups} other Slack calls)")
-        began = time.perf_counter()
-        for call in posts:
-            params = {k: v for k, v in call.params.items() if k in ("channel", "text", "blocks", "metadata")}
+        made = calls()[before:]
+        posts = [params for method, ok, params in made if method == "chat.postMessage" and ok]
+        if len(made) > len(posts):
+            progress(f"(the sender also made {len(made) - len(posts)} other Slack calls)")
+        began, cpu_began = time.perf_counter(), time.process_time()
+        for params in posts:
             client.chat_postMessage(**params)
         bare_seconds = time.perf_counter() - began
-        return sender_seconds, bare_seconds, len(posts)
+        bare_cpu = time.process_time() - cpu_began
+        return SenderFigures(sender_seconds, bare_seconds, len(posts), sender_cpu, bare_cpu)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,6 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-claims", action="store_true")
     parser.add_argument("--skip-sender", action="store_true")
+    parser.add_argument(
+        "--standin-in-process",
+        action="store_true",
+        help="run the Slack stand-in in this process (a thread), as before: it competes for the GIL",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N lines of the sender's cProfile"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     databases = [d.strip() for d in args.databases.split(",")]
@@ -260,13 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  ratio {results[-1][0]:,} / {results[0][0]:,}: {ratio:.2f} ({verdict})")
             status |= ratio > 1.5
         if not args.skip_sender:
-            sender_seconds, bare_seconds, count = sender_bench(database, args.postgres_url)
-            ratio = sender_seconds / bare_seconds
+            figures = sender_bench(
+                database, args.postgres_url, profile=args.profile, standin_in_process=args.standin_in_process
+            )
+            count = figures.messages
+            ratio = figures.sender_seconds / figures.bare_seconds
             verdict = "OK" if ratio <= 2 else "WARNING: over 2"
             print(
-                f"{database}: {count} cards to the Slack stand-in: sender {sender_seconds:.2f} s "
-                f"({count / sender_seconds:.0f}/s), bare slack_sdk loop {bare_seconds:.2f} s "
-                f"({count / bare_seconds:.0f}/s); ratio {ratio:.2f} ({verdict})"
+                f"{database}: {count} cards to the Slack stand-in: sender {figures.sender_seconds:.2f} s "
+                f"({count / figures.sender_seconds:.0f}/s), bare slack_sdk loop {figures.bare_seconds:.2f} s "
+                f"({count / figures.bare_seconds:.0f}/s); ratio {ratio:.2f} ({verdict}); CPU of this "
+                f"process per message: sender {figures.sender_cpu / count * 1000:.2f} ms, bare loop "
+                f"{figures.bare_cpu / count * 1000:.2f} ms ({figures.sender_cpu / figures.bare_cpu:.2f}x)"
             )
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end")

@@ -110,7 +110,9 @@ def test_staff_message_retries_after_a_failure(ctx: AppContext, clock: FakeClock
 def test_recover_settles_abandoned_rows_by_kind(ctx: AppContext, clock: FakeClock) -> None:
     ingest(ctx, post("1", "refund my invoice"))
     sender = OutboxSender(ctx, {}, lease=timedelta(minutes=5))
-    sender._claim(10)  # as if a process claimed both rows and died
+    # As if a process claimed both rows and died (a customer row is always claimed alone).
+    assert [m.kind for m in sender._claim(10)] == ["ack"]
+    assert [m.kind for m in sender._claim(10)] == ["card"]
     assert sender.recover() == 0  # leases still valid: maybe another live process
     clock.advance(timedelta(minutes=6))
     assert sender.recover() == 2
@@ -218,3 +220,82 @@ def test_a_deferred_message_is_not_an_attempt_and_comes_back_when_asked(
         sender.send_due()
     assert attempts == [1] * 21
     assert rows(ctx)["card"][0].status == "sent"
+
+
+def sending_kinds(ctx: AppContext) -> list[str]:
+    with ctx.read_sessions() as session:
+        return sorted(session.scalars(select(Outbox.kind).where(Outbox.status == "sending")))
+
+
+def test_staff_rows_are_claimed_in_batches_customer_rows_one_at_a_time(ctx: AppContext) -> None:
+    ingest(ctx, *(post(str(n), "refund my invoice", author=f"c{n}") for n in range(3)))
+    sender = OutboxSender(ctx, {})
+    # Acknowledgements are more urgent than cards; each is claimed alone, never with the others.
+    assert [m.kind for m in sender._claim(10)] == ["ack"]
+    assert [m.kind for m in sender._claim(10)] == ["ack"]
+    assert [m.kind for m in sender._claim(10)] == ["ack"]
+    batch = sender._claim(10)
+    assert [m.kind for m in batch] == ["card", "card", "card"]
+    assert all(m.attempts == 1 and m.owner == sender.owner for m in batch)
+    assert sending_kinds(ctx) == ["ack", "ack", "ack", "card", "card", "card"]
+
+
+def test_a_customer_message_is_never_in_flight_beside_a_claimed_batch(ctx: AppContext) -> None:
+    ingest(ctx, *(post(str(n), "refund my invoice", author=f"c{n}") for n in range(3)))
+    seen: dict[str, list[list[str]]] = {"ack": [], "card": []}
+
+    def handler(message: OutboxMessage) -> str:
+        seen[message.kind].append(sending_kinds(ctx))
+        return "ok"
+
+    result = OutboxSender(ctx, {"ack": handler, "card": handler}).send_due()
+    assert result.sent == 6
+    # Each acknowledgement alone in flight (a kill leaves at most it `unknown`)...
+    assert seen["ack"] == [["ack"], ["ack"], ["ack"]]
+    # ...while the cards went as one batch, claimed together, no customer row among them.
+    assert seen["card"][0] == ["card", "card", "card"]
+    assert all("ack" not in kinds for kinds in seen["card"])
+
+
+def test_stopping_mid_batch_hands_the_untried_staff_rows_back(ctx: AppContext) -> None:
+    ingest(ctx, *(post(str(n), "refund my invoice", author=f"c{n}") for n in range(3)))
+    sender = OutboxSender(ctx, {"ack": lambda m: "ok"})
+    tried: list[int] = []
+
+    def card(message: OutboxMessage) -> str:
+        tried.append(message.id)
+        sender.stop()  # SIGTERM during the first card of the batch
+        return "ok"
+
+    sender.handlers["card"] = card
+    result = sender.send_due()
+    assert result.sent == 3 + 1 and len(tried) == 1  # the acknowledgements, then one card
+    cards = rows(ctx)["card"]
+    assert [row.status for row in cards if row.id in tried] == ["sent"]
+    untried = [row for row in cards if row.id not in tried]
+    assert len(untried) == 2
+    assert all(r.status == "pending" and r.attempts == 0 and r.owner is None for r in untried)
+
+
+def test_a_batch_records_each_outcome(ctx: AppContext, clock: FakeClock) -> None:
+    ingest(ctx, *(post(str(n), "refund my invoice", author=f"c{n}") for n in range(4)))
+    ids: list[int] = []
+
+    def card(message: OutboxMessage) -> str:
+        ids.append(message.id)
+        if len(ids) == 2:
+            raise Retry("Slack 503")
+        if len(ids) == 3:
+            raise Defer("paced", after=clock.now() + timedelta(seconds=1))
+        return f"posted {message.id}"
+
+    result = OutboxSender(ctx, {"ack": lambda m: "ok", "card": card}).send_due()
+    assert (result.sent, result.retried, result.deferred) == (4 + 2, 1, 1)
+    by_id = {row.id: row for row in rows(ctx)["card"]}
+    sent = [by_id[ids[0]], by_id[ids[3]]]
+    assert all(r.status == "sent" and r.result == f"posted {r.id}" and r.owner is None for r in sent)
+    assert by_id[ids[1]].status == "pending" and by_id[ids[1]].last_error == "Slack 503"
+    assert by_id[ids[1]].attempts == 1 and by_id[ids[1]].next_attempt_at > clock.now()
+    deferred = by_id[ids[2]]
+    assert deferred.status == "pending" and deferred.attempts == 0
+    assert deferred.next_attempt_at == clock.now() + timedelta(seconds=1)

@@ -21,6 +21,7 @@ at start-up).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -29,13 +30,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, bindparam, delete, exists, literal, or_, select, text, update
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import Select, Table, and_, bindparam, delete, exists, literal, or_, select, text, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import BindParameter
 
@@ -65,6 +68,11 @@ OWNER_HEARTBEAT = timedelta(seconds=2)
 RECOVER_INTERVAL = timedelta(seconds=2)
 # Lapsed sender leases are deleted after this (they only name rows that are settled by then).
 FORGET_OWNER_AFTER = timedelta(hours=1)
+# Staff rows are claimed (and their outcomes recorded) up to this many per transaction; see send_due.
+STAFF_BATCH = 10
+# A claimed batch's rows not yet tried after this long go back to `pending`: a slow Slack must
+# not hold them (a breach that fell due meanwhile goes first), nor let their lease run out.
+BATCH_PATIENCE = timedelta(seconds=0.5)
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,106 @@ class SendResult:
     unknown: int = 0
     deferred: int = 0  # not tried yet: the handler's pace put them off (Defer)
     by_kind: dict[str, int] = field(default_factory=dict)
+
+
+_loop = threading.local()  # the send loop on this thread: its connection, its batch's rows taken over
+
+
+@contextmanager
+def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Session]:
+    """A session for the send loop and the handlers it calls (``with loop_session(ctx) as s, s.begin()``).
+
+    On PostgreSQL the loop holds two connections while it runs, and these sessions use them:
+    each session from the pool costs a checkout and a ping (a round trip) besides its own
+    statements, several per message. Reads (`read_only`) go through one in autocommit (no BEGIN
+    and ROLLBACK round trips; each statement reads its own snapshot); writes through the other,
+    whose commits do not wait for the WAL flush (staff messages, at least once; customer
+    transactions on it call `durable_commit`). Elsewhere, or once a connection broke, a session
+    of `ctx` as usual.
+    """
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else (held.reader if read_only else held.writer)
+    if connection is None or connection.invalidated or connection.closed:
+        with (ctx.read_sessions if read_only else ctx.sessions)() as session:
+            yield session
+        return
+    try:
+        with Session(bind=connection, expire_on_commit=False) as session:
+            yield session
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None  # the next sessions come from the pool (they ping, reconnect)
+            assert held is not None
+            held.close(broken=True)
+        raise
+
+
+@dataclass
+class _Held:
+    """The send loop's own connections (PostgreSQL; see `loop_session`)."""
+
+    writer: Connection
+    reader: Connection
+
+    @classmethod
+    def open(cls, engine: Engine) -> _Held | None:
+        connections: list[Connection] = []
+        try:
+            for _ in range(2):
+                connections.append(engine.connect())
+                connections[-1].exec_driver_sql("SET synchronous_commit TO off")
+                connections[-1].commit()
+            writer, reader = connections
+            reader.execution_options(isolation_level="AUTOCOMMIT")
+        except (OperationalError, InterfaceError):
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    connection.invalidate()
+            return None  # the database is away: sessions from the pool will say so
+        return cls(writer, reader)
+
+    def close(self, *, broken: bool = False) -> None:
+        """Back to the pool as they came (commits durable again), or discarded."""
+        for connection in (self.writer, self.reader):
+            try:
+                if broken:
+                    raise ConnectionError("broken")
+                connection.rollback()
+                connection.exec_driver_sql("RESET synchronous_commit")
+                connection.commit()
+                connection.close()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    connection.invalidate()
+                    connection.close()
+
+
+@contextmanager
+def loop_autocommit() -> Iterator[Connection | None]:
+    """The send loop's autocommit connection (PostgreSQL; commits not waiting for the WAL flush),
+    for a staff-side write in ONE statement (atomic by itself, one round trip); None elsewhere."""
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else held.reader
+    if held is None or connection is None or connection.invalidated or connection.closed:
+        yield None
+        return
+    try:
+        yield connection
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None
+            held.close(broken=True)
+        raise
+
+
+def taken_over(outbox_ids: Iterable[int]) -> None:
+    """A handler settled or released these other claimed rows itself (a storm posted them as one).
+
+    The send loop on this thread skips them if they are in its batch (their outcome is recorded).
+    """
+    taken: set[int] | None = getattr(_loop, "taken", None)
+    if taken is not None:
+        taken.update(outbox_ids)
 
 
 def backoff(attempts: int) -> timedelta:
@@ -248,77 +356,151 @@ class OutboxSender:
         return thread
 
     def send_due(self, *, limit: int = 500) -> SendResult:
-        """Send up to `limit` due rows, each claimed just before its own call; return what happened.
+        """Send up to `limit` due rows in urgency order; return what happened.
 
-        Claiming one row at a time means a process that dies leaves only the message it was
-        sending `sending`: a batch claimed up front would leave every untried customer message
-        in it `unknown` after recovery, and a batch slower than the lease would be recovered by
-        another process while this one still works through it. Rows beyond `limit` wait for the
-        next call.
+        Customer messages are claimed one at a time, just before their own call: a process that
+        dies leaves at most the one it was sending `sending` (recovery makes it `unknown`); a batch
+        claimed up front would leave every untried customer message in it `unknown`. Staff
+        messages go out at least once, so up to STAFF_BATCH due ones are claimed in one
+        transaction and their outcomes recorded together (a death re-sends the batch's rows,
+        Slack-side idempotency keeps cards single). Rows beyond `limit` wait for the next call.
         """
         result = SendResult()
         if not self._sending.acquire(blocking=False):
             return result  # another thread of this process is sending; it takes these rows too
+        _loop.taken = set()
+        _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
-            for _ in range(limit):
-                if self._stopping.is_set():
-                    break
-                claimed = self._claim(1)
+            done = 0
+            while done < limit and not self._stopping.is_set():
+                claimed = self._claim(min(STAFF_BATCH, limit - done))
                 if not claimed:
                     break
-                self._deliver(claimed[0], result)
+                done += self._deliver_batch(claimed, result)
         finally:
+            held, _loop.held, _loop.taken = _loop.held, None, None
+            if held is not None:
+                held.close()
             self._sending.release()
         return result
 
+    def _deliver_batch(self, claimed: list[OutboxMessage], result: SendResult) -> int:
+        """Deliver claimed rows in order, staff outcomes recorded together (see send_due); how many
+        were tried (the rest went back in line, or a handler took them over)."""
+        taken: set[int] = _loop.taken
+        taken.clear()
+        outcomes: list[_Outcome] = []
+        began = time.monotonic()
+        tried = 0
+        try:
+            for index, message in enumerate(claimed):
+                if message.id in taken:
+                    continue
+                if index and (
+                    self._stopping.is_set() or time.monotonic() - began > BATCH_PATIENCE.total_seconds()
+                ):
+                    # Stopping, or slow sends: the rest go back in line (a more urgent row that
+                    # fell due meanwhile goes first), untried.
+                    self._release([m for m in claimed[index:] if m.id not in taken])
+                    break
+                tried += 1
+                outcome = self._deliver(message, result)
+                if outcome is not None:
+                    outcomes.append(outcome)
+        finally:
+            self._record(outcomes)
+        return tried
+
     def _claim(self, limit: int) -> list[OutboxMessage]:
+        """Claim the most urgent due rows: the leading staff rows (up to `limit`), or one customer row."""
         now = self.ctx.clock.now()
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
             query = _claim_query(is_postgres(session))
             rows = list(session.scalars(query, {"now": now, "limit": limit}))
+            if rows and rows[0].kind in CUSTOMER_KINDS:
+                rows = rows[:1]
+            else:
+                staff = 0
+                while staff < len(rows) and rows[staff].kind not in CUSTOMER_KINDS:
+                    staff += 1
+                rows = rows[:staff]  # the customer row after them waits for its own claim
             claimed = []
             if rows and (
                 self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2
             ):
                 self._renew(session, now)
+            if rows:
+                # One UPDATE for the batch, not one per row (each is a round trip on PostgreSQL).
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_([row.id for row in rows]))
+                    .values(
+                        status=SENDING,
+                        attempts=Outbox.attempts + 1,
+                        lease_until=now + self.lease,
+                        owner=self.owner,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
             for row in rows:
-                row.status = SENDING
-                row.attempts += 1
-                row.lease_until = now + self.lease
-                row.owner = self.owner
-                claimed.append(_detached(row))
-            if rows and all(row.kind not in CUSTOMER_KINDS for row in rows):
-                _relaxed(session)
+                claimed.append(
+                    OutboxMessage(
+                        row.id,
+                        row.kind,
+                        row.conversation_id,
+                        dict(row.payload),
+                        row.idempotency_key,
+                        row.attempts + 1,
+                        self.owner,
+                    )
+                )
+            if rows and rows[0].kind not in CUSTOMER_KINDS:
+                relaxed_commit(session)
+            elif rows:
+                durable_commit(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
 
-    def _deliver(self, message: OutboxMessage, result: SendResult) -> None:
+    def _release(self, messages: list[OutboxMessage]) -> None:
+        """Hand claimed staff rows that were not tried back to the queue, as they were."""
+        if not messages:
+            return
+        with loop_session(self.ctx) as session, session.begin():
+            relaxed_commit(session)
+            for message in messages:
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id == message.id, Outbox.status == SENDING, Outbox.owner == self.owner)
+                    .values(status=PENDING, lease_until=None, owner=None, attempts=message.attempts - 1)
+                    .execution_options(synchronize_session=False)
+                )
+
+    def _deliver(self, message: OutboxMessage, result: SendResult) -> _Outcome | None:
+        """Hand `message` to its handler; its outcome, to record (customer rows: recorded already)."""
+        outcome = self._attempt(message, result)
+        if message.kind in CUSTOMER_KINDS:
+            self._record([outcome])
+            return None
+        return outcome
+
+    def _attempt(self, message: OutboxMessage, result: SendResult) -> _Outcome:
         handler = self.handlers.get(message.kind)
         if handler is None:
-            self._settle(message, status=FAILED, error=f"no handler for kind {message.kind!r}")
             result.failed += 1
-            return
+            return self._outcome(message, status=FAILED, error=f"no handler for kind {message.kind!r}")
         try:
-            outcome = handler(message)
+            answer = handler(message)
         except Defer as deferred:
-            self._settle(
+            result.deferred += 1
+            return self._outcome(
                 message,
                 status=PENDING,
                 next_attempt_at=deferred.after,
                 attempts=message.attempts - 1,
                 error=str(deferred) if deferred.record else None,
             )
-            result.deferred += 1
-            return
         except (NotSent, RateLimited, Retry) as error:
             after = getattr(error, "reset_at", None) or getattr(error, "after", None)
-            if message.attempts >= self.max_attempts:
-                self._settle(message, status=FAILED, error=str(error))
-                result.failed += 1
-            else:
-                when = after or (self.ctx.clock.now() + backoff(message.attempts))
-                self._settle(message, status=PENDING, error=str(error), next_attempt_at=when)
-                result.retried += 1
             log.warning(
                 "delivery failed, will retry" if message.attempts < self.max_attempts else "delivery failed",
                 extra={
@@ -327,33 +509,108 @@ class OutboxSender:
                     "error": str(error),
                 },
             )
-            return
-        except Exception as error:
-            if message.kind in CUSTOMER_KINDS:
-                # The platform may have posted it: never resend a customer message blindly.
-                self._settle(message, status=UNKNOWN, error=f"{type(error).__name__}: {error}")
-                result.unknown += 1
-            elif message.attempts >= self.max_attempts:
-                self._settle(message, status=FAILED, error=f"{type(error).__name__}: {error}")
+            if message.attempts >= self.max_attempts:
                 result.failed += 1
-            else:
-                self._settle(
-                    message,
-                    status=PENDING,
-                    error=f"{type(error).__name__}: {error}",
-                    next_attempt_at=self.ctx.clock.now() + backoff(message.attempts),
-                )
-                result.retried += 1
+                return self._outcome(message, status=FAILED, error=str(error))
+            result.retried += 1
+            when = after or (self.ctx.clock.now() + backoff(message.attempts))
+            return self._outcome(message, status=PENDING, error=str(error), next_attempt_at=when)
+        except Exception as error:
             log.exception(
                 "delivery raised", extra={"conversation_id": message.conversation_id, "outbox_id": message.id}
             )
-            return
-        self._settle(message, status=SENT, result_text=outcome)
+            described = f"{type(error).__name__}: {error}"
+            if message.kind in CUSTOMER_KINDS:
+                # The platform may have posted it: never resend a customer message blindly.
+                result.unknown += 1
+                return self._outcome(message, status=UNKNOWN, error=described)
+            if message.attempts >= self.max_attempts:
+                result.failed += 1
+                return self._outcome(message, status=FAILED, error=described)
+            result.retried += 1
+            return self._outcome(
+                message,
+                status=PENDING,
+                error=described,
+                next_attempt_at=self.ctx.clock.now() + backoff(message.attempts),
+            )
         scheduled = message.payload.get("scheduled_at")
         if message.kind in LADDER_KINDS and isinstance(scheduled, str):
             record_step_delivered(message.kind, datetime.fromisoformat(scheduled), self.ctx.clock.now())
         result.sent += 1
         result.by_kind[message.kind] = result.by_kind.get(message.kind, 0) + 1
+        return self._outcome(message, status=SENT, result_text=answer)
+
+    def _outcome(
+        self,
+        message: OutboxMessage,
+        *,
+        status: str,
+        error: str | None = None,
+        result_text: str | None = None,
+        next_attempt_at: datetime | None = None,
+        attempts: int | None = None,
+    ) -> _Outcome:
+        now = self.ctx.clock.now()
+        values: dict[str, Any] = {"status": status, "lease_until": None, "owner": None}
+        if attempts is not None:
+            values["attempts"] = attempts
+        if status == SENT:
+            values.update(sent_at=now, result=result_text, last_error=None)
+        if error is not None:
+            values["last_error"] = error[:2000]
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+        return _Outcome(message, status, error, values, now)
+
+    def _record(self, outcomes: list[_Outcome]) -> None:
+        """Record the outcomes of sends in one transaction (staff only: relaxed commit on PostgreSQL).
+
+        The calls are made and their outcomes are known only here: if the database is away
+        (restarting, failing over), wait for it rather than lose them, which would leave rows
+        `sending` and their conversations' later messages waiting for recovery, then repeat a
+        staff message or call a delivered customer message "unknown".
+        """
+        if not outcomes:
+            return
+        sent = [o for o in outcomes if o.status == SENT]
+        others = [o for o in outcomes if o.status != SENT]
+
+        def record() -> None:
+            with loop_session(self.ctx) as session, session.begin():
+                if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
+                    relaxed_commit(session)
+                else:
+                    durable_commit(session)
+                if sent:
+                    # One statement for all sent rows (executemany: pipelined by psycopg).
+                    session.connection().execute(
+                        _SENT_UPDATE,
+                        [
+                            {"b_id": o.message.id, "b_sent_at": o.at, "b_result": o.values["result"]}
+                            for o in sent
+                        ],
+                    )
+                for outcome in others:
+                    changed = session.execute(
+                        update(Outbox)
+                        .where(Outbox.id == outcome.message.id, Outbox.status == SENDING)
+                        .values(**outcome.values)
+                    ).rowcount  # type: ignore[attr-defined]
+                    if changed and outcome.status in (UNKNOWN, FAILED):
+                        _report(session, outcome.message, outcome.status, outcome.error, outcome.at)
+
+        first = outcomes[0]
+        patiently(
+            record,
+            "database unavailable: outcome of a send not recorded yet, retrying",
+            {
+                "conversation_id": first.message.conversation_id,
+                "outbox_id": first.message.id,
+                "status": first.status,
+                "rows": len(outcomes),
+            },
+        )
 
     def _settle(
         self,
@@ -365,36 +622,45 @@ class OutboxSender:
         next_attempt_at: datetime | None = None,
         attempts: int | None = None,
     ) -> None:
-        now = self.ctx.clock.now()
-        values: dict[str, Any] = {"status": status, "lease_until": None, "owner": None}
-        if attempts is not None:
-            values["attempts"] = attempts
-        if status == SENT:
-            values.update(sent_at=now, result=result_text, last_error=None)
-        if error is not None:
-            values["last_error"] = error[:2000]
-        if next_attempt_at is not None:
-            values["next_attempt_at"] = next_attempt_at
-
-        # The call is made and its outcome is known only here: if the database is away (restarting,
-        # failing over), wait for it rather than lose the outcome, which would leave the row
-        # `sending` and its conversation's later messages waiting for recovery, then repeat a
-        # staff message or call a delivered customer message "unknown".
-        def record() -> None:
-            with self.ctx.sessions() as session, session.begin():
-                if message.kind not in CUSTOMER_KINDS:
-                    _relaxed(session)
-                changed = session.execute(
-                    update(Outbox).where(Outbox.id == message.id, Outbox.status == SENDING).values(**values)
-                ).rowcount  # type: ignore[attr-defined]
-                if changed and status in (UNKNOWN, FAILED):
-                    _report(session, message, status, error, now)
-
-        patiently(
-            record,
-            "database unavailable: outcome of a send not recorded yet, retrying",
-            {"conversation_id": message.conversation_id, "outbox_id": message.id, "status": status},
+        """Record one send's outcome now."""
+        self._record(
+            [
+                self._outcome(
+                    message,
+                    status=status,
+                    error=error,
+                    result_text=result_text,
+                    next_attempt_at=next_attempt_at,
+                    attempts=attempts,
+                )
+            ]
         )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What became of one claimed row, to be recorded (OutboxSender._record)."""
+
+    message: OutboxMessage
+    status: str
+    error: str | None
+    values: dict[str, Any]
+    at: datetime
+
+
+_OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]
+_SENT_UPDATE = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("b_id"), _OUTBOX.c.status == SENDING)
+    .values(
+        status=SENT,
+        lease_until=None,
+        owner=None,
+        sent_at=bindparam("b_sent_at"),
+        result=bindparam("b_result"),
+        last_error=None,
+    )
+)
 
 
 def patiently(action: Callable[[], T], what: str, extra: Mapping[str, Any]) -> T:
@@ -423,16 +689,28 @@ def one_line(error: BaseException) -> str:
     return (text.splitlines() or [text])[0][:500]
 
 
-def _relaxed(session: Session) -> None:
+def relaxed_commit(session: Session) -> None:
     """On PostgreSQL, commit this transaction without waiting for its WAL flush.
 
     Only for staff messages, which go out at least once: a database crash that loses the claim
     or the settle (a fraction of a second of commits) sends the message again. Customer
     messages keep durable commits: their claim must be on disk before the call (at most once).
     Saves a disk flush (about 3 ms here, far more on a busy disk) twice per staff message.
+    (The send loop's own writer connection commits so already: no statement needed.)
     """
-    if is_postgres(session):
+    if is_postgres(session) and not _on_relaxed_writer(session):
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
+def durable_commit(session: Session) -> None:
+    """This transaction's commit waits for the WAL flush, even on the send loop's writer connection."""
+    if _on_relaxed_writer(session):
+        session.execute(text("SET LOCAL synchronous_commit TO ON"))
+
+
+def _on_relaxed_writer(session: Session) -> bool:
+    held: _Held | None = getattr(_loop, "held", None)
+    return held is not None and session.bind is held.writer
 
 
 @functools.cache

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import io
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
-
 from bot.reports.digest import Digest
 
 WIDTH_INCHES, HEIGHT_INCHES, DPI = 6.4, 3.6, 100
@@ -43,6 +39,13 @@ def _clip(text: str, limit: int) -> str:
 
 def render_chart(digest: Digest) -> bytes:
     """The chart of the digest's week as PNG bytes."""
+    # matplotlib is imported when a chart is drawn (once a week), not when `run` starts: it is
+    # half of the start-up's imports, and a restarted process must take over a dead one's
+    # messages within seconds, even on a loaded machine.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
     figures = digest.current
     figure = Figure(figsize=(WIDTH_INCHES, HEIGHT_INCHES), dpi=DPI, facecolor="white")
     FigureCanvasAgg(figure)

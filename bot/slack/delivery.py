@@ -32,6 +32,7 @@ once (a rate limit midway) goes back to the outbox and joins that thread when re
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import threading
@@ -44,14 +45,25 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import func, literal, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from bot.core.policy import Expert
 from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
 from bot.flow.delivery import STAFF_KINDS
-from bot.flow.outbox import DEFAULT_LEASE, Defer, Handler, OutboxMessage, Retry
+from bot.flow.outbox import (
+    DEFAULT_LEASE,
+    Defer,
+    Handler,
+    OutboxMessage,
+    Retry,
+    loop_autocommit,
+    loop_session,
+    relaxed_commit,
+    taken_over,
+)
 from bot.httputil import header, retry_after
 from bot.logs import redact_urls
 from bot.slack import blocks
@@ -180,6 +192,7 @@ class SlackDelivery:
         self.pacer = pacer
         self._rank = threading.local()  # the urgency of the message being delivered on this thread
         self._dm_channels: dict[str, str] = {}  # Slack user id -> their DM channel id
+        self._card_select: Select[Any] | None = None
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -222,18 +235,41 @@ class SlackDelivery:
         conversation_id = _conversation_id(message)
         now = self.ctx.clock.now()
         storm: _Storm | None = None
-        with self.ctx.sessions() as session:
-            loaded = self._load(session, conversation_id, post_id=message.payload.get("post_id"))
-            if loaded.conversation.slack_ts is None:
-                storm = self._storm_covering(session, conversation_id, now)
+        waiting = 0
+        post_id = message.payload.get("post_id")
+        # One read for everything a card needs, one statement in the usual case (each statement
+        # and each session costs round trips on PostgreSQL).
+        with loop_session(self.ctx, read_only=True) as session:
+            found = (
+                session.execute(
+                    self._card_query(),
+                    {
+                        **self._storm_params(message.id, message.owner, now),
+                        "card_conversation_id": conversation_id,
+                        "card_post_id": post_id if isinstance(post_id, int) else None,
+                    },
+                ).first()
+                if self.ctx.policy.teams
+                else None
+            )
+            if found is None:
+                loaded = self._load(session, conversation_id, post_id=post_id)
+                if loaded.conversation.slack_ts is None:
+                    storm, waiting = self._storm_state(session, loaded.conversation, message, now)
+            else:
+                conversation, post, stormy, waiting = found[0], found[1], bool(found[2]), int(found[3] or 0)
+                loaded = self._loaded(session, conversation, post)
+                if loaded.conversation.slack_ts is None and stormy:
+                    storm = self._storm_covering(session, conversation_id, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
-        claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
-        if claimed:
-            return self._post_storm(loaded, claimed, now)
+        if waiting + 1 > self.storm_threshold:
+            claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
+            if claimed:
+                return self._post_storm(loaded, claimed, now)
         return self._post_card(loaded, now)
 
     def card_update(self, message: OutboxMessage) -> str:
@@ -248,7 +284,7 @@ class SlackDelivery:
         """The customer wrote again: their words in the card's thread."""
         now = self.ctx.clock.now()
         loaded = self._read(message)
-        with self.ctx.sessions() as session:
+        with loop_session(self.ctx, read_only=True) as session:
             post_id = message.payload.get("post_id")
             post = session.get(Post, post_id) if isinstance(post_id, int) else None
         built = blocks.thread_post_message(loaded.conversation, post, ctx_policy=self.ctx.policy, now=now)
@@ -535,27 +571,47 @@ class SlackDelivery:
         `settle_outbox_id` is another conversation's ``card`` row, claimed by a storm: it is
         marked sent in the same transaction.
         """
-        with self.ctx.sessions() as session, session.begin():
-            expected = (
-                Conversation.slack_ts.is_(None) if replacing is None else Conversation.slack_ts == replacing
+        if replacing is None and settle_outbox_id is None:
+            with loop_autocommit() as connection:
+                if connection is not None:
+                    # PostgreSQL, in the send loop: the compare-and-set and its audit event in one
+                    # statement (atomic by itself), one round trip.
+                    found = connection.execute(
+                        _store_card_statement(),
+                        {
+                            "card_conversation_id": conversation_id,
+                            "card_channel": channel,
+                            "card_ts": ts,
+                            "card_at": now,
+                            "card_detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                        },
+                    ).first()
+                    return found is not None
+        with loop_session(self.ctx) as session, session.begin():
+            relaxed_commit(session)  # a card lost with a database crash is posted again (at least once)
+            # Statements built once, run on the session's connection (no ORM layer: on a card
+            # per message, building and routing them cost more CPU than the writes).
+            connection = session.connection()
+            result = connection.execute(
+                _card_set_statement(replacing is not None),
+                {
+                    "card_conversation_id": conversation_id,
+                    "card_channel": channel,
+                    "card_ts": ts,
+                    "card_replacing": replacing,
+                },
             )
-            result = session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, expected)
-                .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
-                .execution_options(synchronize_session=False)
-            )
-            stored = bool(result.rowcount)  # type: ignore[attr-defined]
+            stored = bool(result.rowcount)
             if stored:
-                repo.record_event(
-                    session=session,
-                    at=now,
-                    actor="slack",
-                    action=CARD_EVENT,
-                    conversation_id=conversation_id,
-                    channel=channel,
-                    ts=ts,
-                    thread_ts=thread_ts,
+                connection.execute(
+                    _EVENT_INSERT,
+                    {
+                        "conversation_id": conversation_id,
+                        "at": now,
+                        "actor": "slack",
+                        "action": CARD_EVENT,
+                        "detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                    },
                 )
             if settle_outbox_id is not None:
                 session.execute(
@@ -575,6 +631,80 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Storms
 
+    def _storm_params(self, outbox_id: int, owner: str | None, now: datetime) -> dict[str, Any]:
+        """Parameters of `_storm_candidates` and `_card_query` for this card."""
+        return {
+            "storm_outbox_id": outbox_id,
+            "storm_owner": owner,
+            "storm_horizon": now + self.storm_window,
+            "storm_since": now - STORM_MEMORY,
+            "storm_action": STORM_EVENT,
+        }
+
+    def _channel_of(self, team: Any) -> Any:
+        """SQL: the Slack channel of a conversation's `team` column (from the policy)."""
+        return case({name: t.channel for name, t in self.ctx.policy.teams.items()}, value=team, else_=None)
+
+    def _card_query(self) -> Select[Any]:
+        """A card's conversation, its post, whether a storm summary was posted lately, and how many
+        other cards of its channel would join a storm now: one statement, built once."""
+        if self._card_select is None:
+            other, other_conversation = aliased(Outbox), aliased(Conversation)
+            waiting = (
+                select(func.count())
+                .select_from(other)
+                .join(other_conversation, other_conversation.id == other.conversation_id)
+                .where(
+                    other.kind == "card",
+                    or_(
+                        other.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                        and_(
+                            other.status == literal(SENDING, literal_execute=True),
+                            other.owner == bindparam("storm_owner"),
+                        ),
+                    ),
+                    other.id != bindparam("storm_outbox_id"),
+                    other.next_attempt_at <= bindparam("storm_horizon"),
+                    other_conversation.slack_ts.is_(None),
+                    self._channel_of(other_conversation.team) == self._channel_of(Conversation.team),
+                )
+                .correlate(Conversation)
+                .scalar_subquery()
+            )
+            recent = (
+                select(Event.id)
+                .where(Event.action == bindparam("storm_action"), Event.at >= bindparam("storm_since"))
+                .exists()
+            )
+            self._card_select = (
+                select(Conversation, Post, recent, waiting)
+                .outerjoin(Post, Post.id == bindparam("card_post_id"))
+                .where(Conversation.id == bindparam("card_conversation_id"))
+            )
+        return self._card_select
+
+    def _storm_state(
+        self, session: Session, conversation: Conversation, message: OutboxMessage, now: datetime
+    ) -> tuple[_Storm | None, int]:
+        """A storm summary this card belongs to, if any; else how many other cards for this channel
+        would join a storm now (see `_claim_storm`). One query in the usual case (no recent storm)."""
+        if self.ctx.policy.teams.get(conversation.team) is None:
+            return None, 0
+        found = session.execute(
+            _storm_state_query(message.owner is not None),
+            {
+                **self._storm_params(message.id, message.owner, now),
+                "storm_teams": self._same_channel(conversation),
+            },
+        ).one()
+        stormy, count = found[0], found[1]
+        storm = self._storm_covering(session, conversation.id, now) if stormy else None
+        return storm, 0 if storm is not None else int(count or 0)
+
+    def _same_channel(self, conversation: Conversation) -> list[str]:
+        team = self.ctx.policy.teams[conversation.team]
+        return [name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel]
+
     def _claim_storm(
         self, conversation: Conversation, outbox_id: int, now: datetime, *, owner: str | None = None
     ) -> list[tuple[int, int]]:
@@ -582,59 +712,38 @@ class SlackDelivery:
 
         They are claimed as the outbox sender claims (``sending`` with a lease, ``SKIP LOCKED``
         on PostgreSQL), so no other sender posts them meanwhile, and a crash hands them back.
+        Cards this sender claimed in its batch and has not tried yet join too: the send loop is
+        told they are taken over (bot.flow.outbox.taken_over) and skips them.
 
         Returns:
             (outbox id, conversation id) of the claimed rows; empty when there is no storm.
         """
-        team = self.ctx.policy.teams.get(conversation.team)
-        if team is None:
+        if self.ctx.policy.teams.get(conversation.team) is None:
             return []
-        same_channel = [
-            name for name, other in self.ctx.policy.teams.items() if other.channel == team.channel
-        ]
-        # A read without the write lock first: most cards come alone, and then there is nothing
-        # to claim (on SQLite the claim below would take the one write lock for nothing).
-        with self.ctx.read_sessions() as session:
-            waiting = session.scalar(
-                select(func.count())
-                .select_from(Outbox)
-                .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(
-                    Outbox.kind == "card",
-                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending applies
-                    Outbox.id != outbox_id,
-                    Outbox.next_attempt_at <= now + self.storm_window,
-                    Conversation.team.in_(same_channel),
-                    Conversation.slack_ts.is_(None),
-                )
-            )
-        if (waiting or 0) + 1 <= self.storm_threshold:
-            return []
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
             query = (
                 select(Outbox)
                 .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(
-                    Outbox.kind == "card",
-                    Outbox.status == PENDING,
-                    Outbox.id != outbox_id,
-                    Outbox.next_attempt_at <= now + self.storm_window,
-                    Conversation.team.in_(same_channel),
-                    Conversation.slack_ts.is_(None),
-                )
+                .where(_storm_candidates(owner is not None))
                 .order_by(Outbox.next_attempt_at, Outbox.id)
                 .limit(MAX_STORM - 1)
             )
             if is_postgres(session):
                 query = query.with_for_update(skip_locked=True, of=Outbox)
-            rows = [row for row in session.scalars(query) if row.conversation_id is not None]
+            params = {
+                **self._storm_params(outbox_id, owner, now),
+                "storm_teams": self._same_channel(conversation),
+            }
+            rows = [row for row in session.scalars(query, params) if row.conversation_id is not None]
             if len(rows) + 1 <= self.storm_threshold:
                 return []
             for row in rows:
+                if row.status == PENDING:
+                    row.attempts += 1
                 row.status = SENDING
-                row.attempts += 1
                 row.lease_until = now + DEFAULT_LEASE
                 row.owner = owner  # the claiming sender: its death hands them back within seconds
+            taken_over(row.id for row in rows)
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
@@ -659,13 +768,13 @@ class SlackDelivery:
         unposted = [outbox_id for outbox_id, _ in claimed]
         resume_at = now
         try:
-            with self.ctx.sessions() as session:
+            with loop_session(self.ctx, read_only=True) as session:
                 others = [(outbox_id, self._load(session, cid)) for outbox_id, cid in claimed]
             everyone = [first, *(loaded for _, loaded in others)]
             team_channel = self._team_channel(first.conversation)
             summary = blocks.storm_summary(team_channel, [m.conversation for m in everyone])
             channel, ts = self._post(summary, channel=team_channel, conversation_id=first.conversation.id)
-            with self.ctx.sessions() as session, session.begin():
+            with loop_session(self.ctx) as session, session.begin():
                 repo.record_event(
                     session=session,
                     at=now,
@@ -702,7 +811,7 @@ class SlackDelivery:
         """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt)."""
         if not outbox_ids:
             return
-        with self.ctx.sessions() as session, session.begin():
+        with loop_session(self.ctx) as session, session.begin():
             session.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
@@ -743,7 +852,7 @@ class SlackDelivery:
     # Reading
 
     def _read(self, message: OutboxMessage) -> _Loaded:
-        with self.ctx.sessions() as session:
+        with loop_session(self.ctx, read_only=True) as session:
             return self._load(session, _conversation_id(message))
 
     def _load(self, session: Session, conversation_id: int, *, post_id: object = None) -> _Loaded:
@@ -751,6 +860,12 @@ class SlackDelivery:
         if conversation is None:
             raise SlackDeliveryError(f"conversation {conversation_id} not found")
         post = session.get(Post, post_id) if isinstance(post_id, int) else None
+        return self._loaded(session, conversation, post)
+
+    def _loaded(self, session: Session, conversation: Conversation, post: Post | None) -> _Loaded:
+        """`conversation` with what its messages need: its post (the first, when not given), time zone
+        and the storm summary its card is threaded under."""
+        conversation_id = conversation.id
         if post is None:
             post = session.scalars(
                 select(Post)
@@ -950,6 +1065,93 @@ class SlackDelivery:
             )
             return SlackDeliveryError(f"Slack {method}{where} failed: {code} ({hint})", code)
         return SlackDeliveryError(f"Slack {method}{where} failed: {code or f'HTTP {status}'}", code)
+
+
+@functools.cache
+def _card_set_statement(replacing: bool) -> Any:
+    """Store a card's place on its conversation (compare-and-set on ``slack_ts``), built once."""
+    expected = (
+        Conversation.slack_ts == bindparam("card_replacing") if replacing else Conversation.slack_ts.is_(None)
+    )
+    return (
+        update(Conversation)
+        .where(Conversation.id == bindparam("card_conversation_id"), expected)
+        .values(
+            slack_channel=bindparam("card_channel"),
+            slack_ts=bindparam("card_ts"),
+            version=Conversation.version + 1,
+        )
+    )
+
+
+_EVENT_INSERT = insert(Event)
+
+
+@functools.cache
+def _store_card_statement() -> Any:
+    """A card's compare-and-set and its audit event, one statement (PostgreSQL), built once."""
+    stored = (
+        update(Conversation)
+        .where(Conversation.id == bindparam("card_conversation_id"), Conversation.slack_ts.is_(None))
+        .values(
+            slack_channel=bindparam("card_channel"),
+            slack_ts=bindparam("card_ts"),
+            version=Conversation.version + 1,
+        )
+        .returning(Conversation.id)
+        .cte("stored")
+    )
+    return (
+        insert(Event)
+        .from_select(
+            ["conversation_id", "at", "actor", "action", "detail"],
+            select(
+                stored.c.id,
+                bindparam("card_at", type_=Event.at.type),
+                literal("slack"),
+                literal(CARD_EVENT),
+                bindparam("card_detail", type_=Event.detail.type),
+            ),
+        )
+        .returning(Event.id)
+    )
+
+
+@functools.cache
+def _storm_candidates(mine: bool) -> ColumnElement[bool]:
+    """The WHERE of a storm's other cards (parameters from SlackDelivery._storm_params): this
+    channel's cards due within the window, not yet posted, pending or (`mine`) claimed by this
+    very sender (in its batch, not tried yet). Built once: it runs for every new card."""
+    ready = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending applies
+    claimed = and_(
+        Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == bindparam("storm_owner")
+    )
+    return and_(
+        Outbox.kind == "card",
+        or_(ready, claimed) if mine else ready,
+        Outbox.id != bindparam("storm_outbox_id"),
+        Outbox.next_attempt_at <= bindparam("storm_horizon"),
+        Conversation.team.in_(bindparam("storm_teams", expanding=True)),
+        Conversation.slack_ts.is_(None),
+    )
+
+
+@functools.cache
+def _storm_state_query(mine: bool) -> Select[Any]:
+    """Is there a recent storm summary; how many other cards would join a storm (see above)."""
+    recent = (
+        select(Event.id)
+        .where(Event.action == bindparam("storm_action"), Event.at >= bindparam("storm_since"))
+        .exists()
+    )
+    waiting = (
+        select(func.count())
+        .select_from(Outbox)
+        .join(Conversation, Conversation.id == Outbox.conversation_id)
+        .where(_storm_candidates(mine))
+        .scalar_subquery()
+    )
+    return select(recent, waiting)
 
 
 def _conversation_id(message: OutboxMessage) -> int:

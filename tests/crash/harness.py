@@ -255,8 +255,15 @@ class Harness:
         self.report = RunReport()
         self.publisher = Publisher(story, x)
         self._log: IO[str] | None = None
+        self._children: list[subprocess.Popen[bytes]] = []
 
     def close(self) -> None:
+        # A failure (an assertion while waiting on a child) must not leave a `replyclock run`
+        # behind: an orphan keeps working on the test database and disturbs the next run there.
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
         self.publisher.stop()
         self.x.release()
         self.engine.dispose()
@@ -273,7 +280,7 @@ class Harness:
             self._log.close()
         self._log = self.log_path(number).open("w")
         self.report.starts += 1
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             self.command,
             env=self.env,
             cwd=self.workdir,
@@ -281,6 +288,8 @@ class Harness:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        self._children = [child for child in self._children if child.poll() is None] + [proc]
+        return proc
 
     def _alive(self, proc: subprocess.Popen[bytes], number: int) -> None:
         if proc.poll() is not None:
