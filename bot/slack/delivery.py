@@ -93,6 +93,10 @@ CARD_EVENT = "slack_card"  # audit: where a conversation's card was posted (chan
 STORM_EVENT = "slack_storm"  # audit: a storm summary (channel, ts, conversation ids)
 CARD_METADATA_TYPE = "replyclock_card"
 MAX_STORM = 50  # entries under one summary; more make a second summary
+# A card retried after an attempt whose outcome was not recorded is looked up before it is posted
+# again: this many top-level messages per page (conversations.history), at most this many pages.
+FIND_PAGE = 200
+FIND_PAGES = 5
 STORM_MEMORY = timedelta(days=1)  # how long a card not yet posted still joins its storm's thread
 DEFAULT_RETRY_AFTER = 30  # seconds, when a 429 comes without Retry-After
 UTC = ZoneInfo("UTC")
@@ -263,6 +267,12 @@ class SlackDelivery:
                     storm = self._storm_covering(session, conversation_id, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
+        if message.attempts > 1:
+            # Tried before and still no card stored: that attempt may have posted it and lost
+            # the answer or the database before storing it. Look before posting again.
+            found_ts = self._find_posted(loaded, storm, now)
+            if found_ts is not None:
+                return found_ts
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
@@ -545,6 +555,83 @@ class SlackDelivery:
             )
             return f"reposted {channel} {ts}"
         return f"updated {conversation.slack_channel} {conversation.slack_ts}"
+
+    def _find_posted(self, loaded: _Loaded, storm: _Storm | None, now: datetime) -> str | None:
+        """Store a card an earlier attempt posted but did not record; "found <channel> <ts>", or None.
+
+        Every card and storm entry carries message metadata naming its conversation
+        (`_card_metadata`), so it is found in its channel's recent history (newest first, up to
+        FIND_PAGES pages of FIND_PAGE top-level messages) or, for a storm entry, in the summary's
+        thread. A lookup Slack refuses (a scope missing, the app not in the channel) is logged and
+        the card is posted as before: a second card is better than none.
+        """
+        conversation = loaded.conversation
+        thread_ts = storm.ts if storm is not None else None
+        channel = storm.channel if storm is not None else self._channel_id(conversation)
+        if channel is None:
+            return None  # no card of this channel stored yet: its id is not known here
+        method = "conversations.replies" if thread_ts is not None else "conversations.history"
+        cursor: str | None = None
+        try:
+            for _ in range(FIND_PAGES):
+
+                def read(cursor: str | None = cursor) -> SlackResponse:
+                    if thread_ts is not None:
+                        return self.client.conversations_replies(
+                            channel=channel,
+                            ts=thread_ts,
+                            limit=FIND_PAGE,
+                            cursor=cursor,
+                            include_all_metadata=True,
+                        )
+                    return self.client.conversations_history(
+                        channel=channel, limit=FIND_PAGE, cursor=cursor, include_all_metadata=True
+                    )
+
+                response = self._call(method, None, conversation.id, read)
+                for found in response.get("messages") or []:
+                    if _card_of(found) == conversation.id and found.get("ts"):
+                        ts = str(found["ts"])
+                        self._store_card(conversation.id, channel, ts, now=now, thread_ts=thread_ts)
+                        log.warning(
+                            "card found in Slack, not posted again",
+                            extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
+                        )
+                        return f"found {channel} {ts}"
+                metadata = response.get("response_metadata") or {}
+                cursor = str(metadata.get("next_cursor") or "") or None
+                if cursor is None:
+                    break
+        except SlackDeliveryError as error:
+            log.warning(
+                "could not look for a card posted before; posting it",
+                extra={"conversation_id": conversation.id, "channel": channel, "error": str(error)},
+            )
+        return None
+
+    def _channel_id(self, conversation: Conversation) -> str | None:
+        """The id of the conversation's team channel (history takes no names): as configured when it
+        is an id, else as Slack answered a post there (the pacer's, shared by the processes), else
+        where a card of a team sharing that channel was stored."""
+        configured = self._team_channel(conversation)
+        if not configured.startswith("#"):
+            return configured
+        learned = self.pacer.channel_id(configured) if self.pacer is not None else None
+        if learned is not None:
+            return learned
+        teams = [name for name, team in self.ctx.policy.teams.items() if team.channel == configured]
+        with self.ctx.read_sessions() as session:
+            return session.scalar(
+                select(Conversation.slack_channel)
+                .where(
+                    Conversation.team.in_(teams),
+                    Conversation.slack_ts.is_not(None),
+                    Conversation.slack_channel.is_not(None),
+                    Conversation.slack_channel.not_like("#%"),
+                )
+                .order_by(Conversation.id.desc())
+                .limit(1)
+            )
 
     def _card_message(self, loaded: _Loaded, now: datetime, *, compact: bool) -> blocks.Message:
         conversation, post, tz = loaded.conversation, loaded.post, loaded.tz
@@ -1175,6 +1262,16 @@ def _text(value: object) -> str | None:
 
 def _card_metadata(conversation_id: int) -> dict[str, Any]:
     return {"event_type": CARD_METADATA_TYPE, "event_payload": {"conversation_id": conversation_id}}
+
+
+def _card_of(message: Mapping[str, Any]) -> int | None:
+    """The conversation id in a Slack message's card metadata (None: not one of our cards)."""
+    metadata = message.get("metadata")
+    if not isinstance(metadata, Mapping) or metadata.get("event_type") != CARD_METADATA_TYPE:
+        return None
+    payload = metadata.get("event_payload")
+    found = payload.get("conversation_id") if isinstance(payload, Mapping) else None
+    return found if isinstance(found, int) else None
 
 
 def _retry_after(headers: object) -> int:

@@ -186,6 +186,11 @@ class Pacer:
         self._buckets: dict[tuple[str, str], _State] = {}
         self._aliases: dict[str, str] = {}  # "#care" -> "C0CARE0001", as Slack answered
 
+    def channel_id(self, name: str) -> str | None:
+        """The id Slack answered for channel `name` (``#care``), if a post there taught it."""
+        with self._lock:
+            return self._aliases.get(name)
+
     def learn(self, name: str, channel_id: str) -> None:
         """`name` (``#care``, as configured) is `channel_id` (as Slack answered): one bucket for both."""
         if not name or name == channel_id:
@@ -301,6 +306,10 @@ class SharedPacer(Pacer):
                 db.commit()
         except SQLAlchemyError:
             return  # best effort: other processes learn it from their own first post
+
+    def channel_id(self, name: str) -> str | None:
+        self._look_up(name)  # another process may have posted there
+        return super().channel_id(name)
 
     def _key(self, method: str, channel: str | None) -> tuple[tuple[str, str], Pace] | None:
         if method == "chat.postMessage" and channel and channel.startswith("#"):
