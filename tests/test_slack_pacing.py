@@ -214,7 +214,9 @@ def test_four_senders_sharing_the_pace_get_no_429_and_send_breaches_first(
 def test_four_senders_pacing_alone_meet_429s(ctx: AppContext, clock: FakeClock) -> None:
     """What sharing the pace fixes: four pacers that know nothing of each other overrun the channel."""
     limited, _, _ = _storm_with_senders(ctx, clock, lambda: Pacer(clock.now))
-    assert limited >= 4
+    # 2 to 24 in runs: how many depends on how the four threads' claims interleave (the customer
+    # and staff lanes take turns); any 429 is the overrun sharing the pace prevents.
+    assert limited >= 1, limited
 
 
 @pytest.mark.parametrize("rank", [0, 3])
