@@ -440,10 +440,17 @@ class OutboxSender:
             if rows and rows[0].kind in CUSTOMER_KINDS:
                 rows = rows[:1]
             else:
+                # The customer row after them waits for its own claim; so do less urgent rows
+                # (a batch of one urgency: a breach that its warning's send unblocks goes before
+                # the cards that were next in line).
                 staff = 0
-                while staff < len(rows) and rows[staff].kind not in CUSTOMER_KINDS:
+                while (
+                    staff < len(rows)
+                    and rows[staff].kind not in CUSTOMER_KINDS
+                    and rows[staff].urgency == rows[0].urgency
+                ):
                     staff += 1
-                rows = rows[:staff]  # the customer row after them waits for its own claim
+                rows = rows[:staff]
             claimed = []
             if rows and (
                 self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2
