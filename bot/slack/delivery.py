@@ -7,10 +7,12 @@ delivered at least once (bot.flow.outbox); what makes a repeat harmless:
 - A card's channel id and ``ts`` are stored on the conversation right after the post, with a
   compare-and-set (``slack_ts IS NULL``) that also bumps its version. A ``card`` row retried
   after that (the process died before the outbox row was marked sent) edits the stored card
-  instead of posting a second one. The one window left is between Slack's answer and that
-  commit (or an answer lost to a timeout): then a second card can appear. Every card carries
-  message metadata (``replyclock_card`` with the conversation id) so a later version can look
-  it up in the channel history instead.
+  instead of posting a second one. The window left is between Slack's answer and that commit
+  (or an answer lost to a timeout): every card carries message metadata (``replyclock_card``
+  with the conversation id; a storm digest lists its conversations' ids), and a ``card`` row
+  tried before whose card is still not stored looks it up first (``conversations.history`` with
+  ``include_all_metadata``, or ``conversations.replies`` of a storm summary's thread) and stores
+  what it finds instead of posting again.
 - Everything else is a thread reply, a DM or an alert: a repeat is a duplicate line, never a
   lost one.
 
@@ -23,11 +25,14 @@ with back-off up to its attempt limit, then marks it failed.
 Storms: when more than `storm_threshold` cards for one channel are due within `storm_window`,
 the first of them claims the others' outbox rows (as the sender claims: ``sending`` with a
 lease, ``SKIP LOCKED`` on PostgreSQL, so no other sender posts them and a crash hands them
-back), posts ONE summary ("14 new mentions, 3 urgent") and makes every card a compact entry in
-its thread. Each entry's ``ts`` is stored as that conversation's card, so updates edit it, and
-its history (warnings, nags' notes...) goes to the summary's thread. The summary is an audit
-event (``slack_storm``) listing its conversations: a card whose entry could not be posted at
-once (a rate limit midway) goes back to the outbox and joins that thread when retried.
+back) and posts ONE digest message for up to MAX_STORM of them ("14 new mentions, 3 urgent",
+then a line and a Claim button per conversation): at Slack's one message a second per channel,
+a storm costs one post per 49 conversations. The digest's ``ts`` is stored as each of its
+conversations' card, in one transaction with the ``slack_storm`` audit event and the claimed
+rows' settlement; their history (warnings, nags' notes...) goes to the digest's thread, and a
+change to any of them edits the digest, folding in the other card updates of its conversations
+written before (one ``chat.update`` per digest and moment). Cards threaded under an older-style
+storm summary (entries in its thread) keep working as before.
 """
 
 from __future__ import annotations
