@@ -102,6 +102,7 @@ MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its 
 # A card retried after an attempt whose outcome was not recorded is looked up before it is posted
 # again: this many top-level messages per page (conversations.history), at most this many pages.
 FIND_PAGE = 200
+PUT_OFF_HORIZON = timedelta(minutes=15)  # as far ahead as the pacer puts a message off (pacing.POST)
 FIND_PAGES = 5
 STORM_MEMORY = timedelta(days=1)  # how long a card not yet posted still joins its storm's thread
 DEFAULT_RETRY_AFTER = 30  # seconds, when a 429 comes without Retry-After
@@ -601,6 +602,13 @@ class SlackDelivery:
         built = blocks.storm_digest(
             channel, [(m.conversation, m.post) for m in shown], ctx_policy=self.ctx.policy, now=now
         )
+        shown_ids = [m.conversation.id for m in shown]
+        own = message.id if message is not None else 0
+        retired = 0
+        if message is not None:
+            # Fold first: while this edit waits for Slack's pace (chat.update is Tier 3), the other
+            # updates of the digest wait in it, not each for a slot of its own.
+            retired += self._fold(shown_ids, seen, own, f"folded into card update {own}")
         self._call(
             "chat.update",
             channel,
@@ -609,12 +617,21 @@ class SlackDelivery:
                 channel=channel, ts=ts, text=built.text, blocks=built.blocks, parse="none", link_names=False
             ),
         )
-        shown_ids = [m.conversation.id for m in shown]
         folded_in = f"storm digest {channel} {ts} edited for them all"
-        own = message.id if message is not None else 0
+        retired += self._fold(shown_ids, seen, own, folded_in, owner=message.owner if message else None)
+        return (
+            f"updated storm digest {channel} {ts} ({len(shown)} conversations, {retired} updates folded in)"
+        )
+
+    def _fold(
+        self, conversation_ids: list[int], seen: int, own: int, why: str, *, owner: str | None = None
+    ) -> int:
+        """Settle the card updates of a digest's conversations written up to outbox id `seen`
+        (except `own`): pending ones retired, ones `owner` claimed in its batch marked sent (its send
+        loop is told they are taken over). Returns how many."""
         with loop_session(self.ctx) as session, session.begin():
             same = (
-                Outbox.conversation_id.in_(shown_ids),
+                Outbox.conversation_id.in_(conversation_ids),
                 Outbox.kind == "card_update",
                 Outbox.id <= seen,
                 Outbox.id != own,
@@ -622,25 +639,29 @@ class SlackDelivery:
             folded = session.execute(
                 update(Outbox)
                 .where(*same, Outbox.status == PENDING)
-                .values(status=RETIRED, result=f"retired: {folded_in}", lease_until=None)
+                .values(status=RETIRED, result=f"retired: {why}", lease_until=None)
                 .execution_options(synchronize_session=False)
             )
-            retired = int(folded.rowcount or 0)  # type: ignore[attr-defined]
-            if message is not None and message.owner is not None:
+            count = int(folded.rowcount or 0)  # type: ignore[attr-defined]
+            if owner is not None:
                 taken = list(
                     session.scalars(
                         update(Outbox)
-                        .where(*same, Outbox.status == SENDING, Outbox.owner == message.owner)
-                        .values(status=SENT, sent_at=now, result=folded_in, lease_until=None, owner=None)
+                        .where(*same, Outbox.status == SENDING, Outbox.owner == owner)
+                        .values(
+                            status=SENT,
+                            sent_at=self.ctx.clock.now(),
+                            result=why,
+                            lease_until=None,
+                            owner=None,
+                        )
                         .returning(Outbox.id)
                         .execution_options(synchronize_session=False)
                     )
                 )
                 taken_over(taken)
-                retired += len(taken)
-        return (
-            f"updated storm digest {channel} {ts} ({len(shown)} conversations, {retired} updates folded in)"
-        )
+                count += len(taken)
+        return count
 
     def _find_posted(self, loaded: _Loaded, storm: _Storm | None, now: datetime) -> str | None:
         """Store a card an earlier attempt posted but did not record; "found <channel> <ts>", or None.
@@ -813,7 +834,10 @@ class SlackDelivery:
         return {
             "storm_outbox_id": outbox_id,
             "storm_owner": owner,
-            "storm_horizon": now + self.storm_window,
+            # Cards put off by the pacer (due at their slot, up to its horizon) wait for the
+            # channel as much as cards due now: they join the next digest rather than keep
+            # a slot each.
+            "storm_horizon": now + max(self.storm_window, PUT_OFF_HORIZON),
             "storm_since": now - STORM_MEMORY,
             "storm_action": STORM_EVENT,
         }
