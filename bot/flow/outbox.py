@@ -56,6 +56,7 @@ CUSTOMER_KINDS = frozenset({"ack", "reply"})
 # The send loop's two lanes (see OutboxSender.send_due), and how long a lane found empty rests.
 CUSTOMER_LANE, STAFF_LANE = "customer", "staff"
 LANE_REST = timedelta(seconds=0.5)
+CUSTOMER_TURN = 10  # customer rows (each claimed alone) per turn, as many as a staff batch
 DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
@@ -381,21 +382,26 @@ class OutboxSender:
             # staff messages behind a customer platform's. A lane found empty is not asked
             # again for LANE_REST (one empty claim per staff batch would double the claims).
             rest_until = {CUSTOMER_LANE: 0.0, STAFF_LANE: 0.0}
-            lanes = (CUSTOMER_LANE, STAFF_LANE)
-            turn = 0
+            lane = CUSTOMER_LANE  # whose turn it is
+            run = 0  # customer rows sent in this turn (each claimed alone)
             while done < limit and not self._stopping.is_set():
                 claimed: list[OutboxMessage] = []
-                for lane in (lanes[turn % 2], lanes[(turn + 1) % 2]):
-                    if time.monotonic() < rest_until[lane]:
+                for candidate in (lane, STAFF_LANE if lane == CUSTOMER_LANE else CUSTOMER_LANE):
+                    if time.monotonic() < rest_until[candidate]:
                         continue
-                    claimed = self._claim(min(STAFF_BATCH, limit - done), lane=lane)
+                    claimed = self._claim(min(STAFF_BATCH, limit - done), lane=candidate)
                     if claimed:
+                        lane = candidate
                         break
-                    rest_until[lane] = time.monotonic() + LANE_REST.total_seconds()
+                    rest_until[candidate] = time.monotonic() + LANE_REST.total_seconds()
                 if not claimed:
                     break
-                turn += 1
                 done += self._deliver_batch(claimed, result)
+                # A turn is a batch's worth of rows in either lane: up to CUSTOMER_TURN customer
+                # rows, one at a time, then one staff batch.
+                run = run + 1 if lane == CUSTOMER_LANE else 0
+                if lane == STAFF_LANE or run >= CUSTOMER_TURN:
+                    lane, run = (CUSTOMER_LANE if lane == STAFF_LANE else STAFF_LANE), 0
         finally:
             held, _loop.held, _loop.taken = _loop.held, None, None
             if held is not None:
