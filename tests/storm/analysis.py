@@ -179,7 +179,7 @@ def process_work(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, P
                 work.retried += int(record.get("retried", 0))
             elif event == "card posted":
                 work.cards += 1
-            elif event == "storm summary posted":
+            elif event in ("storm summary posted", "storm digest posted"):
                 work.storm_summaries += 1
                 work.storm_cards += int(record.get("cards", 0))
             level = record.get("level")
