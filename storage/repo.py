@@ -204,8 +204,8 @@ def enqueue(
     )
     # RETURNING, not rowcount: with ON CONFLICT DO NOTHING some drivers report -1 either way.
     written = session.scalar(statement.returning(Outbox.id)) is not None
-    if written and kind == "card_update" and conversation_id is not None:
-        supersede_card_updates(session=session, conversation_ids=[conversation_id])
+    if written and kind in SUPERSEDED_KINDS and conversation_id is not None:
+        supersede_older(session=session, kind=kind, conversation_ids=[conversation_id])
     if written and conversation_id is not None and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY:
         # An urgent message waits for the earlier unsent ones of its conversation (its lane): they
         # inherit its urgency, so that a breach is not held back behind its own nag queued behind
@@ -284,12 +284,16 @@ def retire_ladder(
     return found
 
 
-def supersede_card_updates(*, session: Session, conversation_ids: Sequence[int]) -> int:
-    """Retire every pending card update that a newer pending one of the same card makes redundant.
+# Kinds of which only the newest pending row per conversation matters: a card update renders the
+# conversation as it is when sent; a nag says the conversation is still unanswered, so an older
+# unsent nag says nothing the newer one does not. Superseding keeps what is owed to a rate-limited
+# Slack channel bounded: at most one pending row of each per conversation, however long it waits.
+SUPERSEDED_KINDS = ("card_update", "nag")
 
-    A card update renders the conversation as it is when it is sent, so only the newest pending
-    one of a card still matters. Returns how many were retired.
-    """
+
+def supersede_older(*, session: Session, kind: str, conversation_ids: Sequence[int]) -> int:
+    """Retire every pending `kind` row that a newer pending one of the same conversation makes
+    redundant (`kind` is one of SUPERSEDED_KINDS). Returns how many were retired."""
     if not conversation_ids:
         return 0
     newer = aliased(Outbox)
@@ -297,19 +301,28 @@ def supersede_card_updates(*, session: Session, conversation_ids: Sequence[int])
         update(Outbox)
         .where(
             Outbox.conversation_id.in_(list(conversation_ids)),
-            Outbox.kind == "card_update",
+            Outbox.kind == kind,
             Outbox.status == PENDING,
             exists().where(
                 newer.conversation_id == Outbox.conversation_id,
-                newer.kind == "card_update",
+                newer.kind == kind,
                 newer.status == PENDING,
                 newer.id > Outbox.id,
             ),
         )
-        .values(status=RETIRED, result="retired: superseded by a newer card update", lease_until=None)
+        .values(
+            status=RETIRED,
+            result=f"retired: superseded by a newer {kind.replace('_', ' ')}",
+            lease_until=None,
+        )
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def supersede_card_updates(*, session: Session, conversation_ids: Sequence[int]) -> int:
+    """Retire every pending card update that a newer pending one of the same card makes redundant."""
+    return supersede_older(session=session, kind="card_update", conversation_ids=conversation_ids)
 
 
 def record_skipped(*, session: Session, account: str, items: Sequence[SkippedItemData], now: datetime) -> int:

@@ -12,6 +12,7 @@ from bot.flow.delivery import customer_handlers
 from bot.flow.outbox import Defer, OutboxMessage, OutboxSender, Retry
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
+from storage import repo
 from storage.models import Conversation, Outbox, Post
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, is_own, post
@@ -269,7 +270,7 @@ def test_stopping_mid_batch_hands_the_untried_staff_rows_back(ctx: AppContext) -
 
     sender.handlers["card"] = card
     result = sender.send_due()
-    assert result.sent == 3 + 1 and len(tried) == 1  # the acknowledgements, then one card
+    assert result.sent == 3 + 1 and len(tried) == 1  # the acknowledgements' turn, then one card
     cards = rows(ctx)["card"]
     assert [row.status for row in cards if row.id in tried] == ["sent"]
     untried = [row for row in cards if row.id not in tried]
@@ -299,3 +300,32 @@ def test_a_batch_records_each_outcome(ctx: AppContext, clock: FakeClock) -> None
     deferred = by_id[ids[2]]
     assert deferred.status == "pending" and deferred.attempts == 0
     assert deferred.next_attempt_at == clock.now() + timedelta(seconds=1)
+
+
+def test_acknowledgements_never_wait_behind_slack_rows_put_off_by_the_pacer(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """The 10,000-post storm's starvation: due urgent Slack rows, each put off by the pacer and due
+    again, took every claim, and 7,698 acknowledgements were never sent. The lanes take turns."""
+    ingest(ctx, post("0", "refund my invoice", author="c0"))
+    with ctx.sessions() as session, session.begin():
+        conversation_id = session.scalars(select(Conversation.id)).one()
+        for n in range(40):
+            repo.enqueue(
+                session=session,
+                kind="breach",
+                key=f"storm-breach-{n}",
+                payload={"conversation_id": conversation_id},
+                now=clock.now(),
+                conversation_id=None,  # each its own lane, as the storm's many conversations
+            )
+    put_off: list[int] = []
+
+    def paced(message: OutboxMessage) -> str:
+        put_off.append(message.id)
+        raise Defer("Slack chat.postMessage: paced", after=clock.now())  # due again at once
+
+    sender = OutboxSender(ctx, {"ack": lambda m: "ok", "card": paced, "breach": paced})
+    result = sender.send_due(limit=20)
+    assert [row.status for row in rows(ctx)["ack"]] == ["sent"]
+    assert result.sent == 1 and result.deferred >= 10 and put_off

@@ -700,3 +700,40 @@ def test_socket_mode_asks_slack_for_a_connection_with_the_app_token(ctx: AppCont
             start_socket_mode(bolt_app, "xapp-1-standin")
         [call] = slack.calls_to("apps.connections.open")
         assert call.token == "xapp-1-standin"
+
+
+def test_a_claim_on_a_storm_digest_claims_the_line_clicked(harness: Harness) -> None:
+    """A storm digest is the card of each conversation it lists: its Claim buttons each act on
+    their own conversation (the digest's ts is stored on all of them)."""
+    posts = [
+        InboundPost(
+            external_id=f"s{i}",
+            author_id=f"id-s{i}",
+            author_handle=f"s{i}",
+            author_name=f"S{i}",
+            text=f"{BILLING_TEXT}, number {i}",
+            posted_at=harness.clock.now(),
+        )
+        for i in range(12)
+    ]
+    with harness.ctx.sessions() as session, session.begin():
+        opened = ingest_batch(
+            session, harness.ctx, account="social", posts=posts, is_own=lambda _p: False
+        ).opened
+    harness.send()
+    digest_ts = {harness.conversation(cid).slack_ts for cid in opened}
+    assert len(digest_ts) == 1  # one message for all twelve
+    target = opened[7]
+    assert harness.click(ACTION_CLAIM, target, LEE) == 200
+    eventually(lambda: harness.conversation(target).claimed_by == "lee")
+    assert all(harness.conversation(cid).claimed_by is None for cid in opened if cid != target)
+    harness.send()
+    card = harness.conversation(target)
+    message = harness.slack.message(str(card.slack_channel), str(card.slack_ts))
+    assert message is not None and message.edits >= 1
+    unclaim = [
+        b["accessory"]["value"]
+        for b in message.blocks
+        if b.get("accessory", {}).get("action_id") == ACTION_UNCLAIM
+    ]
+    assert unclaim == [str(target)]

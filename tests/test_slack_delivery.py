@@ -283,7 +283,7 @@ def test_channel_not_found_fails_clearly(
     assert getattr(refused[0], "error", None) == "channel_not_found"
 
 
-def test_a_storm_becomes_one_summary_with_every_card_in_its_thread(
+def test_a_storm_becomes_one_digest_message_that_is_every_conversation_card(
     ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
 ) -> None:
     posts = [
@@ -292,44 +292,31 @@ def test_a_storm_becomes_one_summary_with_every_card_in_its_thread(
     ]
     ingest(ctx, *posts)  # 14 new conversations for Customer Care (#care), 3 urgent
     delivery = SlackDelivery(ctx, client, storm_threshold=5)
-    real_entry = delivery._post_storm_entry
-    entries_tried = 0
-
-    def rate_limit_the_fourth_entry(*args: Any, **kwargs: Any) -> str:
-        nonlocal entries_tried
-        entries_tried += 1
-        if entries_tried == 4:
-            slack.fail_next("chat.postMessage", status=429, retry_after=1)  # Slack says "slow down"
-        return real_entry(*args, **kwargs)
-
-    delivery._post_storm_entry = rate_limit_the_fourth_entry  # type: ignore[method-assign]
     sender = OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"})
+    slack.fail_next("chat.postMessage", status=429, retry_after=1)  # Slack says "slow down" at first
     result = sender.send_due()
     assert result.failed == 0 and result.retried == 0
-    [summary] = top_level(slack, CARE)
-    assert summary.text == "14 new mentions, 3 urgent"
-    assert len([m for m in slack.messages(CARE) if m.thread_ts == summary.ts]) == 3
+    assert top_level(slack, CARE) == []
     waiting = [row for row in outbox(ctx, "card") if row.status == "pending"]
-    assert len(waiting) == 11 and {row.next_attempt_at for row in waiting} == {MONDAY + timedelta(seconds=1)}
+    assert len(waiting) == 14 and all(row.attempts == 0 for row in waiting)
 
-    clock.advance(timedelta(seconds=1))  # as Slack asked: the rest join the summary's thread
-    assert sender.send_due().sent == 11
-    assert len(top_level(slack, CARE)) == 1
-    entries = [m for m in slack.messages(CARE) if m.thread_ts == summary.ts]
-    assert len(entries) == 14
-    assert len(slack.calls_to("chat.postMessage")) == 16  # summary, 14 entries, one refused by the rate limit
+    clock.advance(timedelta(seconds=1))  # as Slack asked
+    assert sender.send_due().by_kind.get("card") == 1  # one handler call posted all 14
+    [digest] = top_level(slack, CARE)
+    assert digest.text == "14 new mentions, 3 urgent"
+    assert [m for m in slack.messages(CARE) if m.is_reply] == []  # no entries: ONE post for 14 cards
+    assert len(slack.calls_to("chat.postMessage")) == 2  # the refused one, then the digest
     stored = conversations(ctx)
-    assert sorted(c.slack_ts or "" for c in stored) == sorted(m.ts for m in entries)
-    assert {c.slack_channel for c in stored} == {CARE}
-    by_ts = {m.ts: m for m in entries}
-    for conversation in stored:
-        entry = by_ts[str(conversation.slack_ts)]
-        assert action_values(entry, ACTION_CLAIM) == [str(conversation.id)]  # each a card with its buttons
+    assert {(c.slack_channel, c.slack_ts) for c in stored} == {(CARE, digest.ts)}
+    claims = action_values_anywhere(digest, ACTION_CLAIM)
+    assert sorted(claims) == sorted(str(c.id) for c in stored)  # a Claim button per conversation
+    assert "a question, number 7" in digest.display_text and "&lt;" not in digest.text
     assert all(row.status == "sent" for row in outbox(ctx, "card"))
     with ctx.sessions() as session:
         assert len(list(session.scalars(select(Event).where(Event.action == STORM_EVENT)))) == 1
 
-    # The card is the thread entry: an update edits it, and its history joins the summary's thread.
+    # A change to one conversation edits the digest (all of them as they are now); its history
+    # goes to the digest's thread.
     target = stored[5]
     with ctx.sessions() as session, session.begin():
         answered = session.get(Conversation, target.id)
@@ -343,15 +330,43 @@ def test_a_storm_becomes_one_summary_with_every_card_in_its_thread(
         {"kind": "ack", "text": "Thanks @user5!", "error": "timeout"},
     )
     assert sender.send_due().sent == 2
-    edited = slack.message(CARE, str(target.slack_ts))
-    assert edited is not None and edited.edits == 1 and len(edited.blocks) == 1  # still the compact card
-    assert "Answered by" in edited.display_text
+    edited = slack.message(CARE, digest.ts)
+    assert edited is not None and edited.edits == 1
+    assert "Answered by" in edited.display_text and edited.text == "14 new mentions, 3 urgent"
+    assert len(action_values_anywhere(edited, ACTION_CLAIM)) == 13  # the answered one has no button
     assert "CHECK BY HAND" in slack.messages(CARE)[-1].display_text
-    assert (
-        slack.calls_to("chat.postMessage")[-1].params["thread_ts"] == summary.ts
-    )  # the parent, not the entry
-    assert slack.messages(CARE)[-1].thread_ts == summary.ts
+    assert slack.messages(CARE)[-1].thread_ts == digest.ts
     assert len(top_level(slack, CARE)) == 1
+
+
+def action_values_anywhere(message: Message, action_id: str) -> list[str]:
+    """Button values of `action_id` in actions blocks and section accessories."""
+    found = action_values(message, action_id)
+    for block in message.blocks:
+        accessory = block.get("accessory") or {}
+        if accessory.get("action_id") == action_id:
+            found.append(str(accessory.get("value")))
+    return found
+
+
+def test_card_updates_of_a_digest_fold_into_one_edit(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, *(post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(8)))
+    sender = sender_for(ctx, client, storm_threshold=5)
+    sender.send_due()
+    [digest] = top_level(slack, CARE)
+    with ctx.sessions() as session, session.begin():
+        for conversation in session.scalars(select(Conversation)):
+            mark_answered(session, conversation, at=clock.now(), by="expert:sam", now=clock.now())
+    assert len([r for r in outbox(ctx, "card_update") if r.status == "pending"]) == 8
+    sender.send_due()
+    assert len(slack.calls_to("chat.update")) == 1  # one edit showed all eight answers
+    updates = outbox(ctx, "card_update")
+    assert sorted(r.status for r in updates) == ["sent"] * 8  # claimed in one batch: folded in, sent
+    assert sum(1 for r in updates if r.result and "edited for them all" in r.result) == 7
+    edited = slack.message(CARE, digest.ts)
+    assert edited is not None and edited.display_text.count("Answered by") == 8
 
 
 def test_a_few_cards_are_not_a_storm(ctx: AppContext, slack: SlackStandIn, client: WebClient) -> None:
@@ -520,14 +535,14 @@ def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
         assert len([m for m in top_level(slack, CARE) if m.data.get("metadata")]) == 8
 
 
-def test_a_storm_summary_and_its_entries_keep_the_pace(ctx: AppContext, clock: FakeClock) -> None:
+def test_a_storm_digest_keeps_the_pace(ctx: AppContext, clock: FakeClock) -> None:
     def seconds() -> float:
         return clock.now().timestamp()
 
     with SlackStandIn(channels={CARE: "care"}, users=USERS, rate_limits=True, limit_clock=seconds) as slack:
         client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
         sender = sender_for(ctx, client, pacer=Pacer(clock.now))  # storms summarised (threshold 5)
-        ingest(ctx, *[post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(14)])
+        ingest(ctx, *[post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(60)])
         for _ in range(120):
             sender.send_due()
             if all(row.status == "sent" for row in outbox(ctx, "card")):
@@ -535,8 +550,8 @@ def test_a_storm_summary_and_its_entries_keep_the_pace(ctx: AppContext, clock: F
             clock.advance(timedelta(seconds=0.25))
         took = (clock.now() - MONDAY).total_seconds()
         assert [call.status for call in slack.calls].count(429) == 0
-        [summary] = top_level(slack, CARE)
-        entries = [m for m in slack.messages(CARE) if m.thread_ts == summary.ts]
-        assert len(entries) == 14 and len({m.ts for m in entries}) == 14
-        assert sorted(str(c.slack_ts) for c in conversations(ctx)) == sorted(m.ts for m in entries)
-        assert 10 <= took <= 16  # 15 posts: a burst of 3, then one a second
+        digests = top_level(slack, CARE)
+        assert len(digests) == 2  # 60 conversations: 49 in the first digest, 11 in the second
+        assert sorted(d.text for d in digests) == ["11 new mentions, 0 urgent", "49 new mentions, 0 urgent"]
+        assert {str(c.slack_ts) for c in conversations(ctx)} == {d.ts for d in digests}
+        assert took <= 2  # two posts, within the burst

@@ -231,7 +231,9 @@ def test_four_senders_pacing_alone_meet_429s(ctx: AppContext, clock: FakeClock) 
     """What sharing the pace fixes: four pacers that know nothing of each other overrun the channel
     (their calls interleaved, as four processes' are: one staff row per claim)."""
     limited, _, _ = _storm_with_senders(ctx, clock, lambda: Pacer(clock.now), staff_batch=1)
-    assert limited >= 4
+    # How many depends on how the four threads' claims interleave (the customer and staff lanes
+    # take turns); any 429 is the overrun sharing the pace prevents.
+    assert limited >= 1, limited
 
 
 @pytest.mark.parametrize("rank", [0, 3])

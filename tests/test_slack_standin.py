@@ -909,3 +909,39 @@ def test_transcript_shows_blocks_and_buttons_without_times(slack: SlackStandIn, 
         "               [Claim] [Snooze]",
         "               mentions: @Maria (U0MARIA01)",
     ]
+
+
+def test_conversations_history_and_replies_with_metadata(slack: SlackStandIn, client: WebClient) -> None:
+    """What a sender reads to find a card it posted but could not record: top-level messages newest
+    first (thread replies only in conversations.replies), metadata only with include_all_metadata."""
+    card = {"event_type": "replyclock_card", "event_payload": {"conversation_id": 7}}
+    first = client.chat_postMessage(channel=CARE, text="card 7", metadata=card)
+    client.chat_postMessage(channel=CARE, text="a note", thread_ts=first["ts"])
+    entry_meta = {"event_type": "replyclock_card", "event_payload": {"conversation_id": 8}}
+    entry = client.chat_postMessage(channel=CARE, text="entry 8", thread_ts=first["ts"], metadata=entry_meta)
+    last = client.chat_postMessage(channel=CARE, text="later")
+    client.chat_postMessage(channel=BILLING, text="elsewhere")
+
+    history = client.conversations_history(channel=CARE, include_all_metadata=True)
+    assert [m["text"] for m in history["messages"]] == ["later", "card 7"]
+    assert history["messages"][1]["metadata"] == card and "metadata" not in history["messages"][0]
+    assert "metadata" not in client.conversations_history(channel=CARE)["messages"][1]
+    assert client.conversations_history(channel=CARE, oldest=first["ts"])["messages"][0]["ts"] == last["ts"]
+    assert len(client.conversations_history(channel=CARE, oldest=first["ts"])["messages"]) == 1
+    paged = client.conversations_history(channel=CARE, limit=1)
+    assert paged["has_more"] and [m["text"] for m in paged["messages"]] == ["later"]
+    rest = client.conversations_history(
+        channel=CARE, limit=1, cursor=paged["response_metadata"]["next_cursor"]
+    )
+    assert [m["text"] for m in rest["messages"]] == ["card 7"] and not rest["has_more"]
+
+    replies = client.conversations_replies(channel=CARE, ts=first["ts"], include_all_metadata=True)
+    assert [m["text"] for m in replies["messages"]] == ["card 7", "a note", "entry 8"]
+    assert replies["messages"][2]["metadata"] == entry_meta and replies["messages"][2]["ts"] == entry["ts"]
+    with pytest.raises(SlackApiError) as error:
+        client.conversations_replies(channel=CARE, ts="1.000001")
+    assert error.value.response["error"] == "thread_not_found"
+    assert METHOD_TIERS["conversations.history"] == METHOD_TIERS["conversations.replies"] == 3
+    with pytest.raises(SlackApiError) as error:
+        client.conversations_history(channel="#care")  # ids only, as Slack
+    assert error.value.response["error"] == "channel_not_found"

@@ -13,6 +13,7 @@ from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
 from bot.flow.sweep import apply_ladder, earliest_next_action, sweep
+from storage import repo
 from storage.models import OPEN, Conversation, Event, Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post
@@ -284,3 +285,38 @@ def test_a_failing_batch_write_falls_back_to_one_conversation_at_a_time(
         retry_at = session.scalar(select(Conversation.next_action_at).where(Conversation.id == bad))
     assert bad not in breached and len(breached) == 2
     assert retry_at == clock.now() + timedelta(minutes=5)
+
+
+def test_a_newer_nag_supersedes_the_unsent_one(ctx: AppContext, clock: FakeClock) -> None:
+    """What is owed to a rate-limited channel stays bounded: one pending nag per conversation."""
+    ingest(ctx, *(post(str(i), "the site is down!", author=f"customer{i}") for i in range(3)))
+    run_until(ctx, clock, timedelta(hours=4))
+    with ctx.sessions() as session:
+        nags = session.scalars(select(Outbox).where(Outbox.kind == "nag").order_by(Outbox.id)).all()
+    assert len(nags) > 3 * 3  # nags kept coming every 20 minutes for each conversation
+    pending = [n for n in nags if n.status == "pending"]
+    assert sorted(n.conversation_id for n in pending) == sorted({n.conversation_id for n in nags})
+    for nag in pending:  # the newest of its conversation
+        assert nag.id == max(n.id for n in nags if n.conversation_id == nag.conversation_id)
+    retired = [n for n in nags if n.status == "retired"]
+    assert len(retired) == len(nags) - 3
+    assert {n.result for n in retired} == {"retired: superseded by a newer nag"}
+
+
+def test_a_nag_written_one_at_a_time_supersedes_the_unsent_one(ctx: AppContext, clock: FakeClock) -> None:
+    """The same through repo.enqueue (the one-at-a-time path)."""
+    ingest(ctx, post("1", "the site is down!"))
+    with ctx.sessions() as session, session.begin():
+        conversation = session.scalars(select(Conversation)).one()
+        for index in (1, 2):
+            repo.enqueue(
+                session=session,
+                kind="nag",
+                key=f"test-nag-{index}",
+                payload={"conversation_id": conversation.id, "index": index},
+                now=clock.now(),
+                conversation_id=conversation.id,
+            )
+    with ctx.sessions() as session:
+        nags = session.scalars(select(Outbox).where(Outbox.kind == "nag").order_by(Outbox.id)).all()
+    assert [(n.payload["index"], n.status) for n in nags] == [(1, "retired"), (2, "pending")]

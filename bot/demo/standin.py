@@ -37,6 +37,7 @@ answers ``unknown_method``), Enterprise Grid, pagination. Unverified and chosen 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import email.parser
@@ -120,6 +121,8 @@ METHOD_TIERS: Mapping[str, int] = {
     "chat.postEphemeral": 4,
     "chat.getPermalink": 4,  # "Special"; Tier 4 here
     "conversations.open": 3,
+    "conversations.history": 3,
+    "conversations.replies": 3,
     "users.info": 4,
     "views.open": 4,
     "views.push": 4,
@@ -572,6 +575,8 @@ class SlackStandIn:
             "chat.postEphemeral": self._chat_post_ephemeral,
             "chat.getPermalink": self._chat_get_permalink,
             "conversations.open": self._conversations_open,
+            "conversations.history": self._conversations_history,
+            "conversations.replies": self._conversations_replies,
             "users.info": self._users_info,
             "views.open": self._views_open,
             "views.push": self._views_push,
@@ -1468,6 +1473,87 @@ class SlackStandIn:
         if stored.thread_ts is not None:
             link += f"?thread_ts={stored.thread_ts}&cid={channel_id}"
         return {"channel": channel_id, "permalink": link}
+
+    def _conversations_history(self, params: JSON) -> JSON:
+        """A channel's top-level messages (and thread broadcasts), newest first, paged by ``limit``
+        and ``cursor``, within ``oldest``/``latest`` (``inclusive``); message metadata only with
+        ``include_all_metadata``, as Slack does."""
+        channel_id = self._readable_channel(params)
+        stored = [
+            m
+            for m in self._messages.values()
+            if m.channel == channel_id
+            and not m.deleted
+            and (m.thread_ts is None or m.data.get("subtype") == "thread_broadcast")
+        ]
+        stored.sort(key=lambda m: _ts_key(m.ts), reverse=True)
+        return self._message_page(self._within(stored, params), params)
+
+    def _conversations_replies(self, params: JSON) -> JSON:
+        """A thread: its parent first, then its replies oldest first (paged as history)."""
+        channel_id = self._readable_channel(params)
+        ts = _opt_str(params.get("ts"))
+        parent = self._messages.get((channel_id, ts or ""))
+        if ts is None or parent is None or parent.deleted:
+            raise _SlackError("thread_not_found")
+        root = parent.thread_ts or ts
+        stored = [
+            m
+            for m in self._messages.values()
+            if m.channel == channel_id and not m.deleted and (m.ts == root or m.thread_ts == root)
+        ]
+        stored.sort(key=lambda m: _ts_key(m.ts))
+        return self._message_page(self._within(stored, params), params)
+
+    def _readable_channel(self, params: JSON) -> str:
+        """The channel a history read names: by id only (Slack takes no names here), the app a member."""
+        channel_id = _opt_str(params.get("channel"))
+        channel = self._channels.get(channel_id or "")
+        if channel is None:
+            raise _SlackError("channel_not_found")
+        if not (channel.is_member or channel.is_im or channel.is_mpim):
+            raise _SlackError("not_in_channel")
+        return channel.id
+
+    def _within(self, stored: list[_StoredMessage], params: JSON) -> list[_StoredMessage]:
+        inclusive = _truthy(params.get("inclusive"))
+        oldest = _opt_str(params.get("oldest"))
+        latest = _opt_str(params.get("latest"))
+
+        def keep(message: _StoredMessage) -> bool:
+            key = _ts_key(message.ts)
+            if oldest and (key < _ts_key(oldest) or (key == _ts_key(oldest) and not inclusive)):
+                return False
+            return not (latest and (key > _ts_key(latest) or (key == _ts_key(latest) and not inclusive)))
+
+        return [m for m in stored if keep(m)]
+
+    def _message_page(self, stored: list[_StoredMessage], params: JSON) -> JSON:
+        try:
+            limit = max(1, min(999, int(params.get("limit") or 100)))
+        except (TypeError, ValueError) as error:
+            raise _SlackError("invalid_limit") from error
+        cursor = _opt_str(params.get("cursor"))
+        try:
+            start = int(base64.b64decode(cursor).decode().removeprefix("offset:")) if cursor else 0
+        except ValueError as error:
+            raise _SlackError("invalid_cursor") from error
+        page = stored[start : start + limit]
+        metadata = _truthy(params.get("include_all_metadata"))
+        messages = []
+        for message in page:
+            data = copy.deepcopy(message.data)
+            if not metadata:
+                data.pop("metadata", None)
+            messages.append(data)
+        more = start + limit < len(stored)
+        next_cursor = base64.b64encode(f"offset:{start + limit}".encode()).decode() if more else ""
+        return {
+            "messages": messages,
+            "has_more": more,
+            "pin_count": 0,
+            "response_metadata": {"next_cursor": next_cursor},
+        }
 
     def _conversations_open(self, params: JSON) -> JSON:
         users_param = params.get("users")

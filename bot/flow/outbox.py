@@ -53,6 +53,10 @@ log = logging.getLogger("replyclock.outbox")
 T = TypeVar("T")
 
 CUSTOMER_KINDS = frozenset({"ack", "reply"})
+# The send loop's two lanes (see OutboxSender.send_due), and how long a lane found empty rests.
+CUSTOMER_LANE, STAFF_LANE = "customer", "staff"
+LANE_REST = timedelta(seconds=0.5)
+CUSTOMER_TURN = 10  # customer rows (each claimed alone) per turn, as many as a staff batch
 DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
@@ -374,11 +378,32 @@ class OutboxSender:
         _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
             done = 0
+            # The two lanes take turns: customer messages go to another platform than staff
+            # messages and must never wait behind Slack's limits (under a storm thousands of due
+            # urgent Slack rows, put off by the pacer and falling due again, starved them), nor
+            # staff messages behind a customer platform's. A lane found empty is not asked
+            # again for LANE_REST (one empty claim per staff batch would double the claims).
+            rest_until = {CUSTOMER_LANE: 0.0, STAFF_LANE: 0.0}
+            lane = CUSTOMER_LANE  # whose turn it is
+            run = 0  # customer rows sent in this turn (each claimed alone)
             while done < limit and not self._stopping.is_set():
-                claimed = self._claim(min(self.staff_batch, limit - done))
+                claimed: list[OutboxMessage] = []
+                for candidate in (lane, STAFF_LANE if lane == CUSTOMER_LANE else CUSTOMER_LANE):
+                    if time.monotonic() < rest_until[candidate]:
+                        continue
+                    claimed = self._claim(min(self.staff_batch, limit - done), lane=candidate)
+                    if claimed:
+                        lane = candidate
+                        break
+                    rest_until[candidate] = time.monotonic() + LANE_REST.total_seconds()
                 if not claimed:
                     break
                 done += self._deliver_batch(claimed, result)
+                # A turn is a batch's worth of rows in either lane: up to CUSTOMER_TURN customer
+                # rows, one at a time, then one staff batch.
+                run = run + 1 if lane == CUSTOMER_LANE else 0
+                if lane == STAFF_LANE or run >= CUSTOMER_TURN:
+                    lane, run = (CUSTOMER_LANE if lane == STAFF_LANE else STAFF_LANE), 0
         finally:
             held, _loop.held, _loop.taken = _loop.held, None, None
             if held is not None:
@@ -413,19 +438,27 @@ class OutboxSender:
             self._record(outcomes)
         return tried
 
-    def _claim(self, limit: int) -> list[OutboxMessage]:
-        """Claim the most urgent due rows: the leading staff rows (up to `limit`), or one customer row."""
+    def _claim(self, limit: int, *, lane: str | None = None) -> list[OutboxMessage]:
+        """Claim the most urgent due rows: the leading staff rows (up to `limit`), or one customer
+        row; of one lane (`CUSTOMER_LANE` or `STAFF_LANE`), or of both (None)."""
         now = self.ctx.clock.now()
         with loop_session(self.ctx) as session, session.begin():
-            query = _claim_query(is_postgres(session))
+            query = _claim_query(is_postgres(session), lane)
             rows = list(session.scalars(query, {"now": now, "limit": limit}))
             if rows and rows[0].kind in CUSTOMER_KINDS:
                 rows = rows[:1]
             else:
+                # The customer row after them waits for its own claim; so do less urgent rows
+                # (a batch of one urgency: a breach that its warning's send unblocks goes before
+                # the cards that were next in line).
                 staff = 0
-                while staff < len(rows) and rows[staff].kind not in CUSTOMER_KINDS:
+                while (
+                    staff < len(rows)
+                    and rows[staff].kind not in CUSTOMER_KINDS
+                    and rows[staff].urgency == rows[0].urgency
+                ):
                     staff += 1
-                rows = rows[:staff]  # the customer row after them waits for its own claim
+                rows = rows[:staff]
             claimed = []
             if rows and (
                 self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2
@@ -716,8 +749,9 @@ def _on_relaxed_writer(session: Session) -> bool:
 
 
 @functools.cache
-def _claim_query(postgres: bool) -> Select[Outbox]:
-    """The claim's SELECT, built once (parameters ``now`` and ``limit``).
+def _claim_query(postgres: bool, lane: str | None = None) -> Select[Outbox]:
+    """The claim's SELECT, built once per lane (parameters ``now`` and ``limit``): rows of the
+    customer's lane (`CUSTOMER_LANE`), of the staff's (`STAFF_LANE`), or both (None).
 
     Most urgent kind first (`storage.models.URGENCY`: breach and escalation, then customer
     messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
@@ -747,6 +781,10 @@ def _claim_query(postgres: bool) -> Select[Outbox]:
         .order_by(Outbox.urgency, Outbox.next_attempt_at, Outbox.id)
         .limit(bindparam("limit"))
     )
+    if lane == CUSTOMER_LANE:
+        query = query.where(customer)
+    elif lane == STAFF_LANE:
+        query = query.where(~customer)
     if postgres:
         query = query.with_for_update(skip_locked=True, of=Outbox)
     return query

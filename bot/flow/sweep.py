@@ -587,6 +587,12 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
         )
     if events:
         session.execute(insert(EVENTS), events)
+    # One pending nag per conversation: a nag written retires the older unsent ones (repo.enqueue).
+    nagged = sorted(
+        {decision.row.id for decision, step, _, key in to_write if step.kind == "nag" and key in written}
+    )
+    if nagged:
+        repo.supersede_older(session=session, kind="nag", conversation_ids=nagged)
 
     # Like the ORM, only the columns that changed are written (nothing at all, and the version kept,
     # when none did), one executemany per set of changed columns: an owner written unchanged would

@@ -101,6 +101,8 @@ def conversation_id_of(session: Session, body: Body) -> int | None:
         found = [row for row in found if row.slack_channel == channel] or found
     if not found:
         return claimed
+    if claimed is not None and any(int(row.id) == claimed for row in found):
+        return claimed  # a storm digest is the card of each conversation it lists
     card = int(found[0].id)
     if claimed is not None and claimed != card:
         log.warning(

@@ -899,3 +899,47 @@ def storm_entry(
         text=card_text(conversation, post, ctx_policy=ctx_policy, now=now, tz=tz),
         blocks=conversation_card(conversation, post, ctx_policy=ctx_policy, now=now, tz=tz, compact=True),
     )
+
+
+STORM_DIGEST_EXCERPT = 150  # characters of each post in a storm digest (escaped, one line)
+
+
+def storm_digest(
+    channel: str,
+    items: Sequence[tuple[Conversation, Post | None]],
+    *,
+    ctx_policy: Policy,
+    now: datetime,
+) -> Message:
+    """ONE channel message standing for a burst of new conversations, each a line with its Claim
+    button ("14 new mentions, 3 urgent" and who wrote what): at Slack's one message a second per
+    channel, a storm of 48 conversations costs one post, not 49. The conversations' threads are
+    this message's thread; each change of one of them edits this message (`card_update`).
+
+    At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
+    """
+    shown = list(items)[: MAX_BLOCKS - 1]
+    count = len(shown)
+    urgent = sum(1 for conversation, _ in shown if conversation.priority == "urgent")
+    noun = "mention" if count == 1 else "mentions"
+    headline = f"{count} new {noun}, {urgent} urgent"
+    result: list[Block] = [
+        _section(
+            f":ocean: *{headline}* in {_channel_label(channel)}. Replies about any of them in the thread :thread:"
+        )
+    ]
+    for conversation, post in shown:
+        flag = " :rotating_light:" if conversation.priority == "urgent" else ""
+        if conversation.status in (ANSWERED, CLOSED):
+            state = _status(conversation, ctx_policy, now)
+        else:
+            owner = _owner_line(conversation, ctx_policy, now)
+            state = f"{_deadline_words(conversation, now)} · {owner}"
+        excerpt = clip_escaped(" ".join(_post_text(post).split()), STORM_DIGEST_EXCERPT)
+        line = f"*#{conversation.id}* {_customer(conversation)}{flag}: \u201c{excerpt}\u201d\n{state}"
+        section = _section(line)  # bounded: names are clipped to MAX_NAME, the excerpt as above
+        if _is_open(conversation):
+            claim = card_actions(conversation)["elements"][0]  # the Claim / Unclaim button
+            section["accessory"] = claim
+        result.append(section)
+    return Message(text=headline, blocks=result)

@@ -7,10 +7,12 @@ delivered at least once (bot.flow.outbox); what makes a repeat harmless:
 - A card's channel id and ``ts`` are stored on the conversation right after the post, with a
   compare-and-set (``slack_ts IS NULL``) that also bumps its version. A ``card`` row retried
   after that (the process died before the outbox row was marked sent) edits the stored card
-  instead of posting a second one. The one window left is between Slack's answer and that
-  commit (or an answer lost to a timeout): then a second card can appear. Every card carries
-  message metadata (``replyclock_card`` with the conversation id) so a later version can look
-  it up in the channel history instead.
+  instead of posting a second one. The window left is between Slack's answer and that commit
+  (or an answer lost to a timeout): every card carries message metadata (``replyclock_card``
+  with the conversation id; a storm digest lists its conversations' ids), and a ``card`` row
+  tried before whose card is still not stored looks it up first (``conversations.history`` with
+  ``include_all_metadata``, or ``conversations.replies`` of a storm summary's thread) and stores
+  what it finds instead of posting again.
 - Everything else is a thread reply, a DM or an alert: a repeat is a duplicate line, never a
   lost one.
 
@@ -23,11 +25,14 @@ with back-off up to its attempt limit, then marks it failed.
 Storms: when more than `storm_threshold` cards for one channel are due within `storm_window`,
 the first of them claims the others' outbox rows (as the sender claims: ``sending`` with a
 lease, ``SKIP LOCKED`` on PostgreSQL, so no other sender posts them and a crash hands them
-back), posts ONE summary ("14 new mentions, 3 urgent") and makes every card a compact entry in
-its thread. Each entry's ``ts`` is stored as that conversation's card, so updates edit it, and
-its history (warnings, nags' notes...) goes to the summary's thread. The summary is an audit
-event (``slack_storm``) listing its conversations: a card whose entry could not be posted at
-once (a rate limit midway) goes back to the outbox and joins that thread when retried.
+back) and posts ONE digest message for up to MAX_STORM of them ("14 new mentions, 3 urgent",
+then a line and a Claim button per conversation): at Slack's one message a second per channel,
+a storm costs one post per 49 conversations. The digest's ``ts`` is stored as each of its
+conversations' card, in one transaction with the ``slack_storm`` audit event and the claimed
+rows' settlement; their history (warnings, nags' notes...) goes to the digest's thread, and a
+change to any of them edits the digest, folding in the other card updates of its conversations
+written before (one ``chat.update`` per digest and moment). Cards threaded under an older-style
+storm summary (entries in its thread) keep working as before.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from storage.models import (
     DEFAULT_URGENCY,
     OPEN,
     PENDING,
+    RETIRED,
     SENDING,
     SENT,
     URGENCY,
@@ -92,7 +98,12 @@ log = logging.getLogger("replyclock.slack")
 CARD_EVENT = "slack_card"  # audit: where a conversation's card was posted (channel, ts, thread_ts)
 STORM_EVENT = "slack_storm"  # audit: a storm summary (channel, ts, conversation ids)
 CARD_METADATA_TYPE = "replyclock_card"
-MAX_STORM = 50  # entries under one summary; more make a second summary
+MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
+# A card retried after an attempt whose outcome was not recorded is looked up before it is posted
+# again: this many top-level messages per page (conversations.history), at most this many pages.
+FIND_PAGE = 200
+PUT_OFF_HORIZON = timedelta(minutes=15)  # as far ahead as the pacer puts a message off (pacing.POST)
+FIND_PAGES = 5
 STORM_MEMORY = timedelta(days=1)  # how long a card not yet posted still joins its storm's thread
 DEFAULT_RETRY_AFTER = 30  # seconds, when a 429 comes without Retry-After
 UTC = ZoneInfo("UTC")
@@ -137,12 +148,14 @@ class _Loaded:
     post: Post | None  # the customer's post the card shows
     tz: ZoneInfo
     card_parent_ts: str | None  # the storm summary the card is threaded under, if any
+    card_digest: tuple[int, ...] = ()  # the card is a storm digest: the conversations it shows
 
 
 @dataclass(frozen=True)
 class _Storm:
     channel: str
     ts: str
+    digest: bool = False  # one message for all its conversations (blocks.storm_digest), no entries
 
 
 def slack_handlers(
@@ -263,6 +276,17 @@ class SlackDelivery:
                     storm = self._storm_covering(session, conversation_id, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
+        if storm is not None and storm.digest:
+            # Listed in a digest whose card was not stored for it (another card was, then gone?):
+            # the digest is its card.
+            self._store_card(conversation_id, storm.channel, storm.ts, now=now, thread_ts=None)
+            return f"in storm digest {storm.channel} {storm.ts}"
+        if message.attempts > 1:
+            # Tried before and still no card stored: that attempt may have posted it and lost
+            # the answer or the database before storing it. Look before posting again.
+            found_ts = self._find_posted(loaded, storm, now)
+            if found_ts is not None:
+                return found_ts
         if storm is not None:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
@@ -278,7 +302,7 @@ class SlackDelivery:
         loaded = self._read(message)
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
-        return self._refresh_card(loaded, now)
+        return self._refresh_card(loaded, now, message=message)
 
     def thread_post(self, message: OutboxMessage) -> str:
         """The customer wrote again: their words in the card's thread."""
@@ -507,10 +531,13 @@ class SlackDelivery:
         log.info("card posted", extra={"conversation_id": conversation.id, "channel": channel, "ts": ts})
         return f"{channel} {ts}"
 
-    def _refresh_card(self, loaded: _Loaded, now: datetime) -> str:
-        """Edit the stored card; if someone deleted it in Slack, post it again."""
+    def _refresh_card(self, loaded: _Loaded, now: datetime, *, message: OutboxMessage | None = None) -> str:
+        """Edit the stored card; if someone deleted it in Slack, post it again. `message`: the
+        ``card_update`` row this is for, if any."""
         conversation = loaded.conversation
         assert conversation.slack_ts is not None and conversation.slack_channel is not None
+        if loaded.card_digest:
+            return self._refresh_digest(loaded, now, message=message)
         built = self._card_message(loaded, now, compact=loaded.card_parent_ts is not None)
         try:
             self._call(
@@ -545,6 +572,177 @@ class SlackDelivery:
             )
             return f"reposted {channel} {ts}"
         return f"updated {conversation.slack_channel} {conversation.slack_ts}"
+
+    def _refresh_digest(self, loaded: _Loaded, now: datetime, *, message: OutboxMessage | None) -> str:
+        """Edit a storm digest to show each of its conversations as it is now.
+
+        One edit stands for every change read: the card updates of the digest's conversations
+        written before that read are folded in (pending ones retired; the ones this sender claimed
+        in its batch marked sent, and its send loop told they are taken over), so a storm's
+        changes cost one ``chat.update`` per digest and moment, not one per conversation.
+        """
+        conversation = loaded.conversation
+        channel, ts = str(conversation.slack_channel), str(conversation.slack_ts)
+        with loop_session(self.ctx, read_only=True) as session:
+            seen = session.scalar(select(func.max(Outbox.id))) or 0
+            shown = [
+                self._load(session, cid)
+                for cid in session.scalars(
+                    select(Conversation.id)
+                    .where(
+                        Conversation.id.in_(list(loaded.card_digest)),
+                        Conversation.slack_ts == ts,
+                        Conversation.slack_channel == channel,
+                    )
+                    .order_by(Conversation.id)
+                )
+            ]
+        order = {cid: index for index, cid in enumerate(loaded.card_digest)}
+        shown.sort(key=lambda m: order.get(m.conversation.id, len(order)))
+        built = blocks.storm_digest(
+            channel, [(m.conversation, m.post) for m in shown], ctx_policy=self.ctx.policy, now=now
+        )
+        shown_ids = [m.conversation.id for m in shown]
+        own = message.id if message is not None else 0
+        retired = 0
+        if message is not None:
+            # Fold first: while this edit waits for Slack's pace (chat.update is Tier 3), the other
+            # updates of the digest wait in it, not each for a slot of its own.
+            retired += self._fold(shown_ids, seen, own, f"folded into card update {own}")
+        self._call(
+            "chat.update",
+            channel,
+            conversation.id,
+            lambda: self.client.chat_update(
+                channel=channel, ts=ts, text=built.text, blocks=built.blocks, parse="none", link_names=False
+            ),
+        )
+        folded_in = f"storm digest {channel} {ts} edited for them all"
+        retired += self._fold(shown_ids, seen, own, folded_in, owner=message.owner if message else None)
+        return (
+            f"updated storm digest {channel} {ts} ({len(shown)} conversations, {retired} updates folded in)"
+        )
+
+    def _fold(
+        self, conversation_ids: list[int], seen: int, own: int, why: str, *, owner: str | None = None
+    ) -> int:
+        """Settle the card updates of a digest's conversations written up to outbox id `seen`
+        (except `own`): pending ones retired, ones `owner` claimed in its batch marked sent (its send
+        loop is told they are taken over). Returns how many."""
+        with loop_session(self.ctx) as session, session.begin():
+            same = (
+                Outbox.conversation_id.in_(conversation_ids),
+                Outbox.kind == "card_update",
+                Outbox.id <= seen,
+                Outbox.id != own,
+            )
+            folded = session.execute(
+                update(Outbox)
+                .where(*same, Outbox.status == PENDING)
+                .values(status=RETIRED, result=f"retired: {why}", lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            count = int(folded.rowcount or 0)  # type: ignore[attr-defined]
+            if owner is not None:
+                taken = list(
+                    session.scalars(
+                        update(Outbox)
+                        .where(*same, Outbox.status == SENDING, Outbox.owner == owner)
+                        .values(
+                            status=SENT,
+                            sent_at=self.ctx.clock.now(),
+                            result=why,
+                            lease_until=None,
+                            owner=None,
+                        )
+                        .returning(Outbox.id)
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+                taken_over(taken)
+                count += len(taken)
+        return count
+
+    def _find_posted(self, loaded: _Loaded, storm: _Storm | None, now: datetime) -> str | None:
+        """Store a card an earlier attempt posted but did not record; "found <channel> <ts>", or None.
+
+        Every card and storm entry carries message metadata naming its conversation
+        (`_card_metadata`), so it is found in its channel's recent history (newest first, up to
+        FIND_PAGES pages of FIND_PAGE top-level messages) or, for a storm entry, in the summary's
+        thread. A lookup Slack refuses (a scope missing, the app not in the channel) is logged and
+        the card is posted as before: a second card is better than none.
+        """
+        conversation = loaded.conversation
+        thread_ts = storm.ts if storm is not None else None
+        channel = storm.channel if storm is not None else self._channel_id(conversation)
+        if channel is None:
+            return None  # no card of this channel stored yet: its id is not known here
+        method = "conversations.replies" if thread_ts is not None else "conversations.history"
+        cursor: str | None = None
+        try:
+            for _ in range(FIND_PAGES):
+
+                def read(cursor: str | None = cursor) -> SlackResponse:
+                    if thread_ts is not None:
+                        return self.client.conversations_replies(
+                            channel=channel,
+                            ts=thread_ts,
+                            limit=FIND_PAGE,
+                            cursor=cursor,
+                            include_all_metadata=True,
+                        )
+                    return self.client.conversations_history(
+                        channel=channel, limit=FIND_PAGE, cursor=cursor, include_all_metadata=True
+                    )
+
+                response = self._call(method, None, conversation.id, read)
+                for found in response.get("messages") or []:
+                    listed = _card_of(found)
+                    if conversation.id in listed and found.get("ts"):
+                        ts = str(found["ts"])
+                        if len(listed) > 1:  # a storm digest: the card of each conversation it lists
+                            self._store_storm(channel, ts, sorted(listed), [], now=now)
+                        else:
+                            self._store_card(conversation.id, channel, ts, now=now, thread_ts=thread_ts)
+                        log.warning(
+                            "card found in Slack, not posted again",
+                            extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
+                        )
+                        return f"found {channel} {ts}"
+                metadata = response.get("response_metadata") or {}
+                cursor = str(metadata.get("next_cursor") or "") or None
+                if cursor is None:
+                    break
+        except SlackDeliveryError as error:
+            log.warning(
+                "could not look for a card posted before; posting it",
+                extra={"conversation_id": conversation.id, "channel": channel, "error": str(error)},
+            )
+        return None
+
+    def _channel_id(self, conversation: Conversation) -> str | None:
+        """The id of the conversation's team channel (history takes no names): as configured when it
+        is an id, else as Slack answered a post there (the pacer's, shared by the processes), else
+        where a card of a team sharing that channel was stored."""
+        configured = self._team_channel(conversation)
+        if not configured.startswith("#"):
+            return configured
+        learned = self.pacer.channel_id(configured) if self.pacer is not None else None
+        if learned is not None:
+            return learned
+        teams = [name for name, team in self.ctx.policy.teams.items() if team.channel == configured]
+        with self.ctx.read_sessions() as session:
+            return session.scalar(
+                select(Conversation.slack_channel)
+                .where(
+                    Conversation.team.in_(teams),
+                    Conversation.slack_ts.is_not(None),
+                    Conversation.slack_channel.is_not(None),
+                    Conversation.slack_channel.not_like("#%"),
+                )
+                .order_by(Conversation.id.desc())
+                .limit(1)
+            )
 
     def _card_message(self, loaded: _Loaded, now: datetime, *, compact: bool) -> blocks.Message:
         conversation, post, tz = loaded.conversation, loaded.post, loaded.tz
@@ -636,7 +834,10 @@ class SlackDelivery:
         return {
             "storm_outbox_id": outbox_id,
             "storm_owner": owner,
-            "storm_horizon": now + self.storm_window,
+            # Cards put off by the pacer (due at their slot, up to its horizon) wait for the
+            # channel as much as cards due now: they join the next digest rather than keep
+            # a slot each.
+            "storm_horizon": now + max(self.storm_window, PUT_OFF_HORIZON),
             "storm_since": now - STORM_MEMORY,
             "storm_action": STORM_EVENT,
         }
@@ -756,59 +957,116 @@ class SlackDelivery:
         for event in recent:
             detail = event.detail
             if conversation_id in detail.get("conversations", ()):
-                return _Storm(channel=str(detail["channel"]), ts=str(detail["ts"]))
+                return _Storm(
+                    channel=str(detail["channel"]), ts=str(detail["ts"]), digest=bool(detail.get("digest"))
+                )
         return None
 
     def _post_storm(self, first: _Loaded, claimed: list[tuple[int, int]], now: datetime) -> str:
-        """One summary in the channel, then each card as a compact entry in its thread.
+        """ONE message in the channel for the whole storm (`blocks.storm_digest`: a line and a Claim
+        button per conversation), stored as every one of its conversations' card.
 
-        Rows whose entry could not be posted (a rate limit midway) go back to ``pending``: their
-        own delivery finds the summary (the ``slack_storm`` event) and joins its thread.
+        The digest, its ``slack_storm`` audit event, every conversation's card (compare-and-set, as
+        `_store_card`) and the claimed rows' settlement are one transaction. If the post fails,
+        the claimed rows go back to ``pending`` (due when Slack said, on a rate limit).
         """
         unposted = [outbox_id for outbox_id, _ in claimed]
         resume_at = now
+        posted = False
         try:
             with loop_session(self.ctx, read_only=True) as session:
-                others = [(outbox_id, self._load(session, cid)) for outbox_id, cid in claimed]
-            everyone = [first, *(loaded for _, loaded in others)]
+                others = [self._load(session, cid) for _, cid in claimed]
+            everyone = [first, *others]
+            ids = [m.conversation.id for m in everyone]
             team_channel = self._team_channel(first.conversation)
-            summary = blocks.storm_summary(team_channel, [m.conversation for m in everyone])
-            channel, ts = self._post(summary, channel=team_channel, conversation_id=first.conversation.id)
-            with loop_session(self.ctx) as session, session.begin():
+            digest = blocks.storm_digest(
+                team_channel,
+                [(m.conversation, m.post) for m in everyone],
+                ctx_policy=self.ctx.policy,
+                now=now,
+            )
+            try:
+                channel, ts = self._post(
+                    digest,
+                    channel=team_channel,
+                    conversation_id=first.conversation.id,
+                    metadata=_digest_metadata(ids),
+                )
+            except Retry as error:
+                resume_at = error.after or now
+                raise
+            posted = True
+            self._store_storm(channel, ts, ids, [outbox_id for outbox_id, _ in claimed], now=now)
+            unposted = []
+        finally:
+            # Posted but not recorded (the database went away): the claim counts as an attempt,
+            # so their retry looks the digest up (by its metadata) instead of posting again.
+            self._release(unposted, resume_at, keep_attempt=posted)
+        log.info("storm digest posted", extra={"channel": channel, "ts": ts, "cards": len(everyone)})
+        return f"storm {channel} {ts}: {len(everyone)} conversations in one message"
+
+    def _store_storm(
+        self, channel: str, ts: str, conversation_ids: list[int], outbox_ids: list[int], *, now: datetime
+    ) -> list[int]:
+        """Record a posted digest as the card of each of its conversations (those without a card yet);
+        settle the other claimed ``card`` rows. Returns the conversations stored."""
+        stored: list[int] = []
+        with loop_session(self.ctx) as session, session.begin():
+            repo.record_event(
+                session=session,
+                at=now,
+                actor="slack",
+                action=STORM_EVENT,
+                channel=channel,
+                ts=ts,
+                conversations=conversation_ids,
+                digest=True,
+            )
+            stored = list(
+                session.scalars(
+                    update(Conversation)
+                    .where(Conversation.id.in_(conversation_ids), Conversation.slack_ts.is_(None))
+                    .values(slack_channel=channel, slack_ts=ts, version=Conversation.version + 1)
+                    .returning(Conversation.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            for conversation_id in stored:
                 repo.record_event(
                     session=session,
                     at=now,
                     actor="slack",
-                    action=STORM_EVENT,
+                    action=CARD_EVENT,
+                    conversation_id=conversation_id,
                     channel=channel,
                     ts=ts,
-                    conversations=[m.conversation.id for m in everyone],
+                    thread_ts=None,
+                    digest=conversation_ids,
                 )
-            log.info("storm summary posted", extra={"channel": channel, "ts": ts, "cards": len(everyone)})
-            storm = _Storm(channel=channel, ts=ts)
-            entry = self._post_storm_entry(first, storm, now, outbox_id=None)
-            for outbox_id, other in others:
-                try:
-                    self._post_storm_entry(other, storm, now, outbox_id=outbox_id)
-                except (Retry, SlackDeliveryError) as error:
-                    resume_at = (error.after if isinstance(error, Retry) else None) or now
-                    log.warning(
-                        "storm entry not posted yet; it will join the thread on retry",
-                        extra={
-                            "conversation_id": other.conversation.id,
-                            "channel": channel,
-                            "error": str(error),
-                        },
+            if outbox_ids:
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_(outbox_ids), Outbox.status == SENDING)
+                    .values(
+                        status=SENT,
+                        sent_at=now,
+                        result=f"storm digest {channel} {ts}",
+                        lease_until=None,
+                        last_error=None,
                     )
-                    break
-                unposted.remove(outbox_id)
-        finally:
-            self._release(unposted, resume_at)
-        posted = len(everyone) - len(unposted)
-        return f"storm {channel} {ts}: {posted} of {len(everyone)} entries; this one {entry}"
+                    .execution_options(synchronize_session=False)
+                )
+        missed = sorted(set(conversation_ids) - set(stored))
+        if missed:
+            log.warning(
+                "storm digest lists conversations whose card was already stored",
+                extra={"channel": channel, "ts": ts, "conversations": missed},
+            )
+        return stored
 
-    def _release(self, outbox_ids: list[int], when: datetime) -> None:
-        """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt)."""
+    def _release(self, outbox_ids: list[int], when: datetime, *, keep_attempt: bool = False) -> None:
+        """Hand storm-claimed rows back to the outbox, due at `when` (their claim was no attempt,
+        unless `keep_attempt`: their card may have been posted)."""
         if not outbox_ids:
             return
         with loop_session(self.ctx) as session, session.begin():
@@ -820,7 +1078,9 @@ class SlackDelivery:
                     lease_until=None,
                     owner=None,
                     next_attempt_at=when,
-                    attempts=func.greatest(Outbox.attempts - 1, 0)
+                    attempts=Outbox.attempts
+                    if keep_attempt
+                    else func.greatest(Outbox.attempts - 1, 0)
                     if is_postgres(session)
                     else func.max(Outbox.attempts - 1, 0),
                 )
@@ -874,6 +1134,7 @@ class SlackDelivery:
                 .limit(1)
             ).first()
         parent: str | None = None
+        digest: tuple[int, ...] = ()
         if conversation.slack_ts is not None:
             detail = session.scalars(
                 select(Event.detail)
@@ -883,9 +1144,12 @@ class SlackDelivery:
             ).first()
             if detail and detail.get("ts") == conversation.slack_ts:
                 parent = _text(detail.get("thread_ts"))
+                listed = detail.get("digest")
+                if isinstance(listed, list):
+                    digest = tuple(item for item in listed if isinstance(item, int))
         team = self.ctx.policy.teams.get(conversation.team)
         tz = self.ctx.calendar(team.calendar).tz if team is not None else UTC
-        return _Loaded(conversation=conversation, post=post, tz=tz, card_parent_ts=parent)
+        return _Loaded(conversation=conversation, post=post, tz=tz, card_parent_ts=parent, card_digest=digest)
 
     def _expert(self, who: str | None) -> Expert | None:
         if not who:
@@ -1175,6 +1439,27 @@ def _text(value: object) -> str | None:
 
 def _card_metadata(conversation_id: int) -> dict[str, Any]:
     return {"event_type": CARD_METADATA_TYPE, "event_payload": {"conversation_id": conversation_id}}
+
+
+def _digest_metadata(conversation_ids: list[int]) -> dict[str, Any]:
+    return {"event_type": CARD_METADATA_TYPE, "event_payload": {"conversation_ids": conversation_ids}}
+
+
+def _card_of(message: Mapping[str, Any]) -> frozenset[int]:
+    """The conversations a Slack message is the card of, from its metadata (a card names one, a
+    storm digest several); empty when it is not one of our cards."""
+    metadata = message.get("metadata")
+    if not isinstance(metadata, Mapping) or metadata.get("event_type") != CARD_METADATA_TYPE:
+        return frozenset()
+    payload = metadata.get("event_payload")
+    if not isinstance(payload, Mapping):
+        return frozenset()
+    one = payload.get("conversation_id")
+    several = payload.get("conversation_ids")
+    found = {one} if isinstance(one, int) else set()
+    if isinstance(several, list):
+        found.update(item for item in several if isinstance(item, int))
+    return frozenset(found)
 
 
 def _retry_after(headers: object) -> int:

@@ -21,6 +21,9 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "chat_postEphemeral": ("chat:write",),  # answers only the clicking user sees
     "chat_update": ("chat:write",),  # the card follows the conversation
     "conversations_open": ("im:write",),  # the DM channel for nags and escalations
+    # a card whose post was not recorded is looked up by its metadata before it is posted again
+    "conversations_history": ("channels:history", "groups:history"),
+    "conversations_replies": ("channels:history", "groups:history"),
     "users_info": ("users:read",),  # the time zone of a staff member
     "files_upload_v2": ("files:write",),  # the digest chart
     "views_open": (),  # the Reply modal (needs a trigger id, no scope)

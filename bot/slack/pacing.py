@@ -95,6 +95,8 @@ _TIER4 = Pace(per_second=90 / 60, burst=10.0, reserve=3.0, horizon=600.0)  # Tie
 TIERS: Mapping[str, Pace] = {
     "chat.update": _TIER3,
     "conversations.open": _TIER3,
+    "conversations.history": _TIER3,  # looking up a card whose post was not recorded
+    "conversations.replies": _TIER3,
     "chat.postEphemeral": _TIER4,
     "views.open": _TIER4,
     "views.update": _TIER4,
@@ -183,6 +185,11 @@ class Pacer:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _State] = {}
         self._aliases: dict[str, str] = {}  # "#care" -> "C0CARE0001", as Slack answered
+
+    def channel_id(self, name: str) -> str | None:
+        """The id Slack answered for channel `name` (``#care``), if a post there taught it."""
+        with self._lock:
+            return self._aliases.get(name)
 
     def learn(self, name: str, channel_id: str) -> None:
         """`name` (``#care``, as configured) is `channel_id` (as Slack answered): one bucket for both."""
@@ -299,6 +306,10 @@ class SharedPacer(Pacer):
                 db.commit()
         except SQLAlchemyError:
             return  # best effort: other processes learn it from their own first post
+
+    def channel_id(self, name: str) -> str | None:
+        self._look_up(name)  # another process may have posted there
+        return super().channel_id(name)
 
     def _key(self, method: str, channel: str | None) -> tuple[tuple[str, str], Pace] | None:
         if method == "chat.postMessage" and channel and channel.startswith("#"):

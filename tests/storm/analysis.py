@@ -179,7 +179,7 @@ def process_work(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, P
                 work.retried += int(record.get("retried", 0))
             elif event == "card posted":
                 work.cards += 1
-            elif event == "storm summary posted":
+            elif event in ("storm summary posted", "storm digest posted"):
                 work.storm_summaries += 1
                 work.storm_cards += int(record.get("cards", 0))
             level = record.get("level")
@@ -349,6 +349,14 @@ def _check_outbox(report: Report, outbox: Sequence[Any]) -> None:
     )
 
 
+def card_ids(metadata: dict[str, Any]) -> list[int]:
+    """The conversations a card message stands for: one (a card, a storm entry) or a storm digest's."""
+    payload = metadata.get("event_payload") or {}
+    if "conversation_ids" in payload:
+        return [int(cid) for cid in payload["conversation_ids"]]
+    return [int(payload["conversation_id"])]
+
+
 def _check_cards(report: Report, conversations: Sequence[Any], calls: Sequence[Call]) -> None:
     cards: Counter[int] = Counter()
     for call in calls:
@@ -356,8 +364,8 @@ def _check_cards(report: Report, conversations: Sequence[Any], calls: Sequence[C
             continue
         metadata = call.params.get("metadata")
         if isinstance(metadata, dict) and metadata.get("event_type") == CARD_METADATA_TYPE:
-            payload = metadata.get("event_payload") or {}
-            cards[int(payload["conversation_id"])] += 1
+            for cid in card_ids(metadata):
+                cards[cid] += 1
     doubled = {cid: n for cid, n in cards.items() if n > 1}
     if doubled:
         report.problem(
@@ -520,8 +528,8 @@ def _measure(
     for call in calls:
         metadata = call.params.get("metadata") if call.method == "chat.postMessage" and call.ok else None
         if isinstance(metadata, dict) and metadata.get("event_type") == CARD_METADATA_TYPE:
-            cid = int((metadata.get("event_payload") or {})["conversation_id"])
-            card_times.setdefault(cid, call.timestamp)
+            for cid in card_ids(metadata):
+                card_times.setdefault(cid, call.timestamp)
     if card_times:
         report.card_seconds = max(card_times.values()) - min(card_times.values())
     report.card_latency = Spread.of(
@@ -678,13 +686,13 @@ def _channels(
         metadata = call.params.get("metadata") if call.method == "chat.postMessage" and call.ok else None
         if not isinstance(metadata, dict) or metadata.get("event_type") != CARD_METADATA_TYPE:
             continue
-        cid = int((metadata.get("event_payload") or {})["conversation_id"])
-        if cid in seen or cid not in answered:
-            continue
-        seen.add(cid)
-        channel = str((call.response or {}).get("channel"))
-        figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
-        figures.cards.append(call.timestamp - answered[cid])
+        for cid in card_ids(metadata):
+            if cid in seen or cid not in answered:
+                continue
+            seen.add(cid)
+            channel = str((call.response or {}).get("channel"))
+            figures = report.channels.setdefault(channel, ChannelFigures(labels.get(channel, channel)))
+            figures.cards.append(call.timestamp - answered[cid])
 
 
 def timeline(
