@@ -245,15 +245,19 @@ def test_slack_failing_for_a_while_delays_staff_messages_then_delivers_them_in_o
     lost = audit.lost_answers()
     lost_posts = [e for e in lost if e.call.method == "chat.postMessage"]
     extra = [e for found in audit.extra_posts().values() for e in found]
-    assert sorted(id(e) for e in extra) == sorted(id(e) for e in lost_posts), (
+    assert {id(e) for e in extra} <= {id(e) for e in lost_posts}, (
         "a message reached Slack twice without a lost answer to explain it"
     )
+    # A thread message whose answer was lost is posted again (at least once); a card is first
+    # looked up by its metadata (conversations.history), so it may be found instead of repeated.
+    lost_notes = [e for e in lost_posts if kind_of(e) != "card"]
+    assert {id(e) for e in lost_notes} <= {id(e) for e in extra}, "a lost answer without its retry"
     # Cards: one post per conversation (a repeat only after a lost answer), then edits in place.
     card_posts = Counter(
         audit.conversation_of(e, {}) for e in slack.exchanges if kind_of(e) == "card" and e.call.ok
     )
     lost_cards = Counter(audit.conversation_of(e, {}) for e in lost_posts if kind_of(e) == "card")
-    assert all(card_posts[cid] == 1 + lost_cards[cid] for cid in card_posts), (card_posts, lost_cards)
+    assert all(1 <= card_posts[cid] <= 1 + lost_cards[cid] for cid in card_posts), (card_posts, lost_cards)
     assert len(card_posts) == len(customers) == 8
     for cid, (channel, ts) in cards(engine).items():
         assert channel is not None and ts is not None

@@ -305,7 +305,13 @@ def _cards_twice(slack: SlackStandIn) -> int:
         if isinstance(metadata, str):
             metadata = json.loads(metadata)
         if call.ok and isinstance(metadata, dict) and metadata.get("event_type") == "replyclock_card":
-            cards[int(metadata["event_payload"]["conversation_id"])] += 1
+            payload = metadata["event_payload"]
+            # A card names its conversation; a storm digest is the card of each it lists.
+            ids = (
+                payload["conversation_ids"] if "conversation_ids" in payload else [payload["conversation_id"]]
+            )
+            for conversation_id in ids:
+                cards[int(conversation_id)] += 1
     return sum(1 for n in cards.values() if n > 1)
 
 
