@@ -111,8 +111,10 @@ def status_counts(engine: Engine) -> Counter[str]:
 
 
 def all_sent(engine: Engine) -> bool:
+    """Every outbox row settled as meant: sent, or retired unsent on purpose (a ladder step of a
+    conversation answered first, a nag or card update superseded by a newer one)."""
     counts = status_counts(engine)
-    return bool(counts) and set(counts) == {SENT}
+    return SENT in counts and set(counts) <= {SENT, RETIRED}
 
 
 def all_answered_and_sent(engine: Engine) -> bool:
@@ -233,7 +235,7 @@ def test_slack_failing_for_a_while_delays_staff_messages_then_delivers_them_in_o
     outbox = rows(engine)
     audit = SlackAudit(slack.exchanges, outbox, cards(engine), client_timeout=SLACK_TIMEOUT)
     staff = [r for r in outbox if r.kind != "ack"]
-    assert {r.status for r in outbox} == {SENT}
+    assert {r.status for r in outbox} <= {SENT, RETIRED}  # retired: answered first or superseded
     # Nothing written before we answered was dropped: only rows due in the last moments were skipped.
     skipped = [r for r in staff if r.skipped]
     assert all(r.created_at.timestamp() > drained_at - 1.0 for r in skipped), skipped

@@ -74,6 +74,10 @@ RECOVER_INTERVAL = timedelta(seconds=2)
 FORGET_OWNER_AFTER = timedelta(hours=1)
 # Staff rows are claimed (and their outcomes recorded) up to this many per transaction; see send_due.
 STAFF_BATCH = 10
+# The send loop holds its own PostgreSQL connections (see loop_session). Off: after a database
+# restart mid-batch the held connections left the batch's rows `sending` until their lease ran out
+# (tests/test_neighbours.py, PostgreSQL restarted mid-run); sessions come from the pool instead.
+HOLD_CONNECTIONS = False
 # A claimed batch's rows not yet tried after this long go back to `pending`: a slow Slack must
 # not hold them (a breach that fell due meanwhile goes first), nor let their lease run out.
 BATCH_PATIENCE = timedelta(seconds=0.5)
@@ -159,6 +163,14 @@ def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Sessio
             assert held is not None
             held.close(broken=True)
         raise
+
+
+def _drop_held() -> None:
+    """Give up the send loop's own connections (a database that went away broke them)."""
+    held: _Held | None = getattr(_loop, "held", None)
+    if held is not None:
+        _loop.held = None
+        held.close(broken=True)
 
 
 @dataclass
@@ -375,7 +387,9 @@ class OutboxSender:
         if not self._sending.acquire(blocking=False):
             return result  # another thread of this process is sending; it takes these rows too
         _loop.taken = set()
-        _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
+        _loop.held = (
+            _Held.open(self.ctx.engine) if HOLD_CONNECTIONS and is_postgres(self.ctx.engine) else None
+        )
         try:
             done = 0
             # The two lanes take turns: customer messages go to another platform than staff
@@ -612,6 +626,13 @@ class OutboxSender:
         others = [o for o in outcomes if o.status != SENT]
 
         def record() -> None:
+            try:
+                _record_now()
+            except (OperationalError, InterfaceError):
+                _drop_held()  # the next try gets a fresh connection from the pool (it pings)
+                raise
+
+        def _record_now() -> None:
             with loop_session(self.ctx) as session, session.begin():
                 if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
                     relaxed_commit(session)

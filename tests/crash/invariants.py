@@ -238,9 +238,20 @@ def _ladder(
             for step in event.detail.get("steps", ()):
                 retired_at[(event.conversation_id, str(step["kind"]), int(step["index"]))] = event.at
     not_sent, late_retired = [], []
+    last_nag: dict[int, int] = {}
+    for row in rows:
+        if row.kind == "nag" and row.conversation_id is not None:
+            last_nag[row.conversation_id] = max(row.id, last_nag.get(row.conversation_id, 0))
     for row in rows:
         if row.status == SENT:
             continue
+        if (
+            row.kind == "nag"
+            and row.status == RETIRED
+            and "superseded by a newer nag" in (row.result or "")
+            and last_nag.get(row.conversation_id or 0, 0) > row.id
+        ):
+            continue  # one pending nag per conversation: a newer one took its place (issue 12)
         key = (row.conversation_id or 0, row.kind, int(row.payload.get("index", 0)))
         conversation = conversations.get(row.conversation_id or 0)
         if (
