@@ -9,7 +9,7 @@ from sqlalchemy import select
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.delivery import customer_handlers
-from bot.flow.outbox import Defer, OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import STAFF_BATCH, Defer, OutboxMessage, OutboxSender, Retry
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage import repo
@@ -249,7 +249,7 @@ def test_a_customer_message_is_never_in_flight_beside_a_claimed_batch(ctx: AppCo
         seen[message.kind].append(sending_kinds(ctx))
         return "ok"
 
-    result = OutboxSender(ctx, {"ack": handler, "card": handler}).send_due()
+    result = OutboxSender(ctx, {"ack": handler, "card": handler}, staff_batch=STAFF_BATCH).send_due()
     assert result.sent == 6
     # Each acknowledgement alone in flight (a kill leaves at most it `unknown`)...
     assert seen["ack"] == [["ack"], ["ack"], ["ack"]]

@@ -15,7 +15,7 @@ from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
 from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
-from bot.flow.outbox import OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import STAFF_BATCH, OutboxMessage, OutboxSender, Retry
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
 from bot.slack.ids import ACTION_CLAIM
@@ -54,7 +54,11 @@ def client(slack: SlackStandIn) -> WebClient:
 
 def sender_for(ctx: AppContext, client: WebClient, **options: Any) -> OutboxSender:
     """The outbox sender with the Slack handlers (customer acknowledgements just succeed)."""
-    return OutboxSender(ctx, {**slack_handlers(ctx, client, **options), "ack": lambda message: "ack sent"})
+    return OutboxSender(
+        ctx,
+        {**slack_handlers(ctx, client, **options), "ack": lambda message: "ack sent"},
+        staff_batch=STAFF_BATCH,
+    )
 
 
 def conversations(ctx: AppContext) -> list[Conversation]:

@@ -74,6 +74,10 @@ RECOVER_INTERVAL = timedelta(seconds=2)
 FORGET_OWNER_AFTER = timedelta(hours=1)
 # Staff rows are claimed (and their outcomes recorded) up to this many per transaction; see send_due.
 STAFF_BATCH = 10
+# What a sender claims unless told otherwise: one staff row per claim until a batch survives a
+# database restart mid-batch (tests/test_neighbours.py, PostgreSQL restarted mid-run, left a
+# batch's rows `sending` until their lease ran out about one run in two).
+DEFAULT_STAFF_BATCH = 1
 # The send loop holds its own PostgreSQL connections (see loop_session). Off: after a database
 # restart mid-batch the held connections left the batch's rows `sending` until their lease ran out
 # (tests/test_neighbours.py, PostgreSQL restarted mid-run); sessions come from the pool instead.
@@ -257,7 +261,7 @@ class OutboxSender:
         *,
         lease: timedelta = DEFAULT_LEASE,
         max_attempts: int = MAX_ATTEMPTS,
-        staff_batch: int = STAFF_BATCH,
+        staff_batch: int = DEFAULT_STAFF_BATCH,
     ) -> None:
         self.ctx = ctx
         self.handlers = dict(handlers)
