@@ -517,8 +517,9 @@ def test_postgres_restarted_mid_run_the_process_reconnects_and_loses_nothing(
         "OperationalError" in str(line.get("error")) and line.get("exception") is None and line.get("job")
         for line in raised
     ), raised[:3]
+    # (The batch's write that waited: the outcome of the send, or the release of its untried rows.)
     waited = [line for line in errors if str(line.get("event")).startswith("database unavailable:")]
-    assert waited and {line.get("status") for line in waited} == {SENT}, waited
+    assert waited and {line.get("status") for line in waited} <= {SENT, None}, waited
     [held] = [e for e in slack.exchanges if e.held]
     assert kind_of(held) == "warning" and held.answered < downtime.ready, held
 

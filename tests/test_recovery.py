@@ -22,7 +22,7 @@ from bot.core.policy import Policy
 from bot.flow import staff
 from bot.flow.context import AppContext
 from bot.flow.delivery import customer_handlers
-from bot.flow.outbox import OWNER_TTL, OutboxMessage, OutboxSender
+from bot.flow.outbox import OWNER_TTL, STAFF_LANE, OutboxMessage, OutboxSender
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage.db import make_engine
@@ -122,7 +122,9 @@ def test_a_row_being_sent_is_left_to_its_sender(ctx: AppContext, clock: FakeCloc
     conversation_id = overdue_conversation(ctx, clock)
     sender = OutboxSender(ctx, {})
     while (batch := sender._claim(1)) and batch[0].kind not in LADDER:
-        sender._settle(batch[0], status="sent", result_text="ok")  # the card and the acknowledgement
+        sender._record(
+            [sender._outcome(batch[0], status="sent", result_text="ok")]
+        )  # the card and the acknowledgement
     assert batch and batch[0].kind == "warning"  # now `sending`
     act(ctx, lambda s: staff.mark_answered(s, ctx, conversation_id, "sam", clock.now()))
     assert ladder_statuses(ctx) == [("warning", SENDING), ("breach", RETIRED), ("escalation", RETIRED)]
@@ -182,6 +184,27 @@ def test_a_heartbeat_keeps_a_slow_send_its_own(ctx: AppContext, clock: FakeClock
     with ctx.sessions() as session:
         lease = session.get(Lease, slow.owner)
         assert lease is not None and lease.expires_at == clock.now() + OWNER_TTL
+
+
+def test_a_row_of_its_own_that_a_failed_write_left_sending_is_recovered_at_once(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """The sender lives on, but a write after the send gave up (the database stayed away longer
+    than the sender waits): the row must not wait for its own 5-minute lease."""
+    ingest(ctx, post("1", "refund my invoice"))
+    ingest(ctx, post("2", "where is my parcel", author="bo"))
+    sender = OutboxSender(ctx, {})
+    [ack] = sender._claim(1)
+    cards = sender._claim(10, lane=STAFF_LANE)
+    assert ack.kind == "ack" and [m.kind for m in cards] == ["card", "card"]
+    assert sender.recover() == 0  # in flight: its own, left alone
+    sender._forget([ack.id, cards[0].id])  # their outcome was never recorded
+    assert sender.recover() == 2
+    by_id = {row.id: row for row in outbox(ctx)}
+    assert by_id[cards[0].id].status == PENDING and by_id[cards[0].id].owner is None  # staff: again
+    assert by_id[ack.id].status == "unknown"  # customers: at most once, staff told at once
+    assert by_id[cards[1].id].status == SENDING  # still in flight
+    assert sender.recover() == 0
 
 
 # --------------------------------------------------------------------------------------------

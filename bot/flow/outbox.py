@@ -61,7 +61,7 @@ DEFAULT_LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
 MAX_BACKOFF = timedelta(minutes=30)
-# How long a sender waits for the database to record a send's outcome (see OutboxSender._settle).
+# How long a sender waits for the database to record a send's outcome (see OutboxSender._record).
 SETTLE_PATIENCE = timedelta(minutes=2)
 SETTLE_FIRST_PAUSE = 0.25  # seconds, doubling
 SETTLE_MAX_PAUSE = 5.0
@@ -74,14 +74,6 @@ RECOVER_INTERVAL = timedelta(seconds=2)
 FORGET_OWNER_AFTER = timedelta(hours=1)
 # Staff rows are claimed (and their outcomes recorded) up to this many per transaction; see send_due.
 STAFF_BATCH = 10
-# What a sender claims unless told otherwise: one staff row per claim until a batch survives a
-# database restart mid-batch (tests/test_neighbours.py, PostgreSQL restarted mid-run, left a
-# batch's rows `sending` until their lease ran out about one run in two).
-DEFAULT_STAFF_BATCH = 1
-# The send loop holds its own PostgreSQL connections (see loop_session). Off: after a database
-# restart mid-batch the held connections left the batch's rows `sending` until their lease ran out
-# (tests/test_neighbours.py, PostgreSQL restarted mid-run); sessions come from the pool instead.
-HOLD_CONNECTIONS = False
 # A claimed batch's rows not yet tried after this long go back to `pending`: a slow Slack must
 # not hold them (a breach that fell due meanwhile goes first), nor let their lease run out.
 BATCH_PATIENCE = timedelta(seconds=0.5)
@@ -169,6 +161,20 @@ def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Sessio
         raise
 
 
+def _dropping_held(action: Callable[[], T]) -> Callable[[], T]:
+    """`action`, giving up the send loop's own connections when the database fails it (the next
+    try gets a fresh connection from the pool, which pings)."""
+
+    def run() -> T:
+        try:
+            return action()
+        except (OperationalError, InterfaceError):
+            _drop_held()
+            raise
+
+    return run
+
+
 def _drop_held() -> None:
     """Give up the send loop's own connections (a database that went away broke them)."""
     held: _Held | None = getattr(_loop, "held", None)
@@ -242,7 +248,12 @@ def taken_over(outbox_ids: Iterable[int]) -> None:
     """
     taken: set[int] | None = getattr(_loop, "taken", None)
     if taken is not None:
-        taken.update(outbox_ids)
+        ids = set(outbox_ids)
+        taken.update(ids)
+        sender: OutboxSender | None = getattr(_loop, "sender", None)
+        if sender is not None:  # rows a handler claims for its send are in flight too
+            with sender._flight:
+                sender._in_flight.update(ids)
 
 
 def backoff(attempts: int) -> timedelta:
@@ -261,7 +272,7 @@ class OutboxSender:
         *,
         lease: timedelta = DEFAULT_LEASE,
         max_attempts: int = MAX_ATTEMPTS,
-        staff_batch: int = DEFAULT_STAFF_BATCH,
+        staff_batch: int = STAFF_BATCH,
     ) -> None:
         self.ctx = ctx
         self.handlers = dict(handlers)
@@ -275,6 +286,13 @@ class OutboxSender:
         self._sending = threading.Lock()
         self._stopping = threading.Event()
         self._lease_until: datetime | None = None  # this sender's lease, as last renewed here
+        # Rows this sender claimed and has not settled yet (its sends in flight). A row of its own
+        # left `sending` but not in here was abandoned (a failed write after the send: the outcome
+        # record gave up, a release met the database away) and recovery settles it within seconds,
+        # as it would a dead sender's, instead of waiting for the row's own lease.
+        self._in_flight: set[int] = set()
+        self._claiming: list[int] = []  # rows of the claim being committed
+        self._flight = threading.Lock()
 
     def recover(self, *, all_sending: bool = False) -> int:
         """Settle rows left `sending` by a sender that died.
@@ -305,11 +323,23 @@ class OutboxSender:
                         Outbox.lease_until < now,
                         and_(Outbox.owner.is_not(None), Outbox.owner != self.owner, ~live_owner),
                         Outbox.owner.in_(gone),
+                        Outbox.owner == self.owner,  # its own: those not in flight (below)
                     )
                 )
             if is_postgres(session):
                 query = query.with_for_update(skip_locked=True, of=Outbox)
             for row in session.scalars(query):
+                if (
+                    not all_sending
+                    and row.owner == self.owner
+                    and row.lease_until is not None
+                    and row.lease_until >= now
+                ):
+                    # Read after the row is locked (PostgreSQL) or the write lock taken (SQLite):
+                    # a send still in flight is in the set until its outcome is committed.
+                    with self._flight:
+                        if row.id in self._in_flight:
+                            continue
                 settled += 1
                 if row.kind in CUSTOMER_KINDS:
                     row.status = UNKNOWN
@@ -390,10 +420,8 @@ class OutboxSender:
         result = SendResult()
         if not self._sending.acquire(blocking=False):
             return result  # another thread of this process is sending; it takes these rows too
-        _loop.taken = set()
-        _loop.held = (
-            _Held.open(self.ctx.engine) if HOLD_CONNECTIONS and is_postgres(self.ctx.engine) else None
-        )
+        _loop.taken, _loop.sender = set(), self
+        _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
             done = 0
             # The two lanes take turns: customer messages go to another platform than staff
@@ -423,7 +451,7 @@ class OutboxSender:
                 if lane == STAFF_LANE or run >= CUSTOMER_TURN:
                     lane, run = (CUSTOMER_LANE if lane == STAFF_LANE else STAFF_LANE), 0
         finally:
-            held, _loop.held, _loop.taken = _loop.held, None, None
+            held, _loop.held, _loop.taken, _loop.sender = _loop.held, None, None, None
             if held is not None:
                 held.close()
             self._sending.release()
@@ -453,13 +481,34 @@ class OutboxSender:
                 if outcome is not None:
                     outcomes.append(outcome)
         finally:
-            self._record(outcomes)
+            try:
+                self._record(outcomes)
+            finally:
+                # Settled, released or handed over; whatever a failed write left `sending`,
+                # recovery now settles (see `recover`).
+                self._forget([m.id for m in claimed] + list(taken))
         return tried
+
+    def _forget(self, outbox_ids: Iterable[int]) -> None:
+        with self._flight:
+            self._in_flight.difference_update(outbox_ids)
 
     def _claim(self, limit: int, *, lane: str | None = None) -> list[OutboxMessage]:
         """Claim the most urgent due rows: the leading staff rows (up to `limit`), or one customer
         row; of one lane (`CUSTOMER_LANE` or `STAFF_LANE`), or of both (None)."""
         now = self.ctx.clock.now()
+        try:
+            return self._claim_now(now, limit, lane)
+        except BaseException:
+            # Not claimed, or (a commit cut off) claimed unbeknown: either way not in flight here,
+            # so recovery settles whatever may be `sending` (see `recover`).
+            with self._flight:
+                self._in_flight.difference_update(self._claiming)
+            raise
+        finally:
+            self._claiming = []
+
+    def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
         with loop_session(self.ctx) as session, session.begin():
             query = _claim_query(is_postgres(session), lane)
             rows = list(session.scalars(query, {"now": now, "limit": limit}))
@@ -483,6 +532,10 @@ class OutboxSender:
             ):
                 self._renew(session, now)
             if rows:
+                # In flight before the claim is committed: recovery must never see them as abandoned.
+                self._claiming = [row.id for row in rows]
+                with self._flight:
+                    self._in_flight.update(self._claiming)
                 # One UPDATE for the batch, not one per row (each is a round trip on PostgreSQL).
                 session.execute(
                     update(Outbox)
@@ -518,15 +571,28 @@ class OutboxSender:
         """Hand claimed staff rows that were not tried back to the queue, as they were."""
         if not messages:
             return
-        with loop_session(self.ctx) as session, session.begin():
-            relaxed_commit(session)
-            for message in messages:
-                session.execute(
-                    update(Outbox)
-                    .where(Outbox.id == message.id, Outbox.status == SENDING, Outbox.owner == self.owner)
-                    .values(status=PENDING, lease_until=None, owner=None, attempts=message.attempts - 1)
-                    .execution_options(synchronize_session=False)
-                )
+
+        def release() -> None:
+            with loop_session(self.ctx) as session, session.begin():
+                relaxed_commit(session)
+                for message in messages:
+                    session.execute(
+                        update(Outbox)
+                        .where(Outbox.id == message.id, Outbox.status == SENDING, Outbox.owner == self.owner)
+                        .values(status=PENDING, lease_until=None, owner=None, attempts=message.attempts - 1)
+                        .execution_options(synchronize_session=False)
+                    )
+
+        # Patiently, as an outcome: the database may be away (its rows would wait for recovery).
+        patiently(
+            _dropping_held(release),
+            "database unavailable: claimed rows not handed back yet, retrying",
+            {
+                "conversation_id": messages[0].conversation_id,
+                "outbox_id": messages[0].id,
+                "rows": len(messages),
+            },
+        )
 
     def _deliver(self, message: OutboxMessage, result: SendResult) -> _Outcome | None:
         """Hand `message` to its handler; its outcome, to record (customer rows: recorded already)."""
@@ -630,13 +696,6 @@ class OutboxSender:
         others = [o for o in outcomes if o.status != SENT]
 
         def record() -> None:
-            try:
-                _record_now()
-            except (OperationalError, InterfaceError):
-                _drop_held()  # the next try gets a fresh connection from the pool (it pings)
-                raise
-
-        def _record_now() -> None:
             with loop_session(self.ctx) as session, session.begin():
                 if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
                     relaxed_commit(session)
@@ -662,7 +721,7 @@ class OutboxSender:
 
         first = outcomes[0]
         patiently(
-            record,
+            _dropping_held(record),
             "database unavailable: outcome of a send not recorded yet, retrying",
             {
                 "conversation_id": first.message.conversation_id,
@@ -670,30 +729,6 @@ class OutboxSender:
                 "status": first.status,
                 "rows": len(outcomes),
             },
-        )
-
-    def _settle(
-        self,
-        message: OutboxMessage,
-        *,
-        status: str,
-        error: str | None = None,
-        result_text: str | None = None,
-        next_attempt_at: datetime | None = None,
-        attempts: int | None = None,
-    ) -> None:
-        """Record one send's outcome now."""
-        self._record(
-            [
-                self._outcome(
-                    message,
-                    status=status,
-                    error=error,
-                    result_text=result_text,
-                    next_attempt_at=next_attempt_at,
-                    attempts=attempts,
-                )
-            ]
         )
 
 
