@@ -511,7 +511,7 @@ class OutboxSender:
     def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
         with loop_session(self.ctx) as session, session.begin():
             query = _claim_query(is_postgres(session), lane)
-            rows = list(session.scalars(query, {"now": now, "limit": limit}))
+            rows = session.execute(query, {"now": now, "limit": limit}).all()
             if rows and rows[0].kind in CUSTOMER_KINDS:
                 rows = rows[:1]
             else:
@@ -809,7 +809,7 @@ def _on_relaxed_writer(session: Session) -> bool:
 
 
 @functools.cache
-def _claim_query(postgres: bool, lane: str | None = None) -> Select[Outbox]:
+def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     """The claim's SELECT, built once per lane (parameters ``now`` and ``limit``): rows of the
     customer's lane (`CUSTOMER_LANE`), of the staff's (`STAFF_LANE`), or both (None).
 
@@ -836,7 +836,16 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Outbox]:
         .correlate(Outbox)
     )
     query = (
-        select(Outbox)
+        # Plain columns, not entities: a claim needs no ORM objects (they cost CPU per row).
+        select(
+            Outbox.id,
+            Outbox.kind,
+            Outbox.conversation_id,
+            Outbox.payload,
+            Outbox.idempotency_key,
+            Outbox.attempts,
+            Outbox.urgency,
+        )
         .where(Outbox.status == _PENDING, Outbox.next_attempt_at <= bindparam("now"), ~waits)
         .order_by(Outbox.urgency, Outbox.next_attempt_at, Outbox.id)
         .limit(bindparam("limit"))

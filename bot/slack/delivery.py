@@ -41,7 +41,8 @@ import functools
 import http.client
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -51,6 +52,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
 from sqlalchemy import Select, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -785,11 +787,7 @@ class SlackDelivery:
                         },
                     ).first()
                     return found is not None
-        with loop_session(self.ctx) as session, session.begin():
-            relaxed_commit(session)  # a card lost with a database crash is posted again (at least once)
-            # Statements built once, run on the session's connection (no ORM layer: on a card
-            # per message, building and routing them cost more CPU than the writes).
-            connection = session.connection()
+        with self._card_writer() as connection:
             result = connection.execute(
                 _card_set_statement(replacing is not None),
                 {
@@ -812,7 +810,7 @@ class SlackDelivery:
                     },
                 )
             if settle_outbox_id is not None:
-                session.execute(
+                connection.execute(
                     update(Outbox)
                     .where(Outbox.id == settle_outbox_id, Outbox.status == SENDING)
                     .values(
@@ -822,9 +820,22 @@ class SlackDelivery:
                         lease_until=None,
                         last_error=None,
                     )
-                    .execution_options(synchronize_session=False)
                 )
         return stored
+
+    @contextmanager
+    def _card_writer(self) -> Iterator[Connection]:
+        """A connection in a transaction for a card's writes: statements built once, no ORM layer
+        (on a card per message, a session's bookkeeping cost more CPU than the writes). On
+        SQLite straight from the engine; on PostgreSQL the send loop's writer, commit relaxed (a
+        card lost with a database crash is posted again: at least once)."""
+        if not is_postgres(self.ctx.engine):
+            with self.ctx.engine.begin() as connection:
+                yield connection
+            return
+        with loop_session(self.ctx) as session, session.begin():
+            relaxed_commit(session)
+            yield session.connection()
 
     # ----------------------------------------------------------------------------------------
     # Storms
