@@ -128,24 +128,17 @@ def check_at_risk(ctx: AppContext, now: datetime) -> int:
                 "forecast_at": found.at.isoformat(),
                 "due_at": conversation.due_at.isoformat(),
             }
-            if repo.enqueue(
-                session=session,
-                kind="at_risk",
-                key=key,
-                payload=payload,
-                conversation_id=conversation.id,
-                now=now,
+            if _enqueue_audited(
+                session,
+                "at_risk",
+                key,
+                payload,
+                conversation.id,
+                now,
+                forecast_at=found.at.isoformat(),
+                ahead=found.ahead,
+                chance=round(found.chance, 2),
             ):
-                repo.record_event(
-                    session=session,
-                    at=now,
-                    actor="sweep",
-                    action="at_risk",
-                    conversation_id=conversation.id,
-                    forecast_at=found.at.isoformat(),
-                    ahead=found.ahead,
-                    chance=round(found.chance, 2),
-                )
                 notified += 1
     return notified
 
@@ -862,19 +855,29 @@ def _carry_out(
             conversation.owner = new_owner
         conversation.assigned_at = now
     key = step_key(conversation.id, conversation.cycle, step)
+    if _enqueue_audited(session, step.kind, key, payload, conversation.id, now, **_step_detail(step, now)):
+        _log_step(conversation.id, step)
+
+
+def _enqueue_audited(
+    session: Session,
+    kind: str,
+    key: str,
+    payload: dict[str, object],
+    conversation_id: int,
+    now: datetime,
+    **detail: object,
+) -> bool:
+    """Queue a notice of the sweep's (repo.enqueue) and, when it was new, audit it as the sweep's
+    `kind` action with `detail`; returns whether it was new."""
     written = repo.enqueue(
-        session=session, kind=step.kind, key=key, payload=payload, conversation_id=conversation.id, now=now
+        session=session, kind=kind, key=key, payload=payload, conversation_id=conversation_id, now=now
     )
     if written:
         repo.record_event(
-            session=session,
-            at=now,
-            actor="sweep",
-            action=step.kind,
-            conversation_id=conversation.id,
-            **_step_detail(step, now),
+            session=session, at=now, actor="sweep", action=kind, conversation_id=conversation_id, **detail
         )
-        _log_step(conversation.id, step)
+    return written
 
 
 def _owner_active_at(session: Session, conversation: Conversation) -> datetime | None:
