@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import text
+from sqlalchemy import Engine, Table, insert, text
 from sqlalchemy.engine import make_url
 
 from storage.db import make_engine
@@ -68,6 +70,52 @@ def scratch_directory(stack: ExitStack, prefix: str = "replyclock-bench-") -> Pa
 def sqlite_file(stack: ExitStack, prefix: str = "replyclock-bench-") -> str:
     """A URL for a new SQLite file in a scratch directory (removed on exit)."""
     return f"sqlite:///{scratch_directory(stack, prefix) / 'bench.db'}"
+
+
+def bulk_insert(
+    engine: Engine, table: Table, rows: Iterable[Mapping[str, Any]], *, chunk: int = 20_000
+) -> int:
+    """Write `rows` (each with every column of `table`) the fastest way each database takes them:
+    COPY on PostgreSQL (then the id sequence moved past the largest id), SQLAlchemy Core executemany
+    in chunks of `chunk` rows on SQLite; one transaction. Returns how many rows were written."""
+    columns = [column.name for column in table.columns]
+    iterator = iter(rows)
+    first = next(iterator, None)
+    if first is None:
+        return 0
+    if set(first) != set(columns):
+        raise ValueError(
+            f"rows for {table.name} differ from its columns in {sorted(set(columns) ^ set(first))}"
+        )
+    written = 0
+    if engine.dialect.name == "postgresql":
+        raw = engine.raw_connection()
+        try:
+            connection: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(table.name), sql.SQL(", ").join(sql.Identifier(name) for name in columns)
+            )
+            with connection.cursor() as cursor:
+                with cursor.copy(statement) as copy:
+                    for row in itertools.chain((first,), iterator):
+                        copy.write_row([row[name] for name in columns])
+                        written += 1
+                if "id" in columns:
+                    cursor.execute(
+                        sql.SQL(
+                            "SELECT setval(pg_get_serial_sequence({}, 'id'), (SELECT max(id) FROM {}))"
+                        ).format(sql.Literal(table.name), sql.Identifier(table.name))
+                    )
+            connection.commit()
+        finally:
+            raw.close()
+        return written
+    with engine.begin() as conn:
+        rest = itertools.chain((first,), iterator)
+        while batch := list(itertools.islice(rest, chunk)):
+            conn.execute(insert(table), batch)
+            written += len(batch)
+    return written
 
 
 def cpu_model() -> str:

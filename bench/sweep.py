@@ -77,11 +77,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import psycopg
-from psycopg import sql
 from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 
-from bench.common import cpu_model, postgres_schema, prepare_postgres, sqlite_file
+from bench.common import bulk_insert, cpu_model, postgres_schema, prepare_postgres, sqlite_file
 from bot.config import parse_policy
 from bot.core.clock import FakeClock
 from bot.core.ladder import LadderState, plan
@@ -246,51 +245,17 @@ class Seeder:
             yield self.row(index, rng, due=self.due_in_round(index) == 0)
 
 
-def chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def seed(ctx: AppContext, size: int) -> Seeder:
-    """One account and `size` open conversations, DUE of them due now."""
+    """One account and `size` open conversations, DUE of them due now (bench.common.bulk_insert:
+    COPY on PostgreSQL, executemany on SQLite)."""
     engine = ctx.engine
     with engine.begin() as conn:
         inserted = conn.execute(insert(ACCOUNTS).values(name="social", kind="demo")).inserted_primary_key
     if inserted is None:
         raise RuntimeError("no account id")
     seeder = Seeder(ctx, int(inserted[0]), size)
-    first = next(seeder.initial_rows())
-    assert set(first) == set(COLUMNS), set(COLUMNS) ^ set(first)
-    if engine.dialect.name == "postgresql":
-        _copy_postgres(engine, seeder.initial_rows(), size)
-    else:
-        with engine.begin() as conn:
-            for chunk in chunks(seeder.initial_rows(), CHUNK):
-                conn.execute(insert(CONVERSATIONS), chunk)
+    bulk_insert(engine, CONVERSATIONS, seeder.initial_rows(), chunk=CHUNK)
     return seeder
-
-
-def _copy_postgres(engine: Engine, rows: Iterator[Row], size: int) -> None:
-    raw = engine.raw_connection()
-    try:
-        connection: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
-        statement = sql.SQL("COPY conversations ({}) FROM STDIN").format(
-            sql.SQL(", ").join(sql.Identifier(name) for name in COLUMNS)
-        )
-        with connection.cursor() as cursor:
-            with cursor.copy(statement) as copy:
-                for row in rows:
-                    copy.write_row([row[name] for name in COLUMNS])
-            cursor.execute("SELECT setval(pg_get_serial_sequence('conversations', 'id'), %s)", (size,))
-        connection.commit()
-    finally:
-        raw.close()
 
 
 def make_due(seeder: Seeder, round_: int) -> None:
@@ -366,7 +331,7 @@ class Target:
 def seed_key(size: int) -> str:
     """The name of a reusable seeded SQLite file: what seeded it (code, policy, migrations) and its size."""
     digest = hashlib.sha256()
-    for part in (Seeder, seed, settle, deadline_for, plan):
+    for part in (Seeder, seed, bulk_insert, settle, deadline_for, plan):
         digest.update(inspect.getsource(part).encode())
     digest.update(POLICY_FILE.read_bytes())
     for migration in sorted((PROJECT_ROOT / "alembic" / "versions").glob("*.py")):
@@ -581,6 +546,17 @@ def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
+def print_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table: the first column left-aligned, the others right-aligned, two spaces between."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    for line in (header, *rows):
+        cells = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
 def print_table(targets: Sequence[Target]) -> None:
     header = (
         "database",
@@ -605,13 +581,7 @@ def print_table(targets: Sequence[Target]) -> None:
         )
         for t in targets
     ]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in (header, *rows):
-        cells = [
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
+    print_columns(header, rows)
 
 
 def print_wal(targets: Sequence[Target]) -> None:
@@ -638,13 +608,7 @@ def print_wal(targets: Sequence[Target]) -> None:
         return
     print()
     print("write-ahead log (checkpointed outside the timed sweep, as replyclock run does when idle):")
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in (header, *rows):
-        cells = [
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
+    print_columns(header, rows)
 
 
 def print_plans(plans: Plans) -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from difflib import get_close_matches
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from bot.core.clock import Clock, SystemClock
 
@@ -167,6 +167,20 @@ class ReplyOutcomeUnknown(ConnectorError):
     """The reply may or may not have been posted (5xx, timeout or a broken connection after sending)."""
 
     retryable = False
+
+
+class ConnectorOptions(TypedDict, total=False):
+    """The keywords every connector takes after its account name (see `Connector.__init__`).
+
+    A subclass takes them as ``**options: Unpack[ConnectorOptions]`` and passes them on, so
+    every connector is built the same way (bot.flow.channels) and none forgets one; its own
+    extras (an HTTP transport for tests, a demo script) come as keywords before them.
+    """
+
+    own_ids: tuple[str, ...]
+    settings: Mapping[str, Any] | None
+    environ: Mapping[str, str] | None
+    clock: Clock | None
 
 
 class Connector(ABC):

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 from atproto import Client, models  # type: ignore[import-untyped]
 from atproto_client.client.session import Session, SessionEvent  # type: ignore[import-untyped]
@@ -47,12 +47,12 @@ from atproto_client.exceptions import (  # type: ignore[import-untyped]
 )
 from atproto_client.request import Request  # type: ignore[import-untyped]
 
-from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
     Connector,
     ConnectorError,
+    ConnectorOptions,
     InboundPost,
     NotSent,
     RateLimited,
@@ -195,16 +195,8 @@ class BlueskyConnector(Connector):
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
     settings_label: ClassVar[str] = "Bluesky"
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
+    def __init__(self, name: str, **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(name, **options)
         s = self.settings
         handle = s.get("handle")
         if not isinstance(handle, str) or not _HANDLE.match(handle.lstrip("@")):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import Any, ClassVar
+from typing import ClassVar, Unpack
 
 from bot.core.clock import Clock
-from connectors.base import Batch, Connector, InboundPost, ReplyTarget
+from connectors.base import Batch, Connector, ConnectorOptions, InboundPost, ReplyTarget
 from connectors.mail import build_reply, parse_message, short_id
 
 
@@ -36,13 +36,11 @@ class DemoConnector(Connector):
         self,
         name: str,
         *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        clock: Clock | None = None,
         script: Sequence[ScriptedPost] = (),
         start: datetime | None = None,
+        **options: Unpack[ConnectorOptions],
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings, clock=clock)
+        super().__init__(name, **options)
         self.start = start or self.clock.now()
         self.script = sorted(script, key=lambda p: p.after)
         self.sent: list[tuple[ReplyTarget, str, str]] = []

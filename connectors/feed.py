@@ -36,13 +36,12 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import feedparser
 import httpx
 
-from bot.core.clock import Clock
 from bot.httputil import client as http_client
 from bot.httputil import retry_after
 from connectors.base import (
@@ -50,6 +49,7 @@ from connectors.base import (
     Batch,
     Connector,
     ConnectorError,
+    ConnectorOptions,
     InboundPost,
     NotSent,
     RateLimited,
@@ -113,20 +113,14 @@ class FeedConnector(Connector):
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS
 
     def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        clock: Clock | None = None,
-        transport: httpx.BaseTransport | None = None,
+        self, name: str, *, transport: httpx.BaseTransport | None = None, **options: Unpack[ConnectorOptions]
     ) -> None:
         """Check the settings.
 
         Raises:
             ValueError: a setting is missing or malformed.
         """
-        super().__init__(name, own_ids=own_ids, settings=settings, clock=clock)
+        super().__init__(name, **options)
         url = self.settings.get("url")
         if not isinstance(url, str) or urlsplit(url.strip()).scheme not in ("http", "https"):
             raise ValueError("setting 'url' is required: the feed's http(s) address")

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 from imap_tools import MailBox, MailBoxStartTls
 from imap_tools.errors import ImapToolsError, MailboxLoginError
@@ -68,12 +68,12 @@ from imap_tools.mailbox import BaseMailBox
 from imap_tools.message import MailMessage
 from mailparser_reply import EmailReplyParser  # type: ignore[import-untyped]
 
-from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
     Connector,
     ConnectorError,
+    ConnectorOptions,
     InboundPost,
     NotSent,
     ReplyAuthFailed,
@@ -537,16 +537,8 @@ class EmailConnector(Connector):
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
     settings_label: ClassVar[str] = "e-mail"
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
+    def __init__(self, name: str, **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(name, **options)
         s = self.settings
         address = s.get("address")
         if not isinstance(address, str) or not _ADDRESS.match(address.strip()):

@@ -29,7 +29,7 @@ import re
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import urlsplit
 
 import requests
@@ -43,13 +43,13 @@ from mastodon import (
     MastodonUnauthorizedError,
 )
 
-from bot.core.clock import Clock
 from bot.httputil import http_date, retry_after
 from connectors.base import (
     AuthFailed,
     Batch,
     Connector,
     ConnectorError,
+    ConnectorOptions,
     InboundPost,
     NotSent,
     RateLimited,
@@ -89,21 +89,14 @@ class MastodonConnector(Connector):
     settings_label: ClassVar[str] = "Mastodon"
 
     def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-        session: requests.Session | None = None,
+        self, name: str, *, session: requests.Session | None = None, **options: Unpack[ConnectorOptions]
     ) -> None:
         """Check the settings and build the client (no network call yet).
 
         Raises:
             ValueError: a setting is missing or malformed, or the token variable is unset.
         """
-        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
+        super().__init__(name, **options)
         api_base_url = self.settings.get("api_base_url")
         if not isinstance(api_base_url, str) or not api_base_url.strip():
             raise ValueError(

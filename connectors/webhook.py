@@ -29,7 +29,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Unpack
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +37,16 @@ from standardwebhooks.webhooks import Webhook
 
 from bot.httputil import client as http_client
 from bot.httputil import retry_after
-from connectors.base import Batch, Connector, ConnectorError, InboundPost, NotSent, RateLimited, ReplyTarget
+from connectors.base import (
+    Batch,
+    Connector,
+    ConnectorError,
+    ConnectorOptions,
+    InboundPost,
+    NotSent,
+    RateLimited,
+    ReplyTarget,
+)
 
 SIGNATURE_HEADER = "X-Replyclock-Signature"
 SIGNATURE_PREFIX = "sha256="
@@ -318,15 +327,9 @@ class WebhookConnector(Connector):
     push: ClassVar[bool] = True
 
     def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
+        self, name: str, *, transport: httpx.BaseTransport | None = None, **options: Unpack[ConnectorOptions]
     ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ)
+        super().__init__(name, **options)
         secret_env = self.env_name_setting("secret_env", default_secret_env(name))
         secret = self.environ.get(secret_env, "")
         if not secret:
@@ -412,7 +415,7 @@ class WebhookConnector(Connector):
             },
             ensure_ascii=False,
         ).encode("utf-8")
-        headers = {"Content-Type": "application/json", **self.signed_headers(body)}
+        headers = {"Content-Type": "application/json", **self.signed_headers(body, self.clock.now())}
         try:
             with http_client(timeout=self.reply_timeout, transport=self._transport) as client:
                 response = client.post(self.reply_url, content=body, headers=headers)
@@ -421,7 +424,7 @@ class WebhookConnector(Connector):
             raise NotSent(f"reply endpoint unreachable: {type(error).__name__}") from error
         status = response.status_code
         if status == 429:
-            now = datetime.now(UTC)
+            now = self.clock.now()
             wait = retry_after(
                 response.headers.get("Retry-After"), now=now, date=response.headers.get("Date")
             )

@@ -47,19 +47,19 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import requests
 import tweepy
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from bot.core.clock import Clock
 from connectors.base import (
     AuthFailed,
     Batch,
     Connector,
     ConnectorError,
+    ConnectorOptions,
     InboundPost,
     NotSent,
     RateLimited,
@@ -452,16 +452,8 @@ class XConnector(Connector):
     settings_keys: ClassVar[tuple[str, ...] | None] = SETTINGS_KEYS
     settings_label: ClassVar[str] = "X"
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        own_ids: tuple[str, ...] = (),
-        settings: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__(name, own_ids=own_ids, settings=settings, environ=environ, clock=clock)
+    def __init__(self, name: str, **options: Unpack[ConnectorOptions]) -> None:
+        super().__init__(name, **options)
         raw_user = self.settings.get("user_id")
         if raw_user is None or isinstance(raw_user, bool):
             raise ValueError("setting user_id is required: the numeric user id of our X account")

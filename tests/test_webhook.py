@@ -33,6 +33,7 @@ from starlette.routing import Route
 import bot.flow.channels
 import bot.web
 from bot.config import parse_policy
+from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.web import MAX_BODY_BYTES, create_app, serve_in_thread
@@ -457,6 +458,37 @@ def test_reply_outcomes(response: httpx.Response, error: type[Exception]) -> Non
     assert isinstance(caught.value, NotSent | RateLimited) == (error in (NotSent, RateLimited))
     if isinstance(caught.value, RateLimited):
         assert caught.value.reset_at > datetime.now(UTC) + timedelta(seconds=25)
+
+
+def test_a_reply_is_signed_and_parked_by_the_connectors_clock() -> None:
+    """Like every connector, the webhook one takes `clock` (connectors.base.ConnectorOptions): its
+    replies are stamped, and a 429 parks it, by that clock, not by the machine's."""
+    clock = FakeClock(MONDAY)
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return (
+            httpx.Response(429, headers={"Retry-After": "30"})
+            if len(seen) > 1
+            else httpx.Response(201, json={"id": 7})
+        )
+
+    connector = WebhookConnector(
+        "shop",
+        settings={"reply_url": "https://shop.example/replies"},
+        environ=ENVIRON,
+        clock=clock,
+        transport=httpx.MockTransport(handler),
+    )
+    assert connector.reply(TARGET, "hi") == "7"
+    assert seen[0].headers["webhook-timestamp"] == str(int(MONDAY.timestamp()))
+    assert (
+        connector.verify_standard(seen[0].content, seen[0].headers, MONDAY) == seen[0].headers["webhook-id"]
+    )
+    with pytest.raises(RateLimited) as caught:
+        connector.reply(TARGET, "hi again")
+    assert caught.value.reset_at == MONDAY + timedelta(seconds=30)
 
 
 def test_reply_network_errors() -> None:

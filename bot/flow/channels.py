@@ -73,7 +73,10 @@ def named_secrets(policy: Policy, environ: Mapping[str, str]) -> list[str]:
 
 def _construct(cls: type[Connector], account: Account, environ: Mapping[str, str]) -> Connector:
     kwargs: dict[str, object] = {"own_ids": account.own_ids, "settings": account.settings}
-    if "environ" in inspect.signature(cls.__init__).parameters:
+    # Every built-in connector takes environ (connectors.base.ConnectorOptions); a plug-in's
+    # constructor may not.
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if any(p.name == "environ" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         kwargs["environ"] = environ
     return cls(account.name, **kwargs)  # type: ignore[arg-type]
 

@@ -375,6 +375,45 @@ def _card_update(
     )
 
 
+def _changed(
+    session: Session,
+    conversation: Conversation,
+    now: datetime,
+    *,
+    actor: str,
+    action: str,
+    card: Mapping[str, object] | None = None,
+    **detail: Any,
+) -> None:
+    """What every state change ends with: its audit event (`action` by `actor`, with `detail`) and
+    the card's refresh (reason `action`, with `card` in its payload)."""
+    repo.record_event(
+        session=session, at=now, actor=actor, action=action, conversation_id=conversation.id, **detail
+    )
+    _card_update(session, conversation, action, now, **(card or {}))
+
+
+def _mark_closed(conversation: Conversation, reason: str, now: datetime) -> str:
+    """Close the conversation (by staff or after a silent customer); returns the status it had."""
+    was = conversation.status
+    conversation.status = CLOSED
+    conversation.closed_at = now
+    conversation.close_reason = reason[:CLOSE_REASON_MAX]
+    conversation.next_action_at = None
+    return was
+
+
+def _retire_closed(session: Session, conversation: Conversation, now: datetime) -> None:
+    """A closed conversation's unsent ladder and resolution notices are retired (audited)."""
+    repo.retire_ladder(
+        session=session,
+        conversation_ids=[conversation.id],
+        reason="closed first",
+        now=now,
+        kinds=LADDER_KINDS | RESOLUTION_KINDS,
+    )
+
+
 def _restart_offer(ctx: AppContext, session: Session, conversation: Conversation, now: datetime) -> None:
     """An unclaimed owner gets a fresh claim_within window; make sure the sweep looks then."""
     conversation.assigned_at = now
@@ -446,9 +485,6 @@ def claim(
         if conversation is None:
             raise NotFound(f"Conversation #{conversation_id} does not exist.")
         if won:
-            repo.record_event(
-                session=session, at=now, actor=expert_id, action="claimed", conversation_id=conversation_id
-            )
             silence = conversations.policy_of(session, ctx, conversation).reassign_if_silent
             if silence is not None:
                 # The sweep must look when the owner's silence would run out (reassign_if_silent),
@@ -457,7 +493,9 @@ def claim(
                 if conversation.next_action_at is None or conversation.next_action_at > check_at:
                     conversation.next_action_at = check_at
             _look_at_shift_end(ctx, conversation, now)
-            _card_update(session, conversation, "claimed", now, claimed_by=expert_id)
+            _changed(
+                session, conversation, now, actor=expert_id, action="claimed", card={"claimed_by": expert_id}
+            )
         return ClaimResult(
             won=won,
             conversation_id=conversation_id,
@@ -486,10 +524,7 @@ def unclaim(session: Session, ctx: AppContext, conversation_id: int, expert_id: 
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
         _look_at_shift_end(ctx, conversation, now)
-        repo.record_event(
-            session=session, at=now, actor=expert_id, action="unclaimed", conversation_id=conversation_id
-        )
-        _card_update(session, conversation, "unclaimed", now)
+        _changed(session, conversation, now, actor=expert_id, action="unclaimed")
 
 
 def reassign(
@@ -515,16 +550,16 @@ def reassign(
         conversation.claimed_at = None
         _restart_offer(ctx, session, conversation, now)
         _look_at_shift_end(ctx, conversation, now)
-        repo.record_event(
-            session=session,
-            at=now,
+        _changed(
+            session,
+            conversation,
+            now,
             actor=expert_id,
             action="reassigned",
-            conversation_id=conversation_id,
+            card={"owner": to_expert, "previous_owner": previous},
             previous_owner=previous,
             owner=to_expert,
         )
-        _card_update(session, conversation, "reassigned", now, owner=to_expert, previous_owner=previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,16 +609,16 @@ def snooze(
             raise InvalidState(f"This conversation is {conversation.status}: there is nothing to snooze.")
         previous = conversation.next_action_at
         conversation.next_action_at = until
-        repo.record_event(
-            session=session,
-            at=now,
+        _changed(
+            session,
+            conversation,
+            now,
             actor=expert_id,
             action="snoozed",
-            conversation_id=conversation_id,
+            card={"until": until.isoformat()},
             until=until.isoformat(),
             previous_next_action_at=previous.isoformat() if previous else None,
         )
-        _card_update(session, conversation, "snoozed", now, until=until.isoformat())
 
 
 def wait_on_customer(
@@ -606,15 +641,14 @@ def wait_on_customer(
         conversation.waiting_since = now
         close_at = now + sla.close_after_silence if sla.close_after_silence is not None else None
         conversation.next_action_at = close_at
-        repo.record_event(
-            session=session,
-            at=now,
+        _changed(
+            session,
+            conversation,
+            now,
             actor=expert_id,
             action="waiting",
-            conversation_id=conversation_id,
             close_at=close_at.isoformat() if close_at else None,
         )
-        _card_update(session, conversation, "waiting", now)
         return close_at
 
 
@@ -629,31 +663,21 @@ def close_silent(session: Session, ctx: AppContext, conversation: Conversation, 
     if now < since + sla.close_after_silence:
         conversation.next_action_at = since + sla.close_after_silence
         return False
-    was = conversation.status
-    conversation.status = CLOSED
-    conversation.closed_at = now
-    conversation.close_reason = f"no word from the customer for {format_duration(sla.close_after_silence)}"[
-        :CLOSE_REASON_MAX
-    ]
-    conversation.next_action_at = None
-    repo.retire_ladder(
-        session=session,
-        conversation_ids=[conversation.id],
-        reason="closed first",
-        now=now,
-        kinds=LADDER_KINDS | RESOLUTION_KINDS,
+    was = _mark_closed(
+        conversation, f"no word from the customer for {format_duration(sla.close_after_silence)}", now
     )
-    repo.record_event(
-        session=session,
-        at=now,
+    _retire_closed(session, conversation, now)
+    _changed(
+        session,
+        conversation,
+        now,
         actor="sweep",
         action="closed",
-        conversation_id=conversation.id,
+        card={"close_reason": conversation.close_reason},
         reason=conversation.close_reason,
         was=was,
         waiting_since=since.isoformat(),
     )
-    _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
     return True
 
 
@@ -689,28 +713,20 @@ def close(
             raise InvalidState("Say why it is closed.")
         if conversation.status == CLOSED:
             raise InvalidState("This conversation is already closed.")
-        was = conversation.status
-        conversation.status = CLOSED
-        conversation.closed_at = now
-        conversation.close_reason = reason[:CLOSE_REASON_MAX]
-        conversation.next_action_at = None
-        repo.record_event(
-            session=session,
-            at=now,
+        was = _mark_closed(conversation, reason, now)
+        _changed(
+            session,
+            conversation,
+            now,
             actor=expert_id,
             action="closed",
-            conversation_id=conversation_id,
+            card={"close_reason": conversation.close_reason},
             reason=conversation.close_reason,
             was=was,
         )
-        repo.retire_ladder(
-            session=session,
-            conversation_ids=[conversation_id],
-            reason="closed first",
-            now=now,
-            kinds=LADDER_KINDS | RESOLUTION_KINDS,
-        )
-        _card_update(session, conversation, "closed", now, close_reason=conversation.close_reason)
+        # After the card: the same rows as retiring first (the card is no ladder row) and the
+        # audit trail in the same order (closed, then ladder_retired).
+        _retire_closed(session, conversation, now)
 
 
 # --------------------------------------------------------------------------------------------

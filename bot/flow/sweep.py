@@ -22,11 +22,18 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from bot.core.ladder import LadderState, Plan, ResolutionPlan, Step, plan, resolution_plan, step_key
 from bot.core.policy import SlaPolicy
-from bot.core.routing import choose_owner
+from bot.core.routing import OwnerChoice, choose_owner
 from bot.core.sla import Deadline, add_on_clock, elapsed
 from bot.flow import staff
 from bot.flow.context import AppContext
-from bot.flow.conversations import current_deadline, deadline_for, owner_hours, owner_shift_end, policy_of
+from bot.flow.conversations import (
+    OwnerHours,
+    current_deadline,
+    deadline_for,
+    owner_hours,
+    owner_shift_end,
+    policy_of,
+)
 from storage import repo
 from storage.db import is_postgres
 from storage.models import (
@@ -121,24 +128,17 @@ def check_at_risk(ctx: AppContext, now: datetime) -> int:
                 "forecast_at": found.at.isoformat(),
                 "due_at": conversation.due_at.isoformat(),
             }
-            if repo.enqueue(
-                session=session,
-                kind="at_risk",
-                key=key,
-                payload=payload,
-                conversation_id=conversation.id,
-                now=now,
+            if _enqueue_audited(
+                session,
+                "at_risk",
+                key,
+                payload,
+                conversation.id,
+                now,
+                forecast_at=found.at.isoformat(),
+                ahead=found.ahead,
+                chance=round(found.chance, 2),
             ):
-                repo.record_event(
-                    session=session,
-                    at=now,
-                    actor="sweep",
-                    action="at_risk",
-                    conversation_id=conversation.id,
-                    forecast_at=found.at.isoformat(),
-                    ahead=found.ahead,
-                    chance=round(found.chance, 2),
-                )
                 notified += 1
     return notified
 
@@ -169,20 +169,6 @@ _CLAIMED = (
     Conversation.resolution_due_at,
     Conversation.resolution_warnings_sent,
     Conversation.resolution_breach_sent,
-)
-# The columns a ladder step may change (all written together, so executemany sees one shape).
-_LADDER_COLUMNS = (
-    "owner",
-    "assigned_at",
-    "warnings_sent",
-    "escalation_step",
-    "nag_level",
-    "reassignments",
-    "breach_cycle",
-    "breached_at",
-    "resolution_warnings_sent",
-    "resolution_breach_sent",
-    "next_action_at",
 )
 
 
@@ -323,118 +309,221 @@ def _decide(
 ) -> _Decision:
     """What apply_ladder would do to one conversation, computed without writing anything."""
     sla = cache.policy(session, row)
-    hours = owner_hours(ctx, row.owner)
-    breached = row.breach_cycle == row.cycle
+    deadline = cache.deadline(sla, row.team, row.cycle_started_at, row.cycle) if row.status == OPEN else None
+    ladders = _plan_ladders(ctx, sla, row, deadline, owner_hours(ctx, row.owner), now)
+    owner: str | None = row.owner
+    assigned_at: datetime | None = row.assigned_at
+    payloads: list[dict[str, object]] = []
+    for step in ladders.steps:
+        payload = _step_payload(ctx, row.id, row.team, step, owner, row.resolution_due_at)
+        if step.kind == "reassign":
+            new_owner = _reassign(
+                ctx,
+                payload,
+                row.team,
+                owner,
+                now,
+                load=batch.load_of(session, row.team),
+                away=batch.away_experts(session, now),
+            )
+            if new_owner is not None:
+                batch.moved(row.team, owner, new_owner)
+                owner = new_owner
+            assigned_at = now
+        payloads.append(payload)
+    columns = _response_columns(row, ladders)
+    if ladders.resolution is not None:
+        columns.update(_resolution_columns(ladders.resolution, ladders.response.next_action_at))
+    values: dict[str, object] = {"owner": owner, "assigned_at": assigned_at, **columns}
+    return _Decision(row, ladders.steps, payloads, values)
+
+
+# --- the planner both paths share: what the ladders decide, a step's payload and audit detail ----
+
+
+@dataclass(frozen=True)
+class _Ladders:
+    """Both ladders' decision for one conversation at a moment: nothing written yet."""
+
+    response: Plan  # the response ladder (no steps for an answered conversation)
+    resolution: ResolutionPlan | None  # None: no resolution target
+    breached_before: bool  # the current cycle had breached before this sweep
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The steps due now, response ladder first, in the order they are carried out."""
+        if self.resolution is None:
+            return self.response.steps
+        return self.response.steps + self.resolution.steps
+
+
+def _plan_ladders(
+    ctx: AppContext,
+    sla: SlaPolicy,
+    conversation: Row[Any] | Conversation,
+    deadline: Deadline | None,
+    hours: OwnerHours,
+    now: datetime,
+    *,
+    owner_active_at: datetime | None = None,
+) -> _Ladders:
+    """Plan a claimed conversation's ladders: the response ladder while it is open (`deadline`
+    is its current cycle's), the resolution ladder while its resolution clock runs.
+
+    `conversation` is a claimed row (the set-wise path) or the ORM object (one at a time); only
+    the columns in _CLAIMED are read. `owner_active_at` is for reassign_if_silent (the
+    one-at-a-time path reads it when the policy has it)."""
+    breached = conversation.breach_cycle == conversation.cycle
     state = LadderState(
-        warnings_sent=row.warnings_sent,
+        warnings_sent=conversation.warnings_sent,
         breached=breached,
-        escalation_step=row.escalation_step,
-        nag_level=row.nag_level,
-        reassignments=row.reassignments,
-        assigned_at=row.assigned_at,
-        claimed=row.claimed_by is not None,
+        escalation_step=conversation.escalation_step,
+        nag_level=conversation.nag_level,
+        reassignments=conversation.reassignments,
+        assigned_at=conversation.assigned_at,
+        claimed=conversation.claimed_by is not None,
+        owner_active_at=owner_active_at,
     )
-    if row.status == OPEN:
-        deadline = cache.deadline(sla, row.team, row.cycle_started_at, row.cycle)
-        decided: Plan = plan(
+    if conversation.status == OPEN:
+        assert deadline is not None
+        response = plan(
             policy=sla,
-            due_at=row.due_at,
-            warn_at=deadline.warn_at if deadline.due_at == row.due_at else (),
+            due_at=conversation.due_at,
+            warn_at=deadline.warn_at if deadline.due_at == conversation.due_at else (),
             state=state,
             now=now,
             owner_on_duty=hours.on_duty,
             owner_next_on_duty=hours.next_on_duty,
+            # Only reassign_if_silent counts in the claiming owner's working hours.
+            owner_working_time_after=owner_hours(ctx, conversation.claimed_by).working_time_after
+            if sla.reassign_if_silent is not None
+            else None,
         )
     else:  # answered: only the resolution ladder is left
-        decided = Plan((), state, None)
+        response = Plan((), state, None)
     resolution = _resolution(
         ctx,
         sla,
-        row.team,
-        due_at=row.resolution_due_at,
-        warnings_sent=row.resolution_warnings_sent,
-        breach_sent=row.resolution_breach_sent,
+        conversation.team,
+        due_at=conversation.resolution_due_at,
+        warnings_sent=conversation.resolution_warnings_sent,
+        breach_sent=conversation.resolution_breach_sent,
         now=now,
     )
-    current_owner: str | None = row.owner
-    assigned_at: datetime | None = row.assigned_at
-    payloads: list[dict[str, object]] = []
-    for step in decided.steps:
-        payload: dict[str, object] = {
-            "conversation_id": row.id,
-            "step": step.kind,
-            "index": step.index,
-            "notify": step.notify,
-            "scheduled_at": step.scheduled_at.isoformat(),
-            "owner": current_owner,
-        }
-        if step.kind == "reassign":
-            previous = current_owner
-            choice = choose_owner(
-                ctx.policy,
-                team=row.team,
-                topics=(),
-                at=now,
-                load=batch.load_of(session, row.team),
-                last_assigned=previous,
-                exclude=batch.away_experts(session, now) | ({previous} if previous else set()),
-            )
-            if choice.expert_id is not None and choice.expert_id != previous:
-                batch.moved(row.team, previous, choice.expert_id)
-                current_owner = choice.expert_id
-                assigned_at = now
-                payload.update(owner=choice.expert_id, previous_owner=previous)
-            else:
-                assigned_at = now
-                payload.update(owner=previous, previous_owner=previous, note="no other expert on duty")
-        if step.kind == "escalation" and step.notify == "manager":
-            payload["manager"] = ctx.policy.teams[row.team].manager
-        if step.kind == "escalation" and step.notify == "on_call":
-            payload["on_call"] = ctx.policy.teams[row.team].on_call
-        payloads.append(payload)
-    steps = decided.steps
-    if resolution is not None:
-        steps += resolution.steps
-        payloads.extend(
-            _resolution_payload(row.id, step, current_owner, row.resolution_due_at)
-            for step in resolution.steps
-        )
-    values: dict[str, object] = {
-        "owner": current_owner,
-        "assigned_at": assigned_at,
-        "warnings_sent": decided.state.warnings_sent,
-        "escalation_step": decided.state.escalation_step,
-        "nag_level": decided.state.nag_level,
-        "reassignments": decided.state.reassignments,
-        "breach_cycle": row.breach_cycle,
-        "breached_at": row.breached_at,
-        "resolution_warnings_sent": row.resolution_warnings_sent,
-        "resolution_breach_sent": row.resolution_breach_sent,
-        "next_action_at": decided.next_action_at,
-    }
-    if decided.state.breached and not breached:
-        values["breach_cycle"] = row.cycle
-        if row.breached_at is None:
-            values["breached_at"] = row.due_at
-    if resolution is not None:
-        values["resolution_warnings_sent"] = resolution.warnings_sent
-        values["resolution_breach_sent"] = resolution.breach_sent
-        values["next_action_at"] = _earliest(decided.next_action_at, resolution.next_action_at)
-    return _Decision(row, steps, payloads, values)
+    return _Ladders(response, resolution, breached)
 
 
-def _resolution_payload(
-    conversation_id: int, step: Step, owner: str | None, due_at: datetime | None
+def _response_columns(
+    conversation: Row[Any] | Conversation, ladders: _Ladders, *also_next: datetime | None
 ) -> dict[str, object]:
+    """The response ladder's columns after its steps (owner and assigned_at aside: reassignments
+    move those as they are carried out); next_action_at also no later than any of `also_next`."""
+    state = ladders.response.state
+    columns: dict[str, object] = {
+        "warnings_sent": state.warnings_sent,
+        "escalation_step": state.escalation_step,
+        "nag_level": state.nag_level,
+        "reassignments": state.reassignments,
+    }
+    if state.breached and not ladders.breached_before:
+        columns["breach_cycle"] = conversation.cycle
+        if conversation.breached_at is None:
+            columns["breached_at"] = conversation.due_at
+    columns["next_action_at"] = _earliest(ladders.response.next_action_at, *also_next)
+    return columns
+
+
+def _resolution_columns(resolution: ResolutionPlan, next_action_at: datetime | None) -> dict[str, object]:
+    """The resolution ladder's columns after its steps; next_action_at the earlier of both ladders'."""
     return {
+        "resolution_warnings_sent": resolution.warnings_sent,
+        "resolution_breach_sent": resolution.breach_sent,
+        "next_action_at": _earliest(next_action_at, resolution.next_action_at),
+    }
+
+
+def _step_payload(
+    ctx: AppContext,
+    conversation_id: int,
+    team: str,
+    step: Step,
+    owner: str | None,
+    resolution_due_at: datetime | None,
+) -> dict[str, object]:
+    """A ladder step's outbox payload (a reassignment's new owner is filled in by _reassign)."""
+    payload: dict[str, object] = {
         "conversation_id": conversation_id,
         "step": step.kind,
         "index": step.index,
         "notify": step.notify,
         "scheduled_at": step.scheduled_at.isoformat(),
         "owner": owner,
-        "resolution_due_at": due_at.isoformat() if due_at is not None else None,
     }
+    if step.kind.startswith("resolution_"):
+        payload["resolution_due_at"] = (
+            resolution_due_at.isoformat() if resolution_due_at is not None else None
+        )
+    if step.kind == "escalation" and step.notify == "manager":
+        payload["manager"] = ctx.policy.teams[team].manager
+    if step.kind == "escalation" and step.notify == "on_call":
+        payload["on_call"] = ctx.policy.teams[team].on_call
+    return payload
+
+
+def _choose_other(
+    ctx: AppContext,
+    team: str,
+    previous: str | None,
+    now: datetime,
+    *,
+    load: dict[str, int],
+    away: frozenset[str],
+) -> OwnerChoice:
+    """Who of the team should take a conversation from `previous` (never them, nor anyone away)."""
+    return choose_owner(
+        ctx.policy,
+        team=team,
+        topics=(),
+        at=now,
+        load=load,
+        last_assigned=previous,
+        exclude=away | ({previous} if previous else set()),
+    )
+
+
+def _reassign(
+    ctx: AppContext,
+    payload: dict[str, object],
+    team: str,
+    previous: str | None,
+    now: datetime,
+    *,
+    load: dict[str, int],
+    away: frozenset[str],
+) -> str | None:
+    """A reassign step: the new owner (None: nobody else is on duty, it stays), said in `payload`."""
+    choice = _choose_other(ctx, team, previous, now, load=load, away=away)
+    if choice.expert_id is not None and choice.expert_id != previous:
+        payload.update(owner=choice.expert_id, previous_owner=previous)
+        return choice.expert_id
+    payload.update(owner=previous, previous_owner=previous, note="no other expert on duty")
+    return None
+
+
+def _step_detail(step: Step, now: datetime) -> dict[str, object]:
+    """The audit event's detail of a ladder step written at `now`."""
+    return {
+        "index": step.index,
+        "notify": step.notify,
+        "scheduled_at": step.scheduled_at.isoformat(),
+        "lateness_seconds": (now - step.scheduled_at).total_seconds(),
+    }
+
+
+def _log_step(conversation_id: int, step: Step) -> None:
+    log.info(
+        "ladder step", extra={"conversation_id": conversation_id, "step": step.kind, "index": step.index}
+    )
 
 
 def _process_batch(
@@ -573,18 +662,10 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
                 "at": now,
                 "actor": "sweep",
                 "action": step.kind,
-                "detail": {
-                    "index": step.index,
-                    "notify": step.notify,
-                    "scheduled_at": step.scheduled_at.isoformat(),
-                    "lateness_seconds": (now - step.scheduled_at).total_seconds(),
-                },
+                "detail": _step_detail(step, now),
             }
         )
-        log.info(
-            "ladder step",
-            extra={"conversation_id": decision.row.id, "step": step.kind, "index": step.index},
-        )
+        _log_step(decision.row.id, step)
     if events:
         session.execute(insert(EVENTS), events)
     # One pending nag per conversation: a nag written retires the older unsent ones (repo.enqueue).
@@ -657,94 +738,60 @@ def apply_ladder(
 
     An open conversation climbs its response ladder (and, on a follow-the-sun team, is handed
     over when its owner's day ends before the deadline); with a resolution target, open or
-    answered, it also climbs the resolution ladder."""
+    answered, it also climbs the resolution ladder. Planned as the set-wise path plans
+    (_plan_ladders), written step by step through the ORM."""
     sla = policy_of(session, ctx, conversation)
     hours = owner_hours(ctx, conversation.owner)
-    state = LadderState(
-        warnings_sent=conversation.warnings_sent,
-        breached=conversation.breach_cycle == conversation.cycle,
-        escalation_step=conversation.escalation_step,
-        nag_level=conversation.nag_level,
-        reassignments=conversation.reassignments,
-        assigned_at=conversation.assigned_at,
-        claimed=conversation.claimed_by is not None,
+    is_open = conversation.status == OPEN
+    ladders = _plan_ladders(
+        ctx,
+        sla,
+        conversation,
+        current_deadline(session, ctx, conversation) if is_open else None,
+        hours,
+        now,
         owner_active_at=_owner_active_at(session, conversation)
         if sla.reassign_if_silent is not None
         else None,
     )
-    is_open = conversation.status == OPEN
-    if is_open:
-        deadline = current_deadline(session, ctx, conversation)
-        decided: Plan = plan(
-            policy=sla,
-            due_at=conversation.due_at,
-            warn_at=deadline.warn_at if deadline.due_at == conversation.due_at else (),
-            state=state,
-            now=now,
-            owner_on_duty=hours.on_duty,
-            owner_next_on_duty=hours.next_on_duty,
-            owner_working_time_after=owner_hours(ctx, conversation.claimed_by).working_time_after,
-        )
-    else:  # answered: only the resolution ladder is left
-        decided = Plan((), state, None)
-    for step in decided.steps:
+    for step in ladders.response.steps:
         _carry_out(session, ctx, conversation, step, now)
     team = ctx.policy.teams.get(conversation.team)
     follow_the_sun = team is not None and team.follow_the_sun and is_open
     if (
         follow_the_sun
         and hours.calendar is not None
-        and not any(step.kind == "reassign" for step in decided.steps)
+        and not any(step.kind == "reassign" for step in ladders.response.steps)
     ):
         back = hours.next_on_duty(now)
         if not hours.on_duty(now) and (back is None or back > conversation.due_at):
             _hand_over(session, ctx, conversation, now)
-    conversation.warnings_sent = decided.state.warnings_sent
-    conversation.escalation_step = decided.state.escalation_step
-    conversation.nag_level = decided.state.nag_level
-    conversation.reassignments = decided.state.reassignments
-    if decided.state.breached and not state.breached:
-        conversation.breach_cycle = conversation.cycle
-        if conversation.breached_at is None:
-            conversation.breached_at = conversation.due_at
-    conversation.next_action_at = decided.next_action_at
-    if follow_the_sun:
-        # Look again when the (possibly new) owner's working hours end before the deadline.
-        conversation.next_action_at = _earliest(
-            conversation.next_action_at,
-            owner_shift_end(ctx, conversation.owner, now, conversation.due_at),
-        )
-    resolution = _resolution(
-        ctx,
-        sla,
-        conversation.team,
-        due_at=conversation.resolution_due_at,
-        warnings_sent=conversation.resolution_warnings_sent,
-        breach_sent=conversation.resolution_breach_sent,
-        now=now,
-    )
-    if resolution is not None:
-        for step in resolution.steps:
+    # Follow the sun: look again when the (possibly new) owner's working hours end before the deadline.
+    shift_end = owner_shift_end(ctx, conversation.owner, now, conversation.due_at) if follow_the_sun else None
+    _set_columns(conversation, _response_columns(conversation, ladders, shift_end))
+    if ladders.resolution is not None:
+        for step in ladders.resolution.steps:
             _carry_out(session, ctx, conversation, step, now)
-        conversation.resolution_warnings_sent = resolution.warnings_sent
-        conversation.resolution_breach_sent = resolution.breach_sent
-        conversation.next_action_at = _earliest(conversation.next_action_at, resolution.next_action_at)
-        decided = Plan(decided.steps + resolution.steps, decided.state, conversation.next_action_at)
+        _set_columns(conversation, _resolution_columns(ladders.resolution, conversation.next_action_at))
     session.flush()
-    return decided.steps
+    return ladders.steps
+
+
+def _set_columns(conversation: Conversation, columns: dict[str, object]) -> None:
+    for name, value in columns.items():
+        setattr(conversation, name, value)
 
 
 def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> None:
     """Follow the sun: the owner's day ended before the deadline; the next expert on duty takes it."""
     previous = conversation.owner
-    choice = choose_owner(
-        ctx.policy,
-        team=conversation.team,
-        topics=(),
-        at=now,
+    choice = _choose_other(
+        ctx,
+        conversation.team,
+        previous,
+        now,
         load=repo.open_loads(session=session, team=conversation.team),
-        last_assigned=previous,
-        exclude=repo.away_experts(session=session, now=now) | ({previous} if previous else set()),
+        away=repo.away_experts(session=session, now=now),
     )
     if choice.expert_id is None or choice.reason != "on_duty":
         return  # nobody else at work: it stays, and the ladder goes on as usual
@@ -785,18 +832,9 @@ def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, no
 def _carry_out(
     session: Session, ctx: AppContext, conversation: Conversation, step: Step, now: datetime
 ) -> None:
-    payload: dict[str, object] = {
-        "conversation_id": conversation.id,
-        "step": step.kind,
-        "index": step.index,
-        "notify": step.notify,
-        "scheduled_at": step.scheduled_at.isoformat(),
-        "owner": conversation.owner,
-    }
-    if step.kind.startswith("resolution_"):
-        payload = _resolution_payload(
-            conversation.id, step, conversation.owner, conversation.resolution_due_at
-        )
+    payload = _step_payload(
+        ctx, conversation.id, conversation.team, step, conversation.owner, conversation.resolution_due_at
+    )
     if step.kind == "reassign":
         previous = conversation.owner
         if conversation.claimed_by is not None:
@@ -804,46 +842,42 @@ def _carry_out(
             payload["reason"] = "silent"
             conversation.claimed_by = None
             conversation.claimed_at = None
-        choice = choose_owner(
-            ctx.policy,
-            team=conversation.team,
-            topics=(),
-            at=now,
+        new_owner = _reassign(
+            ctx,
+            payload,
+            conversation.team,
+            previous,
+            now,
             load=repo.open_loads(session=session, team=conversation.team),
-            last_assigned=previous,
-            exclude=repo.away_experts(session=session, now=now) | ({previous} if previous else set()),
+            away=repo.away_experts(session=session, now=now),
         )
-        if choice.expert_id is not None and choice.expert_id != previous:
-            conversation.owner = choice.expert_id
-            conversation.assigned_at = now
-            payload.update(owner=choice.expert_id, previous_owner=previous)
-        else:
-            conversation.assigned_at = now
-            payload.update(owner=previous, previous_owner=previous, note="no other expert on duty")
-    if step.kind == "escalation" and step.notify == "manager":
-        payload["manager"] = ctx.policy.teams[conversation.team].manager
-    if step.kind == "escalation" and step.notify == "on_call":
-        payload["on_call"] = ctx.policy.teams[conversation.team].on_call
+        if new_owner is not None:
+            conversation.owner = new_owner
+        conversation.assigned_at = now
     key = step_key(conversation.id, conversation.cycle, step)
+    if _enqueue_audited(session, step.kind, key, payload, conversation.id, now, **_step_detail(step, now)):
+        _log_step(conversation.id, step)
+
+
+def _enqueue_audited(
+    session: Session,
+    kind: str,
+    key: str,
+    payload: dict[str, object],
+    conversation_id: int,
+    now: datetime,
+    **detail: object,
+) -> bool:
+    """Queue a notice of the sweep's (repo.enqueue) and, when it was new, audit it as the sweep's
+    `kind` action with `detail`; returns whether it was new."""
     written = repo.enqueue(
-        session=session, kind=step.kind, key=key, payload=payload, conversation_id=conversation.id, now=now
+        session=session, kind=kind, key=key, payload=payload, conversation_id=conversation_id, now=now
     )
     if written:
         repo.record_event(
-            session=session,
-            at=now,
-            actor="sweep",
-            action=step.kind,
-            conversation_id=conversation.id,
-            index=step.index,
-            notify=step.notify,
-            scheduled_at=step.scheduled_at.isoformat(),
-            lateness_seconds=(now - step.scheduled_at).total_seconds(),
+            session=session, at=now, actor="sweep", action=kind, conversation_id=conversation_id, **detail
         )
-        log.info(
-            "ladder step",
-            extra={"conversation_id": conversation.id, "step": step.kind, "index": step.index},
-        )
+    return written
 
 
 def _owner_active_at(session: Session, conversation: Conversation) -> datetime | None:
