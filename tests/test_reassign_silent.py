@@ -228,3 +228,88 @@ def test_a_claim_late_in_the_day_is_handed_over_at_the_shift_end(ctx: AppContext
         assert conversation is not None and (conversation.owner, conversation.claimed_by) == ("sam", None)
         note = session.scalars(select(Outbox.payload).where(Outbox.kind == "reassign")).one()
         assert note["reason"] == "handover" and note["previous_owner"] == "nina"
+
+
+def _staggered_team(ctx: AppContext, team: str, policy: str, **changes: object) -> None:
+    """`team` follows the sun with Maria (07:00-17:00 UTC), Nina (14:00-22:00 UTC) and Sam (always),
+    under `policy` changed by `changes`."""
+    teams = dict(ctx.policy.teams)
+    teams[team] = dataclasses.replace(teams[team], experts=("maria", "nina", "sam"), follow_the_sun=True)
+    policies = tuple(
+        dataclasses.replace(p, **changes) if p.name == policy else p for p in ctx.policy.policies
+    )
+    ctx.policy = dataclasses.replace(ctx.policy, teams=teams, policies=policies)
+
+
+def _reassignments_written(ctx: AppContext) -> tuple[int, list[tuple[str, int, object, object]], list[str]]:
+    """The counter, the reassign notices (key, index, previous owner, owner) and the audited
+    reassignments (handover and reassign events) of the only conversation."""
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        notes = [
+            (
+                note.idempotency_key,
+                int(note.payload["index"]),
+                note.payload["previous_owner"],
+                note.payload["owner"],
+            )
+            for note in session.scalars(select(Outbox).where(Outbox.kind == "reassign").order_by(Outbox.id))
+        ]
+        events = list(
+            session.scalars(
+                select(Event.action).where(Event.action.in_(("handover", "reassign"))).order_by(Event.id)
+            )
+        )
+        return conversation.reassignments, notes, events
+
+
+def test_a_handover_then_a_second_handover_each_get_their_own_notice(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """Maria's day ends (17:00 UTC): Nina takes it; Nina's ends (22:00 UTC) before the deadline: Sam.
+    Two reassignments in one cycle: two notices under their own keys, two events, a count of 2."""
+    _staggered_team(ctx, "care", "urgent", first_response=6 * H)
+    clock.set(MONDAY.replace(hour=16, minute=30))
+    ingest(ctx, post("1", "the site is down", at=clock.now()))  # care, urgent: due 22:30 UTC
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert (conversation.owner, conversation.due_at) == ("maria", MONDAY.replace(hour=22, minute=30))
+        cid = conversation.id
+    for at in (MONDAY.replace(hour=17), MONDAY.replace(hour=21), MONDAY.replace(hour=22)):
+        clock.set(at)
+        sweep(ctx)
+    count, notes, events = _reassignments_written(ctx)
+    assert notes == [
+        (f"conv:{cid}:c0:reassign:0", 0, "maria", "nina"),
+        (f"conv:{cid}:c0:reassign:1", 1, "nina", "sam"),
+    ]
+    assert events == ["handover", "handover"]
+    assert count == 2
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.owner)).one() == "sam"
+
+
+def test_a_handover_then_an_unclaimed_offer_each_get_their_own_notice(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """Maria's day ends (17:00 UTC): Nina takes it but does not claim it within the hour: Sam gets it
+    at 18:00, with a notice and an event of its own (not the handover's key, written already)."""
+    _staggered_team(ctx, "billing", "billing", clock="wall", first_response=6 * H, claim_within=H)
+    clock.set(MONDAY.replace(hour=16, minute=30))
+    ingest(ctx, post("1", "refund for my invoice please", at=clock.now()))  # billing: due 22:30 UTC
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert (conversation.owner, conversation.due_at) == ("maria", MONDAY.replace(hour=22, minute=30))
+        cid = conversation.id
+    for at in (MONDAY.replace(hour=17), MONDAY.replace(hour=18)):
+        clock.set(at)
+        sweep(ctx)
+    count, notes, events = _reassignments_written(ctx)
+    assert notes == [
+        (f"conv:{cid}:c0:reassign:0", 0, "maria", "nina"),
+        (f"conv:{cid}:c0:reassign:1", 1, "nina", "sam"),
+    ]
+    assert events == ["handover", "reassign"]
+    assert count == 2
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.owner)).one() == "sam"

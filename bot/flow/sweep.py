@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
@@ -355,6 +355,16 @@ class _Ladders:
         if self.resolution is None:
             return self.response.steps
         return self.response.steps + self.resolution.steps
+
+    def handed_over(self, now: datetime) -> _Ladders:
+        """The ladders after a follow-the-sun handover at `now` (apply_ladder): one reassignment
+        more in the response ladder's state, so the columns written count it and the next
+        reassignment of the cycle takes the next index (its own idempotency key)."""
+        state = self.response.state
+        after = replace(
+            state, reassignments=state.reassignments + 1, assigned_at=now, claimed=False, owner_active_at=None
+        )
+        return replace(self, response=replace(self.response, state=after))
 
 
 def _plan_ladders(
@@ -764,8 +774,9 @@ def apply_ladder(
         and not any(step.kind == "reassign" for step in ladders.response.steps)
     ):
         back = hours.next_on_duty(now)
-        if not hours.on_duty(now) and (back is None or back > conversation.due_at):
-            _hand_over(session, ctx, conversation, now)
+        handover = not hours.on_duty(now) and (back is None or back > conversation.due_at)
+        if handover and _hand_over(session, ctx, conversation, ladders.response.state.reassignments, now):
+            ladders = ladders.handed_over(now)
     # Follow the sun: look again when the (possibly new) owner's working hours end before the deadline.
     shift_end = owner_shift_end(ctx, conversation.owner, now, conversation.due_at) if follow_the_sun else None
     _set_columns(conversation, _response_columns(conversation, ladders, shift_end))
@@ -782,8 +793,12 @@ def _set_columns(conversation: Conversation, columns: dict[str, object]) -> None
         setattr(conversation, name, value)
 
 
-def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, now: datetime) -> None:
-    """Follow the sun: the owner's day ended before the deadline; the next expert on duty takes it."""
+def _hand_over(
+    session: Session, ctx: AppContext, conversation: Conversation, index: int, now: datetime
+) -> bool:
+    """Follow the sun: the owner's day ended before the deadline; the next expert on duty takes it,
+    as reassignment `index` of the response ladder (the caller counts it in the ladder's state).
+    Returns whether it was handed over."""
     previous = conversation.owner
     choice = _choose_other(
         ctx,
@@ -794,9 +809,7 @@ def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, no
         away=repo.away_experts(session=session, now=now),
     )
     if choice.expert_id is None or choice.reason != "on_duty":
-        return  # nobody else at work: it stays, and the ladder goes on as usual
-    index = conversation.reassignments
-    conversation.reassignments += 1
+        return False  # nobody else at work: it stays, and the ladder goes on as usual
     conversation.owner = choice.expert_id
     conversation.assigned_at = now
     conversation.claimed_by = None
@@ -827,6 +840,7 @@ def _hand_over(session: Session, ctx: AppContext, conversation: Conversation, no
         owner=choice.expert_id,
         previous_owner=previous,
     )
+    return True
 
 
 def _carry_out(
