@@ -52,6 +52,7 @@ __all__ = [
     "MAX_SECTION_TEXT",
     "Block",
     "Message",
+    "OverdueItem",
     "admin_alert_message",
     "breach_message",
     "card_actions",
@@ -63,6 +64,7 @@ __all__ = [
     "escalation_message",
     "graphemes",
     "nag_message",
+    "overdue_digest",
     "reassign_message",
     "reply_modal",
     "slack_date",
@@ -943,3 +945,62 @@ def storm_digest(
             section["accessory"] = claim
         result.append(section)
     return Message(text=headline, blocks=result)
+
+
+OVERDUE_DIGEST_EXCERPT = 120  # characters of each post in an overdue digest (escaped, one line)
+
+
+@dataclass(frozen=True)
+class OverdueItem:
+    """One conversation's line in an overdue digest: `escalated` when an escalation to the team
+    channel is among its notices (the line then asks the team to take it)."""
+
+    conversation: Conversation
+    post: Post | None
+    tz: ZoneInfo
+    escalated: bool = False
+
+
+def overdue_digest(
+    channel: str, items: Sequence[OverdueItem], *, ctx_policy: Policy, now: datetime
+) -> Message:
+    """ONE channel message standing for the breach and escalation notices of several conversations
+    that fell due together (or while the channel's pace was spent): a line each, with the owner
+    mentioned as the single notice would (on duty: a ping), the customer's words escaped. At
+    Slack's one message a second per channel, 49 overdue conversations cost one post, not 49.
+
+    At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
+    """
+    shown = list(items)[: MAX_BLOCKS - 1]
+    escalations = sum(1 for item in shown if item.escalated)
+    missed = len(shown) - escalations
+    parts = []
+    if missed:
+        parts.append(f"{missed} deadline{'s' if missed != 1 else ''} missed")
+    if escalations:
+        parts.append(f"{escalations} escalation{'s' if escalations != 1 else ''}")
+    noun = "conversation" if len(shown) == 1 else "conversations"
+    headline = f"{len(shown)} {noun} overdue: {', '.join(parts)}"
+    result: list[Block] = [
+        _section(
+            f":red_circle: *{headline}* in {_channel_label(channel)}. Owners, please answer them now or hand them on."
+        )
+    ]
+    for item in shown:
+        conversation = item.conversation
+        owner = conversation.claimed_by or conversation.owner
+        flag = " :rotating_light:" if conversation.priority == "urgent" else ""
+        if item.escalated:
+            head = (
+                f":rotating_light: *Escalation*: {_subject(conversation)}{flag} is "
+                f"{_deadline_words(conversation, now)}. Owner: {_person(ctx_policy, owner, now=now)}. "
+                "Can someone take it?"
+            )
+        else:
+            head = (
+                f":red_circle: *Deadline missed*: {_subject(conversation)}{flag} was due "
+                f"{slack_date(conversation.due_at, item.tz)}. Owner: {_person(ctx_policy, owner, now=now)}."
+            )
+        excerpt = clip_escaped(" ".join(_post_text(item.post).split()), OVERDUE_DIGEST_EXCERPT)
+        result.append(_section(f"{head}\n\u201c{excerpt}\u201d"))
+    return Message(text=_fallback(headline), blocks=result)

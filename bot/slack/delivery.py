@@ -91,13 +91,27 @@ from storage.models import (
     Post,
 )
 
-__all__ = ["CARD_EVENT", "STORM_EVENT", "SlackDelivery", "SlackDeliveryError", "slack_handlers"]
+__all__ = [
+    "CARD_EVENT",
+    "OVERDUE_EVENT",
+    "STORM_EVENT",
+    "SlackDelivery",
+    "SlackDeliveryError",
+    "slack_handlers",
+]
 
 log = logging.getLogger("replyclock.slack")
 
 CARD_EVENT = "slack_card"  # audit: where a conversation's card was posted (channel, ts, thread_ts)
 STORM_EVENT = "slack_storm"  # audit: a storm summary (channel, ts, conversation ids)
 CARD_METADATA_TYPE = "replyclock_card"
+OVERDUE_EVENT = (
+    "slack_overdue"  # audit: a conversation's breach/escalation notice went out in an overdue digest
+)
+OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest's metadata: which notices it carries
+OVERDUE_KINDS = ("breach", "escalation")  # the notices an overdue digest coalesces
+OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
+TRIED_MEMORY = 10_000  # row ids a thread remembers having tried (then it forgets them all: see _tried_here)
 MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
 # A card retried after an attempt whose outcome was not recorded is looked up before it is posted
 # again: this many top-level messages per page (conversations.history), at most this many pages.
@@ -233,12 +247,24 @@ class SlackDelivery:
 
         def run(message: OutboxMessage) -> str | None:
             self._rank.value = URGENCY.get(message.kind, DEFAULT_URGENCY)
+            tried = self._tried_here()
+            if len(tried) >= TRIED_MEMORY:
+                tried.clear()
+            tried.add(message.id)
             try:
                 return handler(message)
             finally:
                 self._rank.value = DEFAULT_URGENCY
 
         return run
+
+    def _tried_here(self) -> set[int]:
+        """Outbox rows handed to a handler on this thread (lately): a row of this sender's batch that
+        is still ``sending`` and in here was tried already, so no digest takes it over."""
+        tried: set[int] | None = getattr(self._rank, "tried", None)
+        if tried is None:
+            tried = self._rank.tried = set()
+        return tried
 
     # ----------------------------------------------------------------------------------------
     # Handlers
@@ -341,6 +367,9 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
+        coalesced = self._overdue_digest(message, loaded, now)
+        if coalesced is not None:
+            return coalesced
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
@@ -447,6 +476,10 @@ class SlackDelivery:
             return f"skipped: conversation is {loaded.conversation.status}"
         conversation = loaded.conversation
         notify = _text(message.payload.get("notify")) or "team_channel"
+        if notify == "team_channel":
+            coalesced = self._overdue_digest(message, loaded, now)
+            if coalesced is not None:
+                return coalesced
         team = self.ctx.policy.teams.get(conversation.team)
         common: dict[str, Any] = {
             "ctx_policy": self.ctx.policy,
@@ -1107,6 +1140,220 @@ class SlackDelivery:
                 extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
             )
         return ts
+
+    # ----------------------------------------------------------------------------------------
+    # Overdue digests
+
+    def _overdue_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
+        """Post this breach or escalation notice together with the others of its channel that are due
+        (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
+
+        The other notices' rows are claimed as the sender claims (``sending`` with a lease and
+        this sender as owner, ``SKIP LOCKED`` on PostgreSQL). After the post, one transaction
+        records each conversation's ``slack_overdue`` event, marks every row of the digest sent
+        (this one too), retires their conversations' pending warnings (moot once overdue) and
+        queues the card edits (``card_update``, which a storm digest folds). A failed post hands
+        the claimed rows back, due when Slack's pace allows.
+        """
+        conversation = loaded.conversation
+        if self.ctx.policy.teams.get(conversation.team) is None:
+            return None
+        with loop_session(self.ctx, read_only=True) as session:
+            if not self._overdue_rows(session, message, conversation, now):
+                return None  # alone: the notice goes to the card's thread, as always
+        channel = self._team_channel(conversation)
+        self._paced("chat.postMessage", channel)  # the channel's pace is spent: wait, then coalesce more
+        claimed: list[tuple[int, str, int]] = []
+        with loop_session(self.ctx) as session, session.begin():
+            rows = self._overdue_rows(session, message, conversation, now, lock=True)
+            if rows:
+                # Pending rows are claimed (an attempt each); rows of this sender's batch not tried
+                # yet are taken over (its send loop skips them).
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_([row[0] for row in rows]))
+                    .values(
+                        status=SENDING,
+                        attempts=case((Outbox.status == PENDING, Outbox.attempts + 1), else_=Outbox.attempts),
+                        lease_until=now + DEFAULT_LEASE,
+                        owner=message.owner,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                taken_over(row[0] for row in rows)
+                claimed = rows
+        if not claimed:
+            return None
+        claimed_ids = [row[0] for row in claimed]
+        escalated = {conversation.id} if message.kind == "escalation" else set()
+        order = [conversation.id]
+        for _, kind, cid in claimed:
+            if cid not in order:
+                order.append(cid)
+            if kind == "escalation":
+                escalated.add(cid)
+        resume_at = now
+        posted = False
+        try:
+            with loop_session(self.ctx, read_only=True) as session:
+                shown = [loaded, *(self._load(session, cid) for cid in order[1:])]
+            built = blocks.overdue_digest(
+                channel,
+                [
+                    blocks.OverdueItem(m.conversation, m.post, m.tz, m.conversation.id in escalated)
+                    for m in shown
+                ],
+                ctx_policy=self.ctx.policy,
+                now=now,
+            )
+            kinds: dict[str, list[int]] = {kind: [] for kind in OVERDUE_KINDS}
+            kinds[message.kind].append(conversation.id)
+            for _, kind, cid in claimed:
+                kinds[kind].append(cid)
+            try:
+                posted_channel, ts = self._post(
+                    built,
+                    channel=channel,
+                    conversation_id=conversation.id,
+                    metadata={"event_type": OVERDUE_METADATA_TYPE, "event_payload": kinds},
+                )
+            except Retry as error:
+                resume_at = error.after or now
+                raise
+            posted = True
+            result = f"overdue digest {posted_channel} {ts} ({len(order)} conversations)"
+            self._store_overdue(message, shown, claimed_ids, kinds, posted_channel, ts, result, now)
+            claimed_ids = []
+        finally:
+            self._release(claimed_ids, resume_at, keep_attempt=posted)
+        log.info(
+            "overdue digest posted",
+            extra={
+                "conversation_id": conversation.id,
+                "channel": posted_channel,
+                "ts": ts,
+                "conversations": len(order),
+                "notices": len(claimed) + 1,
+            },
+        )
+        return result
+
+    def _overdue_rows(
+        self,
+        session: Session,
+        message: OutboxMessage,
+        conversation: Conversation,
+        now: datetime,
+        *,
+        lock: bool = False,
+    ) -> list[tuple[int, str, int]]:
+        """The other breach and escalation notices for this channel that an overdue digest takes:
+        (outbox id, kind, conversation id), pending, due now or put off by the pace (up to its
+        horizon), of open conversations, for at most MAX_STORM conversations in all (this one
+        counts). Escalations only when they go to the team channel (DMs are other channels)."""
+        query = (
+            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
+            .join(Conversation, Conversation.id == Outbox.conversation_id)
+            .where(
+                Outbox.kind.in_(OVERDUE_KINDS),
+                or_(
+                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                    and_(
+                        Outbox.status == literal(SENDING, literal_execute=True),
+                        Outbox.owner == message.owner,
+                    ),
+                )
+                if message.owner is not None
+                else Outbox.status == literal(PENDING, literal_execute=True),
+                Outbox.id != message.id,
+                Outbox.next_attempt_at <= now + PUT_OFF_HORIZON,
+                Conversation.team.in_(self._same_channel(conversation)),
+                Conversation.status == OPEN,
+            )
+            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .limit(OVERDUE_SCAN)
+        )
+        if lock and is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        found: list[tuple[int, str, int]] = []
+        conversations = {conversation.id}
+        tried = self._tried_here()
+        for outbox_id, kind, cid, payload, status in session.execute(query):
+            if status == SENDING and outbox_id in tried:
+                continue  # this sender's batch tried it already (its outcome is recorded with the batch)
+            if cid is None or (
+                kind == "escalation"
+                and (_text((payload or {}).get("notify")) or "team_channel") != "team_channel"
+            ):
+                continue
+            if cid not in conversations:
+                if len(conversations) >= MAX_STORM:
+                    continue
+                conversations.add(cid)
+            found.append((int(outbox_id), str(kind), int(cid)))
+        return found
+
+    def _store_overdue(
+        self,
+        message: OutboxMessage,
+        shown: list[_Loaded],
+        claimed_ids: list[int],
+        kinds: Mapping[str, list[int]],
+        channel: str,
+        ts: str,
+        result: str,
+        now: datetime,
+    ) -> None:
+        """Record a posted overdue digest: one transaction for every conversation in it."""
+        ids = [m.conversation.id for m in shown]
+        with loop_session(self.ctx) as session, session.begin():
+            for loaded in shown:
+                cid = loaded.conversation.id
+                repo.record_event(
+                    session=session,
+                    at=now,
+                    actor="slack",
+                    action=OVERDUE_EVENT,
+                    conversation_id=cid,
+                    channel=channel,
+                    ts=ts,
+                    kinds=[kind for kind, listed in kinds.items() if cid in listed],
+                    digest=ids,
+                )
+            mine = and_(Outbox.id == message.id, Outbox.status == SENDING)
+            if message.owner is not None:
+                mine = and_(mine, Outbox.owner == message.owner)
+            session.execute(
+                update(Outbox)
+                .where(or_(mine, and_(Outbox.id.in_(claimed_ids), Outbox.status == SENDING)))
+                .values(
+                    status=SENT, sent_at=now, result=result, lease_until=None, owner=None, last_error=None
+                )
+                .execution_options(synchronize_session=False)
+            )
+            # A warning still unsent is moot once the deadline passed and staff were told.
+            session.execute(
+                update(Outbox)
+                .where(
+                    Outbox.conversation_id.in_(ids),
+                    Outbox.kind == "warning",
+                    Outbox.status == PENDING,
+                )
+                .values(status=RETIRED, result=f"retired: superseded by {result}", lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            for loaded in shown:
+                conversation = loaded.conversation
+                if conversation.slack_ts is None:
+                    continue  # its card, when posted, shows it overdue
+                repo.enqueue(
+                    session=session,
+                    kind="card_update",
+                    key=f"conv:{conversation.id}:c{conversation.cycle}:overdue",
+                    payload={"conversation_id": conversation.id, "reason": "overdue"},
+                    conversation_id=conversation.id,
+                    now=now,
+                )
 
     # ----------------------------------------------------------------------------------------
     # Reading
