@@ -640,7 +640,11 @@ def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
     assert not [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.text]
     # Customer text is inert: no <!channel> anywhere in what Slack got, escaped in what it shows.
     posted = slack.calls_to("chat.postMessage")[-1].params
-    assert not [s for s in _strings({"text": posted["text"], "blocks": posted["blocks"]}) if re.search(r"<!(channel|here|everyone)", s)]
+    assert not [
+        s
+        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
+        if re.search(r"<!(channel|here|everyone)", s)
+    ]
     assert (
         "&lt;!channel&gt;" in digest.display_text
         and "&lt;http://evil.example|bank&gt;" in digest.display_text

@@ -34,7 +34,8 @@ from tests.storm.scenario import ACCOUNT, CHANNELS, EXPERTS, LADDER_KINDS, Sched
 from tests.storm.servers import Reply
 
 CARD_METADATA_TYPE = "replyclock_card"
-OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest: the breach and escalation notices it carries
+# An overdue digest's metadata: the breach and escalation notices it carries.
+OVERDUE_METADATA_TYPE = "replyclock_overdue"
 # A step is owed when it fell due at least this long before the conversation's answer arrived
 # (closer to the answer, a prompt sweep may or may not have taken it: neither is wrong).
 OWED_MARGIN = 2.0
