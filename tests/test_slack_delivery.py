@@ -94,9 +94,15 @@ def cards_in(slack: SlackStandIn, channel: str) -> list[Message]:
 
 
 def notices_in(slack: SlackStandIn, channel: str, kind: str = "breach") -> list[tuple[int, float]]:
-    """(conversation id, time posted) of every `kind` notice (breach or escalation) in `channel`:
+    """(conversation id, time posted) of every `kind` notice (breach, escalation, warning) in `channel`:
     a thread reply of its own, or a line of an overdue digest (its metadata lists them)."""
-    pattern = re.compile(r"^Deadline missed: #(\d+) " if kind == "breach" else r"^Escalation: #(\d+) ")
+    pattern = re.compile(
+        {
+            "breach": r"^Deadline missed: #(\d+) ",
+            "escalation": r"^Escalation: #(\d+) ",
+            "warning": r"^#(\d+) is ",
+        }[kind]
+    )
     found: list[tuple[int, float]] = []
     for m in slack.messages(channel):
         metadata = m.data.get("metadata") or {}
@@ -624,17 +630,19 @@ def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
     assert len(cards_in(slack, CARE)) == 3  # three cards (not a storm)
     clock.set(MONDAY + timedelta(minutes=46))
     sweep(ctx)
-    sender.send_due()  # the warnings, one each in its card's thread
+    sender.send_due()  # the three warnings, due together: one message too
+    assert top_level(slack, CARE)[-1].text == "3 conversations due soon: 3 due soon"
+    assert sorted(cid for cid, _ in notices_in(slack, CARE, "warning")) == [c.id for c in conversations(ctx)]
     clock.set(MONDAY + timedelta(minutes=61))
     sweep(ctx)
     assert len([r for r in outbox(ctx, "breach") if r.status == "pending"]) == 3
     result = sender.send_due()
     assert result.failed == 0 and result.retried == 0
-    [digest] = [m for m in top_level(slack, CARE) if m not in cards_in(slack, CARE)]
+    digest = top_level(slack, CARE)[-1]
     ids = [c.id for c in conversations(ctx)]
     assert digest.data["metadata"] == {
         "event_type": OVERDUE_METADATA_TYPE,
-        "event_payload": {"breach": ids, "escalation": []},
+        "event_payload": {"breach": ids, "escalation": [], "warning": []},
     }
     assert digest.text == "3 conversations overdue: 3 deadlines missed"
     assert not [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.text]
@@ -659,8 +667,9 @@ def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
     assert all(str(r.result).startswith(f"overdue digest {CARE} {digest.ts}") for r in breaches)
     with ctx.sessions() as session:
         events = list(session.scalars(select(Event).where(Event.action == OVERDUE_EVENT)))
-    assert sorted(e.conversation_id for e in events) == ids
-    assert all(e.detail["ts"] == digest.ts and e.detail["kinds"] == ["breach"] for e in events)
+    assert sorted(e.conversation_id for e in events) == sorted(ids * 2)  # the warnings' digest, this one
+    assert sorted(e.conversation_id for e in events if e.detail["ts"] == digest.ts) == ids
+    assert all(e.detail["kinds"] == ["breach"] for e in events if e.detail["ts"] == digest.ts)
     sender.send_due()
     assert all("overdue" in slack.message(CARE, c.ts).display_text for c in cards_in(slack, CARE))  # type: ignore[union-attr]
 
@@ -671,7 +680,7 @@ def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
     escalations = notices_in(slack, CARE, "escalation")
     assert sorted(cid for cid, _ in escalations) == ids and len({ts for _, ts in escalations}) == 1
     assert top_level(slack, CARE)[-1].text == "3 conversations overdue: 3 escalations"
-    assert len(top_level(slack, CARE)) == 5  # three cards, two digests
+    assert len(top_level(slack, CARE)) == 6  # three cards, three digests
 
 
 def test_a_lone_breach_still_goes_to_its_cards_thread(

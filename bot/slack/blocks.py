@@ -952,54 +952,64 @@ OVERDUE_DIGEST_EXCERPT = 120  # characters of each post in an overdue digest (es
 
 @dataclass(frozen=True)
 class OverdueItem:
-    """One conversation's line in an overdue digest: `escalated` when an escalation to the team
-    channel is among its notices (the line then asks the team to take it)."""
+    """One conversation's line in an overdue digest. `step`: the most urgent of its notices in the
+    digest (``escalation`` asks the team to take it, ``breach`` says the deadline passed,
+    ``warning`` that it is near)."""
 
     conversation: Conversation
     post: Post | None
     tz: ZoneInfo
-    escalated: bool = False
+    step: str = "breach"
 
 
 def overdue_digest(
     channel: str, items: Sequence[OverdueItem], *, ctx_policy: Policy, now: datetime
 ) -> Message:
-    """ONE channel message standing for the breach and escalation notices of several conversations
-    that fell due together (or while the channel's pace was spent): a line each, with the owner
-    mentioned as the single notice would (on duty: a ping), the customer's words escaped. At
-    Slack's one message a second per channel, 49 overdue conversations cost one post, not 49.
+    """ONE channel message standing for the breach, escalation and warning notices of several
+    conversations that fell due together (or while the channel's pace was spent): a line each,
+    with the owner mentioned as the single notice would (on duty: a ping), the customer's words
+    escaped. At Slack's one message a second per channel, 49 conversations cost one post, not 49.
 
     At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
     """
     shown = list(items)[: MAX_BLOCKS - 1]
-    escalations = sum(1 for item in shown if item.escalated)
-    missed = len(shown) - escalations
+    counts = {
+        step: sum(1 for item in shown if item.step == step) for step in ("breach", "escalation", "warning")
+    }
     parts = []
-    if missed:
-        parts.append(f"{missed} deadline{'s' if missed != 1 else ''} missed")
-    if escalations:
-        parts.append(f"{escalations} escalation{'s' if escalations != 1 else ''}")
+    if counts["breach"]:
+        parts.append(f"{counts['breach']} deadline{'s' if counts['breach'] != 1 else ''} missed")
+    if counts["escalation"]:
+        parts.append(f"{counts['escalation']} escalation{'s' if counts['escalation'] != 1 else ''}")
+    if counts["warning"]:
+        parts.append(f"{counts['warning']} due soon")
     noun = "conversation" if len(shown) == 1 else "conversations"
-    headline = f"{len(shown)} {noun} overdue: {', '.join(parts)}"
+    state = "overdue" if counts["breach"] or counts["escalation"] else "due soon"
+    headline = f"{len(shown)} {noun} {state}: {', '.join(parts)}"
+    emoji = ":red_circle:" if state == "overdue" else ":hourglass_flowing_sand:"
     result: list[Block] = [
         _section(
-            f":red_circle: *{headline}* in {_channel_label(channel)}. Owners, please answer them now or hand them on."
+            f"{emoji} *{headline}* in {_channel_label(channel)}. Owners, please answer them now or hand them on."
         )
     ]
     for item in shown:
         conversation = item.conversation
-        owner = conversation.claimed_by or conversation.owner
+        owner = _person(ctx_policy, conversation.claimed_by or conversation.owner, now=now)
         flag = " :rotating_light:" if conversation.priority == "urgent" else ""
-        if item.escalated:
+        if item.step == "escalation":
             head = (
                 f":rotating_light: *Escalation*: {_subject(conversation)}{flag} is "
-                f"{_deadline_words(conversation, now)}. Owner: {_person(ctx_policy, owner, now=now)}. "
-                "Can someone take it?"
+                f"{_deadline_words(conversation, now)}. Owner: {owner}. Can someone take it?"
+            )
+        elif item.step == "warning":
+            head = (
+                f":hourglass_flowing_sand: {_subject(conversation)}{flag} is {_deadline_words(conversation, now)} "
+                f"({slack_date(conversation.due_at, item.tz)}). Owner: {owner}."
             )
         else:
             head = (
                 f":red_circle: *Deadline missed*: {_subject(conversation)}{flag} was due "
-                f"{slack_date(conversation.due_at, item.tz)}. Owner: {_person(ctx_policy, owner, now=now)}."
+                f"{slack_date(conversation.due_at, item.tz)}. Owner: {owner}."
             )
         excerpt = clip_escaped(" ".join(_post_text(item.post).split()), OVERDUE_DIGEST_EXCERPT)
         result.append(_section(f"{head}\n\u201c{excerpt}\u201d"))

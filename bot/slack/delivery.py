@@ -109,7 +109,8 @@ OVERDUE_EVENT = (
     "slack_overdue"  # audit: a conversation's breach/escalation notice went out in an overdue digest
 )
 OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest's metadata: which notices it carries
-OVERDUE_KINDS = ("breach", "escalation")  # the notices an overdue digest coalesces
+OVERDUE_KINDS = ("breach", "escalation", "warning")  # the notices an overdue digest coalesces
+_STEP_ORDER = {"warning": 0, "breach": 1, "escalation": 2}  # which notice a conversation's digest line shows
 OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
 TRIED_MEMORY = 10_000  # row ids a thread remembers having tried (then it forgets them all: see _tried_here)
 MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
@@ -317,6 +318,17 @@ class SlackDelivery:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
         if waiting + 1 > self.storm_threshold:
+            channel = self._team_channel(loaded.conversation)
+            ready = self._ready(channel)
+            if ready is not None:
+                # The channel's pace is spent: the storm's cards wait together for its next free
+                # moment (one statement), not each for a slot of its own.
+                moved = self._put_off_storm(loaded.conversation, message.id, now, ready)
+                raise Defer(
+                    f"Slack chat.postMessage to {channel}: paced until {ready.isoformat()} "
+                    f"with {moved} more cards",
+                    after=ready,
+                )
             claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
             if claimed:
                 return self._post_storm(loaded, claimed, now)
@@ -346,6 +358,9 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
+        coalesced = self._overdue_digest(message, loaded, now)
+        if coalesced is not None:
+            return coalesced
         built = blocks.warning_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
         return self._thread_reply(loaded, built)
 
@@ -980,6 +995,37 @@ class SlackDelivery:
             taken_over(row.id for row in rows)
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
+    def _put_off_storm(
+        self, conversation: Conversation, outbox_id: int, now: datetime, until: datetime
+    ) -> int:
+        """Make the other pending cards of this channel's storm (as `_claim_storm` would take them) due
+        at `until`, the channel's next free moment: whichever of them comes first then takes the
+        rest into one digest. Returns how many."""
+        with loop_session(self.ctx) as session, session.begin():
+            query = (
+                select(Outbox.id)
+                .join(Conversation, Conversation.id == Outbox.conversation_id)
+                .where(_storm_candidates(False))
+                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .limit(MAX_STORM - 1)
+            )
+            if is_postgres(session):
+                query = query.with_for_update(skip_locked=True, of=Outbox)
+            params = {
+                **self._storm_params(outbox_id, None, now),
+                "storm_teams": self._same_channel(conversation),
+            }
+            ids = list(session.scalars(query, params))
+            if ids:
+                relaxed_commit(session)
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_(ids), Outbox.status == PENDING)
+                    .values(next_attempt_at=until)
+                    .execution_options(synchronize_session=False)
+                )
+            return len(ids)
+
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
         """A recent storm summary that lists this conversation (its entry is still to be posted)."""
         recent = session.scalars(
@@ -1024,6 +1070,7 @@ class SlackDelivery:
                     channel=team_channel,
                     conversation_id=first.conversation.id,
                     metadata=_digest_metadata(ids),
+                    group=True,
                 )
             except Retry as error:
                 resume_at = error.after or now
@@ -1145,14 +1192,14 @@ class SlackDelivery:
     # Overdue digests
 
     def _overdue_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
-        """Post this breach or escalation notice together with the others of its channel that are due
-        (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
+        """Post this breach, escalation or warning notice together with the others of its channel that
+        are due (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
 
         The other notices' rows are claimed as the sender claims (``sending`` with a lease and
         this sender as owner, ``SKIP LOCKED`` on PostgreSQL). After the post, one transaction
         records each conversation's ``slack_overdue`` event, marks every row of the digest sent
-        (this one too), retires their conversations' pending warnings (moot once overdue) and
-        queues the card edits (``card_update``, which a storm digest folds). A failed post hands
+        (this one too), retires their conversations' other pending warnings and queues the card
+        edits of the breached ones (``card_update``, which a storm digest folds). A failed post hands
         the claimed rows back, due when Slack's pace allows.
         """
         conversation = loaded.conversation
@@ -1162,11 +1209,20 @@ class SlackDelivery:
             if not self._overdue_rows(session, message, conversation, now):
                 return None  # alone: the notice goes to the card's thread, as always
         channel = self._team_channel(conversation)
-        self._paced("chat.postMessage", channel)  # the channel's pace is spent: wait, then coalesce more
+        ready = self._ready(channel)
         claimed: list[tuple[int, str, int]] = []
         with loop_session(self.ctx) as session, session.begin():
             rows = self._overdue_rows(session, message, conversation, now, lock=True)
-            if rows:
+            if rows and ready is not None:
+                # The channel's pace is spent: these notices wait together for its next free
+                # moment (one statement; no slot promised to each), then go as one digest.
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_([row[0] for row in rows]), Outbox.status == PENDING)
+                    .values(next_attempt_at=ready)
+                    .execution_options(synchronize_session=False)
+                )
+            elif rows:
                 # Pending rows are claimed (an attempt each); rows of this sender's batch not tried
                 # yet are taken over (its send loop skips them).
                 session.execute(
@@ -1182,16 +1238,23 @@ class SlackDelivery:
                 )
                 taken_over(row[0] for row in rows)
                 claimed = rows
+        if ready is not None:
+            raise Defer(
+                f"Slack chat.postMessage to {channel}: paced until {ready.isoformat()} "
+                f"with {len(rows)} more overdue notices",
+                after=ready,
+            )
         if not claimed:
             return None
         claimed_ids = [row[0] for row in claimed]
-        escalated = {conversation.id} if message.kind == "escalation" else set()
+        step = {conversation.id: message.kind}
         order = [conversation.id]
         for _, kind, cid in claimed:
             if cid not in order:
                 order.append(cid)
-            if kind == "escalation":
-                escalated.add(cid)
+            if _STEP_ORDER[kind] > _STEP_ORDER[step.get(cid, "warning")]:
+                step[cid] = kind
+            step.setdefault(cid, kind)
         resume_at = now
         posted = False
         try:
@@ -1199,10 +1262,7 @@ class SlackDelivery:
                 shown = [loaded, *(self._load(session, cid) for cid in order[1:])]
             built = blocks.overdue_digest(
                 channel,
-                [
-                    blocks.OverdueItem(m.conversation, m.post, m.tz, m.conversation.id in escalated)
-                    for m in shown
-                ],
+                [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
                 ctx_policy=self.ctx.policy,
                 now=now,
             )
@@ -1216,6 +1276,7 @@ class SlackDelivery:
                     channel=channel,
                     conversation_id=conversation.id,
                     metadata={"event_type": OVERDUE_METADATA_TYPE, "event_payload": kinds},
+                    group=True,
                 )
             except Retry as error:
                 resume_at = error.after or now
@@ -1344,8 +1405,8 @@ class SlackDelivery:
             )
             for loaded in shown:
                 conversation = loaded.conversation
-                if conversation.slack_ts is None:
-                    continue  # its card, when posted, shows it overdue
+                if conversation.slack_ts is None or conversation.id not in kinds["breach"]:
+                    continue  # its card, when posted, shows it overdue; a warning leaves the card as is
                 repo.enqueue(
                     session=session,
                     kind="card_update",
@@ -1471,8 +1532,12 @@ class SlackDelivery:
         broadcast: bool = False,
         metadata: dict[str, Any] | None = None,
         paced: bool = True,
+        group: bool = False,
     ) -> tuple[str, str]:
-        """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl."""
+        """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl.
+
+        `group`: the message stands for rows waiting together (a digest): put off, it is told
+        when the channel is free, not promised a slot of its own (`Pacer.try_take`)."""
         response = self._call(
             "chat.postMessage",
             channel,
@@ -1490,10 +1555,20 @@ class SlackDelivery:
                 metadata=metadata,
             ),
             paced=paced,
+            group=group,
         )
         if self.pacer is not None:
             self.pacer.learn(channel, str(response["channel"]))
         return str(response["channel"]), str(response["ts"])
+
+    def _ready(self, channel: str) -> datetime | None:
+        """When a post to `channel` at this message's urgency could go (nothing taken, no slot
+        promised: a group of rows waiting together needs one moment, not a slot each); None: now."""
+        if self.pacer is None:
+            return None
+        return self.pacer.ready(
+            "chat.postMessage", channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY)
+        )
 
     def _paced(self, method: str, channel: str | None) -> None:
         """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
@@ -1510,6 +1585,7 @@ class SlackDelivery:
         call: Callable[[], SlackResponse],
         *,
         paced: bool = True,
+        group: bool = False,
     ) -> SlackResponse:
         """Make one Web API call and translate its failure into Retry or SlackDeliveryError.
 
@@ -1519,7 +1595,8 @@ class SlackDelivery:
         if self.pacer is not None and not paced:
             self.pacer.spend(method, channel)
         elif self.pacer is not None:
-            ready = self.pacer.take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
+            take = self.pacer.try_take if group else self.pacer.take
+            ready = take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
             if ready is not None:
                 raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
         try:
