@@ -56,6 +56,18 @@ def test_the_last_token_is_kept_for_breaches_and_calls_put_off_are_spread() -> N
     assert pacer.ready(POST_MESSAGE, "C1", rank=3) == MONDAY + 2 * SECOND
 
 
+def test_a_group_put_off_is_told_the_next_free_moment_and_promised_no_slot(engine: Engine) -> None:
+    """A digest (rows waiting together) put off again and again does not push the queue of promised
+    slots ahead: a single card put off after it still gets the next slot."""
+    clock = FakeClock(MONDAY)
+    for pacer in (Pacer(clock.now), SharedPacer(clock.now, engine)):
+        channel = f"C{id(pacer)}"
+        assert [pacer.try_take(POST_MESSAGE, channel, rank=3) for _ in range(2)] == [None, None]
+        assert [pacer.try_take(POST_MESSAGE, channel, rank=3) for _ in range(10)] == [MONDAY + SECOND] * 10
+        assert pacer.take(POST_MESSAGE, channel, rank=3) == MONDAY + SECOND  # the first slot is still free
+        assert pacer.take(POST_MESSAGE, channel, rank=3) == MONDAY + SECOND + SLOT
+
+
 def test_a_backlog_beyond_the_horizon_asks_again_later_not_all_at_once() -> None:
     clock = FakeClock(MONDAY)
     pacer = Pacer(clock.now)
