@@ -64,6 +64,7 @@ from bot.flow.outbox import (
     Handler,
     OutboxMessage,
     Retry,
+    backoff,
     loop_autocommit,
     loop_session,
     relaxed_commit,
@@ -1073,7 +1074,9 @@ class SlackDelivery:
                     group=True,
                 )
             except Retry as error:
-                resume_at = error.after or now
+                # Slack failed (not paced): the rows it carried back off as the one that failed does,
+                # rather than come straight back to fail again.
+                resume_at = error.after or now + backoff(1)
                 raise
             posted = True
             self._store_storm(channel, ts, ids, [outbox_id for outbox_id, _ in claimed], now=now)
@@ -1279,10 +1282,12 @@ class SlackDelivery:
                     group=True,
                 )
             except Retry as error:
-                resume_at = error.after or now
+                # Slack failed (not paced): the rows it carried back off as the one that failed does,
+                # rather than come straight back to fail again.
+                resume_at = error.after or now + backoff(1)
                 raise
             posted = True
-            result = f"overdue digest {posted_channel} {ts} ({len(order)} conversations)"
+            result = f"overdue digest {posted_channel} {ts}"
             self._store_overdue(message, shown, claimed_ids, kinds, posted_channel, ts, result, now)
             claimed_ids = []
         finally:
@@ -1327,7 +1332,12 @@ class SlackDelivery:
                 if message.owner is not None
                 else Outbox.status == literal(PENDING, literal_execute=True),
                 Outbox.id != message.id,
-                Outbox.next_attempt_at <= now + PUT_OFF_HORIZON,
+                # Put off by the pace (no error recorded): waiting for the channel, they join now.
+                # Backing off after a failure: only when due again.
+                or_(
+                    Outbox.next_attempt_at <= now,
+                    and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
+                ),
                 Conversation.team.in_(self._same_channel(conversation)),
                 Conversation.status == OPEN,
             )
