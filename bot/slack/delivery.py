@@ -67,6 +67,7 @@ from bot.flow.outbox import (
     backoff,
     loop_autocommit,
     loop_session,
+    patiently,
     relaxed_commit,
     taken_over,
 )
@@ -1288,7 +1289,20 @@ class SlackDelivery:
                 raise
             posted = True
             result = f"overdue digest {posted_channel} {ts}"
-            self._store_overdue(message, shown, claimed_ids, kinds, posted_channel, ts, result, now)
+            # Posted: its record must not be lost to a database that blinks now (the rows would go
+            # back and the digest be posted again), so wait for the database as the outbox does.
+            patiently(
+                functools.partial(
+                    self._store_overdue, message, shown, claimed_ids, kinds, posted_channel, ts, result, now
+                ),
+                "database unavailable: overdue digest posted, not recorded yet, retrying",
+                {
+                    "conversation_id": conversation.id,
+                    "outbox_id": message.id,
+                    "status": SENT,
+                    "rows": len(claimed) + 1,
+                },
+            )
             claimed_ids = []
         finally:
             self._release(claimed_ids, resume_at, keep_attempt=posted)
