@@ -252,7 +252,8 @@ def test_slack_failing_for_a_while_delays_staff_messages_then_delivers_them_in_o
     )
     # A thread message whose answer was lost is posted again (at least once); a card is first
     # looked up by its metadata (conversations.history), so it may be found instead of repeated.
-    lost_notes = [e for e in lost_posts if kind_of(e) != "card"]
+    # (An overdue digest's rows are handed back and may go in another digest: not a repeat of it.)
+    lost_notes = [e for e in lost_posts if kind_of(e) not in ("card", "digest")]
     assert {id(e) for e in lost_notes} <= {id(e) for e in extra}, "a lost answer without its retry"
     # Cards: one post per conversation (a repeat only after a lost answer), then edits in place.
     card_posts = Counter(
@@ -521,7 +522,8 @@ def test_postgres_restarted_mid_run_the_process_reconnects_and_loses_nothing(
     waited = [line for line in errors if str(line.get("event")).startswith("database unavailable:")]
     assert waited and {line.get("status") for line in waited} <= {SENT, None}, waited
     [held] = [e for e in slack.exchanges if e.held]
-    assert kind_of(held) == "warning" and held.answered < downtime.ready, held
+    # A warning (alone, or with others due together in an overdue digest).
+    assert kind_of(held) in ("warning", "digest") and held.answered < downtime.ready, held
 
     # Every mention X served is stored once, and each conversation has one card in Slack.
     served = {i for s in x_server.served() for i in s.tweet_ids}

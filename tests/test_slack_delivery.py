@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +18,15 @@ from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
 from bot.flow.outbox import STAFF_BATCH, OutboxMessage, OutboxSender, Retry
 from bot.flow.sweep import earliest_next_action, sweep
-from bot.slack.delivery import STORM_EVENT, SlackDelivery, SlackDeliveryError, slack_handlers
+from bot.slack.delivery import (
+    CARD_METADATA_TYPE,
+    OVERDUE_EVENT,
+    OVERDUE_METADATA_TYPE,
+    STORM_EVENT,
+    SlackDelivery,
+    SlackDeliveryError,
+    slack_handlers,
+)
 from bot.slack.ids import ACTION_CLAIM
 from bot.slack.pacing import Pacer
 from storage import repo
@@ -73,6 +82,37 @@ def outbox(ctx: AppContext, kind: str) -> list[Outbox]:
 
 def top_level(slack: SlackStandIn, channel: str) -> list[Message]:
     return [m for m in slack.messages(channel) if not m.is_reply]
+
+
+def cards_in(slack: SlackStandIn, channel: str) -> list[Message]:
+    """Top-level card messages (a card or a storm digest: metadata ``replyclock_card``) in `channel`."""
+    return [
+        m
+        for m in top_level(slack, channel)
+        if (m.data.get("metadata") or {}).get("event_type") == CARD_METADATA_TYPE
+    ]
+
+
+def notices_in(slack: SlackStandIn, channel: str, kind: str = "breach") -> list[tuple[int, float]]:
+    """(conversation id, time posted) of every `kind` notice (breach, escalation, warning) in `channel`:
+    a thread reply of its own, or a line of an overdue digest (its metadata lists them)."""
+    pattern = re.compile(
+        {
+            "breach": r"^Deadline missed: #(\d+) ",
+            "escalation": r"^Escalation: #(\d+) ",
+            "warning": r"^#(\d+) is ",
+        }[kind]
+    )
+    found: list[tuple[int, float]] = []
+    for m in slack.messages(channel):
+        metadata = m.data.get("metadata") or {}
+        if metadata.get("event_type") == OVERDUE_METADATA_TYPE:
+            found += [(int(cid), float(m.ts)) for cid in metadata["event_payload"].get(kind, [])]
+            continue
+        match = pattern.match(m.text)
+        if match:
+            found.append((int(match.group(1)), float(m.ts)))
+    return found
 
 
 def action_values(message: Message, action_id: str) -> list[str]:
@@ -492,18 +532,18 @@ def test_a_paced_storm_in_one_channel_gets_no_429_keeps_breaches_first_and_other
     # Waiting cards were spread over the next free slots, not re-tried all at every slot.
     assert 0 < deferred <= 2 * 20
     # Every message arrived exactly once: one card per conversation, one breach per urgent one.
-    cards = [m for m in top_level(slack, CARE) if m.data.get("metadata")]
+    cards = cards_in(slack, CARE)
     assert len(cards) == 22 and len({m.ts for m in cards}) == 22
     assert sorted(str(c.slack_ts) for c in conversations(ctx) if c.slack_channel == CARE) == sorted(
         m.ts for m in cards
     )
-    breaches = [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.display_text]
-    assert len(breaches) == 2
+    breaches = notices_in(slack, CARE)
+    assert len(breaches) == 2 and len({cid for cid, _ in breaches}) == 2
     # The breach notices went first: within a second of the storm, before any of its cards.
     storm_cards = [m for m in cards if float(m.ts) >= storm_at.timestamp()]
     assert len(storm_cards) == 20
-    assert max(float(m.ts) for m in breaches) - storm_at.timestamp() <= 1.0
-    assert max(float(m.ts) for m in breaches) < min(float(m.ts) for m in storm_cards)
+    assert max(ts for _, ts in breaches) - storm_at.timestamp() <= 1.0
+    assert max(ts for _, ts in breaches) < min(float(m.ts) for m in storm_cards)
     # #care's storm took Slack's pace (about 1 s a card after a short burst) ...
     assert 15 <= took <= 30
     # ... while #billing was not held back by it.
@@ -536,7 +576,7 @@ def test_a_429_despite_the_pace_closes_the_channel_until_retry_after(
             sender.send_due()
             clock.advance(timedelta(seconds=0.25))
         assert len([call for call in slack.calls_to("chat.postMessage") if call.status == 429]) == 1
-        assert len([m for m in top_level(slack, CARE) if m.data.get("metadata")]) == 8
+        assert len(cards_in(slack, CARE)) == 8
 
 
 def test_a_storm_digest_keeps_the_pace(ctx: AppContext, clock: FakeClock) -> None:
@@ -559,3 +599,158 @@ def test_a_storm_digest_keeps_the_pace(ctx: AppContext, clock: FakeClock) -> Non
         assert sorted(d.text for d in digests) == ["11 new mentions, 0 urgent", "49 new mentions, 0 urgent"]
         assert {str(c.slack_ts) for c in conversations(ctx)} == {d.ts for d in digests}
         assert took <= 2  # two posts, within the burst
+
+
+# ------------------------------------------------------------------------------------------------
+# Overdue digests: breach and escalation notices due together in one channel are one message
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    # Three urgent conversations for #care (1 h, warn at 45 min, escalate to the channel at +10 min);
+    # one customer calls themself <!channel> and writes mrkdwn.
+    ingest(
+        ctx,
+        post("1", f"the site is down! {NASTY}", author="<!channel>"),
+        *[post(str(i), "the site is down!", author=f"user{i}") for i in (2, 3)],
+    )
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    assert len(cards_in(slack, CARE)) == 3  # three cards (not a storm)
+    clock.set(MONDAY + timedelta(minutes=46))
+    sweep(ctx)
+    sender.send_due()  # the three warnings, due together: one message too
+    assert top_level(slack, CARE)[-1].text == "3 conversations due soon: 3 due soon"
+    assert sorted(cid for cid, _ in notices_in(slack, CARE, "warning")) == [c.id for c in conversations(ctx)]
+    clock.set(MONDAY + timedelta(minutes=61))
+    sweep(ctx)
+    assert len([r for r in outbox(ctx, "breach") if r.status == "pending"]) == 3
+    result = sender.send_due()
+    assert result.failed == 0 and result.retried == 0
+    digest = top_level(slack, CARE)[-1]
+    ids = [c.id for c in conversations(ctx)]
+    assert digest.data["metadata"] == {
+        "event_type": OVERDUE_METADATA_TYPE,
+        "event_payload": {"breach": ids, "escalation": [], "warning": []},
+    }
+    assert digest.text == "3 conversations overdue: 3 deadlines missed"
+    assert not [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.text]
+    # Customer text is inert: no <!channel> anywhere in what Slack got, escaped in what it shows.
+    posted = slack.calls_to("chat.postMessage")[-1].params
+    assert not [
+        s
+        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
+        if re.search(r"<!(channel|here|everyone)", s)
+    ]
+    assert (
+        "&lt;!channel&gt;" in digest.display_text
+        and "&lt;http://evil.example|bank&gt;" in digest.display_text
+    )
+    # The owners are pinged as the single notice would (Sam is always on duty; Nina not at 09:01 UTC).
+    owners = {c.owner for c in conversations(ctx)}
+    assert set(digest.mentions) == {{"sam": SAM, "nina": NINA}[o] for o in owners if o == "sam"}
+    # Every notice recorded as delivered: the rows sent, an audit event per conversation, the
+    # cards' edits queued (they show it overdue).
+    breaches = outbox(ctx, "breach")
+    assert [r.status for r in breaches] == ["sent"] * 3
+    assert all(str(r.result).startswith(f"overdue digest {CARE} {digest.ts}") for r in breaches)
+    with ctx.sessions() as session:
+        events = list(session.scalars(select(Event).where(Event.action == OVERDUE_EVENT)))
+    assert sorted(e.conversation_id for e in events) == sorted(ids * 2)  # the warnings' digest, this one
+    assert sorted(e.conversation_id for e in events if e.detail["ts"] == digest.ts) == ids
+    assert all(e.detail["kinds"] == ["breach"] for e in events if e.detail["ts"] == digest.ts)
+    sender.send_due()
+    assert all("overdue" in slack.message(CARE, c.ts).display_text for c in cards_in(slack, CARE))  # type: ignore[union-attr]
+
+    # Ten minutes later the three escalations to the team channel: one message again.
+    clock.set(MONDAY + timedelta(minutes=71))
+    sweep(ctx)
+    sender.send_due()
+    escalations = notices_in(slack, CARE, "escalation")
+    assert sorted(cid for cid, _ in escalations) == ids and len({ts for _, ts in escalations}) == 1
+    assert top_level(slack, CARE)[-1].text == "3 conversations overdue: 3 escalations"
+    assert len(top_level(slack, CARE)) == 6  # three cards, three digests
+
+
+def test_a_lone_breach_still_goes_to_its_cards_thread(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "the site is down!"))
+    sender = sender_for(ctx, client)
+    sender.send_due()
+    clock.set(MONDAY + timedelta(minutes=61))
+    sweep(ctx)
+    sender.send_due()
+    [card] = cards_in(slack, CARE)
+    assert [m.text.split(":")[0] for m in slack.thread(CARE, card.ts)[1:]] == ["Deadline missed"]
+    assert len(top_level(slack, CARE)) == 1
+
+
+def test_in_a_paced_storm_no_breach_notice_waits_behind_a_card_or_a_nag(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(
+        channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
+    ) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
+
+        def drain(steps: int = 400) -> None:
+            for _ in range(steps):  # the sender comes round every 0.25 s
+                sender.send_due()
+                with ctx.sessions() as session:
+                    if not session.scalars(
+                        select(Outbox).where(Outbox.status.in_(("pending", "sending")))
+                    ).first():
+                        return
+                clock.advance(timedelta(seconds=0.25))
+
+        # Six urgent conversations in #care, and three ordinary ones nobody owns (their nags go to
+        # #care's threads); all cards out, then the urgent ones' warnings.
+        ingest(ctx, *[post(f"u{i}", "the site is down!", author=f"u{i}") for i in range(6)])
+        ingest(ctx, *[post(f"q{i}", f"a question, number {i}", author=f"q{i}") for i in range(3)])
+        with ctx.sessions() as session, session.begin():
+            unowned = list(session.scalars(select(Conversation).where(Conversation.priority != "urgent")))
+            for conversation in unowned:
+                conversation.owner = None
+        drain()
+        clock.set(MONDAY + timedelta(minutes=46))
+        sweep(ctx)
+        drain()
+        # The deadline passes just as a storm of 30 new posts reaches #care and three nags are due.
+        clock.set(MONDAY + timedelta(minutes=61))
+        storm_at = clock.now()
+        ingest(ctx, *[post(f"s{i}", f"another question {i}", author=f"s{i}", at=storm_at) for i in range(30)])
+        for conversation in unowned:
+            enqueue(ctx, "nag", f"nag-{conversation.id}", conversation.id, {"owner": None})
+        sweep(ctx)
+        drain()
+        assert slack.internal_errors == []
+        assert [call.status for call in slack.calls].count(429) == 0
+        breaches = notices_in(slack, CARE)
+        assert sorted(cid for cid, _ in breaches) == sorted(
+            c.id for c in conversations(ctx) if c.priority == "urgent"
+        )
+        last_breach = max(ts for _, ts in breaches)
+        assert last_breach - storm_at.timestamp() <= 1.0
+        after = [float(m.ts) for m in slack.messages(CARE) if float(m.ts) >= storm_at.timestamp()]
+        cards = [float(m.ts) for m in cards_in(slack, CARE) if float(m.ts) >= storm_at.timestamp()]
+        nags = [float(m.ts) for m in slack.messages(CARE) if m.text.startswith("Reminder:")]
+        assert len(cards) == 30 and len(nags) == 3
+        assert last_breach < min(cards + nags)  # none waited behind a card or a nag
+        assert len({ts for _, ts in breaches}) == 1  # six notices, one post
+        assert len(after) == 1 + 30 + 3

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_SECTION_TEXT",
     "Block",
     "Message",
+    "OverdueItem",
     "admin_alert_message",
     "breach_message",
     "card_actions",
@@ -63,6 +64,7 @@ __all__ = [
     "escalation_message",
     "graphemes",
     "nag_message",
+    "overdue_digest",
     "reassign_message",
     "reply_modal",
     "slack_date",
@@ -943,3 +945,72 @@ def storm_digest(
             section["accessory"] = claim
         result.append(section)
     return Message(text=headline, blocks=result)
+
+
+OVERDUE_DIGEST_EXCERPT = 120  # characters of each post in an overdue digest (escaped, one line)
+
+
+@dataclass(frozen=True)
+class OverdueItem:
+    """One conversation's line in an overdue digest. `step`: the most urgent of its notices in the
+    digest (``escalation`` asks the team to take it, ``breach`` says the deadline passed,
+    ``warning`` that it is near)."""
+
+    conversation: Conversation
+    post: Post | None
+    tz: ZoneInfo
+    step: str = "breach"
+
+
+def overdue_digest(
+    channel: str, items: Sequence[OverdueItem], *, ctx_policy: Policy, now: datetime
+) -> Message:
+    """ONE channel message standing for the breach, escalation and warning notices of several
+    conversations that fell due together (or while the channel's pace was spent): a line each,
+    with the owner mentioned as the single notice would (on duty: a ping), the customer's words
+    escaped. At Slack's one message a second per channel, 49 conversations cost one post, not 49.
+
+    At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
+    """
+    shown = list(items)[: MAX_BLOCKS - 1]
+    counts = {
+        step: sum(1 for item in shown if item.step == step) for step in ("breach", "escalation", "warning")
+    }
+    parts = []
+    if counts["breach"]:
+        parts.append(f"{counts['breach']} deadline{'s' if counts['breach'] != 1 else ''} missed")
+    if counts["escalation"]:
+        parts.append(f"{counts['escalation']} escalation{'s' if counts['escalation'] != 1 else ''}")
+    if counts["warning"]:
+        parts.append(f"{counts['warning']} due soon")
+    noun = "conversation" if len(shown) == 1 else "conversations"
+    state = "overdue" if counts["breach"] or counts["escalation"] else "due soon"
+    headline = f"{len(shown)} {noun} {state}: {', '.join(parts)}"
+    emoji = ":red_circle:" if state == "overdue" else ":hourglass_flowing_sand:"
+    result: list[Block] = [
+        _section(
+            f"{emoji} *{headline}* in {_channel_label(channel)}. Owners, please answer them now or hand them on."
+        )
+    ]
+    for item in shown:
+        conversation = item.conversation
+        owner = _person(ctx_policy, conversation.claimed_by or conversation.owner, now=now)
+        flag = " :rotating_light:" if conversation.priority == "urgent" else ""
+        if item.step == "escalation":
+            head = (
+                f":rotating_light: *Escalation*: {_subject(conversation)}{flag} is "
+                f"{_deadline_words(conversation, now)}. Owner: {owner}. Can someone take it?"
+            )
+        elif item.step == "warning":
+            head = (
+                f":hourglass_flowing_sand: {_subject(conversation)}{flag} is {_deadline_words(conversation, now)} "
+                f"({slack_date(conversation.due_at, item.tz)}). Owner: {owner}."
+            )
+        else:
+            head = (
+                f":red_circle: *Deadline missed*: {_subject(conversation)}{flag} was due "
+                f"{slack_date(conversation.due_at, item.tz)}. Owner: {owner}."
+            )
+        excerpt = clip_escaped(" ".join(_post_text(item.post).split()), OVERDUE_DIGEST_EXCERPT)
+        result.append(_section(f"{head}\n\u201c{excerpt}\u201d"))
+    return Message(text=_fallback(headline), blocks=result)

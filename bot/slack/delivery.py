@@ -66,8 +66,10 @@ from bot.flow.outbox import (
     Handler,
     OutboxMessage,
     Retry,
+    backoff,
     loop_autocommit,
     loop_session,
+    patiently,
     relaxed_commit,
     taken_over,
 )
@@ -93,13 +95,28 @@ from storage.models import (
     Post,
 )
 
-__all__ = ["CARD_EVENT", "STORM_EVENT", "SlackDelivery", "SlackDeliveryError", "slack_handlers"]
+__all__ = [
+    "CARD_EVENT",
+    "OVERDUE_EVENT",
+    "STORM_EVENT",
+    "SlackDelivery",
+    "SlackDeliveryError",
+    "slack_handlers",
+]
 
 log = logging.getLogger("replyclock.slack")
 
 CARD_EVENT = "slack_card"  # audit: where a conversation's card was posted (channel, ts, thread_ts)
 STORM_EVENT = "slack_storm"  # audit: a storm summary (channel, ts, conversation ids)
 CARD_METADATA_TYPE = "replyclock_card"
+OVERDUE_EVENT = (
+    "slack_overdue"  # audit: a conversation's breach/escalation notice went out in an overdue digest
+)
+OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest's metadata: which notices it carries
+OVERDUE_KINDS = ("breach", "escalation", "warning")  # the notices an overdue digest coalesces
+_STEP_ORDER = {"warning": 0, "breach": 1, "escalation": 2}  # which notice a conversation's digest line shows
+OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
+TRIED_MEMORY = 10_000  # row ids a thread remembers having tried (then it forgets them all: see _tried_here)
 MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
 # A card retried after an attempt whose outcome was not recorded is looked up before it is posted
 # again: this many top-level messages per page (conversations.history), at most this many pages.
@@ -235,12 +252,24 @@ class SlackDelivery:
 
         def run(message: OutboxMessage) -> str | None:
             self._rank.value = URGENCY.get(message.kind, DEFAULT_URGENCY)
+            tried = self._tried_here()
+            if len(tried) >= TRIED_MEMORY:
+                tried.clear()
+            tried.add(message.id)
             try:
                 return handler(message)
             finally:
                 self._rank.value = DEFAULT_URGENCY
 
         return run
+
+    def _tried_here(self) -> set[int]:
+        """Outbox rows handed to a handler on this thread (lately): a row of this sender's batch that
+        is still ``sending`` and in here was tried already, so no digest takes it over."""
+        tried: set[int] | None = getattr(self._rank, "tried", None)
+        if tried is None:
+            tried = self._rank.tried = set()
+        return tried
 
     # ----------------------------------------------------------------------------------------
     # Handlers
@@ -293,6 +322,17 @@ class SlackDelivery:
             ts = self._post_storm_entry(loaded, storm, now, outbox_id=None)
             return f"storm entry {storm.channel} {ts}"
         if waiting + 1 > self.storm_threshold:
+            channel = self._team_channel(loaded.conversation)
+            ready = self._ready(channel)
+            if ready is not None:
+                # The channel's pace is spent: the storm's cards wait together for its next free
+                # moment (one statement), not each for a slot of its own.
+                moved = self._put_off_storm(loaded.conversation, message.id, now, ready)
+                raise Defer(
+                    f"Slack chat.postMessage to {channel}: paced until {ready.isoformat()} "
+                    f"with {moved} more cards",
+                    after=ready,
+                )
             claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
             if claimed:
                 return self._post_storm(loaded, claimed, now)
@@ -322,6 +362,9 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
+        coalesced = self._overdue_digest(message, loaded, now)
+        if coalesced is not None:
+            return coalesced
         built = blocks.warning_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
         return self._thread_reply(loaded, built)
 
@@ -343,6 +386,9 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
+        coalesced = self._overdue_digest(message, loaded, now)
+        if coalesced is not None:
+            return coalesced
         if loaded.conversation.slack_ts is None:
             raise Retry(f"card of conversation {loaded.conversation.id} not posted yet")
         built = blocks.breach_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
@@ -449,6 +495,10 @@ class SlackDelivery:
             return f"skipped: conversation is {loaded.conversation.status}"
         conversation = loaded.conversation
         notify = _text(message.payload.get("notify")) or "team_channel"
+        if notify == "team_channel":
+            coalesced = self._overdue_digest(message, loaded, now)
+            if coalesced is not None:
+                return coalesced
         team = self.ctx.policy.teams.get(conversation.team)
         common: dict[str, Any] = {
             "ctx_policy": self.ctx.policy,
@@ -958,6 +1008,37 @@ class SlackDelivery:
             taken_over(row.id for row in rows)
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
+    def _put_off_storm(
+        self, conversation: Conversation, outbox_id: int, now: datetime, until: datetime
+    ) -> int:
+        """Make the other pending cards of this channel's storm (as `_claim_storm` would take them) due
+        at `until`, the channel's next free moment: whichever of them comes first then takes the
+        rest into one digest. Returns how many."""
+        with loop_session(self.ctx) as session, session.begin():
+            query = (
+                select(Outbox.id)
+                .join(Conversation, Conversation.id == Outbox.conversation_id)
+                .where(_storm_candidates(False))
+                .order_by(Outbox.next_attempt_at, Outbox.id)
+                .limit(MAX_STORM - 1)
+            )
+            if is_postgres(session):
+                query = query.with_for_update(skip_locked=True, of=Outbox)
+            params = {
+                **self._storm_params(outbox_id, None, now),
+                "storm_teams": self._same_channel(conversation),
+            }
+            ids = list(session.scalars(query, params))
+            if ids:
+                relaxed_commit(session)
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_(ids), Outbox.status == PENDING)
+                    .values(next_attempt_at=until)
+                    .execution_options(synchronize_session=False)
+                )
+            return len(ids)
+
     def _storm_covering(self, session: Session, conversation_id: int, now: datetime) -> _Storm | None:
         """A recent storm summary that lists this conversation (its entry is still to be posted)."""
         recent = session.scalars(
@@ -1002,9 +1083,12 @@ class SlackDelivery:
                     channel=team_channel,
                     conversation_id=first.conversation.id,
                     metadata=_digest_metadata(ids),
+                    group=True,
                 )
             except Retry as error:
-                resume_at = error.after or now
+                # Slack failed (not paced): the rows it carried back off as the one that failed does,
+                # rather than come straight back to fail again.
+                resume_at = error.after or now + backoff(1)
                 raise
             posted = True
             self._store_storm(channel, ts, ids, [outbox_id for outbox_id, _ in claimed], now=now)
@@ -1118,6 +1202,254 @@ class SlackDelivery:
                 extra={"conversation_id": conversation.id, "channel": channel, "ts": ts},
             )
         return ts
+
+    # ----------------------------------------------------------------------------------------
+    # Overdue digests
+
+    def _overdue_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
+        """Post this breach, escalation or warning notice together with the others of its channel that
+        are due (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
+
+        The other notices' rows are claimed as the sender claims (``sending`` with a lease and
+        this sender as owner, ``SKIP LOCKED`` on PostgreSQL). After the post, one transaction
+        records each conversation's ``slack_overdue`` event, marks every row of the digest sent
+        (this one too), retires their conversations' other pending warnings and queues the card
+        edits of the breached ones (``card_update``, which a storm digest folds). A failed post hands
+        the claimed rows back, due when Slack's pace allows.
+        """
+        conversation = loaded.conversation
+        if self.ctx.policy.teams.get(conversation.team) is None:
+            return None
+        with loop_session(self.ctx, read_only=True) as session:
+            if not self._overdue_rows(session, message, conversation, now):
+                return None  # alone: the notice goes to the card's thread, as always
+        channel = self._team_channel(conversation)
+        ready = self._ready(channel)
+        claimed: list[tuple[int, str, int]] = []
+        with loop_session(self.ctx) as session, session.begin():
+            rows = self._overdue_rows(session, message, conversation, now, lock=True)
+            if rows and ready is not None:
+                # The channel's pace is spent: these notices wait together for its next free
+                # moment (one statement; no slot promised to each), then go as one digest.
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_([row[0] for row in rows]), Outbox.status == PENDING)
+                    .values(next_attempt_at=ready)
+                    .execution_options(synchronize_session=False)
+                )
+            elif rows:
+                # Pending rows are claimed (an attempt each); rows of this sender's batch not tried
+                # yet are taken over (its send loop skips them).
+                session.execute(
+                    update(Outbox)
+                    .where(Outbox.id.in_([row[0] for row in rows]))
+                    .values(
+                        status=SENDING,
+                        attempts=case((Outbox.status == PENDING, Outbox.attempts + 1), else_=Outbox.attempts),
+                        lease_until=now + DEFAULT_LEASE,
+                        owner=message.owner,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                taken_over(row[0] for row in rows)
+                claimed = rows
+        if ready is not None:
+            raise Defer(
+                f"Slack chat.postMessage to {channel}: paced until {ready.isoformat()} "
+                f"with {len(rows)} more overdue notices",
+                after=ready,
+            )
+        if not claimed:
+            return None
+        claimed_ids = [row[0] for row in claimed]
+        step = {conversation.id: message.kind}
+        order = [conversation.id]
+        for _, kind, cid in claimed:
+            if cid not in order:
+                order.append(cid)
+            if _STEP_ORDER[kind] > _STEP_ORDER[step.get(cid, "warning")]:
+                step[cid] = kind
+            step.setdefault(cid, kind)
+        resume_at = now
+        posted = False
+        try:
+            with loop_session(self.ctx, read_only=True) as session:
+                shown = [loaded, *(self._load(session, cid) for cid in order[1:])]
+            built = blocks.overdue_digest(
+                channel,
+                [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
+                ctx_policy=self.ctx.policy,
+                now=now,
+            )
+            kinds: dict[str, list[int]] = {kind: [] for kind in OVERDUE_KINDS}
+            kinds[message.kind].append(conversation.id)
+            for _, kind, cid in claimed:
+                kinds[kind].append(cid)
+            try:
+                posted_channel, ts = self._post(
+                    built,
+                    channel=channel,
+                    conversation_id=conversation.id,
+                    metadata={"event_type": OVERDUE_METADATA_TYPE, "event_payload": kinds},
+                    group=True,
+                )
+            except Retry as error:
+                # Slack failed (not paced): the rows it carried back off as the one that failed does,
+                # rather than come straight back to fail again.
+                resume_at = error.after or now + backoff(1)
+                raise
+            posted = True
+            result = f"overdue digest {posted_channel} {ts}"
+            # Posted: its record must not be lost to a database that blinks now (the rows would go
+            # back and the digest be posted again), so wait for the database as the outbox does.
+            patiently(
+                functools.partial(
+                    self._store_overdue, message, shown, claimed_ids, kinds, posted_channel, ts, result, now
+                ),
+                "database unavailable: overdue digest posted, not recorded yet, retrying",
+                {
+                    "conversation_id": conversation.id,
+                    "outbox_id": message.id,
+                    "status": SENT,
+                    "rows": len(claimed) + 1,
+                },
+            )
+            claimed_ids = []
+        finally:
+            self._release(claimed_ids, resume_at, keep_attempt=posted)
+        log.info(
+            "overdue digest posted",
+            extra={
+                "conversation_id": conversation.id,
+                "channel": posted_channel,
+                "ts": ts,
+                "conversations": len(order),
+                "notices": len(claimed) + 1,
+            },
+        )
+        return result
+
+    def _overdue_rows(
+        self,
+        session: Session,
+        message: OutboxMessage,
+        conversation: Conversation,
+        now: datetime,
+        *,
+        lock: bool = False,
+    ) -> list[tuple[int, str, int]]:
+        """The other breach and escalation notices for this channel that an overdue digest takes:
+        (outbox id, kind, conversation id), pending, due now or put off by the pace (up to its
+        horizon), of open conversations, for at most MAX_STORM conversations in all (this one
+        counts). Escalations only when they go to the team channel (DMs are other channels)."""
+        query = (
+            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
+            .join(Conversation, Conversation.id == Outbox.conversation_id)
+            .where(
+                Outbox.kind.in_(OVERDUE_KINDS),
+                or_(
+                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                    and_(
+                        Outbox.status == literal(SENDING, literal_execute=True),
+                        Outbox.owner == message.owner,
+                    ),
+                )
+                if message.owner is not None
+                else Outbox.status == literal(PENDING, literal_execute=True),
+                Outbox.id != message.id,
+                # Put off by the pace (no error recorded): waiting for the channel, they join now.
+                # Backing off after a failure: only when due again.
+                or_(
+                    Outbox.next_attempt_at <= now,
+                    and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
+                ),
+                Conversation.team.in_(self._same_channel(conversation)),
+                Conversation.status == OPEN,
+            )
+            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .limit(OVERDUE_SCAN)
+        )
+        if lock and is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        found: list[tuple[int, str, int]] = []
+        conversations = {conversation.id}
+        tried = self._tried_here()
+        for outbox_id, kind, cid, payload, status in session.execute(query):
+            if status == SENDING and outbox_id in tried:
+                continue  # this sender's batch tried it already (its outcome is recorded with the batch)
+            if cid is None or (
+                kind == "escalation"
+                and (_text((payload or {}).get("notify")) or "team_channel") != "team_channel"
+            ):
+                continue
+            if cid not in conversations:
+                if len(conversations) >= MAX_STORM:
+                    continue
+                conversations.add(cid)
+            found.append((int(outbox_id), str(kind), int(cid)))
+        return found
+
+    def _store_overdue(
+        self,
+        message: OutboxMessage,
+        shown: list[_Loaded],
+        claimed_ids: list[int],
+        kinds: Mapping[str, list[int]],
+        channel: str,
+        ts: str,
+        result: str,
+        now: datetime,
+    ) -> None:
+        """Record a posted overdue digest: one transaction for every conversation in it."""
+        ids = [m.conversation.id for m in shown]
+        with loop_session(self.ctx) as session, session.begin():
+            for loaded in shown:
+                cid = loaded.conversation.id
+                repo.record_event(
+                    session=session,
+                    at=now,
+                    actor="slack",
+                    action=OVERDUE_EVENT,
+                    conversation_id=cid,
+                    channel=channel,
+                    ts=ts,
+                    kinds=[kind for kind, listed in kinds.items() if cid in listed],
+                    digest=ids,
+                )
+            mine = and_(Outbox.id == message.id, Outbox.status == SENDING)
+            if message.owner is not None:
+                mine = and_(mine, Outbox.owner == message.owner)
+            session.execute(
+                update(Outbox)
+                .where(or_(mine, and_(Outbox.id.in_(claimed_ids), Outbox.status == SENDING)))
+                .values(
+                    status=SENT, sent_at=now, result=result, lease_until=None, owner=None, last_error=None
+                )
+                .execution_options(synchronize_session=False)
+            )
+            # A warning still unsent is moot once the deadline passed and staff were told.
+            session.execute(
+                update(Outbox)
+                .where(
+                    Outbox.conversation_id.in_(ids),
+                    Outbox.kind == "warning",
+                    Outbox.status == PENDING,
+                )
+                .values(status=RETIRED, result=f"retired: superseded by {result}", lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            for loaded in shown:
+                conversation = loaded.conversation
+                if conversation.slack_ts is None or conversation.id not in kinds["breach"]:
+                    continue  # its card, when posted, shows it overdue; a warning leaves the card as is
+                repo.enqueue(
+                    session=session,
+                    kind="card_update",
+                    key=f"conv:{conversation.id}:c{conversation.cycle}:overdue",
+                    payload={"conversation_id": conversation.id, "reason": "overdue"},
+                    conversation_id=conversation.id,
+                    now=now,
+                )
 
     # ----------------------------------------------------------------------------------------
     # Reading
@@ -1235,8 +1567,12 @@ class SlackDelivery:
         broadcast: bool = False,
         metadata: dict[str, Any] | None = None,
         paced: bool = True,
+        group: bool = False,
     ) -> tuple[str, str]:
-        """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl."""
+        """chat.postMessage; returns (channel id, ts). Links in our messages never unfurl.
+
+        `group`: the message stands for rows waiting together (a digest): put off, it is told
+        when the channel is free, not promised a slot of its own (`Pacer.try_take`)."""
         response = self._call(
             "chat.postMessage",
             channel,
@@ -1254,10 +1590,20 @@ class SlackDelivery:
                 metadata=metadata,
             ),
             paced=paced,
+            group=group,
         )
         if self.pacer is not None:
             self.pacer.learn(channel, str(response["channel"]))
         return str(response["channel"]), str(response["ts"])
+
+    def _ready(self, channel: str) -> datetime | None:
+        """When a post to `channel` at this message's urgency could go (nothing taken, no slot
+        promised: a group of rows waiting together needs one moment, not a slot each); None: now."""
+        if self.pacer is None:
+            return None
+        return self.pacer.ready(
+            "chat.postMessage", channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY)
+        )
 
     def _paced(self, method: str, channel: str | None) -> None:
         """Defer now if a `method` call to `channel` could not go yet (nothing taken)."""
@@ -1274,6 +1620,7 @@ class SlackDelivery:
         call: Callable[[], SlackResponse],
         *,
         paced: bool = True,
+        group: bool = False,
     ) -> SlackResponse:
         """Make one Web API call and translate its failure into Retry or SlackDeliveryError.
 
@@ -1283,7 +1630,8 @@ class SlackDelivery:
         if self.pacer is not None and not paced:
             self.pacer.spend(method, channel)
         elif self.pacer is not None:
-            ready = self.pacer.take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
+            take = self.pacer.try_take if group else self.pacer.take
+            ready = take(method, channel, rank=getattr(self._rank, "value", DEFAULT_URGENCY))
             if ready is not None:
                 raise Defer(f"Slack {method} to {channel}: paced until {ready.isoformat()}", after=ready)
         try:

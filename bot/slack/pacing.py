@@ -119,13 +119,14 @@ class _State:
 
 
 # What a call does to a bucket.
-TAKE, READY, SPEND, BLOCK = "take", "ready", "spend", "block"
+TAKE, READY, SPEND, BLOCK, TRY = "take", "ready", "spend", "block", "try"
 
 
 def _step(state: _State, pace: Pace, now: float, op: str, rank: int, until: float) -> float | None:
     """Apply `op` to `state` (in place); None: the call may go now, else when it may go.
 
-    TAKE takes a token or promises a slot; READY only looks; SPEND takes a token even if there is
+    TAKE takes a token or promises a slot; TRY takes a token or says when one is there (no slot
+    promised: for a group of rows waiting together); READY only looks; SPEND takes a token even if there is
     none (a call made anyway); BLOCK closes the bucket until `until` (a 429's Retry-After), after
     which one call may go, then the pace.
     """
@@ -138,11 +139,11 @@ def _step(state: _State, pace: Pace, now: float, op: str, rank: int, until: floa
         return None
     tolerance = pace.tolerance(rank)
     if state.tat <= now + tolerance:
-        if op == TAKE:
+        if op in (TAKE, TRY):
             state.tat = max(state.tat, now) + interval
         return None
     ready = state.tat - tolerance
-    if op == READY:
+    if op in (READY, TRY):
         return ready
     urgent = rank <= URGENT_RANK
     queue = state.urgent_tail if urgent else state.tail
@@ -225,6 +226,16 @@ class Pacer:
         breach put off is still told the very next slot.
         """
         return self._token(method, channel, TAKE, rank=rank)
+
+    def try_take(self, method: str, channel: str | None, *, rank: int = 0) -> datetime | None:
+        """Like `take`, but a call put off is promised no slot: told when a token is there.
+
+        For a call that stands for a group of rows waiting together (a storm digest, an overdue
+        digest): they need the channel's next free moment, once. (Promised a slot each time it is
+        put off, a storm's digests drove the queue of promised slots minutes ahead of a channel
+        that stood idle.)
+        """
+        return self._token(method, channel, TRY, rank=rank)
 
     def ready(self, method: str, channel: str | None, *, rank: int = 0) -> datetime | None:
         """Like `take` without taking: None if a call of `rank` could go now, else when it could."""
@@ -368,9 +379,9 @@ class SharedPacer(Pacer):
             state = _State(*found) if found is not None else _State.full(now)
             return _step(state, pace, now, op, rank, until)
         with self._engine.connect() as db:
-            if op in (TAKE, SPEND):
+            if op in (TAKE, SPEND, TRY):
                 # The common case, one statement built once: a token is there (or is spent anyway).
-                limit = now + pace.tolerance(rank) if op == TAKE else math.inf
+                limit = now + pace.tolerance(rank) if op != SPEND else math.inf
                 changed = db.execute(
                     _TAKE,
                     {
