@@ -201,11 +201,17 @@ def mark_answered(
         response_at=at.isoformat(),
     )
     repo.retire_ladder(session=session, conversation_ids=[conversation.id], reason="answered first", now=now)
+    queue_card_refresh(session, conversation, "answered", now)
+
+
+def queue_card_refresh(session: Session, conversation: Conversation, reason: str, when: datetime) -> None:
+    """Queue the card's edit for `reason`, due at `when`: once per cycle and reason (a newer card
+    update of the card supersedes an older pending one)."""
     repo.enqueue(
         session=session,
         kind="card_update",
-        key=f"conv:{conversation.id}:c{conversation.cycle}:answered",
-        payload={"conversation_id": conversation.id, "reason": "answered"},
+        key=f"conv:{conversation.id}:c{conversation.cycle}:{reason}",
+        payload={"conversation_id": conversation.id, "reason": reason},
         conversation_id=conversation.id,
-        now=now,
+        now=when,
     )

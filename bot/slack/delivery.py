@@ -59,6 +59,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from bot.core.policy import Expert
 from bot.core.routing import is_on_duty
 from bot.flow.context import AppContext
+from bot.flow.conversations import queue_card_refresh
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import (
     DEFAULT_LEASE,
@@ -407,14 +408,7 @@ class SlackDelivery:
         except (Retry, SlackDeliveryError) as error:
             after = error.after if isinstance(error, Retry) else None
         with self.ctx.sessions() as session, session.begin():
-            repo.enqueue(
-                session=session,
-                kind="card_update",
-                key=f"conv:{conversation.id}:c{conversation.cycle}:{reason}",
-                payload={"conversation_id": conversation.id, "reason": reason},
-                conversation_id=conversation.id,
-                now=max(after or now, now),
-            )
+            queue_card_refresh(session, conversation, reason, max(after or now, now))
 
     def resolution_notice(self, message: OutboxMessage) -> str:
         """The resolution deadline is near or has passed: a line in the card's thread, pinging the
@@ -983,19 +977,7 @@ class SlackDelivery:
         if self.ctx.policy.teams.get(conversation.team) is None:
             return []
         with loop_session(self.ctx) as session, session.begin():
-            query = (
-                select(Outbox)
-                .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(_storm_candidates(owner is not None))
-                .order_by(Outbox.next_attempt_at, Outbox.id)
-                .limit(MAX_STORM - 1)
-            )
-            if is_postgres(session):
-                query = query.with_for_update(skip_locked=True, of=Outbox)
-            params = {
-                **self._storm_params(outbox_id, owner, now),
-                "storm_teams": self._same_channel(conversation),
-            }
+            query, params = self._storm_rows(session, select(Outbox), conversation, outbox_id, owner, now)
             rows = [row for row in session.scalars(query, params) if row.conversation_id is not None]
             if len(rows) + 1 <= self.storm_threshold:
                 return []
@@ -1008,6 +990,31 @@ class SlackDelivery:
             taken_over(row.id for row in rows)
             return [(row.id, int(row.conversation_id or 0)) for row in rows]
 
+    def _storm_rows(
+        self,
+        session: Session,
+        columns: Select[Any],
+        conversation: Conversation,
+        outbox_id: int,
+        owner: str | None,
+        now: datetime,
+    ) -> tuple[Select[Any], dict[str, Any]]:
+        """The other cards of this conversation's channel that a storm takes (`columns` of them, locked
+        on PostgreSQL, ``SKIP LOCKED``), oldest due first, and the statement's parameters."""
+        query = (
+            columns.join(Conversation, Conversation.id == Outbox.conversation_id)
+            .where(_storm_candidates(owner is not None))
+            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .limit(MAX_STORM - 1)
+        )
+        if is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        params = {
+            **self._storm_params(outbox_id, owner, now),
+            "storm_teams": self._same_channel(conversation),
+        }
+        return query, params
+
     def _put_off_storm(
         self, conversation: Conversation, outbox_id: int, now: datetime, until: datetime
     ) -> int:
@@ -1015,19 +1022,7 @@ class SlackDelivery:
         at `until`, the channel's next free moment: whichever of them comes first then takes the
         rest into one digest. Returns how many."""
         with loop_session(self.ctx) as session, session.begin():
-            query = (
-                select(Outbox.id)
-                .join(Conversation, Conversation.id == Outbox.conversation_id)
-                .where(_storm_candidates(False))
-                .order_by(Outbox.next_attempt_at, Outbox.id)
-                .limit(MAX_STORM - 1)
-            )
-            if is_postgres(session):
-                query = query.with_for_update(skip_locked=True, of=Outbox)
-            params = {
-                **self._storm_params(outbox_id, None, now),
-                "storm_teams": self._same_channel(conversation),
-            }
+            query, params = self._storm_rows(session, select(Outbox.id), conversation, outbox_id, None, now)
             ids = list(session.scalars(query, params))
             if ids:
                 relaxed_commit(session)
@@ -1442,14 +1437,7 @@ class SlackDelivery:
                 conversation = loaded.conversation
                 if conversation.slack_ts is None or conversation.id not in kinds["breach"]:
                     continue  # its card, when posted, shows it overdue; a warning leaves the card as is
-                repo.enqueue(
-                    session=session,
-                    kind="card_update",
-                    key=f"conv:{conversation.id}:c{conversation.cycle}:overdue",
-                    payload={"conversation_id": conversation.id, "reason": "overdue"},
-                    conversation_id=conversation.id,
-                    now=now,
-                )
+                queue_card_refresh(session, conversation, "overdue", now)
 
     # ----------------------------------------------------------------------------------------
     # Reading
