@@ -263,30 +263,40 @@ def _reassignments_written(ctx: AppContext) -> tuple[int, list[tuple[str, int, o
         return conversation.reassignments, notes, events
 
 
+def _maria_owns_one_due_at_2230(ctx: AppContext, clock: FakeClock, text: str) -> int:
+    """One post at 16:30 UTC Monday, six hours to answer: Maria owns it, due 22:30 UTC. Its id."""
+    clock.set(MONDAY.replace(hour=16, minute=30))
+    ingest(ctx, post("1", text, at=clock.now()))
+    with ctx.sessions() as session:
+        conversation = session.scalars(select(Conversation)).one()
+        assert (conversation.owner, conversation.due_at) == ("maria", MONDAY.replace(hour=22, minute=30))
+        return conversation.id
+
+
+def _assert_maria_nina_sam(ctx: AppContext, cid: int, events: list[str]) -> None:
+    """Two reassignments in the cycle (Maria to Nina, Nina to Sam), each with its own key and event."""
+    count, notes, written = _reassignments_written(ctx)
+    assert notes == [
+        (f"conv:{cid}:c0:reassign:0", 0, "maria", "nina"),
+        (f"conv:{cid}:c0:reassign:1", 1, "nina", "sam"),
+    ]
+    assert written == events
+    assert count == 2
+    with ctx.sessions() as session:
+        assert session.scalars(select(Conversation.owner)).one() == "sam"
+
+
 def test_a_handover_then_a_second_handover_each_get_their_own_notice(
     ctx: AppContext, clock: FakeClock
 ) -> None:
     """Maria's day ends (17:00 UTC): Nina takes it; Nina's ends (22:00 UTC) before the deadline: Sam.
     Two reassignments in one cycle: two notices under their own keys, two events, a count of 2."""
     _staggered_team(ctx, "care", "urgent", first_response=6 * H)
-    clock.set(MONDAY.replace(hour=16, minute=30))
-    ingest(ctx, post("1", "the site is down", at=clock.now()))  # care, urgent: due 22:30 UTC
-    with ctx.sessions() as session:
-        conversation = session.scalars(select(Conversation)).one()
-        assert (conversation.owner, conversation.due_at) == ("maria", MONDAY.replace(hour=22, minute=30))
-        cid = conversation.id
+    cid = _maria_owns_one_due_at_2230(ctx, clock, "the site is down")  # care, urgent
     for at in (MONDAY.replace(hour=17), MONDAY.replace(hour=21), MONDAY.replace(hour=22)):
         clock.set(at)
         sweep(ctx)
-    count, notes, events = _reassignments_written(ctx)
-    assert notes == [
-        (f"conv:{cid}:c0:reassign:0", 0, "maria", "nina"),
-        (f"conv:{cid}:c0:reassign:1", 1, "nina", "sam"),
-    ]
-    assert events == ["handover", "handover"]
-    assert count == 2
-    with ctx.sessions() as session:
-        assert session.scalars(select(Conversation.owner)).one() == "sam"
+    _assert_maria_nina_sam(ctx, cid, ["handover", "handover"])
 
 
 def test_a_handover_then_an_unclaimed_offer_each_get_their_own_notice(
@@ -295,21 +305,8 @@ def test_a_handover_then_an_unclaimed_offer_each_get_their_own_notice(
     """Maria's day ends (17:00 UTC): Nina takes it but does not claim it within the hour: Sam gets it
     at 18:00, with a notice and an event of its own (not the handover's key, written already)."""
     _staggered_team(ctx, "billing", "billing", clock="wall", first_response=6 * H, claim_within=H)
-    clock.set(MONDAY.replace(hour=16, minute=30))
-    ingest(ctx, post("1", "refund for my invoice please", at=clock.now()))  # billing: due 22:30 UTC
-    with ctx.sessions() as session:
-        conversation = session.scalars(select(Conversation)).one()
-        assert (conversation.owner, conversation.due_at) == ("maria", MONDAY.replace(hour=22, minute=30))
-        cid = conversation.id
+    cid = _maria_owns_one_due_at_2230(ctx, clock, "refund for my invoice please")  # billing
     for at in (MONDAY.replace(hour=17), MONDAY.replace(hour=18)):
         clock.set(at)
         sweep(ctx)
-    count, notes, events = _reassignments_written(ctx)
-    assert notes == [
-        (f"conv:{cid}:c0:reassign:0", 0, "maria", "nina"),
-        (f"conv:{cid}:c0:reassign:1", 1, "nina", "sam"),
-    ]
-    assert events == ["handover", "reassign"]
-    assert count == 2
-    with ctx.sessions() as session:
-        assert session.scalars(select(Conversation.owner)).one() == "sam"
+    _assert_maria_nina_sam(ctx, cid, ["handover", "reassign"])
