@@ -225,7 +225,7 @@ def print_report(run: StormRun, postgres_version: str) -> None:
     print("spread over the processes (their own log lines)")
     print(
         f"  {'process':<8} {'sweeps':>7} {'conv. swept':>11} {'steps written':>13} {'sent':>8} "
-        f"{'cards':>7} {'storms':>7} {'overdue':>7} {'notices':>7} {'CPU s':>7}"
+        f"{'cards':>7} {'storms':>7} {'overdue':>7} {'notices':>7} {'remind':>7} {'nags':>7} {'CPU s':>7}"
     )
     for name, work in sorted(report.work.items()):
         cpu = run.cpu.get(name)
@@ -233,6 +233,7 @@ def print_report(run: StormRun, postgres_version: str) -> None:
             f"  {name:<8} {work.sweeps:>7,} {work.processed:>11,} {work.ladder_steps:>13,} {work.sent:>8,} "
             f"{work.cards + work.storm_cards:>7,} {work.storm_summaries:>7,} "
             f"{work.overdue_digests:>7,} {work.overdue_notices:>7,} "
+            f"{work.reminder_digests:>7,} {work.reminder_nags:>7,} "
             f"{(f'{cpu:.1f}' if cpu is not None else '?'):>7}"
         )
     others = ", ".join(

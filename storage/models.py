@@ -56,6 +56,10 @@ PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
 OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
 # Staff messages that only matter while their conversation is open (retired when it is answered).
 LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
+# Staff messages that keep no place in their conversation's order: a nag is a DM to the owner that
+# needs none of the conversation's other messages, and none of them waits for it (the outbox
+# claim, bot.flow.outbox._claim_query), so it lends and borrows no urgency either.
+LANE_FREE_KINDS = frozenset({"nag"})
 # The resolution ladder's notices: they outlive an answer (the target is closing it), not a close.
 RESOLUTION_KINDS = frozenset({"resolution_warning", "resolution_breach"})
 # Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can

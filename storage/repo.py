@@ -14,6 +14,7 @@ from storage.models import (
     CLOSED,
     DEFAULT_URGENCY,
     LADDER_KINDS,
+    LANE_FREE_KINDS,
     OPEN,
     PENDING,
     RETIRED,
@@ -208,8 +209,8 @@ def enqueue(
         supersede_older(session=session, kind=kind, conversation_ids=[conversation_id])
     if written and conversation_id is not None and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY:
         # An urgent message waits for the earlier unsent ones of its conversation (its lane): they
-        # inherit its urgency, so that a breach is not held back behind its own nag queued behind
-        # every card of a storm.
+        # inherit its urgency, so that a breach is not held back behind its own card update queued
+        # behind every card of a storm. Nags keep no place in the lane (LANE_FREE_KINDS).
         customer = kind in CUSTOMER_LANE
         session.execute(
             update(Outbox)
@@ -217,7 +218,9 @@ def enqueue(
                 Outbox.conversation_id == conversation_id,
                 Outbox.status == PENDING,
                 Outbox.urgency > URGENCY.get(kind, DEFAULT_URGENCY),
-                Outbox.kind.in_(CUSTOMER_LANE) if customer else Outbox.kind.not_in(CUSTOMER_LANE),
+                Outbox.kind.in_(CUSTOMER_LANE)
+                if customer
+                else Outbox.kind.not_in((*CUSTOMER_LANE, *LANE_FREE_KINDS)),
             )
             .values(urgency=URGENCY.get(kind, DEFAULT_URGENCY))
             .execution_options(synchronize_session=False)

@@ -22,12 +22,13 @@ from bot.slack.delivery import (
     CARD_METADATA_TYPE,
     OVERDUE_EVENT,
     OVERDUE_METADATA_TYPE,
+    REMINDER_METADATA_TYPE,
     STORM_EVENT,
     SlackDelivery,
     SlackDeliveryError,
     slack_handlers,
 )
-from bot.slack.ids import ACTION_CLAIM
+from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY
 from bot.slack.pacing import Pacer
 from storage import repo
 from storage.models import Conversation, Event, Outbox
@@ -754,3 +755,115 @@ def test_in_a_paced_storm_no_breach_notice_waits_behind_a_card_or_a_nag(
         assert last_breach < min(cards + nags)  # none waited behind a card or a nag
         assert len({ts for _, ts in breaches}) == 1  # six notices, one post
         assert len(after) == 1 + 30 + 3
+
+
+def _own(ctx: AppContext, owners: dict[int, str]) -> None:
+    with ctx.sessions() as session, session.begin():
+        for conversation in session.scalars(select(Conversation)):
+            conversation.owner = owners.get(conversation.id, conversation.owner)
+
+
+def test_nags_for_one_person_due_together_are_one_reminder_dm(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    # Four conversations in #care: three Sam's (one customer writes mrkdwn and calls themself
+    # <!channel>), one Nina's. Their cards have not gone out: a reminder by DM needs none.
+    ingest(
+        ctx,
+        post("1", f"a question {NASTY}", author="<!channel>"),
+        *[post(str(i), f"a question, number {i}", author=f"q{i}") for i in (2, 3, 4)],
+    )
+    ids = [c.id for c in conversations(ctx)]
+    _own(ctx, {ids[0]: "sam", ids[1]: "sam", ids[2]: "sam", ids[3]: "nina"})
+    for cid in ids:
+        enqueue(ctx, "nag", f"nag-{cid}", cid, {"owner": "sam" if cid != ids[3] else "nina"})
+    sender = OutboxSender(
+        ctx,
+        {**slack_handlers(ctx, client), "card": lambda m: None, "ack": lambda m: "ack sent"},
+        staff_batch=STAFF_BATCH,
+    )  # the cards wait (a handler that sends nothing)
+    result = sender.send_due()
+    assert result.failed == 0 and result.retried == 0
+
+    [digest] = slack.messages(SAM)
+    assert digest.text == "Reminder: 3 conversations are waiting for your answer"
+    assert digest.data["metadata"] == {
+        "event_type": REMINDER_METADATA_TYPE,
+        "event_payload": {"nag": ids[:3]},
+    }
+    replies = [
+        str(block["accessory"]["value"])
+        for block in digest.blocks
+        if block.get("accessory", {}).get("action_id") == ACTION_REPLY
+    ]
+    assert replies == [str(cid) for cid in ids[:3]]
+    posted = next(
+        c.params for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == digest.channel
+    )
+    assert not [
+        s
+        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
+        if re.search(r"<!(channel|here)", s)
+    ]
+    assert (
+        "&lt;!channel&gt;" in digest.display_text
+        and "&lt;http://evil.example|bank&gt;" in digest.display_text
+    )
+    assert not digest.mentions
+    [alone] = slack.messages(NINA)  # Nina's one nag goes alone, as always, with the card's buttons
+    assert alone.text.startswith(f"Reminder: #{ids[3]} ")
+    assert action_values(alone, ACTION_CLAIM) == [str(ids[3])]
+    nags = {row.conversation_id: row for row in outbox(ctx, "nag")}
+    assert all(nags[cid].status == "sent" for cid in ids)
+    assert {str(nags[cid].result) for cid in ids[:3]} == {f"reminder digest {digest.channel} {digest.ts}"}
+    assert str(nags[ids[3]].result).startswith("dm ")
+    assert [row.status for row in outbox(ctx, "card")] == ["sent"] * 4
+
+
+def test_nags_for_one_person_keep_within_two_seconds_at_slacks_pace(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """Slack allows a DM about one post a second: a nag every 0.25 s for the same person goes
+    out within 2 s of being due, the ones put off by the pace together, with no 429."""
+
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(
+        channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
+    ) as slack:
+        client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
+        sender = sender_for(ctx, client, pacer=Pacer(clock.now))
+        ingest(ctx, *[post(f"q{i}", f"a question, number {i}", author=f"q{i}") for i in range(24)])
+        ids = [c.id for c in conversations(ctx)]
+        _own(ctx, dict.fromkeys(ids, "sam"))
+        start = clock.now()
+        due: dict[int, datetime] = {}
+        for tick in range(40):  # 10 s; a new nag each of the first 24 ticks
+            if tick < len(ids):
+                due[ids[tick]] = clock.now()
+                with ctx.sessions() as session, session.begin():
+                    repo.enqueue(
+                        session=session,
+                        kind="nag",
+                        key=f"nag-{ids[tick]}",
+                        payload={"conversation_id": ids[tick], "owner": "sam"},
+                        conversation_id=ids[tick],
+                        now=clock.now(),
+                    )
+            sender.send_due()
+            clock.advance(timedelta(seconds=0.25))
+        assert slack.internal_errors == []
+        assert [call.status for call in slack.calls].count(429) == 0
+        dms = slack.messages(SAM)
+        sent_at: dict[int, float] = {}
+        for m in dms:
+            listed = (m.data.get("metadata") or {}).get("event_payload", {}).get("nag")
+            for cid in listed or [int(re.match(r"^Reminder: #(\d+) ", m.text).group(1))]:  # type: ignore[union-attr]
+                assert cid not in sent_at, f"#{cid} reminded twice"
+                sent_at[int(cid)] = float(m.ts)
+        assert sorted(sent_at) == ids
+        late = [sent_at[cid] - due[cid].timestamp() for cid in ids]
+        assert max(late) < 2.0, late
+        assert len(dms) < len(ids) / 2  # together, not one each
+        assert float(dms[-1].ts) - start.timestamp() < 24 * 0.25 + 2

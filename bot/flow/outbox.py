@@ -47,7 +47,17 @@ from bot.telemetry import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
 from storage.db import is_postgres
-from storage.models import FAILED, LADDER_KINDS, PENDING, SENDING, SENT, UNKNOWN, Lease, Outbox
+from storage.models import (
+    FAILED,
+    LADDER_KINDS,
+    LANE_FREE_KINDS,
+    PENDING,
+    SENDING,
+    SENT,
+    UNKNOWN,
+    Lease,
+    Outbox,
+)
 
 log = logging.getLogger("replyclock.outbox")
 T = TypeVar("T")
@@ -239,6 +249,14 @@ def loop_autocommit() -> Iterator[Connection | None]:
             _loop.held = None
             held.close(broken=True)
         raise
+
+
+def untried_in_batch() -> frozenset[int]:
+    """Rows of this thread's batch that the send loop has not handed to their handler yet (a digest
+    may take them over); empty outside a send loop. A row of the batch already handed over is
+    the loop's to record, even if it is still ``sending`` (and one put off earlier and claimed
+    again is in a new batch: untried once more)."""
+    return frozenset(getattr(_loop, "untried", ()))
 
 
 def taken_over(outbox_ids: Iterable[int]) -> None:
@@ -462,6 +480,8 @@ class OutboxSender:
         were tried (the rest went back in line, or a handler took them over)."""
         taken: set[int] = _loop.taken
         taken.clear()
+        untried: set[int] = {m.id for m in claimed}
+        _loop.untried = untried
         outcomes: list[_Outcome] = []
         began = time.monotonic()
         tried = 0
@@ -477,10 +497,12 @@ class OutboxSender:
                     self._release([m for m in claimed[index:] if m.id not in taken])
                     break
                 tried += 1
+                untried.discard(message.id)
                 outcome = self._deliver(message, result)
                 if outcome is not None:
                     outcomes.append(outcome)
         finally:
+            _loop.untried = set()
             try:
                 self._record(outcomes)
             finally:
@@ -817,7 +839,11 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
 
     Messages of one conversation go out in the order they were written, separately for the
-    customer and for staff: a row waits while an earlier one of its lane is still unsent. The
+    customer and for staff: a row waits while an earlier one of its lane is still unsent. Nags
+    (LANE_FREE_KINDS) are out of that order: a reminder by DM needs none of the conversation's
+    other messages (a nag for the card's thread waits for the card in its handler), and none
+    waits for it; in a storm a nag queued behind its conversation's escalation in a rate-limited
+    channel came after the answer that made it moot. The
     statuses are written into the SQL as literals, not parameters: only then can the planner prove
     that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply (SQLite always; PostgreSQL
     once psycopg prepares the statement with a generic plan).
@@ -832,6 +858,8 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
             earlier.id < Outbox.id,
             earlier.status.in_(_UNSENT),
             or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
+            Outbox.kind.not_in(_LANE_FREE),
+            earlier.kind.not_in(_LANE_FREE),
         )
         .correlate(Outbox)
     )
@@ -875,6 +903,9 @@ def _gone(owner: str) -> bool:
 
 
 _PENDING = literal(PENDING, literal_execute=True)
+_LANE_FREE: BindParameter[list[str]] = bindparam(
+    "lane_free", sorted(LANE_FREE_KINDS), expanding=True, literal_execute=True
+)
 _UNSENT: BindParameter[list[str]] = bindparam(
     "unsent", [PENDING, SENDING], expanding=True, literal_execute=True
 )

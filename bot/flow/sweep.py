@@ -39,6 +39,7 @@ from storage.db import is_postgres
 from storage.models import (
     ANSWERED,
     DEFAULT_URGENCY,
+    LANE_FREE_KINDS,
     OPEN,
     PENDING,
     URGENCY,
@@ -621,7 +622,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
     for decision, step, payload, key in reversed(to_write):
         own = URGENCY.get(step.kind, DEFAULT_URGENCY)
         later = lowest.get(decision.row.id)
-        urgency = own if later is None else min(own, later)
+        urgency = own if later is None or step.kind in LANE_FREE_KINDS else min(own, later)
         if own < DEFAULT_URGENCY:
             lowest[decision.row.id] = own if later is None else min(own, later)
         rows.append(
@@ -651,7 +652,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
                 # pending row of the outbox (11 % of the sweep's time, growing with the outbox).
                 OUTBOX.c.status.concat("") == PENDING,
                 OUTBOX.c.urgency > urgency,
-                OUTBOX.c.kind.not_in(repo.CUSTOMER_LANE),
+                OUTBOX.c.kind.not_in((*repo.CUSTOMER_LANE, *LANE_FREE_KINDS)),
             )
             .values(urgency=urgency)
         )

@@ -1014,3 +1014,36 @@ def overdue_digest(
         excerpt = clip_escaped(" ".join(_post_text(item.post).split()), OVERDUE_DIGEST_EXCERPT)
         result.append(_section(f"{head}\n\u201c{excerpt}\u201d"))
     return Message(text=_fallback(headline), blocks=result)
+
+
+REMINDER_DIGEST_EXCERPT = 120  # characters of each post in a reminder digest (escaped, one line)
+
+
+def reminder_digest(items: Sequence[OverdueItem], *, now: datetime) -> Message:
+    """ONE DM standing for the nags of several conversations that fell due together for one person
+    (or while their DM's pace was spent): a line each with its lateness, the customer's words
+    escaped, and a Reply button. At Slack's one message a second per channel, a storm's nags for
+    one owner cost one DM, not one each.
+
+    At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
+    """
+    shown = list(items)[: MAX_BLOCKS - 1]
+    noun = "conversation is" if len(shown) == 1 else "conversations are"
+    headline = f"Reminder: {len(shown)} {noun} waiting for your answer"
+    result: list[Block] = [_section(f":alarm_clock: *{headline}*. Please answer them or hand them on.")]
+    for item in shown:
+        conversation = item.conversation
+        flag = " :rotating_light:" if conversation.priority == "urgent" else ""
+        excerpt = clip_escaped(" ".join(_post_text(item.post).split()), REMINDER_DIGEST_EXCERPT)
+        section = _section(
+            f"{_subject(conversation)}{flag} is {_deadline_words(conversation, now)}\n\u201c{excerpt}\u201d"
+        )
+        if _is_open(conversation):
+            section["accessory"] = {
+                "type": "button",
+                "action_id": ACTION_REPLY,
+                "text": _plain("Reply"),
+                "value": str(conversation.id),
+            }
+        result.append(section)
+    return Message(text=_fallback(headline), blocks=result)

@@ -73,6 +73,7 @@ from bot.flow.outbox import (
     patiently,
     relaxed_commit,
     taken_over,
+    untried_in_batch,
 )
 from bot.httputil import header, retry_after
 from bot.logs import redact_urls
@@ -99,6 +100,8 @@ from storage.models import (
 __all__ = [
     "CARD_EVENT",
     "OVERDUE_EVENT",
+    "OVERDUE_METADATA_TYPE",
+    "REMINDER_METADATA_TYPE",
     "STORM_EVENT",
     "SlackDelivery",
     "SlackDeliveryError",
@@ -114,10 +117,11 @@ OVERDUE_EVENT = (
     "slack_overdue"  # audit: a conversation's breach/escalation notice went out in an overdue digest
 )
 OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest's metadata: which notices it carries
+REMINDER_METADATA_TYPE = "replyclock_reminders"  # a reminder digest's metadata: the nags it carries
 OVERDUE_KINDS = ("breach", "escalation", "warning")  # the notices an overdue digest coalesces
 _STEP_ORDER = {"warning": 0, "breach": 1, "escalation": 2}  # which notice a conversation's digest line shows
 OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
-TRIED_MEMORY = 10_000  # row ids a thread remembers having tried (then it forgets them all: see _tried_here)
+NAG_CARD_WAIT = timedelta(seconds=5)  # a nag for the card's thread, looking again for the card
 MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
 # A card retried after an attempt whose outcome was not recorded is looked up before it is posted
 # again: this many top-level messages per page (conversations.history), at most this many pages.
@@ -176,6 +180,25 @@ class _Storm:
     channel: str
     ts: str
     digest: bool = False  # one message for all its conversations (blocks.storm_digest), no entries
+
+
+# What a digest records besides marking its rows sent: (session, conversations shown, kind ->
+# conversation ids, channel, ts, the rows' result, now).
+_Record = Callable[[Session, list[_Loaded], Mapping[str, list[int]], str, str, str, datetime], None]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One kind of digest (SlackDelivery._digest): rows of several conversations due together for
+    one channel, posted as one message."""
+
+    name: str  # "overdue digest", "reminder digest": the log line and the rows' result
+    channel: str  # where it goes (a team channel, a person's DM channel)
+    kinds: tuple[str, ...]  # the outbox kinds it carries (its metadata lists each kind's conversations)
+    metadata_type: str
+    find: Callable[[Session, bool], list[tuple[int, str, int]]]  # (session, lock) -> the other rows
+    build: Callable[[list[_Loaded], Mapping[int, str]], blocks.Message]  # (conversations, their step)
+    record: _Record | None
 
 
 def slack_handlers(
@@ -253,24 +276,12 @@ class SlackDelivery:
 
         def run(message: OutboxMessage) -> str | None:
             self._rank.value = URGENCY.get(message.kind, DEFAULT_URGENCY)
-            tried = self._tried_here()
-            if len(tried) >= TRIED_MEMORY:
-                tried.clear()
-            tried.add(message.id)
             try:
                 return handler(message)
             finally:
                 self._rank.value = DEFAULT_URGENCY
 
         return run
-
-    def _tried_here(self) -> set[int]:
-        """Outbox rows handed to a handler on this thread (lately): a row of this sender's batch that
-        is still ``sending`` and in here was tried already, so no digest takes it over."""
-        tried: set[int] | None = getattr(self._rank, "tried", None)
-        if tried is None:
-            tried = self._rank.tried = set()
-        return tried
 
     # ----------------------------------------------------------------------------------------
     # Handlers
@@ -461,6 +472,8 @@ class SlackDelivery:
 
     def nag(self, message: OutboxMessage) -> str:
         """A reminder by DM to the owner, with the card's buttons (in the thread if nobody owns it).
+        The person's other nags due together (or put off by their DM's pace) go with it as one
+        reminder digest.
 
         The sweep only schedules nags in the owner's working hours, so this never checks them.
         """
@@ -472,9 +485,18 @@ class SlackDelivery:
         owner = self._expert(conversation.claimed_by) or self._expert(conversation.owner)
         common: dict[str, Any] = {"ctx_policy": self.ctx.policy, "now": now, "tz": loaded.tz}
         if owner is None:
+            if conversation.slack_ts is None:
+                # A nag waits for no earlier message of its conversation (bot.flow.outbox): in the
+                # thread it needs the card, so it waits for that here, without an attempt counted.
+                raise Defer(
+                    f"card of conversation {conversation.id} not posted yet", after=now + NAG_CARD_WAIT
+                )
             return self._thread_reply(
                 loaded, blocks.nag_message(conversation, loaded.post, in_thread=True, **common)
             )
+        coalesced = self._reminder_digest(message, loaded, owner, now)
+        if coalesced is not None:
+            return coalesced
         return self._dm(owner, blocks.nag_message(conversation, loaded.post, **common), conversation.id)
 
     def escalation(self, message: OutboxMessage) -> str:
@@ -1199,33 +1221,87 @@ class SlackDelivery:
         return ts
 
     # ----------------------------------------------------------------------------------------
-    # Overdue digests
+    # Overdue and reminder digests
 
     def _overdue_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
         """Post this breach, escalation or warning notice together with the others of its channel that
         are due (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
 
-        The other notices' rows are claimed as the sender claims (``sending`` with a lease and
-        this sender as owner, ``SKIP LOCKED`` on PostgreSQL). After the post, one transaction
-        records each conversation's ``slack_overdue`` event, marks every row of the digest sent
-        (this one too), retires their conversations' other pending warnings and queues the card
-        edits of the breached ones (``card_update``, which a storm digest folds). A failed post hands
-        the claimed rows back, due when Slack's pace allows.
-        """
+        After the post, the digest's transaction also records each conversation's ``slack_overdue``
+        event, retires their other pending warnings and queues the card edits of the breached ones
+        (``card_update``, which a storm digest folds)."""
         conversation = loaded.conversation
         if self.ctx.policy.teams.get(conversation.team) is None:
             return None
-        with loop_session(self.ctx, read_only=True) as session:
-            if not self._overdue_rows(session, message, conversation, now):
-                return None  # alone: the notice goes to the card's thread, as always
         channel = self._team_channel(conversation)
-        ready = self._ready(channel)
+
+        def build(shown: list[_Loaded], step: Mapping[int, str]) -> blocks.Message:
+            return blocks.overdue_digest(
+                channel,
+                [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
+                ctx_policy=self.ctx.policy,
+                now=now,
+            )
+
+        group = _Group(
+            name="overdue digest",
+            channel=channel,
+            kinds=OVERDUE_KINDS,
+            metadata_type=OVERDUE_METADATA_TYPE,
+            find=lambda session, lock: self._overdue_rows(session, message, conversation, now, lock=lock),
+            build=build,
+            record=self._record_overdue,
+        )
+        return self._digest(message, loaded, now, group)
+
+    def _reminder_digest(
+        self, message: OutboxMessage, loaded: _Loaded, owner: Expert, now: datetime
+    ) -> str | None:
+        """Post this nag together with the other nags for the same person that are due (or were put
+        off by their DM's pace) as ONE reminder digest by DM; None when it is alone.
+
+        At Slack's one message a second per channel, a storm's nags for one owner would otherwise
+        queue behind each other in their DM, each later than the one before."""
+        conversation = loaded.conversation
+        channel = self._dm_channel(owner, conversation.id)
+        expert_id = next(key for key, expert in self.ctx.policy.experts.items() if expert is owner)
+
+        def build(shown: list[_Loaded], step: Mapping[int, str]) -> blocks.Message:
+            return blocks.reminder_digest(
+                [blocks.OverdueItem(m.conversation, m.post, m.tz, "nag") for m in shown], now=now
+            )
+
+        group = _Group(
+            name="reminder digest",
+            channel=channel,
+            kinds=("nag",),
+            metadata_type=REMINDER_METADATA_TYPE,
+            find=lambda session, lock: self._nag_rows(session, message, expert_id, now, lock=lock),
+            build=build,
+            record=None,
+        )
+        return self._digest(message, loaded, now, group)
+
+    def _digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime, group: _Group) -> str | None:
+        """Post `message` with the other rows `group` finds as ONE message to `group.channel`; None
+        when there are none (the message then goes alone, as always).
+
+        The other rows are claimed as the sender claims (``sending`` with a lease and this sender as
+        owner, ``SKIP LOCKED`` on PostgreSQL); rows of this sender's batch not tried yet are taken
+        over (its send loop skips them). When the channel's pace is spent, the rows wait together
+        for its next free moment (one statement; no slot promised to each). After the post one
+        transaction marks every row of the digest sent (this one too) with what `group.record`
+        adds; a failed post hands the claimed rows back, due when Slack's pace allows.
+        """
+        conversation = loaded.conversation
+        with loop_session(self.ctx, read_only=True) as session:
+            if not group.find(session, False):
+                return None  # alone
+        ready = self._ready(group.channel)
         claimed: list[tuple[int, str, int]] = []
         with loop_session(self.ctx) as session, session.begin():
-            rows = self._overdue_rows(session, message, conversation, now, lock=True)
+            rows = group.find(session, True)
             if rows and ready is not None:
-                # The channel's pace is spent: these notices wait together for its next free
-                # moment (one statement; no slot promised to each), then go as one digest.
                 session.execute(
                     update(Outbox)
                     .where(Outbox.id.in_([row[0] for row in rows]), Outbox.status == PENDING)
@@ -1233,8 +1309,6 @@ class SlackDelivery:
                     .execution_options(synchronize_session=False)
                 )
             elif rows:
-                # Pending rows are claimed (an attempt each); rows of this sender's batch not tried
-                # yet are taken over (its send loop skips them).
                 session.execute(
                     update(Outbox)
                     .where(Outbox.id.in_([row[0] for row in rows]))
@@ -1250,8 +1324,8 @@ class SlackDelivery:
                 claimed = rows
         if ready is not None:
             raise Defer(
-                f"Slack chat.postMessage to {channel}: paced until {ready.isoformat()} "
-                f"with {len(rows)} more overdue notices",
+                f"Slack chat.postMessage to {group.channel}: paced until {ready.isoformat()} "
+                f"with {len(rows)} more rows for its {group.name}",
                 after=ready,
             )
         if not claimed:
@@ -1262,7 +1336,7 @@ class SlackDelivery:
         for _, kind, cid in claimed:
             if cid not in order:
                 order.append(cid)
-            if _STEP_ORDER[kind] > _STEP_ORDER[step.get(cid, "warning")]:
+            if _STEP_ORDER.get(kind, 0) > _STEP_ORDER.get(step.get(cid, kind), 0):
                 step[cid] = kind
             step.setdefault(cid, kind)
         resume_at = now
@@ -1270,22 +1344,17 @@ class SlackDelivery:
         try:
             with loop_session(self.ctx, read_only=True) as session:
                 shown = [loaded, *(self._load(session, cid) for cid in order[1:])]
-            built = blocks.overdue_digest(
-                channel,
-                [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
-                ctx_policy=self.ctx.policy,
-                now=now,
-            )
-            kinds: dict[str, list[int]] = {kind: [] for kind in OVERDUE_KINDS}
+            built = group.build(shown, step)
+            kinds: dict[str, list[int]] = {kind: [] for kind in group.kinds}
             kinds[message.kind].append(conversation.id)
             for _, kind, cid in claimed:
                 kinds[kind].append(cid)
             try:
                 posted_channel, ts = self._post(
                     built,
-                    channel=channel,
+                    channel=group.channel,
                     conversation_id=conversation.id,
-                    metadata={"event_type": OVERDUE_METADATA_TYPE, "event_payload": kinds},
+                    metadata={"event_type": group.metadata_type, "event_payload": kinds},
                     group=True,
                 )
             except Retry as error:
@@ -1294,14 +1363,23 @@ class SlackDelivery:
                 resume_at = error.after or now + backoff(1)
                 raise
             posted = True
-            result = f"overdue digest {posted_channel} {ts}"
+            result = f"{group.name} {posted_channel} {ts}"
             # Posted: its record must not be lost to a database that blinks now (the rows would go
             # back and the digest be posted again), so wait for the database as the outbox does.
             patiently(
                 functools.partial(
-                    self._store_overdue, message, shown, claimed_ids, kinds, posted_channel, ts, result, now
+                    self._store_digest,
+                    message,
+                    group,
+                    shown,
+                    claimed_ids,
+                    kinds,
+                    posted_channel,
+                    ts,
+                    result,
+                    now,
                 ),
-                "database unavailable: overdue digest posted, not recorded yet, retrying",
+                f"database unavailable: {group.name} posted, not recorded yet, retrying",
                 {
                     "conversation_id": conversation.id,
                     "outbox_id": message.id,
@@ -1313,7 +1391,7 @@ class SlackDelivery:
         finally:
             self._release(claimed_ids, resume_at, keep_attempt=posted)
         log.info(
-            "overdue digest posted",
+            f"{group.name} posted",
             extra={
                 "conversation_id": conversation.id,
                 "channel": posted_channel,
@@ -1324,6 +1402,50 @@ class SlackDelivery:
         )
         return result
 
+    def _waiting_together(self, message: OutboxMessage, now: datetime) -> list[ColumnElement[bool]]:
+        """What makes a row another one a digest may take: pending (or ``sending`` for this very
+        sender: its batch's rows), not `message` itself, and due now or put off by the pace (up to
+        its horizon; a row backing off after a failure only once due again)."""
+        pending = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending
+        return [
+            or_(
+                pending,
+                and_(Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == message.owner),
+            )
+            if message.owner is not None
+            else pending,
+            Outbox.id != message.id,
+            or_(
+                Outbox.next_attempt_at <= now,
+                and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
+            ),
+        ]
+
+    def _take(
+        self,
+        found: Iterator[Any],
+        conversation_id: int,
+        keep: Callable[[str, Any], bool] = lambda kind, payload: True,
+    ) -> list[tuple[int, str, int]]:
+        """(outbox id, kind, conversation id) of the rows a digest takes from `found` (id, kind,
+        conversation id, payload, status): pending, or in this sender's batch and not tried yet
+        (bot.flow.outbox.untried_in_batch), for at most MAX_STORM conversations in all
+        (`conversation_id`'s counts)."""
+        taken: list[tuple[int, str, int]] = []
+        conversations = {conversation_id}
+        untried = untried_in_batch()
+        for outbox_id, kind, cid, payload, status in found:
+            if status == SENDING and outbox_id not in untried:
+                continue  # tried in this batch already: the send loop records its outcome
+            if cid is None or not keep(str(kind), payload):
+                continue
+            if cid not in conversations:
+                if len(conversations) >= MAX_STORM:
+                    continue
+                conversations.add(cid)
+            taken.append((int(outbox_id), str(kind), int(cid)))
+        return taken
+
     def _overdue_rows(
         self,
         session: Session,
@@ -1333,31 +1455,15 @@ class SlackDelivery:
         *,
         lock: bool = False,
     ) -> list[tuple[int, str, int]]:
-        """The other breach and escalation notices for this channel that an overdue digest takes:
-        (outbox id, kind, conversation id), pending, due now or put off by the pace (up to its
-        horizon), of open conversations, for at most MAX_STORM conversations in all (this one
-        counts). Escalations only when they go to the team channel (DMs are other channels)."""
+        """The other breach, escalation and warning notices for this channel that an overdue digest
+        takes, of open conversations. Escalations only when they go to the team channel (DMs are
+        other channels)."""
         query = (
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
             .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
                 Outbox.kind.in_(OVERDUE_KINDS),
-                or_(
-                    Outbox.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
-                    and_(
-                        Outbox.status == literal(SENDING, literal_execute=True),
-                        Outbox.owner == message.owner,
-                    ),
-                )
-                if message.owner is not None
-                else Outbox.status == literal(PENDING, literal_execute=True),
-                Outbox.id != message.id,
-                # Put off by the pace (no error recorded): waiting for the channel, they join now.
-                # Backing off after a failure: only when due again.
-                or_(
-                    Outbox.next_attempt_at <= now,
-                    and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
-                ),
+                *self._waiting_together(message, now),
                 Conversation.team.in_(self._same_channel(conversation)),
                 Conversation.status == OPEN,
             )
@@ -1366,27 +1472,40 @@ class SlackDelivery:
         )
         if lock and is_postgres(session):
             query = query.with_for_update(skip_locked=True, of=Outbox)
-        found: list[tuple[int, str, int]] = []
-        conversations = {conversation.id}
-        tried = self._tried_here()
-        for outbox_id, kind, cid, payload, status in session.execute(query):
-            if status == SENDING and outbox_id in tried:
-                continue  # this sender's batch tried it already (its outcome is recorded with the batch)
-            if cid is None or (
-                kind == "escalation"
-                and (_text((payload or {}).get("notify")) or "team_channel") != "team_channel"
-            ):
-                continue
-            if cid not in conversations:
-                if len(conversations) >= MAX_STORM:
-                    continue
-                conversations.add(cid)
-            found.append((int(outbox_id), str(kind), int(cid)))
-        return found
+        return self._take(
+            iter(session.execute(query)),
+            conversation.id,
+            lambda kind, payload: (
+                kind != "escalation"
+                or (_text((payload or {}).get("notify")) or "team_channel") == "team_channel"
+            ),
+        )
 
-    def _store_overdue(
+    def _nag_rows(
+        self, session: Session, message: OutboxMessage, expert_id: str, now: datetime, *, lock: bool = False
+    ) -> list[tuple[int, str, int]]:
+        """The other nags a reminder digest takes: those of open conversations that `expert_id`
+        has claimed, or owns while nobody has claimed them (where the nag handler sends them)."""
+        query = (
+            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
+            .join(Conversation, Conversation.id == Outbox.conversation_id)
+            .where(
+                Outbox.kind == literal("nag", literal_execute=True),
+                *self._waiting_together(message, now),
+                func.coalesce(Conversation.claimed_by, Conversation.owner) == expert_id,
+                Conversation.status == OPEN,
+            )
+            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .limit(OVERDUE_SCAN)
+        )
+        if lock and is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        return self._take(iter(session.execute(query)), _conversation_id(message))
+
+    def _store_digest(
         self,
         message: OutboxMessage,
+        group: _Group,
         shown: list[_Loaded],
         claimed_ids: list[int],
         kinds: Mapping[str, list[int]],
@@ -1395,22 +1514,8 @@ class SlackDelivery:
         result: str,
         now: datetime,
     ) -> None:
-        """Record a posted overdue digest: one transaction for every conversation in it."""
-        ids = [m.conversation.id for m in shown]
+        """Record a posted digest: one transaction for every row and conversation in it."""
         with loop_session(self.ctx) as session, session.begin():
-            for loaded in shown:
-                cid = loaded.conversation.id
-                repo.record_event(
-                    session=session,
-                    at=now,
-                    actor="slack",
-                    action=OVERDUE_EVENT,
-                    conversation_id=cid,
-                    channel=channel,
-                    ts=ts,
-                    kinds=[kind for kind, listed in kinds.items() if cid in listed],
-                    digest=ids,
-                )
             mine = and_(Outbox.id == message.id, Outbox.status == SENDING)
             if message.owner is not None:
                 mine = and_(mine, Outbox.owner == message.owner)
@@ -1422,22 +1527,51 @@ class SlackDelivery:
                 )
                 .execution_options(synchronize_session=False)
             )
-            # A warning still unsent is moot once the deadline passed and staff were told.
-            session.execute(
-                update(Outbox)
-                .where(
-                    Outbox.conversation_id.in_(ids),
-                    Outbox.kind == "warning",
-                    Outbox.status == PENDING,
-                )
-                .values(status=RETIRED, result=f"retired: superseded by {result}", lease_until=None)
-                .execution_options(synchronize_session=False)
+            if group.record is not None:
+                group.record(session, shown, kinds, channel, ts, result, now)
+
+    def _record_overdue(
+        self,
+        session: Session,
+        shown: list[_Loaded],
+        kinds: Mapping[str, list[int]],
+        channel: str,
+        ts: str,
+        result: str,
+        now: datetime,
+    ) -> None:
+        """What an overdue digest records besides its rows: each conversation's ``slack_overdue``
+        event, the retirement of their other pending warnings, the card edits of the breached."""
+        ids = [m.conversation.id for m in shown]
+        for loaded in shown:
+            cid = loaded.conversation.id
+            repo.record_event(
+                session=session,
+                at=now,
+                actor="slack",
+                action=OVERDUE_EVENT,
+                conversation_id=cid,
+                channel=channel,
+                ts=ts,
+                kinds=[kind for kind, listed in kinds.items() if cid in listed],
+                digest=ids,
             )
-            for loaded in shown:
-                conversation = loaded.conversation
-                if conversation.slack_ts is None or conversation.id not in kinds["breach"]:
-                    continue  # its card, when posted, shows it overdue; a warning leaves the card as is
-                queue_card_refresh(session, conversation, "overdue", now)
+        # A warning still unsent is moot once the deadline passed and staff were told.
+        session.execute(
+            update(Outbox)
+            .where(
+                Outbox.conversation_id.in_(ids),
+                Outbox.kind == "warning",
+                Outbox.status == PENDING,
+            )
+            .values(status=RETIRED, result=f"retired: superseded by {result}", lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        for loaded in shown:
+            conversation = loaded.conversation
+            if conversation.slack_ts is None or conversation.id not in kinds["breach"]:
+                continue  # its card, when posted, shows it overdue; a warning leaves the card as is
+            queue_card_refresh(session, conversation, "overdue", now)
 
     # ----------------------------------------------------------------------------------------
     # Reading
@@ -1531,8 +1665,15 @@ class SlackDelivery:
             )
 
     def _dm(self, expert: Expert, built: blocks.Message, conversation_id: int | None) -> str:
-        # A person's DM channel does not change: open it once per process (conversations.open is
-        # a workspace-wide tier of ~50 a minute, which a storm's nags would spend at once).
+        channel, ts = self._post(
+            built, channel=self._dm_channel(expert, conversation_id), conversation_id=conversation_id
+        )
+        return f"dm {channel} {ts}"
+
+    def _dm_channel(self, expert: Expert, conversation_id: int | None) -> str:
+        """The id of `expert`'s DM channel with the app. It does not change: opened once per process
+        (conversations.open is a workspace-wide tier of ~50 a minute, which a storm's nags would
+        spend at once)."""
         channel_id = self._dm_channels.get(expert.slack_id)
         if channel_id is None:
             opened = self._call(
@@ -1542,8 +1683,7 @@ class SlackDelivery:
                 lambda: self.client.conversations_open(users=expert.slack_id),
             )
             channel_id = self._dm_channels[expert.slack_id] = str(opened["channel"]["id"])
-        channel, ts = self._post(built, channel=channel_id, conversation_id=conversation_id)
-        return f"dm {channel} {ts}"
+        return channel_id
 
     def _post(
         self,

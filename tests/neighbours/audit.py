@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from storage.models import SENT, Conversation, Outbox
+from storage.models import LANE_FREE_KINDS, SENT, Conversation, Outbox
 from tests.neighbours.standins import Exchange
 
 STAFF_POST_KINDS = ("card", "warning", "breach", "escalation", "nag", "reassign", "thread_post")
@@ -92,6 +92,8 @@ def cards(engine: Engine) -> dict[int, tuple[str | None, str | None]]:
 
 
 OVERDUE_METADATA_TYPE = "replyclock_overdue"  # bot.slack.delivery: an overdue digest
+REMINDER_METADATA_TYPE = "replyclock_reminders"  # bot.slack.delivery: a reminder digest (nags by DM)
+DIGEST_METADATA_TYPES = (OVERDUE_METADATA_TYPE, REMINDER_METADATA_TYPE)
 
 
 def _metadata(params: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -105,14 +107,14 @@ def _metadata(params: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def is_overdue_digest(exchange: Exchange) -> bool:
-    """An overdue digest: one top-level message carrying several conversations' notices."""
+    """An overdue or reminder digest: one top-level message carrying several conversations' notices."""
     metadata = _metadata(exchange.call.params) if exchange.call.method == "chat.postMessage" else None
-    return metadata is not None and metadata.get("event_type") == OVERDUE_METADATA_TYPE
+    return metadata is not None and metadata.get("event_type") in DIGEST_METADATA_TYPES
 
 
 def _metadata_conversation(params: Mapping[str, Any]) -> int | None:
     metadata = _metadata(params)
-    if metadata is not None and metadata.get("event_type") != OVERDUE_METADATA_TYPE:
+    if metadata is not None and metadata.get("event_type") not in DIGEST_METADATA_TYPES:
         payload = metadata.get("event_payload")
         if isinstance(payload, Mapping) and isinstance(payload.get("conversation_id"), int):
             return int(payload["conversation_id"])
@@ -227,7 +229,8 @@ class SlackAudit:
 
         Rows an overdue digest delivered are left out: the digest is a top-level message for
         several conversations that needs none of their cards, so it may go before a card or a
-        thread post of theirs (tests/test_slack_delivery.py checks what it carries).
+        thread post of theirs (tests/test_slack_delivery.py checks what it carries). So are nags
+        (storage.models.LANE_FREE_KINDS): a reminder keeps no place in its conversation's order.
         """
         problems: list[str] = []
         row_of = {row.id: row for row in self.rows}
@@ -235,6 +238,8 @@ class SlackAudit:
         lanes: dict[int, list[Row]] = defaultdict(list)
         for row in self.rows:
             if row.id in self.delivering and is_overdue_digest(self.delivering[row.id]):
+                continue
+            if row.kind in LANE_FREE_KINDS:
                 continue
             if (row.conversation_id is not None and row.id in self.delivering) or row.kind == "card_update":
                 lanes[int(row.conversation_id or 0)].append(row)
@@ -246,6 +251,8 @@ class SlackAudit:
                 head = lane[k] if k < len(lane) else None
                 row_id = delivered_by.get(id(e))
                 kind = kind_of(e)
+                if kind == "nag" or (row_id is not None and row_of[row_id].kind in LANE_FREE_KINDS):
+                    continue  # a reminder (or an attempt of one): in no lane
                 follows_breach, edit_of_breach = edit_of_breach, False
                 if row_id is not None:
                     if head is None or row_id != head.id:

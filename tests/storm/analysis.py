@@ -36,6 +36,8 @@ from tests.storm.servers import Reply
 CARD_METADATA_TYPE = "replyclock_card"
 # An overdue digest's metadata: the breach and escalation notices it carries.
 OVERDUE_METADATA_TYPE = "replyclock_overdue"
+# A reminder digest's metadata: the nags (one person's, by DM) it carries.
+REMINDER_METADATA_TYPE = "replyclock_reminders"
 # A step is owed when it fell due at least this long before the conversation's answer arrived
 # (closer to the answer, a prompt sweep may or may not have taken it: neither is wrong).
 OWED_MARGIN = 2.0
@@ -96,6 +98,8 @@ class ProcessWork:
     storm_cards: int = 0  # cards posted as entries under this process's storm summaries
     overdue_digests: int = 0  # overdue digests posted ("overdue digest posted" lines)
     overdue_notices: int = 0  # breach and escalation notices those digests carried
+    reminder_digests: int = 0  # reminder digests posted ("reminder digest posted" lines)
+    reminder_nags: int = 0  # nags those digests carried
     errors: int = 0  # error-level lines
     warnings: int = 0
 
@@ -189,6 +193,9 @@ def process_work(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, P
             elif event == "overdue digest posted":
                 work.overdue_digests += 1
                 work.overdue_notices += int(record.get("notices", 0))
+            elif event == "reminder digest posted":
+                work.reminder_digests += 1
+                work.reminder_nags += int(record.get("notices", 0))
             level = record.get("level")
             if level == "error":
                 work.errors += 1
@@ -394,7 +401,7 @@ def _result_key(result: str | None) -> tuple[str, str] | None:
     parts = result.split()
     if len(parts) >= 3 and parts[0] in ("thread", "dm"):
         return parts[1], parts[2]
-    if len(parts) >= 4 and parts[:2] == ["overdue", "digest"]:
+    if len(parts) >= 4 and parts[:2] in (["overdue", "digest"], ["reminder", "digest"]):
         return parts[2], parts[3]
     return None
 
@@ -414,7 +421,7 @@ def _check_steps(
         report.problem(f"{len(doubled_events)} ladder steps recorded twice, e.g. {doubled_events[:5]}")
     # Slack: every step message, by the conversation and kind its text names.
     posted: dict[tuple[str, str], Call] = {}
-    digests: set[tuple[str, str]] = set()  # overdue digests: one message, many rows
+    digests: set[tuple[str, str]] = set()  # overdue and reminder digests: one message, many rows
     slack_steps: Counter[tuple[int, str]] = Counter()
     for call in calls:
         if call.method != "chat.postMessage" or not call.ok or call.response is None:
@@ -422,7 +429,10 @@ def _check_steps(
         message = (str(call.response.get("channel")), str(call.response.get("ts")))
         posted[message] = call
         metadata = call.params.get("metadata")
-        if isinstance(metadata, dict) and metadata.get("event_type") == OVERDUE_METADATA_TYPE:
+        if isinstance(metadata, dict) and metadata.get("event_type") in (
+            OVERDUE_METADATA_TYPE,
+            REMINDER_METADATA_TYPE,
+        ):
             # One message for several conversations' notices: each counts as its step in Slack.
             digests.add(message)
             for kind, listed in (metadata.get("event_payload") or {}).items():
