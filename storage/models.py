@@ -271,6 +271,15 @@ class Outbox(Base):
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
+        # Pending rows of one kind, oldest due first: the reminder lane's claim (bot.flow.outbox),
+        # the rows a digest takes (bot.slack.delivery).
+        Index(
+            "ix_outbox_pending_kind",
+            "kind",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
         # The claim's lane check ("is an earlier row of this conversation still unsent?") probes
         # only unsent rows: a partial index keeps it O(unsent of that conversation) however many
         # rows were sent before, and the planner does not need fresh statistics to choose it.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.delivery import customer_handlers
-from bot.flow.outbox import STAFF_BATCH, Defer, OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import CUSTOMER_TURN, STAFF_BATCH, Defer, OutboxMessage, OutboxSender, Retry
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage import repo
@@ -329,3 +330,43 @@ def test_acknowledgements_never_wait_behind_slack_rows_put_off_by_the_pacer(
     result = sender.send_due(limit=20)
     assert [row.status for row in rows(ctx)["ack"]] == ["sent"]
     assert result.sent == 1 and result.deferred >= 10 and put_off
+
+
+def test_reminders_take_turns_with_a_backlog_of_urgent_staff_rows(ctx: AppContext, clock: FakeClock) -> None:
+    # 40 new conversations: 40 acknowledgements and 40 cards due (cards are more urgent than
+    # nags), and a nag for the first one. The nag does not wait for the whole backlog: customer,
+    # staff and reminder lanes take turns, a batch each.
+    ingest(ctx, *(post(str(i), "a question", author=f"customer{i}") for i in range(40)))
+    with ctx.sessions() as session, session.begin():
+        repo.enqueue(session=session, kind="nag", key="nag-1", payload={}, conversation_id=1, now=MONDAY)
+    order: list[str] = []
+
+    def handle(message: OutboxMessage) -> str:
+        order.append(message.kind)
+        return "ok"
+
+    statements: list[tuple[str, Any]] = []
+
+    def capture(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if "outbox.kind = 'nag'" in statement and statement.lstrip().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(ctx.engine, "before_cursor_execute", capture)
+    try:
+        OutboxSender(
+            ctx, {kind: handle for kind in ("ack", "card", "nag")}, staff_batch=STAFF_BATCH
+        ).send_due()
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", capture)
+    assert order.index("nag") == CUSTOMER_TURN + STAFF_BATCH, order
+    assert order.count("card") == 40 and order.count("ack") == 40
+    assert statements
+    if ctx.engine.dialect.name == "sqlite":  # the claim reads the pending nags from their own index
+        with ctx.engine.connect() as conn:
+            plan = " ".join(
+                str(row[3])
+                for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[0][0], statements[0][1])
+            )
+        assert "ix_outbox_pending_kind" in plan and "TEMP B-TREE" not in plan, plan

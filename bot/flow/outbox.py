@@ -63,8 +63,9 @@ log = logging.getLogger("replyclock.outbox")
 T = TypeVar("T")
 
 CUSTOMER_KINDS = frozenset({"ack", "reply"})
-# The send loop's two lanes (see OutboxSender.send_due), and how long a lane found empty rests.
-CUSTOMER_LANE, STAFF_LANE = "customer", "staff"
+# The send loop's three lanes (see OutboxSender.send_due), and how long a lane found empty rests.
+CUSTOMER_LANE, STAFF_LANE, REMINDER_LANE = "customer", "staff", "reminder"
+LANES = (CUSTOMER_LANE, STAFF_LANE, REMINDER_LANE)  # the order of their turns
 LANE_REST = timedelta(seconds=0.5)
 CUSTOMER_TURN = 10  # customer rows (each claimed alone) per turn, as many as a staff batch
 DEFAULT_LEASE = timedelta(minutes=5)
@@ -442,32 +443,37 @@ class OutboxSender:
         _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
             done = 0
-            # The two lanes take turns: customer messages go to another platform than staff
-            # messages and must never wait behind Slack's limits (under a storm thousands of due
-            # urgent Slack rows, put off by the pacer and falling due again, starved them), nor
-            # staff messages behind a customer platform's. A lane found empty is not asked
-            # again for LANE_REST (one empty claim per staff batch would double the claims).
-            rest_until = {CUSTOMER_LANE: 0.0, STAFF_LANE: 0.0}
+            # The lanes take turns: customer messages go to another platform than staff messages
+            # and must never wait behind Slack's limits (under a storm thousands of due urgent
+            # Slack rows, put off by the pacer and falling due again, starved them), nor staff
+            # messages behind a customer platform's. Reminders (nags, by DM to their owners) have
+            # a lane of their own for the same reason: the least urgent kind, they waited behind
+            # a storm's urgent rows for rate-limited channels until the answer made them moot,
+            # while their own channels (each person's DM) stood idle. A lane found empty is not
+            # asked again for LANE_REST (one empty claim per staff batch would double the claims).
+            rest_until = dict.fromkeys(LANES, 0.0)
             lane = CUSTOMER_LANE  # whose turn it is
             run = 0  # customer rows sent in this turn (each claimed alone)
             while done < limit and not self._stopping.is_set():
                 claimed: list[OutboxMessage] = []
-                for candidate in (lane, STAFF_LANE if lane == CUSTOMER_LANE else CUSTOMER_LANE):
+                turn = LANES.index(lane)
+                for candidate in LANES[turn:] + LANES[:turn]:
                     if time.monotonic() < rest_until[candidate]:
                         continue
                     claimed = self._claim(min(self.staff_batch, limit - done), lane=candidate)
                     if claimed:
-                        lane = candidate
+                        if candidate != lane:
+                            lane, run = candidate, 0
                         break
                     rest_until[candidate] = time.monotonic() + LANE_REST.total_seconds()
                 if not claimed:
                     break
                 done += self._deliver_batch(claimed, result)
-                # A turn is a batch's worth of rows in either lane: up to CUSTOMER_TURN customer
-                # rows, one at a time, then one staff batch.
+                # A turn is a batch's worth of rows in any lane: up to CUSTOMER_TURN customer
+                # rows, one at a time, or one batch of staff rows or of reminders.
                 run = run + 1 if lane == CUSTOMER_LANE else 0
-                if lane == STAFF_LANE or run >= CUSTOMER_TURN:
-                    lane, run = (CUSTOMER_LANE if lane == STAFF_LANE else STAFF_LANE), 0
+                if lane != CUSTOMER_LANE or run >= CUSTOMER_TURN:
+                    lane, run = LANES[(LANES.index(lane) + 1) % len(LANES)], 0
         finally:
             held, _loop.held, _loop.taken, _loop.sender = _loop.held, None, None, None
             if held is not None:
@@ -833,7 +839,8 @@ def _on_relaxed_writer(session: Session) -> bool:
 @functools.cache
 def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     """The claim's SELECT, built once per lane (parameters ``now`` and ``limit``): rows of the
-    customer's lane (`CUSTOMER_LANE`), of the staff's (`STAFF_LANE`), or both (None).
+    customer's lane (`CUSTOMER_LANE`), of the staff's (`STAFF_LANE`, nags apart), the nags
+    (`REMINDER_LANE`, oldest due first), or all (None).
 
     Most urgent kind first (`storage.models.URGENCY`: breach and escalation, then customer
     messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
@@ -881,7 +888,19 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     if lane == CUSTOMER_LANE:
         query = query.where(customer)
     elif lane == STAFF_LANE:
-        query = query.where(~customer)
+        query = query.where(~customer, Outbox.kind.not_in(_LANE_FREE))
+    elif lane == REMINDER_LANE:
+        # Nags wait for nothing (no lane check); ix_outbox_reminders holds the pending ones by due time.
+        query = (
+            select(*query.selected_columns)
+            .where(
+                Outbox.status == _PENDING,
+                Outbox.kind == literal("nag", literal_execute=True),
+                Outbox.next_attempt_at <= bindparam("now"),
+            )
+            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .limit(bindparam("limit"))
+        )
     if postgres:
         query = query.with_for_update(skip_locked=True, of=Outbox)
     return query
