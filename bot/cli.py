@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -338,7 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.flow.context import AppContext
     from bot.flow.delivery import customer_handlers, text_handlers
     from bot.flow.outbox import OutboxSender
-    from bot.jobs import OUTBOX_JOB, Jobs
+    from bot.jobs import Jobs, wake_outbox
     from bot.reports.digest_delivery import digest_handlers
     from bot.runlock import single_writer_lock
     from bot.slack.delivery import slack_handlers
@@ -421,16 +421,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if client is not None and slack.app_token:
             from bot.slack.app import create_bolt_app, start_socket_mode
 
-            def wake_outbox() -> None:
-                scheduler.modify_job(OUTBOX_JOB, next_run_time=datetime.now(UTC))
-
             try:
                 bolt = create_bolt_app(
                     ctx,
                     token=slack.bot_token,
                     signing_secret=slack.signing_secret,
                     client=client,
-                    on_change=wake_outbox,
+                    on_change=lambda: wake_outbox(scheduler),
                 )
                 socket = start_socket_mode(bolt, slack.app_token)
             except Exception as error:

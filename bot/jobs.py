@@ -23,7 +23,15 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from bot.flow.context import AppContext
 from bot.flow.ingest import IngestResult, ingest_batch
-from bot.flow.outbox import RECOVER_INTERVAL, OutboxSender, one_line
+from bot.flow.outbox import (
+    CUSTOMER_LANE,
+    LANES,
+    RECOVER_INTERVAL,
+    REMINDER_LANE,
+    STAFF_LANE,
+    OutboxSender,
+    one_line,
+)
 from bot.flow.retention import prune
 from bot.flow.startup import configuration_notices
 from bot.flow.sweep import earliest_next_action, sweep
@@ -48,7 +56,9 @@ SWEEP_WATCH_INTERVAL = timedelta(seconds=1)
 MIN_WAKE_GAP = timedelta(milliseconds=100)
 # Outbox drains that may run at once in a process: the interval job's and one started by a sweep.
 OUTBOX_DRAINS = 2
-OUTBOX_JOB = "outbox"
+OUTBOX_JOB = "outbox"  # the staff and reminder lanes (Slack)
+OUTBOX_CUSTOMER_JOB = "outbox-customer"  # the customer lane (acknowledgements, replies)
+STAFF_LANES = (STAFF_LANE, REMINDER_LANE)
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
 RETENTION_JOB = "retention"
@@ -95,6 +105,12 @@ class _Park:
         return {"parked_until": self.until, "last_error": redact_urls(self.error)[:2000], "last_poll_at": now}
 
 
+def wake_outbox(scheduler: BaseScheduler) -> None:
+    """Start both outbox drains now (each skips the start while OUTBOX_DRAINS of it already run)."""
+    for job_id in (OUTBOX_JOB, OUTBOX_CUSTOMER_JOB):
+        scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+
+
 class Jobs:
     """The jobs of one process, bound to its context, connectors and outbox sender."""
 
@@ -139,14 +155,17 @@ class Jobs:
             id=SWEEP_WATCH_JOB,
             **common,
         )
-        scheduler.add_job(
-            self._guard(self.run_outbox),
-            "interval",
-            seconds=outbox_interval.total_seconds(),
-            id=OUTBOX_JOB,
-            next_run_time=datetime.now(UTC),  # at once: what a previous run left is due now
-            **{**common, "max_instances": OUTBOX_DRAINS},
-        )
+        # Two drains: customer messages never wait for a Slack batch (see OutboxSender.send_due).
+        for job_id, lanes in ((OUTBOX_JOB, STAFF_LANES), (OUTBOX_CUSTOMER_JOB, (CUSTOMER_LANE,))):
+            scheduler.add_job(
+                self._guard(self.run_outbox),
+                "interval",
+                args=[lanes],
+                seconds=outbox_interval.total_seconds(),
+                id=job_id,
+                next_run_time=datetime.now(UTC),  # at once: what a previous run left is due now
+                **{**common, "max_instances": OUTBOX_DRAINS},
+            )
         scheduler.add_job(
             self._guard(self.recover),
             "interval",
@@ -321,7 +340,7 @@ class Jobs:
         if self.scheduler is None:
             self.run_outbox()
             return
-        self.scheduler.modify_job(OUTBOX_JOB, next_run_time=datetime.now(UTC))
+        wake_outbox(self.scheduler)
 
     def watch(self) -> None:
         """Wake the sweep sooner when a step written elsewhere falls due before the planned wake-up.
@@ -366,8 +385,8 @@ class Jobs:
         if enqueue_due_digests(self.ctx):
             self.run_outbox()
 
-    def run_outbox(self) -> None:
-        result = self.sender.send_due()
+    def run_outbox(self, lanes: Sequence[str] = LANES) -> None:
+        result = self.sender.send_due(lanes=lanes)
         if result.unknown:
             # Sent but unconfirmed (a timeout after the request left): never resent, so a human
             # should look whether the customer got it.

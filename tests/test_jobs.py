@@ -16,7 +16,7 @@ from bot.core.clock import FakeClock
 from bot.core.policy import Policy
 from bot.flow.context import AppContext
 from bot.flow.outbox import OutboxSender
-from bot.jobs import OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, WAL_CHECKPOINT_JOB, Jobs
+from bot.jobs import OUTBOX_CUSTOMER_JOB, OUTBOX_JOB, SWEEP_JOB, SWEEP_WAKE_JOB, WAL_CHECKPOINT_JOB, Jobs
 from connectors.base import AuthFailed, Batch, Connector, InboundPost, RateLimited, ReplyTarget
 from connectors.demo import DemoConnector, ScriptedPost
 from storage.db import WAL_AUTOCHECKPOINT_PAGES, checkpoint, make_engine, wal_bytes
@@ -54,7 +54,12 @@ def test_poll_stores_posts_and_cursor_and_wakes_the_sweep(ctx: AppContext, clock
     scheduler = BackgroundScheduler(timezone="UTC")
     jobs.install(scheduler)
     scheduler.start(paused=True)  # jobs go into the store (and replace each other) but never run here
-    assert {job.id for job in scheduler.get_jobs()} >= {SWEEP_JOB, OUTBOX_JOB, "poll:social"}
+    assert {job.id for job in scheduler.get_jobs()} >= {
+        SWEEP_JOB,
+        OUTBOX_JOB,
+        OUTBOX_CUSTOMER_JOB,
+        "poll:social",
+    }
     assert jobs.poll("social") == 1
     clock.advance(timedelta(minutes=10))
     assert jobs.poll("social") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +11,17 @@ from sqlalchemy import event, select
 from bot.core.clock import FakeClock
 from bot.flow.context import AppContext
 from bot.flow.delivery import customer_handlers
-from bot.flow.outbox import CUSTOMER_TURN, STAFF_BATCH, Defer, OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import (
+    CUSTOMER_LANE,
+    CUSTOMER_TURN,
+    REMINDER_LANE,
+    STAFF_BATCH,
+    STAFF_LANE,
+    Defer,
+    OutboxMessage,
+    OutboxSender,
+    Retry,
+)
 from connectors.base import InboundPost, NotSent
 from connectors.demo import DemoConnector
 from storage import repo
@@ -370,3 +381,35 @@ def test_reminders_take_turns_with_a_backlog_of_urgent_staff_rows(ctx: AppContex
                 for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[0][0], statements[0][1])
             )
         assert "ix_outbox_pending_kind" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_an_acknowledgement_does_not_wait_for_a_slack_batch(ctx: AppContext) -> None:
+    # `run` drains the customer lane on one thread and the staff lanes on another: while a card's
+    # Slack call hangs, the acknowledgement still goes, and a drain of all lanes started meanwhile
+    # takes only the lane that is free.
+    ingest(ctx, post("1", "hello, a question"), post("2", "another question", author="ben"))
+    started, release = threading.Event(), threading.Event()
+    acks: list[int] = []
+
+    def slow_card(message: OutboxMessage) -> str:
+        started.set()
+        assert release.wait(10)
+        return "ok"
+
+    def ack(message: OutboxMessage) -> str:
+        acks.append(message.id)
+        return "ok"
+
+    sender = OutboxSender(ctx, {"card": slow_card, "ack": ack})
+    staff = threading.Thread(target=sender.send_due, kwargs={"lanes": (STAFF_LANE, REMINDER_LANE)})
+    staff.start()
+    try:
+        assert started.wait(10)
+        assert sender.send_due(lanes=(CUSTOMER_LANE,)).by_kind == {"ack": 2}
+        ingest(ctx, post("3", "one more question", author="cy"))
+        assert sender.send_due().by_kind == {"ack": 1}  # the staff lanes are busy: not the new card
+        assert len(acks) == 3
+    finally:
+        release.set()
+        staff.join(10)
+    assert {row.status for row in rows(ctx)["card"]} == {"sent"}  # the staff drain went on

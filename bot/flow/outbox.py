@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -300,9 +300,9 @@ class OutboxSender:
         self.staff_batch = max(1, staff_batch)  # staff rows claimed per transaction (see send_due)
         # This sender's name in `leases` and in `Outbox.owner` (unique per process and sender).
         self.owner = f"sender:{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        # One send loop per process: the outbox job, a poll and a sweep all call send_due, and a
-        # kill must find at most one customer message in flight (see send_due).
-        self._sending = threading.Lock()
+        # One send loop per lane per process: the outbox jobs, a poll and a sweep all call
+        # send_due, and a kill must find at most one customer message in flight (see send_due).
+        self._sending = {lane: threading.Lock() for lane in LANES}
         self._stopping = threading.Event()
         self._lease_until: datetime | None = None  # this sender's lease, as last renewed here
         # Rows this sender claimed and has not settled yet (its sends in flight). A row of its own
@@ -310,7 +310,6 @@ class OutboxSender:
         # record gave up, a release met the database away) and recovery settles it within seconds,
         # as it would a dead sender's, instead of waiting for the row's own lease.
         self._in_flight: set[int] = set()
-        self._claiming: list[int] = []  # rows of the claim being committed
         self._flight = threading.Lock()
 
     def recover(self, *, all_sending: bool = False) -> int:
@@ -426,8 +425,13 @@ class OutboxSender:
         thread.start()
         return thread
 
-    def send_due(self, *, limit: int = 500) -> SendResult:
-        """Send up to `limit` due rows in urgency order; return what happened.
+    def send_due(self, *, limit: int = 500, lanes: Sequence[str] = LANES) -> SendResult:
+        """Send up to `limit` due rows of `lanes` in urgency order; return what happened.
+
+        A lane another thread of this process is sending is left to it: `run` drains the customer
+        lane on one thread and the staff and reminder lanes on another, so an acknowledgement never
+        waits for a Slack batch (in a storm, acknowledgements queued behind staff batches came
+        15 s late and more), and a call for all lanes takes those that are free.
 
         Customer messages are claimed one at a time, just before their own call: a process that
         dies leaves at most the one it was sending `sending` (recovery makes it `unknown`); a batch
@@ -437,8 +441,10 @@ class OutboxSender:
         Slack-side idempotency keeps cards single). Rows beyond `limit` wait for the next call.
         """
         result = SendResult()
-        if not self._sending.acquire(blocking=False):
-            return result  # another thread of this process is sending; it takes these rows too
+        # Lanes another thread of this process is sending: it takes their rows too.
+        mine = tuple(lane for lane in LANES if lane in lanes and self._sending[lane].acquire(blocking=False))
+        if not mine:
+            return result
         _loop.taken, _loop.sender = set(), self
         _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
         try:
@@ -451,13 +457,13 @@ class OutboxSender:
             # a storm's urgent rows for rate-limited channels until the answer made them moot,
             # while their own channels (each person's DM) stood idle. A lane found empty is not
             # asked again for LANE_REST (one empty claim per staff batch would double the claims).
-            rest_until = dict.fromkeys(LANES, 0.0)
-            lane = CUSTOMER_LANE  # whose turn it is
+            rest_until = dict.fromkeys(mine, 0.0)
+            lane = mine[0]  # whose turn it is
             run = 0  # customer rows sent in this turn (each claimed alone)
             while done < limit and not self._stopping.is_set():
                 claimed: list[OutboxMessage] = []
-                turn = LANES.index(lane)
-                for candidate in LANES[turn:] + LANES[:turn]:
+                turn = mine.index(lane)
+                for candidate in mine[turn:] + mine[:turn]:
                     if time.monotonic() < rest_until[candidate]:
                         continue
                     claimed = self._claim(min(self.staff_batch, limit - done), lane=candidate)
@@ -473,12 +479,13 @@ class OutboxSender:
                 # rows, one at a time, or one batch of staff rows or of reminders.
                 run = run + 1 if lane == CUSTOMER_LANE else 0
                 if lane != CUSTOMER_LANE or run >= CUSTOMER_TURN:
-                    lane, run = LANES[(LANES.index(lane) + 1) % len(LANES)], 0
+                    lane, run = mine[(mine.index(lane) + 1) % len(mine)], 0
         finally:
             held, _loop.held, _loop.taken, _loop.sender = _loop.held, None, None, None
             if held is not None:
                 held.close()
-            self._sending.release()
+            for lane in mine:
+                self._sending[lane].release()
         return result
 
     def _deliver_batch(self, claimed: list[OutboxMessage], result: SendResult) -> int:
@@ -531,10 +538,10 @@ class OutboxSender:
             # Not claimed, or (a commit cut off) claimed unbeknown: either way not in flight here,
             # so recovery settles whatever may be `sending` (see `recover`).
             with self._flight:
-                self._in_flight.difference_update(self._claiming)
+                self._in_flight.difference_update(getattr(_loop, "claiming", ()))
             raise
         finally:
-            self._claiming = []
+            _loop.claiming = []
 
     def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
         with loop_session(self.ctx) as session, session.begin():
@@ -561,9 +568,9 @@ class OutboxSender:
                 self._renew(session, now)
             if rows:
                 # In flight before the claim is committed: recovery must never see them as abandoned.
-                self._claiming = [row.id for row in rows]
+                _loop.claiming = [row.id for row in rows]
                 with self._flight:
-                    self._in_flight.update(self._claiming)
+                    self._in_flight.update(_loop.claiming)
                 # One UPDATE for the batch, not one per row (each is a round trip on PostgreSQL).
                 session.execute(
                     update(Outbox)
