@@ -56,10 +56,12 @@ PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED = (
 OUTBOX_STATUSES = (PENDING, SENDING, SENT, FAILED, UNKNOWN, RETIRED)
 # Staff messages that only matter while their conversation is open (retired when it is answered).
 LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
-# Staff messages that keep no place in their conversation's order: a nag is a DM to the owner that
-# needs none of the conversation's other messages, and none of them waits for it (the outbox
-# claim, bot.flow.outbox._claim_query), so it lends and borrows no urgency either.
-LANE_FREE_KINDS = frozenset({"nag"})
+# Staff messages that keep no place in their conversation's order (the outbox claim,
+# bot.flow.outbox._claim_query): they wait for none of its other messages and none waits for them,
+# so they lend and borrow no urgency either. A nag is a DM to the owner; a warning, breach or
+# escalation goes to the card's thread, or, while the card is not posted yet (a storm), as a
+# top-level overdue digest: a breach notice never waits behind a card.
+LANE_FREE_KINDS = frozenset({"nag", "warning", "breach", "escalation"})
 # The resolution ladder's notices: they outlive an answer (the target is closing it), not a close.
 RESOLUTION_KINDS = frozenset({"resolution_warning", "resolution_breach"})
 # Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can

@@ -207,10 +207,15 @@ def enqueue(
     written = session.scalar(statement.returning(Outbox.id)) is not None
     if written and kind in SUPERSEDED_KINDS and conversation_id is not None:
         supersede_older(session=session, kind=kind, conversation_ids=[conversation_id])
-    if written and conversation_id is not None and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY:
+    if (
+        written
+        and conversation_id is not None
+        and kind not in LANE_FREE_KINDS
+        and URGENCY.get(kind, DEFAULT_URGENCY) < DEFAULT_URGENCY
+    ):
         # An urgent message waits for the earlier unsent ones of its conversation (its lane): they
-        # inherit its urgency, so that a breach is not held back behind its own card update queued
-        # behind every card of a storm. Nags keep no place in the lane (LANE_FREE_KINDS).
+        # inherit its urgency, so that it is not held back behind them. Ladder notices keep no
+        # place in the lane (LANE_FREE_KINDS): they wait for nothing, lend and borrow nothing.
         customer = kind in CUSTOMER_LANE
         session.execute(
             update(Outbox)

@@ -181,11 +181,15 @@ def test_acknowledgement_is_not_sent_after_a_human_answered(ctx: AppContext, clo
 def test_staff_messages_of_a_conversation_keep_their_order_through_retries(
     ctx: AppContext, clock: FakeClock
 ) -> None:
-    ingest(ctx, post("1", "the site is down"), post("2", "hello", author="ben"))
+    ingest(ctx, post("1", "the site is down!"), post("2", "hello", author="ben"))
     clock.advance(timedelta(hours=1, minutes=25))
     from bot.flow.sweep import sweep
 
     sweep(ctx)  # conversation 1 (urgent, 1 h): breach, escalation and a nag; conversation 2 has time
+    with ctx.sessions() as session, session.begin():  # and the customer wrote again
+        repo.enqueue(
+            session=session, kind="thread_post", key="again-1", payload={}, conversation_id=1, now=clock.now()
+        )
     order: list[tuple[int | None, str]] = []
     failures = {"card": 1}
 
@@ -196,17 +200,18 @@ def test_staff_messages_of_a_conversation_keep_their_order_through_retries(
         order.append((message.conversation_id, message.kind))
         return "ok"
 
-    handlers = {kind: flaky for kind in ("card", "breach", "escalation", "nag", "warning")}
+    handlers = {kind: flaky for kind in ("card", "breach", "escalation", "nag", "warning", "thread_post")}
     sender = OutboxSender(ctx, {**handlers, "ack": lambda m: "ok"})
     sender.send_due()
-    # Conversation 1's card failed: nothing after it in its lane went out but the nag (a reminder
-    # by DM keeps no place in the lane); the customer lane and conversation 2 were not held up.
-    assert [kind for cid, kind in order if cid == 1] == ["nag"]
+    # Conversation 1's card failed: the thread post after it in its lane waits; the ladder's
+    # notices keep no place in the lane (a breach waits for no card: without it, it goes as a
+    # top-level digest) and went; the customer lane and conversation 2 were not held up.
+    assert sorted(kind for cid, kind in order if cid == 1) == ["breach", "escalation", "nag"]
     assert (2, "card") in order
     assert rows(ctx)["ack"][0].status == "sent"
     clock.advance(timedelta(minutes=5))
     sender.send_due()
-    assert [kind for cid, kind in order if cid == 1] == ["nag", "card", "breach", "escalation"]
+    assert [kind for cid, kind in order if cid == 1][3:] == ["card", "thread_post"]
 
 
 def test_a_deferred_message_is_not_an_attempt_and_comes_back_when_asked(

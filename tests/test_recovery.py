@@ -125,9 +125,9 @@ def test_a_row_being_sent_is_left_to_its_sender(ctx: AppContext, clock: FakeCloc
         sender._record(
             [sender._outcome(batch[0], status="sent", result_text="ok")]
         )  # the card and the acknowledgement
-    assert batch and batch[0].kind == "warning"  # now `sending`
+    assert batch and batch[0].kind == "breach"  # the most urgent (it waits for no earlier row), now `sending`
     act(ctx, lambda s: staff.mark_answered(s, ctx, conversation_id, "sam", clock.now()))
-    assert ladder_statuses(ctx) == [("warning", SENDING), ("breach", RETIRED), ("escalation", RETIRED)]
+    assert ladder_statuses(ctx) == [("warning", RETIRED), ("breach", SENDING), ("escalation", RETIRED)]
 
 
 def test_only_the_newest_pending_card_update_of_a_card_is_kept(ctx: AppContext, clock: FakeClock) -> None:

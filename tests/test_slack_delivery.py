@@ -16,7 +16,7 @@ from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
 from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
-from bot.flow.outbox import STAFF_BATCH, OutboxMessage, OutboxSender, Retry
+from bot.flow.outbox import STAFF_BATCH, STAFF_LANE, Defer, OutboxMessage, OutboxSender, Retry
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import (
     CARD_METADATA_TYPE,
@@ -867,3 +867,32 @@ def test_nags_for_one_person_keep_within_two_seconds_at_slacks_pace(
         assert max(late) < 2.0, late
         assert len(dms) < len(ids) / 2  # together, not one each
         assert float(dms[-1].ts) - start.timestamp() < 24 * 0.25 + 2
+
+
+def test_a_breach_whose_card_is_not_posted_yet_does_not_wait_for_it(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    ingest(ctx, post("1", "the site is down!"))  # urgent: 1 h
+    [conversation] = conversations(ctx)
+    clock.set(MONDAY + timedelta(minutes=61))
+    sweep(ctx)
+
+    def busy(message: OutboxMessage) -> str:  # the card cannot go yet (its channel's pace, say)
+        raise Defer("not yet", after=clock.now() + timedelta(hours=1))
+
+    handlers = slack_handlers(ctx, client)
+    sender = OutboxSender(
+        ctx, {**handlers, "card": busy, "ack": lambda m: "ack sent"}, staff_batch=STAFF_BATCH
+    )
+    sender.send_due()
+    [notice] = top_level(slack, CARE)  # the breach, top-level: there is no thread to put it in
+    assert notice.data["metadata"]["event_type"] == OVERDUE_METADATA_TYPE
+    assert notice.data["metadata"]["event_payload"]["breach"] == [conversation.id]
+    assert notice.text == "1 conversation overdue: 1 deadline missed"
+    assert [row.status for row in outbox(ctx, "breach")] == ["sent"]
+    assert [row.status for row in outbox(ctx, "card")] == ["pending"]
+    # The card, when it goes, shows the conversation overdue.
+    clock.advance(timedelta(hours=1))
+    OutboxSender(ctx, {**handlers, "ack": lambda m: "ack sent"}).send_due(lanes=(STAFF_LANE,))
+    [card] = cards_in(slack, CARE)
+    assert "*Overdue*" in card.display_text

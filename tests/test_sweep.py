@@ -14,7 +14,7 @@ from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
 from bot.flow.sweep import apply_ladder, earliest_next_action, sweep
 from storage import repo
-from storage.models import OPEN, Conversation, Event, Outbox
+from storage.models import OPEN, URGENCY, Conversation, Event, Outbox
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post
 
@@ -88,12 +88,18 @@ def test_sweeping_twice_at_the_same_moment_does_nothing_twice(ctx: AppContext, c
 def test_the_urgency_update_reads_the_batch_conversations_not_the_pending_outbox(
     ctx: AppContext, clock: FakeClock
 ) -> None:
-    """The breach lends its urgency to the card and acknowledgement queued before it, found through
-    ix_outbox_conversation_id: looking pending rows up in ix_outbox_status would read them all."""
+    """A reassignment lends its urgency to the card update queued before it, found through
+    ix_outbox_conversation_id: looking pending rows up in ix_outbox_status would read them all.
+    (The ladder's notices lend nothing: they wait for no earlier row, storage.models.LANE_FREE_KINDS.)"""
     if ctx.engine.dialect.name != "sqlite":
         pytest.skip("SQLite's query plan (PostgreSQL plans by its statistics)")
-    ingest(ctx, *(post(str(i), "the site is down!", author=f"customer{i}") for i in range(20)))
-    clock.advance(timedelta(hours=1, minutes=25))
+    # Billing, Maria, claim within 2 h: unclaimed after 2 h, each is offered to someone else.
+    ingest(ctx, *(post(str(i), "refund for my invoice please", author=f"customer{i}") for i in range(20)))
+    with ctx.sessions() as session, session.begin():
+        repo.enqueue(
+            session=session, kind="card_update", key="update-1", payload={}, conversation_id=1, now=MONDAY
+        )
+    clock.advance(timedelta(hours=2))
     sent: list[tuple[str, Any]] = []
 
     def capture(
@@ -114,7 +120,11 @@ def test_the_urgency_update_reads_the_batch_conversations_not_the_pending_outbox
         )
         urgencies = conn.execute(select(Outbox.kind, Outbox.urgency).order_by(Outbox.id)).all()
     assert "ix_outbox_conversation_id" in plan and "ix_outbox_status" not in plan, plan
-    assert {urgency for kind, urgency in urgencies if kind == "card"} == {0}  # lent by the breaches behind
+    assert ("reassign", URGENCY["reassign"]) in urgencies
+    assert ("card_update", URGENCY["reassign"]) in urgencies  # lent by the reassignment behind it
+    assert {urgency for kind, urgency in urgencies if kind == "card"} == {
+        URGENCY["card"]
+    }  # more urgent already
 
 
 def test_unclaimed_business_item_is_reassigned(ctx: AppContext, clock: FakeClock) -> None:

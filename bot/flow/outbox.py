@@ -853,12 +853,13 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     messages, warnings, new cards, reassignments, card updates, nags, digests), then oldest due.
 
     Messages of one conversation go out in the order they were written, separately for the
-    customer and for staff: a row waits while an earlier one of its lane is still unsent. Nags
-    (LANE_FREE_KINDS) are out of that order: a reminder by DM needs none of the conversation's
-    other messages (a nag for the card's thread waits for the card in its handler), and none
-    waits for it; in a storm a nag queued behind its conversation's escalation in a rate-limited
-    channel came after the answer that made it moot. The
-    statuses are written into the SQL as literals, not parameters: only then can the planner prove
+    customer and for staff: a row waits while an earlier one of its lane is still unsent. The
+    ladder's notices (LANE_FREE_KINDS: warning, breach, escalation, nag) are out of that order:
+    they need none of the conversation's other messages (a notice whose card is not posted yet
+    goes as a top-level overdue digest, a nag by DM; a nag for the card's thread waits for the
+    card in its handler), and none waits for them. In a storm a breach waited for its own card,
+    and a nag behind its escalation in a rate-limited channel came after the answer that made it
+    moot. The statuses are written into the SQL as literals, not parameters: only then can the planner prove
     that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply (SQLite always; PostgreSQL
     once psycopg prepares the statement with a generic plan).
     """
@@ -895,14 +896,14 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     if lane == CUSTOMER_LANE:
         query = query.where(customer)
     elif lane == STAFF_LANE:
-        query = query.where(~customer, Outbox.kind.not_in(_LANE_FREE))
+        query = query.where(~customer, Outbox.kind != _REMINDER)
     elif lane == REMINDER_LANE:
         # Nags wait for nothing (no lane check); ix_outbox_reminders holds the pending ones by due time.
         query = (
             select(*query.selected_columns)
             .where(
                 Outbox.status == _PENDING,
-                Outbox.kind == literal("nag", literal_execute=True),
+                Outbox.kind == _REMINDER,
                 Outbox.next_attempt_at <= bindparam("now"),
             )
             .order_by(Outbox.next_attempt_at, Outbox.id)
@@ -929,6 +930,7 @@ def _gone(owner: str) -> bool:
 
 
 _PENDING = literal(PENDING, literal_execute=True)
+_REMINDER = literal("nag", literal_execute=True)  # the reminder lane's kind
 _LANE_FREE: BindParameter[list[str]] = bindparam(
     "lane_free", sorted(LANE_FREE_KINDS), expanding=True, literal_execute=True
 )

@@ -623,7 +623,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
         own = URGENCY.get(step.kind, DEFAULT_URGENCY)
         later = lowest.get(decision.row.id)
         urgency = own if later is None or step.kind in LANE_FREE_KINDS else min(own, later)
-        if own < DEFAULT_URGENCY:
+        if own < DEFAULT_URGENCY and step.kind not in LANE_FREE_KINDS:
             lowest[decision.row.id] = own if later is None else min(own, later)
         rows.append(
             {

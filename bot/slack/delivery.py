@@ -374,7 +374,7 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
-        coalesced = self._overdue_digest(message, loaded, now)
+        coalesced = self._overdue_digest(message, loaded, now, alone=loaded.conversation.slack_ts is None)
         if coalesced is not None:
             return coalesced
         built = blocks.warning_message(loaded.conversation, ctx_policy=self.ctx.policy, now=now, tz=loaded.tz)
@@ -398,7 +398,7 @@ class SlackDelivery:
         loaded = self._read(message)
         if not _still_open(loaded):
             return f"skipped: conversation is {loaded.conversation.status}"
-        coalesced = self._overdue_digest(message, loaded, now)
+        coalesced = self._overdue_digest(message, loaded, now, alone=loaded.conversation.slack_ts is None)
         if coalesced is not None:
             return coalesced
         if loaded.conversation.slack_ts is None:
@@ -512,7 +512,7 @@ class SlackDelivery:
         conversation = loaded.conversation
         notify = _text(message.payload.get("notify")) or "team_channel"
         if notify == "team_channel":
-            coalesced = self._overdue_digest(message, loaded, now)
+            coalesced = self._overdue_digest(message, loaded, now, alone=conversation.slack_ts is None)
             if coalesced is not None:
                 return coalesced
         team = self.ctx.policy.teams.get(conversation.team)
@@ -533,7 +533,7 @@ class SlackDelivery:
                     "escalation has nobody to go to; posted in the channel",
                     extra={"conversation_id": conversation.id, "notify": notify},
                 )
-                return self._thread_reply(loaded, built, broadcast=True)
+                return self._in_thread(message, loaded, now, built, broadcast=True)
             sent = self._dm(
                 target,
                 blocks.escalation_message(conversation, loaded.post, notify=notify, **common),
@@ -559,13 +559,30 @@ class SlackDelivery:
                 built = blocks.escalation_message(
                     conversation, loaded.post, notify="owner", in_thread=True, **common
                 )
-                return self._thread_reply(loaded, built)
+                return self._in_thread(message, loaded, now, built)
         # The team channel: one thread reply also shown in the channel (reply_broadcast), so the
         # whole team sees it and the card's thread keeps the history, in one message.
         built = blocks.escalation_message(
             conversation, loaded.post, notify="team_channel", in_thread=True, **common
         )
-        return self._thread_reply(loaded, built, broadcast=True)
+        return self._in_thread(message, loaded, now, built, broadcast=True)
+
+    def _in_thread(
+        self,
+        message: OutboxMessage,
+        loaded: _Loaded,
+        now: datetime,
+        built: blocks.Message,
+        *,
+        broadcast: bool = False,
+    ) -> str:
+        """A notice for the card's thread; while the card is not posted yet, a top-level overdue
+        digest of one instead (a notice waits for no card: storage.models.LANE_FREE_KINDS)."""
+        if loaded.conversation.slack_ts is None:
+            alone = self._overdue_digest(message, loaded, now, alone=True)
+            if alone is not None:
+                return alone
+        return self._thread_reply(loaded, built, broadcast=broadcast)
 
     def admin_alert(self, message: OutboxMessage) -> str:
         """An operator alert to the admin channel (skipped, with a log line, when there is none)."""
@@ -1223,9 +1240,13 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Overdue and reminder digests
 
-    def _overdue_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
+    def _overdue_digest(
+        self, message: OutboxMessage, loaded: _Loaded, now: datetime, *, alone: bool = False
+    ) -> str | None:
         """Post this breach, escalation or warning notice together with the others of its channel that
-        are due (or were put off by the channel's pace) as ONE overdue digest; None when it is alone.
+        are due (or were put off by the channel's pace) as ONE overdue digest; None when it is alone
+        (unless `alone`: its card is not posted yet, and a notice waits for no card, so it goes as
+        a top-level digest of one).
 
         After the post, the digest's transaction also records each conversation's ``slack_overdue``
         event, retires their other pending warnings and queues the card edits of the breached ones
@@ -1252,7 +1273,7 @@ class SlackDelivery:
             build=build,
             record=self._record_overdue,
         )
-        return self._digest(message, loaded, now, group)
+        return self._digest(message, loaded, now, group, alone=alone)
 
     def _reminder_digest(
         self, message: OutboxMessage, loaded: _Loaded, owner: Expert, now: datetime
@@ -1282,9 +1303,12 @@ class SlackDelivery:
         )
         return self._digest(message, loaded, now, group)
 
-    def _digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime, group: _Group) -> str | None:
+    def _digest(
+        self, message: OutboxMessage, loaded: _Loaded, now: datetime, group: _Group, *, alone: bool = False
+    ) -> str | None:
         """Post `message` with the other rows `group` finds as ONE message to `group.channel`; None
-        when there are none (the message then goes alone, as always).
+        when there are none (the message then goes alone, as always), unless `alone` (then the
+        digest carries `message` only).
 
         The other rows are claimed as the sender claims (``sending`` with a lease and this sender as
         owner, ``SKIP LOCKED`` on PostgreSQL); rows of this sender's batch not tried yet are taken
@@ -1295,7 +1319,7 @@ class SlackDelivery:
         """
         conversation = loaded.conversation
         with loop_session(self.ctx, read_only=True) as session:
-            if not group.find(session, False):
+            if not group.find(session, False) and not alone:
                 return None  # alone
         ready = self._ready(group.channel)
         claimed: list[tuple[int, str, int]] = []
@@ -1328,7 +1352,7 @@ class SlackDelivery:
                 f"with {len(rows)} more rows for its {group.name}",
                 after=ready,
             )
-        if not claimed:
+        if not claimed and not alone:
             return None
         claimed_ids = [row[0] for row in claimed]
         step = {conversation.id: message.kind}

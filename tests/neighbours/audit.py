@@ -229,8 +229,9 @@ class SlackAudit:
 
         Rows an overdue digest delivered are left out: the digest is a top-level message for
         several conversations that needs none of their cards, so it may go before a card or a
-        thread post of theirs (tests/test_slack_delivery.py checks what it carries). So are nags
-        (storage.models.LANE_FREE_KINDS): a reminder keeps no place in its conversation's order.
+        thread post of theirs (tests/test_slack_delivery.py checks what it carries). So are the ladder's
+        notices (storage.models.LANE_FREE_KINDS: warning, breach, escalation, nag): they keep no
+        place in their conversation's order.
         """
         problems: list[str] = []
         row_of = {row.id: row for row in self.rows}
@@ -251,8 +252,15 @@ class SlackAudit:
                 head = lane[k] if k < len(lane) else None
                 row_id = delivered_by.get(id(e))
                 kind = kind_of(e)
-                if kind == "nag" or (row_id is not None and row_of[row_id].kind in LANE_FREE_KINDS):
-                    continue  # a reminder (or an attempt of one): in no lane
+                if kind in (*LANE_FREE_KINDS, "note") or (
+                    row_id is not None and row_of[row_id].kind in LANE_FREE_KINDS
+                ):
+                    # A ladder notice (or an attempt of one, or the note of a DM escalation): in no
+                    # lane. A breach's card edit follows it.
+                    edit_of_breach = kind == "breach" or (
+                        row_id is not None and row_of[row_id].kind == "breach"
+                    )
+                    continue
                 follows_breach, edit_of_breach = edit_of_breach, False
                 if row_id is not None:
                     if head is None or row_id != head.id:
