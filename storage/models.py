@@ -265,19 +265,11 @@ class Outbox(Base):
         # /metrics counts rows per status and kind for the statuses that do not pile up
         # (everything but sent): an index range, not a scan of every row ever sent.
         Index("ix_outbox_status_kind", "status", "kind"),
-        # The claim's order: most urgent kind first, then oldest due.
+        # The claim's order: most urgent kind first, then oldest due (the reminder lane's claim:
+        # the nags' urgency, oldest due first).
         Index(
             "ix_outbox_urgency",
             "urgency",
-            "next_attempt_at",
-            postgresql_where=text("status = 'pending'"),
-            sqlite_where=text("status = 'pending'"),
-        ),
-        # Pending rows of one kind, oldest due first: the reminder lane's claim (bot.flow.outbox),
-        # the rows a digest takes (bot.slack.delivery).
-        Index(
-            "ix_outbox_pending_kind",
-            "kind",
             "next_attempt_at",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),

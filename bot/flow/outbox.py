@@ -55,6 +55,7 @@ from storage.models import (
     SENDING,
     SENT,
     UNKNOWN,
+    URGENCY,
     Lease,
     Outbox,
 )
@@ -898,15 +899,17 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     elif lane == STAFF_LANE:
         query = query.where(~customer, Outbox.kind != _REMINDER)
     elif lane == REMINDER_LANE:
-        # Nags wait for nothing (no lane check); ix_outbox_reminders holds the pending ones by due time.
+        # Nags wait for nothing (no lane check) and keep their own urgency (they lend and borrow
+        # none): one range of ix_outbox_urgency, oldest due first.
         query = (
             select(*query.selected_columns)
             .where(
                 Outbox.status == _PENDING,
+                Outbox.urgency == literal(URGENCY["nag"], literal_execute=True),
                 Outbox.kind == _REMINDER,
                 Outbox.next_attempt_at <= bindparam("now"),
             )
-            .order_by(Outbox.next_attempt_at, Outbox.id)
+            .order_by(Outbox.urgency, Outbox.next_attempt_at, Outbox.id)
             .limit(bindparam("limit"))
         )
     if postgres:
