@@ -606,6 +606,19 @@ def test_a_storm_digest_keeps_the_pace(ctx: AppContext, clock: FakeClock) -> Non
 # Overdue digests: breach and escalation notices due together in one channel are one message
 
 
+def assert_inert(posted: dict[str, Any], shown: Message) -> None:
+    """NASTY's text, as a digest carried it: no <!channel> anywhere in what Slack got (text and
+    blocks), escaped in what Slack shows."""
+    assert not [
+        s
+        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
+        if re.search(r"<!(channel|here|everyone)", s)
+    ]
+    assert (
+        "&lt;!channel&gt;" in shown.display_text and "&lt;http://evil.example|bank&gt;" in shown.display_text
+    )
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -648,16 +661,7 @@ def test_breach_and_escalation_notices_due_together_are_one_overdue_digest(
     assert digest.text == "3 conversations overdue: 3 deadlines missed"
     assert not [m for m in slack.messages(CARE) if m.is_reply and "Deadline missed" in m.text]
     # Customer text is inert: no <!channel> anywhere in what Slack got, escaped in what it shows.
-    posted = slack.calls_to("chat.postMessage")[-1].params
-    assert not [
-        s
-        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
-        if re.search(r"<!(channel|here|everyone)", s)
-    ]
-    assert (
-        "&lt;!channel&gt;" in digest.display_text
-        and "&lt;http://evil.example|bank&gt;" in digest.display_text
-    )
+    assert_inert(slack.calls_to("chat.postMessage")[-1].params, digest)
     # The owners are pinged as the single notice would (Sam is always on duty; Nina not at 09:01 UTC).
     owners = {c.owner for c in conversations(ctx)}
     assert set(digest.mentions) == {{"sam": SAM, "nina": NINA}[o] for o in owners if o == "sam"}
@@ -797,17 +801,11 @@ def test_nags_for_one_person_due_together_are_one_reminder_dm(
         if block.get("accessory", {}).get("action_id") == ACTION_REPLY
     ]
     assert replies == [str(cid) for cid in ids[:3]]
-    posted = next(
-        c.params for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == digest.channel
-    )
-    assert not [
-        s
-        for s in _strings({"text": posted["text"], "blocks": posted["blocks"]})
-        if re.search(r"<!(channel|here)", s)
-    ]
-    assert (
-        "&lt;!channel&gt;" in digest.display_text
-        and "&lt;http://evil.example|bank&gt;" in digest.display_text
+    assert_inert(
+        next(
+            c.params for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == digest.channel
+        ),
+        digest,
     )
     assert not digest.mentions
     [alone] = slack.messages(NINA)  # Nina's one nag goes alone, as always, with the card's buttons
