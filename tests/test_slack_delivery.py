@@ -894,3 +894,27 @@ def test_a_breach_whose_card_is_not_posted_yet_does_not_wait_for_it(
     OutboxSender(ctx, {**handlers, "ack": lambda m: "ack sent"}).send_due(lanes=(STAFF_LANE,))
     [card] = cards_in(slack, CARE)
     assert "*Overdue*" in card.display_text
+
+
+def test_one_reminder_dm_carries_all_of_a_persons_due_nags(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    # 60 overdue conversations of Sam's, a nag each: one DM shows 48 and says how many more.
+    ingest(ctx, *[post(f"q{i}", f"a question, number {i}", author=f"q{i}") for i in range(60)])
+    ids = [c.id for c in conversations(ctx)]
+    _own(ctx, dict.fromkeys(ids, "sam"))
+    for cid in ids:
+        enqueue(ctx, "nag", f"nag-{cid}", cid, {"owner": "sam"})
+    sender = OutboxSender(
+        ctx,
+        {**slack_handlers(ctx, client), "card": lambda m: None, "ack": lambda m: "ack sent"},
+        staff_batch=STAFF_BATCH,
+    )
+    sender.send_due()
+    [digest] = slack.messages(SAM)
+    assert digest.text == "Reminder: 60 conversations are waiting for your answer"
+    assert sorted(digest.data["metadata"]["event_payload"]["nag"]) == ids
+    lines = [block for block in digest.blocks if block.get("accessory", {}).get("action_id") == ACTION_REPLY]
+    assert len(lines) == 48 and len(digest.blocks) == 50  # the headline, 48 lines, how many more
+    assert "and 12 more conversations waiting for you" in digest.display_text
+    assert {row.status for row in outbox(ctx, "nag")} == {"sent"}

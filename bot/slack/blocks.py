@@ -1019,17 +1019,20 @@ def overdue_digest(
 REMINDER_DIGEST_EXCERPT = 120  # characters of each post in a reminder digest (escaped, one line)
 
 
-def reminder_digest(items: Sequence[OverdueItem], *, now: datetime) -> Message:
+def reminder_digest(items: Sequence[OverdueItem], *, now: datetime, more: int = 0) -> Message:
     """ONE DM standing for the nags of several conversations that fell due together for one person
     (or while their DM's pace was spent): a line each with its lateness, the customer's words
     escaped, and a Reply button. At Slack's one message a second per channel, a storm's nags for
     one owner cost one DM, not one each.
 
-    At most MAX_BLOCKS - 1 conversations (one section each, the headline first).
+    `more`: conversations it stands for beyond `items` (one line says how many). At most
+    MAX_BLOCKS - 1 sections in all (one per conversation, the headline first, the line of `more`).
     """
-    shown = list(items)[: MAX_BLOCKS - 1]
-    noun = "conversation is" if len(shown) == 1 else "conversations are"
-    headline = f"Reminder: {len(shown)} {noun} waiting for your answer"
+    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
+    more += len(items) - len(shown)
+    total = len(shown) + more
+    noun = "conversation is" if total == 1 else "conversations are"
+    headline = f"Reminder: {total} {noun} waiting for your answer"
     result: list[Block] = [_section(f":alarm_clock: *{headline}*. Please answer them or hand them on.")]
     for item in shown:
         conversation = item.conversation
@@ -1046,4 +1049,9 @@ def reminder_digest(items: Sequence[OverdueItem], *, now: datetime) -> Message:
                 "value": str(conversation.id),
             }
         result.append(section)
+    if more:
+        others = "conversation" if more == 1 else "conversations"
+        result.append(
+            _section(f"\u2026and {more} more {others} waiting for you: `/replyclock mine` lists them all.")
+        )
     return Message(text=_fallback(headline), blocks=result)

@@ -123,6 +123,7 @@ _STEP_ORDER = {"warning": 0, "breach": 1, "escalation": 2}  # which notice a con
 OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
 NAG_CARD_WAIT = timedelta(seconds=5)  # a nag for the card's thread, looking again for the card
 MAX_STORM = 49  # conversations in one storm digest (blocks.MAX_BLOCKS less its headline); more make a second
+REMINDER_FOLD = 500  # nags one reminder digest carries at most (its metadata lists them; it shows MAX_STORM)
 # A card retried after an attempt whose outcome was not recorded is looked up before it is posted
 # again: this many top-level messages per page (conversations.history), at most this many pages.
 FIND_PAGE = 200
@@ -197,7 +198,8 @@ class _Group:
     kinds: tuple[str, ...]  # the outbox kinds it carries (its metadata lists each kind's conversations)
     metadata_type: str
     find: Callable[[Session, bool], list[tuple[int, str, int]]]  # (session, lock) -> the other rows
-    build: Callable[[list[_Loaded], Mapping[int, str]], blocks.Message]  # (conversations, their step)
+    # (conversations shown, their step, how many more it carries unshown) -> the message
+    build: Callable[[list[_Loaded], Mapping[int, str], int], blocks.Message]
     record: _Record | None
 
 
@@ -1256,7 +1258,7 @@ class SlackDelivery:
             return None
         channel = self._team_channel(conversation)
 
-        def build(shown: list[_Loaded], step: Mapping[int, str]) -> blocks.Message:
+        def build(shown: list[_Loaded], step: Mapping[int, str], more: int) -> blocks.Message:
             return blocks.overdue_digest(
                 channel,
                 [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
@@ -1287,9 +1289,9 @@ class SlackDelivery:
         channel = self._dm_channel(owner, conversation.id)
         expert_id = next(key for key, expert in self.ctx.policy.experts.items() if expert is owner)
 
-        def build(shown: list[_Loaded], step: Mapping[int, str]) -> blocks.Message:
+        def build(shown: list[_Loaded], step: Mapping[int, str], more: int) -> blocks.Message:
             return blocks.reminder_digest(
-                [blocks.OverdueItem(m.conversation, m.post, m.tz, "nag") for m in shown], now=now
+                [blocks.OverdueItem(m.conversation, m.post, m.tz, "nag") for m in shown], now=now, more=more
             )
 
         group = _Group(
@@ -1357,18 +1359,23 @@ class SlackDelivery:
         claimed_ids = [row[0] for row in claimed]
         step = {conversation.id: message.kind}
         order = [conversation.id]
+        seen = {conversation.id}
         for _, kind, cid in claimed:
-            if cid not in order:
+            if cid not in seen:
                 order.append(cid)
+                seen.add(cid)
             if _STEP_ORDER.get(kind, 0) > _STEP_ORDER.get(step.get(cid, kind), 0):
                 step[cid] = kind
             step.setdefault(cid, kind)
         resume_at = now
         posted = False
         try:
+            # A message shows MAX_STORM conversations at most (a reminder digest may carry more:
+            # one line then says how many).
+            cap = MAX_STORM if len(order) <= MAX_STORM else MAX_STORM - 1
             with loop_session(self.ctx, read_only=True) as session:
-                shown = [loaded, *(self._load(session, cid) for cid in order[1:])]
-            built = group.build(shown, step)
+                shown = [loaded, *(self._load(session, cid) for cid in order[1:cap])]
+            built = group.build(shown, step, len(order) - len(shown))
             kinds: dict[str, list[int]] = {kind: [] for kind in group.kinds}
             kinds[message.kind].append(conversation.id)
             for _, kind, cid in claimed:
@@ -1450,10 +1457,12 @@ class SlackDelivery:
         found: Iterator[Any],
         conversation_id: int,
         keep: Callable[[str, Any], bool] = lambda kind, payload: True,
+        *,
+        most: int = MAX_STORM,
     ) -> list[tuple[int, str, int]]:
         """(outbox id, kind, conversation id) of the rows a digest takes from `found` (id, kind,
         conversation id, payload, status): pending, or in this sender's batch and not tried yet
-        (bot.flow.outbox.untried_in_batch), for at most MAX_STORM conversations in all
+        (bot.flow.outbox.untried_in_batch), for at most `most` conversations in all
         (`conversation_id`'s counts)."""
         taken: list[tuple[int, str, int]] = []
         conversations = {conversation_id}
@@ -1464,7 +1473,7 @@ class SlackDelivery:
             if cid is None or not keep(str(kind), payload):
                 continue
             if cid not in conversations:
-                if len(conversations) >= MAX_STORM:
+                if len(conversations) >= most:
                     continue
                 conversations.add(cid)
             taken.append((int(outbox_id), str(kind), int(cid)))
@@ -1509,7 +1518,10 @@ class SlackDelivery:
         self, session: Session, message: OutboxMessage, expert_id: str, now: datetime, *, lock: bool = False
     ) -> list[tuple[int, str, int]]:
         """The other nags a reminder digest takes: those of open conversations that `expert_id`
-        has claimed, or owns while nobody has claimed them (where the nag handler sends them)."""
+        has claimed, or owns while nobody has claimed them (where the nag handler sends them), up
+        to REMINDER_FOLD: one DM reminds a person of all that is due, however many (it shows
+        MAX_STORM and says how many more), so that their nags never queue behind each other at
+        their DM's one message a second."""
         query = (
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
             .join(Conversation, Conversation.id == Outbox.conversation_id)
@@ -1520,11 +1532,11 @@ class SlackDelivery:
                 Conversation.status == OPEN,
             )
             .order_by(Outbox.next_attempt_at, Outbox.id)
-            .limit(OVERDUE_SCAN)
+            .limit(REMINDER_FOLD)
         )
         if lock and is_postgres(session):
             query = query.with_for_update(skip_locked=True, of=Outbox)
-        return self._take(iter(session.execute(query)), _conversation_id(message))
+        return self._take(iter(session.execute(query)), _conversation_id(message), most=REMINDER_FOLD)
 
     def _store_digest(
         self,
