@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -606,6 +607,19 @@ def test_a_storm_digest_keeps_the_pace(ctx: AppContext, clock: FakeClock) -> Non
 # Overdue digests: breach and escalation notices due together in one channel are one message
 
 
+@contextmanager
+def paced_standin(clock: FakeClock) -> Iterator[SlackStandIn]:
+    """The Slack stand-in with `#care`, enforcing Slack's limits on the test's fake time."""
+
+    def seconds() -> float:
+        return clock.now().timestamp()
+
+    with SlackStandIn(
+        channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
+    ) as slack:
+        yield slack
+
+
 def assert_inert(posted: dict[str, Any], shown: Message) -> None:
     """NASTY's text, as a digest carried it: no <!channel> anywhere in what Slack got (text and
     blocks), escaped in what Slack shows."""
@@ -705,12 +719,7 @@ def test_a_lone_breach_still_goes_to_its_cards_thread(
 def test_in_a_paced_storm_no_breach_notice_waits_behind_a_card_or_a_nag(
     ctx: AppContext, clock: FakeClock
 ) -> None:
-    def seconds() -> float:
-        return clock.now().timestamp()
-
-    with SlackStandIn(
-        channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
-    ) as slack:
+    with paced_standin(clock) as slack:
         client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
         sender = sender_for(ctx, client, storm_threshold=10**9, pacer=Pacer(clock.now))
 
@@ -824,12 +833,7 @@ def test_nags_for_one_person_keep_within_two_seconds_at_slacks_pace(
     """Slack allows a DM about one post a second: a nag every 0.25 s for the same person goes
     out within 2 s of being due, the ones put off by the pace together, with no 429."""
 
-    def seconds() -> float:
-        return clock.now().timestamp()
-
-    with SlackStandIn(
-        channels={CARE: "care"}, users=USERS, clock=seconds, rate_limits=True, limit_clock=seconds
-    ) as slack:
+    with paced_standin(clock) as slack:
         client = WebClient(token=DEFAULT_TOKEN, base_url=slack.base_url)
         sender = sender_for(ctx, client, pacer=Pacer(clock.now))
         ingest(ctx, *[post(f"q{i}", f"a question, number {i}", author=f"q{i}") for i in range(24)])
