@@ -70,8 +70,10 @@ from bot.flow.outbox import (
     backoff,
     loop_autocommit,
     loop_session,
+    loop_transaction,
     patiently,
     relaxed_commit,
+    sql_constant,
     taken_over,
     untried_in_batch,
 )
@@ -910,17 +912,11 @@ class SlackDelivery:
 
     @contextmanager
     def _card_writer(self) -> Iterator[Connection]:
-        """A connection in a transaction for a card's writes: statements built once, no ORM layer
-        (on a card per message, a session's bookkeeping cost more CPU than the writes). On
-        SQLite straight from the engine; on PostgreSQL the send loop's writer, commit relaxed (a
-        card lost with a database crash is posted again: at least once)."""
-        if not is_postgres(self.ctx.engine):
-            with self.ctx.engine.begin() as connection:
-                yield connection
-            return
-        with loop_session(self.ctx) as session, session.begin():
-            relaxed_commit(session)
-            yield session.connection()
+        """A connection in a transaction for a card's writes (bot.flow.outbox.loop_transaction: the
+        send loop's writer, statements built once, no ORM layer, commit relaxed on PostgreSQL: a
+        card lost with a database crash is posted again, at least once)."""
+        with loop_transaction(self.ctx) as connection:
+            yield connection
 
     # ----------------------------------------------------------------------------------------
     # Storms
@@ -954,9 +950,9 @@ class SlackDelivery:
                 .where(
                     other.kind == "card",
                     or_(
-                        other.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                        other.status == sql_constant(PENDING),  # ix_outbox_pending
                         and_(
-                            other.status == literal(SENDING, literal_execute=True),
+                            other.status == sql_constant(SENDING),
                             other.owner == bindparam("storm_owner"),
                         ),
                     ),
@@ -1437,11 +1433,11 @@ class SlackDelivery:
         """What makes a row another one a digest may take: pending (or ``sending`` for this very
         sender: its batch's rows), not `message` itself, and due now or put off by the pace (up to
         its horizon; a row backing off after a failure only once due again)."""
-        pending = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending
+        pending = Outbox.status == sql_constant(PENDING)  # ix_outbox_pending
         return [
             or_(
                 pending,
-                and_(Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == message.owner),
+                and_(Outbox.status == sql_constant(SENDING), Outbox.owner == message.owner),
             )
             if message.owner is not None
             else pending,
@@ -1526,7 +1522,7 @@ class SlackDelivery:
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
             .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
-                Outbox.kind == literal("nag", literal_execute=True),
+                Outbox.kind == sql_constant("nag"),
                 *self._waiting_together(message, now),
                 func.coalesce(Conversation.claimed_by, Conversation.owner) == expert_id,
                 Conversation.status == OPEN,
@@ -1909,10 +1905,8 @@ def _storm_candidates(mine: bool) -> ColumnElement[bool]:
     """The WHERE of a storm's other cards (parameters from SlackDelivery._storm_params): this
     channel's cards due within the window, not yet posted, pending or (`mine`) claimed by this
     very sender (in its batch, not tried yet). Built once: it runs for every new card."""
-    ready = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending applies
-    claimed = and_(
-        Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == bindparam("storm_owner")
-    )
+    ready = Outbox.status == sql_constant(PENDING)  # ix_outbox_pending applies
+    claimed = and_(Outbox.status == sql_constant(SENDING), Outbox.owner == bindparam("storm_owner"))
     return and_(
         Outbox.kind == "card",
         or_(ready, claimed) if mine else ready,
