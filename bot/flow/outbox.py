@@ -292,6 +292,31 @@ def untried_in_batch() -> frozenset[int]:
 
 
 @contextmanager
+def loop_reader(ctx: AppContext) -> Iterator[Connection]:
+    """A Core connection for a read of the send loop and its handlers: the loop's reader (autocommit:
+    no BEGIN, each statement its own snapshot), else a read-only one from the pool. No Session
+    and no ORM objects: for a hot read of plain columns (a new card), they cost more CPU than the
+    statement."""
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else held.reader
+    if held is None or connection is None or connection.invalidated or connection.closed:
+        with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as connection:
+            yield connection
+        return
+    try:
+        if connection.in_transaction():
+            yield connection
+        else:
+            with connection.begin():  # nothing is sent: the connection is in autocommit
+                yield connection
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None
+            held.close(broken=True)
+        raise
+
+
+@contextmanager
 def loop_transaction(ctx: AppContext) -> Iterator[Connection]:
     """A staff-side write of the send loop and its handlers: a Core connection in a transaction, the
     loop's writer (else one from the pool), commit not waiting for PostgreSQL's WAL flush (staff
