@@ -975,7 +975,7 @@ class SlackDelivery:
     # Storms
 
     def _storm_params(self, outbox_id: int, owner: str | None, now: datetime) -> dict[str, Any]:
-        """Parameters of `_storm_candidates` and `_card_query` for this card."""
+        """Parameters of `_storm_candidates` and `_new_card_query` for this card."""
         return {
             "storm_outbox_id": outbox_id,
             "storm_owner": owner,
