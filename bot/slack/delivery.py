@@ -214,7 +214,7 @@ class _NewCard(NamedTuple):
     post: _CardPost
     slack_ts: str | None  # the card stored already (a retry): edit it
     stormy: bool  # a storm summary was posted lately (its thread may be this card's place)
-    waiting: int  # other cards of its channel that would join a storm now
+    waiting: int  # other cards of its channel that would join a storm now (up to the storm threshold)
 
 
 @dataclass(frozen=True)
@@ -996,7 +996,7 @@ class SlackDelivery:
     ) -> _NewCard | None:
         """What a new card needs, in one statement of plain columns: the conversation's card columns,
         its post, whether a storm summary was posted lately, and how many other cards of its channel
-        would join a storm now. None: no such conversation, or its post is not there (the ORM
+        would join a storm now (counted up to the storm threshold). None: no such conversation, or its post is not there (the ORM
         path finds the first one)."""
         with loop_reader(self.ctx) as connection:
             row = connection.execute(
@@ -1005,6 +1005,7 @@ class SlackDelivery:
                     **self._storm_params(message.id, message.owner, now),
                     "card_conversation_id": conversation_id,
                     "card_post_id": post_id,
+                    "storm_cap": max(self.storm_threshold, 0),
                 },
             ).first()
         if row is None:
@@ -1028,9 +1029,10 @@ class SlackDelivery:
             outbox: Table = Outbox.__table__  # type: ignore[assignment]
             events: Table = Event.__table__  # type: ignore[assignment]
             other, other_conversation = outbox.alias("other"), conversations.alias("other_conversation")
-            waiting = (
-                select(func.count())
-                .select_from(other)
+            # Counted up to the storm threshold (one more would not change the decision): a
+            # backlog of thousands of cards costs each of them a few rows, not all of them.
+            others = (
+                select(other.c.id)
                 .join(other_conversation, other_conversation.c.id == other.c.conversation_id)
                 .where(
                     other.c.kind == "card",
@@ -1047,8 +1049,10 @@ class SlackDelivery:
                     self._channel_of(other_conversation.c.team) == self._channel_of(conversations.c.team),
                 )
                 .correlate(conversations)
-                .scalar_subquery()
+                .limit(bindparam("storm_cap"))
+                .subquery("others")
             )
+            waiting = select(func.count()).select_from(others).scalar_subquery()
             recent = (
                 select(events.c.id)
                 .where(events.c.action == bindparam("storm_action"), events.c.at >= bindparam("storm_since"))
