@@ -14,6 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_DATABASE_URL = "sqlite:///replyclock.db"
 READ_ONLY = "replyclock_read_only"
+# SQLite: a connection with this execution option opens no transaction of its own (no BEGIN): each
+# statement is its own (SQLite's autocommit), as PostgreSQL's AUTOCOMMIT. For one-statement reads
+# (the send loop's reader, bot.flow.outbox): a BEGIN and a ROLLBACK fewer per read.
+STATEMENT_TRANSACTIONS = "replyclock_statement_transactions"
 
 log = logging.getLogger("replyclock.db")
 
@@ -82,7 +86,10 @@ def _configure_sqlite(engine: Engine, timeout: float) -> None:
     def _on_begin(connection: Any) -> None:
         # Readers (metrics, health, digests, exports) need no write lock: in WAL mode a plain
         # BEGIN reads a consistent snapshot while the one writer goes on.
-        if connection.get_execution_options().get(READ_ONLY):
+        options = connection.get_execution_options()
+        if options.get(STATEMENT_TRANSACTIONS):
+            return
+        if options.get(READ_ONLY):
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")

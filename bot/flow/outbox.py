@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -36,17 +37,32 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, Table, and_, bindparam, delete, exists, literal, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, aliased
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlalchemy.sql.elements import ColumnElement
 
 from bot.flow.context import AppContext
 from bot.telemetry import record_step_delivered
 from connectors.base import NotSent, RateLimited
 from storage import repo
-from storage.db import is_postgres
+from storage.db import READ_ONLY, STATEMENT_TRANSACTIONS, is_postgres
 from storage.models import (
     FAILED,
     LADDER_KINDS,
@@ -148,13 +164,13 @@ _loop = threading.local()  # the send loop on this thread: its connection, its b
 def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Session]:
     """A session for the send loop and the handlers it calls (``with loop_session(ctx) as s, s.begin()``).
 
-    On PostgreSQL the loop holds two connections while it runs, and these sessions use them:
-    each session from the pool costs a checkout and a ping (a round trip) besides its own
+    The loop holds two connections while it runs, and these sessions use them: each session from
+    the pool costs a checkout (and on PostgreSQL a ping, a round trip) besides its own
     statements, several per message. Reads (`read_only`) go through one in autocommit (no BEGIN
-    and ROLLBACK round trips; each statement reads its own snapshot); writes through the other,
-    whose commits do not wait for the WAL flush (staff messages, at least once; customer
-    transactions on it call `durable_commit`). Elsewhere, or once a connection broke, a session
-    of `ctx` as usual.
+    and ROLLBACK; each statement reads its own snapshot); writes through the other (on
+    PostgreSQL its commits do not wait for the WAL flush: staff messages, at least once; customer
+    transactions on it call `durable_commit`). Outside the send loop, on a SQLite database in
+    memory, or once a connection broke, a session of `ctx` as usual.
     """
     held: _Held | None = getattr(_loop, "held", None)
     connection = None if held is None else (held.reader if read_only else held.writer)
@@ -197,27 +213,39 @@ def _drop_held() -> None:
 
 @dataclass
 class _Held:
-    """The send loop's own connections (PostgreSQL; see `loop_session`)."""
+    """The send loop's own connections (see `loop_session`)."""
 
     writer: Connection
     reader: Connection
+    postgres: bool
 
     @classmethod
     def open(cls, engine: Engine) -> _Held | None:
+        """Two connections from the pool; None when the database is away, or when they would share
+        one SQLite connection (a database in memory: one connection per thread)."""
+        postgres = is_postgres(engine)
+        if not postgres and isinstance(engine.pool, (SingletonThreadPool, StaticPool)):
+            return None
         connections: list[Connection] = []
         try:
             for _ in range(2):
                 connections.append(engine.connect())
-                connections[-1].exec_driver_sql("SET synchronous_commit TO off")
-                connections[-1].commit()
+                if postgres:
+                    connections[-1].exec_driver_sql("SET synchronous_commit TO off")
+                    connections[-1].commit()
             writer, reader = connections
-            reader.execution_options(isolation_level="AUTOCOMMIT")
+            if postgres:
+                reader.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                # No BEGIN (storage.db), rather than SQLAlchemy's AUTOCOMMIT: that would change the
+                # driver connection's isolation level, and the pool would set it back differently.
+                reader.execution_options(**{READ_ONLY: True, STATEMENT_TRANSACTIONS: True})
         except (OperationalError, InterfaceError):
             for connection in connections:
                 with contextlib.suppress(Exception):
                     connection.invalidate()
             return None  # the database is away: sessions from the pool will say so
-        return cls(writer, reader)
+        return cls(writer, reader, postgres)
 
     def close(self, *, broken: bool = False) -> None:
         """Back to the pool as they came (commits durable again), or discarded."""
@@ -226,8 +254,9 @@ class _Held:
                 if broken:
                     raise ConnectionError("broken")
                 connection.rollback()
-                connection.exec_driver_sql("RESET synchronous_commit")
-                connection.commit()
+                if self.postgres:
+                    connection.exec_driver_sql("RESET synchronous_commit")
+                    connection.commit()
                 connection.close()
             except Exception:
                 with contextlib.suppress(Exception):
@@ -238,9 +267,10 @@ class _Held:
 @contextmanager
 def loop_autocommit() -> Iterator[Connection | None]:
     """The send loop's autocommit connection (PostgreSQL; commits not waiting for the WAL flush),
-    for a staff-side write in ONE statement (atomic by itself, one round trip); None elsewhere."""
+    for a staff-side write in ONE statement (atomic by itself, one round trip); None elsewhere
+    (SQLite's writes take the write lock up front: see storage.db)."""
     held: _Held | None = getattr(_loop, "held", None)
-    connection = None if held is None else held.reader
+    connection = None if held is None or not held.postgres else held.reader
     if held is None or connection is None or connection.invalidated or connection.closed:
         yield None
         return
@@ -259,6 +289,58 @@ def untried_in_batch() -> frozenset[int]:
     the loop's to record, even if it is still ``sending`` (and one put off earlier and claimed
     again is in a new batch: untried once more)."""
     return frozenset(getattr(_loop, "untried", ()))
+
+
+@contextmanager
+def loop_reader(ctx: AppContext) -> Iterator[Connection]:
+    """A Core connection for a read of the send loop and its handlers: the loop's reader (autocommit:
+    no BEGIN, each statement its own snapshot), else a read-only one from the pool. No Session
+    and no ORM objects: for a hot read of plain columns (a new card), they cost more CPU than the
+    statement."""
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else held.reader
+    if held is None or connection is None or connection.invalidated or connection.closed:
+        with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as connection:
+            yield connection
+        return
+    try:
+        if connection.in_transaction():
+            yield connection
+        else:
+            with connection.begin():  # nothing is sent: the connection is in autocommit
+                yield connection
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None
+            held.close(broken=True)
+        raise
+
+
+@contextmanager
+def loop_transaction(ctx: AppContext) -> Iterator[Connection]:
+    """A staff-side write of the send loop and its handlers: a Core connection in a transaction, the
+    loop's writer (else one from the pool), commit not waiting for PostgreSQL's WAL flush (staff
+    messages go out at least once). No Session: for a write or two of statements built once, its
+    bookkeeping costs more CPU than the writes."""
+    held: _Held | None = getattr(_loop, "held", None)
+    connection = None if held is None else held.writer
+    if held is None or connection is None or connection.invalidated or connection.closed:
+        with ctx.engine.begin() as connection:
+            if is_postgres(ctx.engine):
+                connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            yield connection
+        return
+    try:
+        if connection.in_transaction():  # inside the loop's own transaction (a session on the writer)
+            yield connection
+        else:
+            with connection.begin():
+                yield connection
+    except DBAPIError as error:
+        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
+            _loop.held = None
+            held.close(broken=True)
+        raise
 
 
 def taken_over(outbox_ids: Iterable[int]) -> None:
@@ -447,7 +529,7 @@ class OutboxSender:
         if not mine:
             return result
         _loop.taken, _loop.sender = set(), self
-        _loop.held = _Held.open(self.ctx.engine) if is_postgres(self.ctx.engine) else None
+        _loop.held = _Held.open(self.ctx.engine)
         try:
             done = 0
             # The lanes take turns: customer messages go to another platform than staff messages
@@ -546,8 +628,10 @@ class OutboxSender:
 
     def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
         with loop_session(self.ctx) as session, session.begin():
+            # Core on the session's connection: plain rows, no ORM execution (CPU per claim).
+            connection = session.connection()
             query = _claim_query(is_postgres(session), lane)
-            rows = session.execute(query, {"now": now, "limit": limit}).all()
+            rows = connection.execute(query, {"now": now, "limit": limit}).all()
             if rows and rows[0].kind in CUSTOMER_KINDS:
                 rows = rows[:1]
             else:
@@ -573,16 +657,13 @@ class OutboxSender:
                 with self._flight:
                     self._in_flight.update(_loop.claiming)
                 # One UPDATE for the batch, not one per row (each is a round trip on PostgreSQL).
-                session.execute(
-                    update(Outbox)
-                    .where(Outbox.id.in_([row.id for row in rows]))
-                    .values(
-                        status=SENDING,
-                        attempts=Outbox.attempts + 1,
-                        lease_until=now + self.lease,
-                        owner=self.owner,
-                    )
-                    .execution_options(synchronize_session=False)
+                connection.execute(
+                    _CLAIM_UPDATE,
+                    {
+                        "claim_ids": _loop.claiming,
+                        "claim_lease_until": now + self.lease,
+                        "claim_owner": self.owner,
+                    },
                 )
             for row in rows:
                 claimed.append(
@@ -780,6 +861,16 @@ class _Outcome:
 
 
 _OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]
+_CLAIM_UPDATE = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id.in_(bindparam("claim_ids", expanding=True)))
+    .values(
+        status=SENDING,
+        attempts=_OUTBOX.c.attempts + 1,
+        lease_until=bindparam("claim_lease_until"),
+        owner=bindparam("claim_owner"),
+    )
+)
 _SENT_UPDATE = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("b_id"), _OUTBOX.c.status == SENDING)
@@ -841,7 +932,7 @@ def durable_commit(session: Session) -> None:
 
 def _on_relaxed_writer(session: Session) -> bool:
     held: _Held | None = getattr(_loop, "held", None)
-    return held is not None and session.bind is held.writer
+    return held is not None and held.postgres and session.bind is held.writer
 
 
 @functools.cache
@@ -865,8 +956,9 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     once psycopg prepares the statement with a generic plan).
     """
     earlier = aliased(Outbox)
-    customer = Outbox.kind.in_(CUSTOMER_KINDS)
-    earlier_customer = earlier.kind.in_(CUSTOMER_KINDS)
+    kinds = [sql_constant(kind) for kind in sorted(CUSTOMER_KINDS)]
+    customer = Outbox.kind.in_(kinds)
+    earlier_customer = earlier.kind.in_(kinds)
     waits = (
         exists()
         .where(
@@ -905,7 +997,7 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
             select(*query.selected_columns)
             .where(
                 Outbox.status == _PENDING,
-                Outbox.urgency == literal(URGENCY["nag"], literal_execute=True),
+                Outbox.urgency == _REMINDER_URGENCY,
                 Outbox.kind == _REMINDER,
                 Outbox.next_attempt_at <= bindparam("now"),
             )
@@ -932,14 +1024,25 @@ def _gone(owner: str) -> bool:
     return False
 
 
-_PENDING = literal(PENDING, literal_execute=True)
-_REMINDER = literal("nag", literal_execute=True)  # the reminder lane's kind
-_LANE_FREE: BindParameter[list[str]] = bindparam(
-    "lane_free", sorted(LANE_FREE_KINDS), expanding=True, literal_execute=True
-)
-_UNSENT: BindParameter[list[str]] = bindparam(
-    "unsent", [PENDING, SENDING], expanding=True, literal_execute=True
-)
+def sql_constant(value: str) -> ColumnElement[str]:
+    """A constant (an outbox status or kind) written into the SQL text, not sent as a parameter.
+
+    Only then can the planner prove that a partial index (``WHERE status = 'pending'``...)
+    applies (SQLite always; PostgreSQL once psycopg prepares the statement with a generic plan).
+    In the statement's text from the start: rendered at each execution (``literal_execute``, an
+    expanding IN), it cost CPU on every claim and every card.
+    """
+    if not _CONSTANT.fullmatch(value):
+        raise ValueError(f"not a constant for SQL: {value!r}")
+    return literal_column(f"'{value}'", String)
+
+
+_CONSTANT = re.compile(r"[a-z_]+")
+_PENDING = sql_constant(PENDING)
+_UNSENT = (sql_constant(PENDING), sql_constant(SENDING))
+_LANE_FREE = tuple(sql_constant(kind) for kind in sorted(LANE_FREE_KINDS))
+_REMINDER = sql_constant("nag")  # the reminder lane's kind
+_REMINDER_URGENCY = literal_column(str(int(URGENCY["nag"])), Integer)
 
 
 def _detached(row: Outbox) -> OutboxMessage:

@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from bot.core.messages import duration_in_words, escape_mrkdwn
@@ -51,6 +51,8 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_SECTION_TEXT",
     "Block",
+    "CardConversation",
+    "CardPost",
     "Message",
     "OverdueItem",
     "admin_alert_message",
@@ -77,6 +79,54 @@ __all__ = [
 ]
 
 Block = dict[str, Any]
+
+
+class CardConversation(Protocol):
+    """What a card shows of a conversation: a `storage.models.Conversation`, or its card's columns
+    read without the ORM (bot.slack.delivery, a new card's one read)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def team(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def priority(self) -> str: ...
+    @property
+    def author_id(self) -> str: ...
+    @property
+    def author_name(self) -> str | None: ...
+    @property
+    def author_handle(self) -> str | None: ...
+    @property
+    def owner(self) -> str | None: ...
+    @property
+    def claimed_by(self) -> str | None: ...
+    @property
+    def due_at(self) -> datetime: ...
+    @property
+    def cycle_started_at(self) -> datetime: ...
+    @property
+    def answered_at(self) -> datetime | None: ...
+    @property
+    def first_response_at(self) -> datetime | None: ...
+    @property
+    def answered_by(self) -> str | None: ...
+    @property
+    def close_reason(self) -> str | None: ...
+
+
+class CardPost(Protocol):
+    """What a card shows of the customer's post (a `storage.models.Post`, or its columns)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def posted_at(self) -> datetime: ...
+
 
 MAX_BLOCKS = 50
 MAX_SECTION_TEXT = 3000
@@ -315,7 +365,7 @@ def _person(policy: Policy, who: str | None, *, now: datetime | None, ping: bool
     return _clip_label(who)
 
 
-def _customer(conversation: Conversation, *, bold: bool = True) -> str:
+def _customer(conversation: CardConversation, *, bold: bool = True) -> str:
     name = conversation.author_name
     handle = conversation.author_handle
     label_name = _clip_label(name) if name else None
@@ -326,7 +376,7 @@ def _customer(conversation: Conversation, *, bold: bool = True) -> str:
     return f"*{only}*" if bold else only
 
 
-def _customer_plain(conversation: Conversation) -> str:
+def _customer_plain(conversation: CardConversation) -> str:
     return _customer(conversation, bold=False)
 
 
@@ -334,7 +384,7 @@ def _customer_plain(conversation: Conversation) -> str:
 # The card
 
 
-def _deadline_words(conversation: Conversation, now: datetime) -> str:
+def _deadline_words(conversation: CardConversation, now: datetime) -> str:
     if conversation.due_at > now:
         return f"due in {duration_in_words(conversation.due_at - now)}"
     if conversation.due_at == now:
@@ -342,7 +392,7 @@ def _deadline_words(conversation: Conversation, now: datetime) -> str:
     return f"overdue by {duration_in_words(now - conversation.due_at)}"
 
 
-def _status(conversation: Conversation, policy: Policy, now: datetime) -> str:
+def _status(conversation: CardConversation, policy: Policy, now: datetime) -> str:
     if conversation.status == ANSWERED:
         answered_at = conversation.answered_at or conversation.first_response_at or now
         took = duration_in_words(answered_at - conversation.cycle_started_at)
@@ -365,7 +415,7 @@ def _status(conversation: Conversation, policy: Policy, now: datetime) -> str:
     return ":large_green_circle: Open"
 
 
-def _owner_line(conversation: Conversation, policy: Policy, now: datetime) -> str:
+def _owner_line(conversation: CardConversation, policy: Policy, now: datetime) -> str:
     if conversation.claimed_by:
         return f"Claimed by {_person(policy, conversation.claimed_by, now=now)}"
     if conversation.owner:
@@ -373,11 +423,11 @@ def _owner_line(conversation: Conversation, policy: Policy, now: datetime) -> st
     return "Nobody yet: claim it"
 
 
-def _is_open(conversation: Conversation) -> bool:
+def _is_open(conversation: CardConversation) -> bool:
     return conversation.status not in (ANSWERED, CLOSED)
 
 
-def card_actions(conversation: Conversation) -> Block:
+def card_actions(conversation: CardConversation) -> Block:
     """The card's buttons and menus; every button's value is the conversation id."""
     value = str(conversation.id)
     claimed = conversation.claimed_by is not None
@@ -449,19 +499,19 @@ def conversation_id_from_block_id(block_id: object) -> int | None:
     return parse_conversation_id(tail) if tail == tail.strip() else None
 
 
-def _post_text(post: Post | None) -> str:
+def _post_text(post: CardPost | None) -> str:
     return post.text if post is not None and post.text.strip() else "(no text)"
 
 
-def _truncation_note(post: Post | None, shown: str) -> str | None:
+def _truncation_note(post: CardPost | None, shown: str) -> str | None:
     if post is None or not shown.endswith(ELLIPSIS):
         return None
     return f"Cut for Slack: the post has {len(post.text):,} characters."
 
 
 def conversation_card(
-    conversation: Conversation,
-    post: Post | None,
+    conversation: CardConversation,
+    post: CardPost | None,
     *,
     ctx_policy: Policy,
     now: datetime,
@@ -531,7 +581,12 @@ def conversation_card(
 
 
 def card_text(
-    conversation: Conversation, post: Post | None, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo
+    conversation: CardConversation,
+    post: CardPost | None,
+    *,
+    ctx_policy: Policy,
+    now: datetime,
+    tz: ZoneInfo,
 ) -> str:
     """The card's notification text (what a phone shows): short, escaped, no mentions."""
     del ctx_policy, tz  # same signature as conversation_card; the fallback needs neither
@@ -894,7 +949,12 @@ def storm_summary(channel: str, conversations: Sequence[Conversation]) -> Messag
 
 
 def storm_entry(
-    conversation: Conversation, post: Post | None, *, ctx_policy: Policy, now: datetime, tz: ZoneInfo
+    conversation: CardConversation,
+    post: CardPost | None,
+    *,
+    ctx_policy: Policy,
+    now: datetime,
+    tz: ZoneInfo,
 ) -> Message:
     """A conversation's card as an entry in a storm summary's thread (compact, with its buttons)."""
     return Message(

@@ -45,15 +45,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import Select, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from bot.core.policy import Expert
@@ -69,9 +69,12 @@ from bot.flow.outbox import (
     Retry,
     backoff,
     loop_autocommit,
+    loop_reader,
     loop_session,
+    loop_transaction,
     patiently,
     relaxed_commit,
+    sql_constant,
     taken_over,
     untried_in_batch,
 )
@@ -176,6 +179,44 @@ class _Loaded:
     card_digest: tuple[int, ...] = ()  # the card is a storm digest: the conversations it shows
 
 
+class _CardConversation(NamedTuple):
+    """A conversation's columns that its card shows (blocks.CardConversation), read without the ORM."""
+
+    id: int
+    team: str
+    status: str
+    priority: str
+    author_id: str
+    author_name: str | None
+    author_handle: str | None
+    owner: str | None
+    claimed_by: str | None
+    due_at: datetime
+    cycle_started_at: datetime
+    answered_at: datetime | None
+    first_response_at: datetime | None
+    answered_by: str | None
+    close_reason: str | None
+
+
+class _CardPost(NamedTuple):
+    """A post's columns that a card shows (blocks.CardPost)."""
+
+    text: str
+    url: str | None
+    posted_at: datetime
+
+
+class _NewCard(NamedTuple):
+    """A card's one read (SlackDelivery._read_new_card)."""
+
+    conversation: _CardConversation
+    post: _CardPost
+    slack_ts: str | None  # the card stored already (a retry): edit it
+    stormy: bool  # a storm summary was posted lately (its thread may be this card's place)
+    waiting: int  # other cards of its channel that would join a storm now (up to the storm threshold)
+
+
 @dataclass(frozen=True)
 class _Storm:
     channel: str
@@ -250,7 +291,7 @@ class SlackDelivery:
         self.pacer = pacer
         self._rank = threading.local()  # the urgency of the message being delivered on this thread
         self._dm_channels: dict[str, str] = {}  # Slack user id -> their DM channel id
-        self._card_select: Select[Any] | None = None
+        self._card_select: Select[Any] | None = None  # see _new_card_query
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -292,33 +333,37 @@ class SlackDelivery:
         """Post a new conversation's card to its team's channel (or edit it, on a retry)."""
         conversation_id = _conversation_id(message)
         now = self.ctx.clock.now()
+        post_id = message.payload.get("post_id")
+        # One read for everything a new card needs, one statement of plain columns (each statement
+        # and each session costs round trips on PostgreSQL, and ORM objects cost CPU per card).
+        found = (
+            self._read_new_card(message, conversation_id, post_id if isinstance(post_id, int) else None, now)
+            if self.ctx.policy.teams
+            else None
+        )
+        if (
+            found is not None
+            and found.slack_ts is None
+            and not found.stormy
+            and message.attempts == 1
+            and found.waiting + 1 <= self.storm_threshold
+        ):
+            # The usual case: not posted yet, first try, no storm.
+            team = self.ctx.policy.teams.get(found.conversation.team)
+            tz = self.ctx.calendar(team.calendar).tz if team is not None else UTC
+            return self._post_card(found.conversation, found.post, tz, now)
+        # Everything else (a retry, a card stored already, a storm): the conversation as ORM objects.
         storm: _Storm | None = None
         waiting = 0
-        post_id = message.payload.get("post_id")
-        # One read for everything a card needs, one statement in the usual case (each statement
-        # and each session costs round trips on PostgreSQL).
         with loop_session(self.ctx, read_only=True) as session:
-            found = (
-                session.execute(
-                    self._card_query(),
-                    {
-                        **self._storm_params(message.id, message.owner, now),
-                        "card_conversation_id": conversation_id,
-                        "card_post_id": post_id if isinstance(post_id, int) else None,
-                    },
-                ).first()
-                if self.ctx.policy.teams
-                else None
-            )
-            if found is None:
-                loaded = self._load(session, conversation_id, post_id=post_id)
-                if loaded.conversation.slack_ts is None:
+            loaded = self._load(session, conversation_id, post_id=post_id)
+            if loaded.conversation.slack_ts is None:
+                if found is None:
                     storm, waiting = self._storm_state(session, loaded.conversation, message, now)
-            else:
-                conversation, post, stormy, waiting = found[0], found[1], bool(found[2]), int(found[3] or 0)
-                loaded = self._loaded(session, conversation, post)
-                if loaded.conversation.slack_ts is None and stormy:
-                    storm = self._storm_covering(session, conversation_id, now)
+                else:
+                    waiting = found.waiting
+                    if found.stormy:
+                        storm = self._storm_covering(session, conversation_id, now)
         if loaded.conversation.slack_ts is not None:
             return self._refresh_card(loaded, now)
         if storm is not None and storm.digest:
@@ -350,7 +395,7 @@ class SlackDelivery:
             claimed = self._claim_storm(loaded.conversation, message.id, now, owner=message.owner)
             if claimed:
                 return self._post_storm(loaded, claimed, now)
-        return self._post_card(loaded, now)
+        return self._post_card(loaded.conversation, loaded.post, loaded.tz, now)
 
     def card_update(self, message: OutboxMessage) -> str:
         """Edit the stored card to show the conversation as it is now."""
@@ -601,9 +646,10 @@ class SlackDelivery:
     # ----------------------------------------------------------------------------------------
     # Cards
 
-    def _post_card(self, loaded: _Loaded, now: datetime) -> str:
-        conversation = loaded.conversation
-        built = self._card_message(loaded, now, compact=False)
+    def _post_card(
+        self, conversation: blocks.CardConversation, post: blocks.CardPost | None, tz: ZoneInfo, now: datetime
+    ) -> str:
+        built = self._card_message(conversation, post, tz, now, compact=False)
         channel, ts = self._post(
             built,
             channel=self._team_channel(conversation),
@@ -625,7 +671,9 @@ class SlackDelivery:
         assert conversation.slack_ts is not None and conversation.slack_channel is not None
         if loaded.card_digest:
             return self._refresh_digest(loaded, now, message=message)
-        built = self._card_message(loaded, now, compact=loaded.card_parent_ts is not None)
+        built = self._card_message(
+            loaded.conversation, loaded.post, loaded.tz, now, compact=loaded.card_parent_ts is not None
+        )
         try:
             self._call(
                 "chat.update",
@@ -647,7 +695,7 @@ class SlackDelivery:
                 "card gone from Slack; posting it again",
                 extra={"conversation_id": conversation.id, "channel": conversation.slack_channel},
             )
-            fresh = self._card_message(loaded, now, compact=False)
+            fresh = self._card_message(loaded.conversation, loaded.post, loaded.tz, now, compact=False)
             channel, ts = self._post(
                 fresh,
                 channel=self._team_channel(conversation),
@@ -831,8 +879,15 @@ class SlackDelivery:
                 .limit(1)
             )
 
-    def _card_message(self, loaded: _Loaded, now: datetime, *, compact: bool) -> blocks.Message:
-        conversation, post, tz = loaded.conversation, loaded.post, loaded.tz
+    def _card_message(
+        self,
+        conversation: blocks.CardConversation,
+        post: blocks.CardPost | None,
+        tz: ZoneInfo,
+        now: datetime,
+        *,
+        compact: bool,
+    ) -> blocks.Message:
         if compact:
             return blocks.storm_entry(conversation, post, ctx_policy=self.ctx.policy, now=now, tz=tz)
         return blocks.Message(
@@ -910,23 +965,17 @@ class SlackDelivery:
 
     @contextmanager
     def _card_writer(self) -> Iterator[Connection]:
-        """A connection in a transaction for a card's writes: statements built once, no ORM layer
-        (on a card per message, a session's bookkeeping cost more CPU than the writes). On
-        SQLite straight from the engine; on PostgreSQL the send loop's writer, commit relaxed (a
-        card lost with a database crash is posted again: at least once)."""
-        if not is_postgres(self.ctx.engine):
-            with self.ctx.engine.begin() as connection:
-                yield connection
-            return
-        with loop_session(self.ctx) as session, session.begin():
-            relaxed_commit(session)
-            yield session.connection()
+        """A connection in a transaction for a card's writes (bot.flow.outbox.loop_transaction: the
+        send loop's writer, statements built once, no ORM layer, commit relaxed on PostgreSQL: a
+        card lost with a database crash is posted again, at least once)."""
+        with loop_transaction(self.ctx) as connection:
+            yield connection
 
     # ----------------------------------------------------------------------------------------
     # Storms
 
     def _storm_params(self, outbox_id: int, owner: str | None, now: datetime) -> dict[str, Any]:
-        """Parameters of `_storm_candidates` and `_card_query` for this card."""
+        """Parameters of `_storm_candidates` and `_new_card_query` for this card."""
         return {
             "storm_outbox_id": outbox_id,
             "storm_owner": owner,
@@ -942,41 +991,86 @@ class SlackDelivery:
         """SQL: the Slack channel of a conversation's `team` column (from the policy)."""
         return case({name: t.channel for name, t in self.ctx.policy.teams.items()}, value=team, else_=None)
 
-    def _card_query(self) -> Select[Any]:
-        """A card's conversation, its post, whether a storm summary was posted lately, and how many
-        other cards of its channel would join a storm now: one statement, built once."""
+    def _read_new_card(
+        self, message: OutboxMessage, conversation_id: int, post_id: int | None, now: datetime
+    ) -> _NewCard | None:
+        """What a new card needs, in one statement of plain columns: the conversation's card columns,
+        its post, whether a storm summary was posted lately, and how many other cards of its channel
+        would join a storm now (counted up to the storm threshold). None: no such conversation, or its post is not there (the ORM
+        path finds the first one)."""
+        with loop_reader(self.ctx) as connection:
+            row = connection.execute(
+                self._new_card_query(),
+                {
+                    **self._storm_params(message.id, message.owner, now),
+                    "card_conversation_id": conversation_id,
+                    "card_post_id": post_id,
+                    "storm_cap": max(self.storm_threshold, 0),
+                },
+            ).first()
+        if row is None:
+            return None
+        size, post_size = len(_CardConversation._fields), len(_CardPost._fields)
+        if row[size + 1] is None:  # the post's id
+            return None
+        return _NewCard(
+            conversation=_CardConversation._make(row[:size]),
+            post=_CardPost._make(row[size + 2 : size + 2 + post_size]),
+            slack_ts=row[size],
+            stormy=bool(row[-2]),
+            waiting=int(row[-1] or 0),
+        )
+
+    def _new_card_query(self) -> Select[Any]:
+        """The statement of `_read_new_card` (Core, on the tables: no ORM entities), built once."""
         if self._card_select is None:
-            other, other_conversation = aliased(Outbox), aliased(Conversation)
-            waiting = (
-                select(func.count())
-                .select_from(other)
-                .join(other_conversation, other_conversation.id == other.conversation_id)
+            conversations: Table = Conversation.__table__  # type: ignore[assignment]
+            posts: Table = Post.__table__  # type: ignore[assignment]
+            outbox: Table = Outbox.__table__  # type: ignore[assignment]
+            events: Table = Event.__table__  # type: ignore[assignment]
+            other, other_conversation = outbox.alias("other"), conversations.alias("other_conversation")
+            # Counted up to the storm threshold (one more would not change the decision): a
+            # backlog of thousands of cards costs each of them a few rows, not all of them.
+            others = (
+                select(other.c.id)
+                .join(other_conversation, other_conversation.c.id == other.c.conversation_id)
                 .where(
-                    other.kind == "card",
+                    other.c.kind == "card",
                     or_(
-                        other.status == literal(PENDING, literal_execute=True),  # ix_outbox_pending
+                        other.c.status == sql_constant(PENDING),  # ix_outbox_pending
                         and_(
-                            other.status == literal(SENDING, literal_execute=True),
-                            other.owner == bindparam("storm_owner"),
+                            other.c.status == sql_constant(SENDING),
+                            other.c.owner == bindparam("storm_owner"),
                         ),
                     ),
-                    other.id != bindparam("storm_outbox_id"),
-                    other.next_attempt_at <= bindparam("storm_horizon"),
-                    other_conversation.slack_ts.is_(None),
-                    self._channel_of(other_conversation.team) == self._channel_of(Conversation.team),
+                    other.c.id != bindparam("storm_outbox_id"),
+                    other.c.next_attempt_at <= bindparam("storm_horizon"),
+                    other_conversation.c.slack_ts.is_(None),
+                    self._channel_of(other_conversation.c.team) == self._channel_of(conversations.c.team),
                 )
-                .correlate(Conversation)
-                .scalar_subquery()
+                .correlate(conversations)
+                .limit(bindparam("storm_cap"))
+                .subquery("others")
             )
+            waiting = select(func.count()).select_from(others).scalar_subquery()
             recent = (
-                select(Event.id)
-                .where(Event.action == bindparam("storm_action"), Event.at >= bindparam("storm_since"))
+                select(events.c.id)
+                .where(events.c.action == bindparam("storm_action"), events.c.at >= bindparam("storm_since"))
                 .exists()
             )
+            columns: list[Any] = [
+                *(conversations.c[name] for name in _CardConversation._fields),
+                conversations.c.slack_ts,
+                posts.c.id,
+                *(posts.c[name] for name in _CardPost._fields),
+                recent,
+                waiting,
+            ]
             self._card_select = (
-                select(Conversation, Post, recent, waiting)
-                .outerjoin(Post, Post.id == bindparam("card_post_id"))
-                .where(Conversation.id == bindparam("card_conversation_id"))
+                select(*columns)
+                .select_from(conversations)
+                .outerjoin(posts, posts.c.id == bindparam("card_post_id"))
+                .where(conversations.c.id == bindparam("card_conversation_id"))
             )
         return self._card_select
 
@@ -1222,7 +1316,7 @@ class SlackDelivery:
         self, loaded: _Loaded, storm: _Storm, now: datetime, *, outbox_id: int | None
     ) -> str:
         conversation = loaded.conversation
-        built = self._card_message(loaded, now, compact=True)
+        built = self._card_message(loaded.conversation, loaded.post, loaded.tz, now, compact=True)
         channel, ts = self._post(
             built,
             channel=storm.channel,
@@ -1437,11 +1531,11 @@ class SlackDelivery:
         """What makes a row another one a digest may take: pending (or ``sending`` for this very
         sender: its batch's rows), not `message` itself, and due now or put off by the pace (up to
         its horizon; a row backing off after a failure only once due again)."""
-        pending = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending
+        pending = Outbox.status == sql_constant(PENDING)  # ix_outbox_pending
         return [
             or_(
                 pending,
-                and_(Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == message.owner),
+                and_(Outbox.status == sql_constant(SENDING), Outbox.owner == message.owner),
             )
             if message.owner is not None
             else pending,
@@ -1526,7 +1620,7 @@ class SlackDelivery:
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
             .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
-                Outbox.kind == literal("nag", literal_execute=True),
+                Outbox.kind == sql_constant("nag"),
                 *self._waiting_together(message, now),
                 func.coalesce(Conversation.claimed_by, Conversation.owner) == expert_id,
                 Conversation.status == OPEN,
@@ -1660,7 +1754,7 @@ class SlackDelivery:
             (e for e in self.ctx.policy.experts.values() if e.slack_id == key), None
         )
 
-    def _team_channel(self, conversation: Conversation) -> str:
+    def _team_channel(self, conversation: blocks.CardConversation) -> str:
         team = self.ctx.policy.teams.get(conversation.team)
         if team is None:
             raise SlackDeliveryError(
@@ -1909,10 +2003,8 @@ def _storm_candidates(mine: bool) -> ColumnElement[bool]:
     """The WHERE of a storm's other cards (parameters from SlackDelivery._storm_params): this
     channel's cards due within the window, not yet posted, pending or (`mine`) claimed by this
     very sender (in its batch, not tried yet). Built once: it runs for every new card."""
-    ready = Outbox.status == literal(PENDING, literal_execute=True)  # ix_outbox_pending applies
-    claimed = and_(
-        Outbox.status == literal(SENDING, literal_execute=True), Outbox.owner == bindparam("storm_owner")
-    )
+    ready = Outbox.status == sql_constant(PENDING)  # ix_outbox_pending applies
+    claimed = and_(Outbox.status == sql_constant(SENDING), Outbox.owner == bindparam("storm_owner"))
     return and_(
         Outbox.kind == "card",
         or_(ready, claimed) if mine else ready,
