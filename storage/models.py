@@ -225,6 +225,17 @@ class Event(Base):
     """Append-only audit trail: who did what, when."""
 
     __tablename__ = "events"
+    __table_args__ = (
+        # Every new card asks whether a storm summary was posted lately (bot.slack.delivery): a
+        # partial index of those events by time, so that the question does not read the whole
+        # audit trail (it did: a scan of every event per card).
+        Index(
+            "ix_events_storm",
+            "at",
+            postgresql_where=text("action = 'slack_storm'"),
+            sqlite_where=text("action = 'slack_storm'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)

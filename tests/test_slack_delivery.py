@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from slack_sdk import WebClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
@@ -922,3 +922,31 @@ def test_one_reminder_dm_carries_all_of_a_persons_due_nags(
     assert len(lines) == 48 and len(digest.blocks) == 50  # the headline, 48 lines, how many more
     assert "and 12 more conversations waiting for you" in digest.display_text
     assert {row.status for row in outbox(ctx, "nag")} == {"sent"}
+
+
+def test_a_new_cards_storm_check_reads_the_storm_events_index_not_the_audit_trail(
+    ctx: AppContext, slack: SlackStandIn, client: WebClient
+) -> None:
+    if ctx.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's query plan (PostgreSQL plans by its statistics)")
+    ingest(ctx, post("1", "a question"))
+    statements: list[tuple[str, Any]] = []
+
+    def capture(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if "'slack_storm'" in statement and statement.lstrip().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(ctx.engine, "before_cursor_execute", capture)
+    try:
+        sender_for(ctx, client).send_due()
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", capture)
+    assert cards_in(slack, CARE) and statements
+    with ctx.engine.connect() as conn:
+        plan = " ".join(
+            str(row[3])
+            for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[0][0], statements[0][1])
+        )
+    assert "ix_events_storm" in plan and "SCAN events" not in plan, plan
