@@ -178,13 +178,20 @@ def loop_session(ctx: AppContext, *, read_only: bool = False) -> Iterator[Sessio
         with (ctx.read_sessions if read_only else ctx.sessions)() as session:
             yield session
         return
+    assert held is not None
+    with _given_up_if_broken(held), Session(bind=connection, expire_on_commit=False) as session:
+        yield session
+
+
+@contextmanager
+def _given_up_if_broken(held: _Held) -> Iterator[None]:
+    """Give up the send loop's own connections `held` when a statement on them finds the database
+    gone or the connection invalidated: the next ones come from the pool (they ping, reconnect)."""
     try:
-        with Session(bind=connection, expire_on_commit=False) as session:
-            yield session
+        yield
     except DBAPIError as error:
         if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-            _loop.held = None  # the next sessions come from the pool (they ping, reconnect)
-            assert held is not None
+            _loop.held = None
             held.close(broken=True)
         raise
 
@@ -274,13 +281,8 @@ def loop_autocommit() -> Iterator[Connection | None]:
     if held is None or connection is None or connection.invalidated or connection.closed:
         yield None
         return
-    try:
+    with _given_up_if_broken(held):
         yield connection
-    except DBAPIError as error:
-        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-            _loop.held = None
-            held.close(broken=True)
-        raise
 
 
 def untried_in_batch() -> frozenset[int]:
@@ -303,17 +305,12 @@ def loop_reader(ctx: AppContext) -> Iterator[Connection]:
         with ctx.engine.execution_options(**{READ_ONLY: True}).connect() as connection:
             yield connection
         return
-    try:
+    with _given_up_if_broken(held):
         if connection.in_transaction():
             yield connection
         else:
             with connection.begin():  # nothing is sent: the connection is in autocommit
                 yield connection
-    except DBAPIError as error:
-        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-            _loop.held = None
-            held.close(broken=True)
-        raise
 
 
 @contextmanager
@@ -330,17 +327,12 @@ def loop_transaction(ctx: AppContext) -> Iterator[Connection]:
                 connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield connection
         return
-    try:
+    with _given_up_if_broken(held):
         if connection.in_transaction():  # inside the loop's own transaction (a session on the writer)
             yield connection
         else:
             with connection.begin():
                 yield connection
-    except DBAPIError as error:
-        if error.connection_invalidated or isinstance(error, (OperationalError, InterfaceError)):
-            _loop.held = None
-            held.close(broken=True)
-        raise
 
 
 def taken_over(outbox_ids: Iterable[int]) -> None:
