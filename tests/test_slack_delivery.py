@@ -950,3 +950,39 @@ def test_a_new_cards_storm_check_reads_the_storm_events_index_not_the_audit_trai
             for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[0][0], statements[0][1])
         )
     assert "ix_events_storm" in plan and "SCAN events" not in plan, plan
+
+
+def test_loading_a_digests_conversations_together_reads_what_loading_each_reads(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    """`_load_many` (three statements for a digest's conversations) gives what `_load` gives for
+    each: the conversation, its first customer post, its card's storm parent and digest list."""
+    ingest(ctx, *(post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(8)))
+    delivery = SlackDelivery(ctx, client, storm_threshold=5)
+    OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"}).send_due()
+    clock.advance(timedelta(minutes=1))
+    ingest(ctx, post("later", "one more question", author="late"))  # a card of its own, no digest
+    OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"}).send_due()
+    ingest(ctx, post("follow", "and another thing", author="user3"))  # a second post in one of them
+    ids = [c.id for c in conversations(ctx)]
+    assert len(ids) == 9
+
+    def seen(loaded: Any) -> tuple[Any, ...]:
+        c, p = loaded.conversation, loaded.post
+        return (
+            c.id,
+            c.slack_ts,
+            p.id if p else None,
+            loaded.tz.key,
+            loaded.card_parent_ts,
+            loaded.card_digest,
+        )
+
+    with ctx.sessions() as session:
+        one_by_one = [seen(delivery._load(session, cid)) for cid in reversed(ids)]
+    with ctx.sessions() as session:
+        together = [seen(loaded) for loaded in delivery._load_many(session, list(reversed(ids)))]
+    assert together == one_by_one
+    assert sum(1 for entry in together if len(entry[5]) == 8) == 8  # the digest's eight list it
+    with ctx.sessions() as session, pytest.raises(SlackDeliveryError):
+        delivery._load_many(session, [ids[0], 10**9])
