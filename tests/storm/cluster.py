@@ -168,7 +168,9 @@ class Cluster:
     def start(self) -> None:
         """Start web and the run processes; return once web answers /healthz and every run logged it runs."""
         self.upgrade()
-        self._spawn("web", "web", self._env(HOST="127.0.0.1", PORT=str(self.port)))
+        # No operator listener: its fixed default port (9464) would keep a second storm (a test
+        # and a bench side by side) from starting, and nothing here reads it.
+        self._spawn("web", "web", self._env(HOST="127.0.0.1", PORT=str(self.port), OPERATOR_PORT="off"))
         timing: dict[str, str] = {}
         if self.outbox_interval is not None:
             timing["OUTBOX_INTERVAL"] = str(self.outbox_interval)
