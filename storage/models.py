@@ -62,6 +62,11 @@ LADDER_KINDS = frozenset({"warning", "breach", "nag", "escalation", "reassign"})
 # escalation goes to the card's thread, or, while the card is not posted yet (a storm), as a
 # top-level overdue digest: a breach notice never waits behind a card.
 LANE_FREE_KINDS = frozenset({"nag", "warning", "breach", "escalation"})
+# Kinds that hold back none of their conversation's later messages: the lane-free ones, and card
+# updates. A card update waits for the card (it edits it) but nothing written after it needs the
+# edit first: a follow-up, a reassignment notice or a newer edit waited behind card updates that
+# Slack paces at 50 a minute for the whole workspace. Neither do they borrow urgency.
+HOLDS_NOTHING_BACK = LANE_FREE_KINDS | {"card_update"}
 # The resolution ladder's notices: they outlive an answer (the target is closing it), not a close.
 RESOLUTION_KINDS = frozenset({"resolution_warning", "resolution_breach"})
 # Outbox.urgency by kind (lower first): what the sender claims first when more is due than it can

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, aliased
 from storage.models import (
     CLOSED,
     DEFAULT_URGENCY,
+    HOLDS_NOTHING_BACK,
     LADDER_KINDS,
     LANE_FREE_KINDS,
     OPEN,
@@ -225,7 +226,7 @@ def enqueue(
                 Outbox.urgency > URGENCY.get(kind, DEFAULT_URGENCY),
                 Outbox.kind.in_(CUSTOMER_LANE)
                 if customer
-                else Outbox.kind.not_in((*CUSTOMER_LANE, *LANE_FREE_KINDS)),
+                else Outbox.kind.not_in((*CUSTOMER_LANE, *HOLDS_NOTHING_BACK)),
             )
             .values(urgency=URGENCY.get(kind, DEFAULT_URGENCY))
             .execution_options(synchronize_session=False)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from slack_sdk import WebClient
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
@@ -21,6 +21,7 @@ from bot.flow.outbox import STAFF_BATCH, STAFF_LANE, Defer, OutboxMessage, Outbo
 from bot.flow.sweep import earliest_next_action, sweep
 from bot.slack.delivery import (
     CARD_METADATA_TYPE,
+    FOLLOW_UP_METADATA_TYPE,
     OVERDUE_EVENT,
     OVERDUE_METADATA_TYPE,
     REMINDER_METADATA_TYPE,
@@ -986,3 +987,64 @@ def test_loading_a_digests_conversations_together_reads_what_loading_each_reads(
     assert sum(1 for entry in together if len(entry[5]) == 8) == 8  # the digest's eight list it
     with ctx.sessions() as session, pytest.raises(SlackDeliveryError):
         delivery._load_many(session, [ids[0], 10**9])
+
+
+def test_follow_ups_in_a_storm_digests_thread_are_one_reply(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
+) -> None:
+    """Customers of one storm digest who write again get ONE reply in the digest's thread (a line
+    each, their words escaped, in order), not a reply each at Slack's one post a second; a card
+    update still unsent holds none of them back; a conversation with a card of its own still gets
+    its own reply."""
+    ingest(ctx, *(post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(8)))
+    sender = sender_for(ctx, client, storm_threshold=5)
+    sender.send_due()
+    [digest] = top_level(slack, CARE)
+    stored = conversations(ctx)
+    # Card edits queued for three of them (a breach would queue these), put off by chat.update's
+    # pace (50 a minute for the whole workspace).
+    for c in stored[:3]:
+        enqueue(ctx, "card_update", f"edit-{c.id}", c.id, {"reason": "overdue"})
+    with ctx.sessions() as session, session.begin():
+        session.execute(
+            update(Outbox)
+            .where(Outbox.kind == "card_update")
+            .values(next_attempt_at=clock.now() + timedelta(hours=1))
+        )
+    clock.advance(timedelta(minutes=1))
+    ingest(ctx, post("lone", "my own question", author="lone"))
+    sender.send_due()  # the lone conversation's card: a card of its own
+    clock.advance(timedelta(minutes=1))
+    follow_ups = [post("f0", "still <!channel> waiting", author="user0")]
+    follow_ups += [post(f"f{i}", f"any news on {i}?", author=f"user{i}") for i in (2, 5, 6)]
+    follow_ups.append(post("f2b", "hello again", author="user2"))
+    follow_ups.append(post("lone2", "me again", author="lone"))
+    ingest(ctx, *follow_ups)
+    assert len([r for r in outbox(ctx, "thread_post") if r.status == "pending"]) == 6
+    calls = len(slack.calls_to("chat.postMessage"))
+    sender.send_due()
+    replies = [m for m in slack.messages(CARE) if m.is_reply and m.thread_ts == digest.ts]
+    assert len(replies) == 1
+    [reply] = replies
+    assert reply.text == "4 customers wrote again"
+    shown = reply.display_text
+    assert "&lt;!channel&gt;" in shown and "<!channel>" not in shown
+    assert shown.index("any news on 2?") < shown.index("hello again")  # in the order written
+    metadata = reply.data["metadata"]
+    assert metadata["event_type"] == FOLLOW_UP_METADATA_TYPE
+    ids = [c.id for c in stored]  # in the order of their first posts: user0 .. user7
+    assert sorted(metadata["event_payload"]["thread_post"]) == sorted(
+        [ids[0], ids[2], ids[2], ids[5], ids[6]]
+    )
+    [lone] = [c for c in conversations(ctx) if c.id not in ids]
+    [_card, own] = slack.thread(CARE, str(lone.slack_ts))
+    assert "me again" in own.display_text
+    assert len(slack.calls_to("chat.postMessage")) == calls + 2  # the digest's reply, the lone one
+    assert all(r.status == "sent" for r in outbox(ctx, "thread_post"))
+    assert [r.status for r in outbox(ctx, "card_update")] == ["pending"] * 3  # held nothing back
+    # Alone, too: the only follow-up due is of a conversation whose card edit waits.
+    ingest(ctx, post("f1", "and me", author="user1"))
+    sender.send_due()
+    last = slack.messages(CARE)[-1]
+    assert last.thread_ts == digest.ts and "and me" in last.display_text
+    assert outbox(ctx, "thread_post")[-1].status == "sent"

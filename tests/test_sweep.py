@@ -88,14 +88,18 @@ def test_sweeping_twice_at_the_same_moment_does_nothing_twice(ctx: AppContext, c
 def test_the_urgency_update_reads_the_batch_conversations_not_the_pending_outbox(
     ctx: AppContext, clock: FakeClock
 ) -> None:
-    """A reassignment lends its urgency to the card update queued before it, found through
+    """A reassignment lends its urgency to the at-risk notice queued before it, found through
     ix_outbox_conversation_id: looking pending rows up in ix_outbox_status would read them all.
-    (The ladder's notices lend nothing: they wait for no earlier row, storage.models.LANE_FREE_KINDS.)"""
+    (The ladder's notices lend nothing: they wait for no earlier row, storage.models.LANE_FREE_KINDS;
+    a card update borrows nothing: no row waits for it, storage.models.HOLDS_NOTHING_BACK.)"""
     if ctx.engine.dialect.name != "sqlite":
         pytest.skip("SQLite's query plan (PostgreSQL plans by its statistics)")
     # Billing, Maria, claim within 2 h: unclaimed after 2 h, each is offered to someone else.
     ingest(ctx, *(post(str(i), "refund for my invoice please", author=f"customer{i}") for i in range(20)))
     with ctx.sessions() as session, session.begin():
+        repo.enqueue(
+            session=session, kind="at_risk", key="at-risk-1", payload={}, conversation_id=1, now=MONDAY
+        )
         repo.enqueue(
             session=session, kind="card_update", key="update-1", payload={}, conversation_id=1, now=MONDAY
         )
@@ -121,7 +125,8 @@ def test_the_urgency_update_reads_the_batch_conversations_not_the_pending_outbox
         urgencies = conn.execute(select(Outbox.kind, Outbox.urgency).order_by(Outbox.id)).all()
     assert "ix_outbox_conversation_id" in plan and "ix_outbox_status" not in plan, plan
     assert ("reassign", URGENCY["reassign"]) in urgencies
-    assert ("card_update", URGENCY["reassign"]) in urgencies  # lent by the reassignment behind it
+    assert ("at_risk", URGENCY["reassign"]) in urgencies  # lent by the reassignment behind it
+    assert ("card_update", URGENCY["card_update"]) in urgencies  # holds nothing back: borrows nothing
     assert {urgency for kind, urgency in urgencies if kind == "card"} == {
         URGENCY["card"]
     }  # more urgent already

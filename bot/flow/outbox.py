@@ -65,6 +65,7 @@ from storage import repo
 from storage.db import READ_ONLY, STATEMENT_TRANSACTIONS, is_postgres
 from storage.models import (
     FAILED,
+    HOLDS_NOTHING_BACK,
     LADDER_KINDS,
     LANE_FREE_KINDS,
     PENDING,
@@ -941,7 +942,8 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     ladder's notices (LANE_FREE_KINDS: warning, breach, escalation, nag) are out of that order:
     they need none of the conversation's other messages (a notice whose card is not posted yet
     goes as a top-level overdue digest, a nag by DM; a nag for the card's thread waits for the
-    card in its handler), and none waits for them. In a storm a breach waited for its own card,
+    card in its handler), and none waits for them. Nor does any row wait for an earlier card
+    update (it waits for the card itself; storage.models.HOLDS_NOTHING_BACK). In a storm a breach waited for its own card,
     and a nag behind its escalation in a rate-limited channel came after the answer that made it
     moot. The statuses are written into the SQL as literals, not parameters: only then can the planner prove
     that the partial indexes (ix_outbox_pending, ix_outbox_lane) apply (SQLite always; PostgreSQL
@@ -959,7 +961,7 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
             earlier.status.in_(_UNSENT),
             or_(and_(customer, earlier_customer), and_(~customer, ~earlier_customer)),
             Outbox.kind.not_in(_LANE_FREE),
-            earlier.kind.not_in(_LANE_FREE),
+            earlier.kind.not_in(_HOLDS_NOTHING_BACK),
         )
         .correlate(Outbox)
     )
@@ -1033,6 +1035,7 @@ _CONSTANT = re.compile(r"[a-z_]+")
 _PENDING = sql_constant(PENDING)
 _UNSENT = (sql_constant(PENDING), sql_constant(SENDING))
 _LANE_FREE = tuple(sql_constant(kind) for kind in sorted(LANE_FREE_KINDS))
+_HOLDS_NOTHING_BACK = tuple(sql_constant(kind) for kind in sorted(HOLDS_NOTHING_BACK))
 _REMINDER = sql_constant("nag")  # the reminder lane's kind
 _REMINDER_URGENCY = literal_column(str(int(URGENCY["nag"])), Integer)
 

@@ -39,6 +39,7 @@ from storage.db import is_postgres
 from storage.models import (
     ANSWERED,
     DEFAULT_URGENCY,
+    HOLDS_NOTHING_BACK,
     LANE_FREE_KINDS,
     OPEN,
     PENDING,
@@ -652,7 +653,7 @@ def _write(session: Session, decisions: Sequence[_Decision], now: datetime) -> N
                 # pending row of the outbox (11 % of the sweep's time, growing with the outbox).
                 OUTBOX.c.status.concat("") == PENDING,
                 OUTBOX.c.urgency > urgency,
-                OUTBOX.c.kind.not_in((*repo.CUSTOMER_LANE, *LANE_FREE_KINDS)),
+                OUTBOX.c.kind.not_in((*repo.CUSTOMER_LANE, *HOLDS_NOTHING_BACK)),
             )
             .values(urgency=urgency)
         )

@@ -1076,6 +1076,59 @@ def overdue_digest(
     return Message(text=_fallback(headline), blocks=result)
 
 
+FOLLOW_UP_EXCERPT = 300  # characters of each follow-up in a follow-up digest (escaped)
+FOLLOW_UPS_SHOWN = 3  # a conversation's newest follow-ups shown in a follow-up digest
+
+
+def follow_up_digest(
+    items: Sequence[tuple[Conversation, Sequence[Post | None]]],
+    *,
+    ctx_policy: Policy,
+    now: datetime,
+    more: int = 0,
+) -> Message:
+    """ONE reply in a storm digest's thread standing for the follow-ups ("wrote again") of several
+    of its conversations that are due together (or were put off by the channel's pace): a section
+    per conversation naming its owner as `thread_post_message` does (on duty: a ping), its newest
+    FOLLOW_UPS_SHOWN follow-ups quoted, the customer's words escaped. At Slack's one message a
+    second per channel, a storm's follow-ups cost one post per digest and moment, not one each.
+
+    `items`: (conversation, its follow-ups in the order written). `more`: conversations it stands
+    for beyond `items`. At most MAX_BLOCKS - 1 sections (the headline first).
+    """
+    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
+    more += len(items) - len(shown)
+    total = len(shown) + more
+    headline = f"{total} customer{'s' if total != 1 else ''} wrote again"
+    result: list[Block] = [_section(f":speech_balloon: *{headline}*:")]
+    for conversation, posts in shown:
+        owner = conversation.claimed_by or conversation.owner
+        head = f"{_subject(conversation)} wrote again"
+        if owner:
+            head += f" (for {_person(ctx_policy, owner, now=now)})"
+        newest = list(posts)[-FOLLOW_UPS_SHOWN:]
+        lines = [
+            clip_escaped(_post_text(post), FOLLOW_UP_EXCERPT, max_lines=6, quote=True) for post in newest
+        ]
+        if len(posts) > len(newest):
+            lines.insert(0, f"_{len(posts) - len(newest)} earlier not shown_")
+        result.append(_section(_lines_within(head + ":", lines)))
+    if more:
+        others = "customer" if more == 1 else "customers"
+        result.append(_section(f"\u2026and {more} more {others}: see their conversations in this thread."))
+    return Message(text=_fallback(headline), blocks=result)
+
+
+def _lines_within(head: str, lines: Sequence[str]) -> str:
+    """`head`, then `lines` (escaped already) one per line, within MAX_SECTION_TEXT."""
+    text = head
+    for line in lines:
+        if len(text) + 1 + len(line) > MAX_SECTION_TEXT - 2:
+            return text + "\n" + ELLIPSIS
+        text += "\n" + line
+    return text
+
+
 REMINDER_DIGEST_EXCERPT = 120  # characters of each post in a reminder digest (escaped, one line)
 
 

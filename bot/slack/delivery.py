@@ -53,7 +53,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
 from sqlalchemy import Select, Table, and_, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from bot.core.policy import Expert
@@ -62,6 +62,7 @@ from bot.flow.context import AppContext
 from bot.flow.conversations import queue_card_refresh
 from bot.flow.delivery import STAFF_KINDS
 from bot.flow.outbox import (
+    CUSTOMER_KINDS,
     DEFAULT_LEASE,
     Defer,
     Handler,
@@ -88,6 +89,7 @@ from storage.db import is_postgres
 from storage.models import (
     CLOSED,
     DEFAULT_URGENCY,
+    HOLDS_NOTHING_BACK,
     OPEN,
     PENDING,
     RETIRED,
@@ -102,6 +104,7 @@ from storage.models import (
 
 __all__ = [
     "CARD_EVENT",
+    "FOLLOW_UP_METADATA_TYPE",
     "OVERDUE_EVENT",
     "OVERDUE_METADATA_TYPE",
     "REMINDER_METADATA_TYPE",
@@ -121,6 +124,7 @@ OVERDUE_EVENT = (
 )
 OVERDUE_METADATA_TYPE = "replyclock_overdue"  # an overdue digest's metadata: which notices it carries
 REMINDER_METADATA_TYPE = "replyclock_reminders"  # a reminder digest's metadata: the nags it carries
+FOLLOW_UP_METADATA_TYPE = "replyclock_follow_ups"  # a follow-up digest's metadata: its thread posts
 OVERDUE_KINDS = ("breach", "escalation", "warning")  # the notices an overdue digest coalesces
 _STEP_ORDER = {"warning": 0, "breach": 1, "escalation": 2}  # which notice a conversation's digest line shows
 OVERDUE_SCAN = 200  # candidate rows read for one overdue digest (a conversation may have two)
@@ -239,9 +243,11 @@ class _Group:
     kinds: tuple[str, ...]  # the outbox kinds it carries (its metadata lists each kind's conversations)
     metadata_type: str
     find: Callable[[Session, bool], list[tuple[int, str, int]]]  # (session, lock) -> the other rows
-    # (conversations shown, their step, how many more it carries unshown) -> the message
-    build: Callable[[list[_Loaded], Mapping[int, str], int], blocks.Message]
+    # (conversations shown, their step, how many more it carries unshown, every row it carries as
+    # (outbox id, kind, conversation id)) -> the message
+    build: Callable[[list[_Loaded], Mapping[int, str], int, list[tuple[int, str, int]]], blocks.Message]
     record: _Record | None
+    thread_ts: str | None = None  # a reply in this thread of `channel`; None: a top-level message
 
 
 def slack_handlers(
@@ -406,9 +412,14 @@ class SlackDelivery:
         return self._refresh_card(loaded, now, message=message)
 
     def thread_post(self, message: OutboxMessage) -> str:
-        """The customer wrote again: their words in the card's thread."""
+        """The customer wrote again: their words in the card's thread; when the card is a storm
+        digest, with the other follow-ups due in that thread as one reply (`_follow_up_digest`)."""
         now = self.ctx.clock.now()
         loaded = self._read(message)
+        if loaded.card_digest:
+            coalesced = self._follow_up_digest(message, loaded, now)
+            if coalesced is not None:
+                return coalesced
         with loop_session(self.ctx, read_only=True) as session:
             post_id = message.payload.get("post_id")
             post = session.get(Post, post_id) if isinstance(post_id, int) else None
@@ -1354,7 +1365,9 @@ class SlackDelivery:
             return None
         channel = self._team_channel(conversation)
 
-        def build(shown: list[_Loaded], step: Mapping[int, str], more: int) -> blocks.Message:
+        def build(
+            shown: list[_Loaded], step: Mapping[int, str], more: int, rows: list[tuple[int, str, int]]
+        ) -> blocks.Message:
             return blocks.overdue_digest(
                 channel,
                 [blocks.OverdueItem(m.conversation, m.post, m.tz, step[m.conversation.id]) for m in shown],
@@ -1385,7 +1398,9 @@ class SlackDelivery:
         channel = self._dm_channel(owner, conversation.id)
         expert_id = next(key for key, expert in self.ctx.policy.experts.items() if expert is owner)
 
-        def build(shown: list[_Loaded], step: Mapping[int, str], more: int) -> blocks.Message:
+        def build(
+            shown: list[_Loaded], step: Mapping[int, str], more: int, rows: list[tuple[int, str, int]]
+        ) -> blocks.Message:
             return blocks.reminder_digest(
                 [blocks.OverdueItem(m.conversation, m.post, m.tz, "nag") for m in shown], now=now, more=more
             )
@@ -1398,6 +1413,54 @@ class SlackDelivery:
             find=lambda session, lock: self._nag_rows(session, message, expert_id, now, lock=lock),
             build=build,
             record=None,
+        )
+        return self._digest(message, loaded, now, group)
+
+    def _follow_up_digest(self, message: OutboxMessage, loaded: _Loaded, now: datetime) -> str | None:
+        """Post this follow-up ("wrote again") together with the others due for conversations of the
+        same storm digest as ONE reply in the digest's thread; None when it is alone.
+
+        A storm's customers write again too (the storm bench: one post in ten): one reply each, at
+        Slack's one message a second per channel, took more of a storm channel's minutes than all
+        its cards and overdue notices together."""
+        conversation = loaded.conversation
+        channel, ts = str(conversation.slack_channel), str(conversation.slack_ts)
+
+        def build(
+            shown: list[_Loaded], step: Mapping[int, str], more: int, rows: list[tuple[int, str, int]]
+        ) -> blocks.Message:
+            with loop_session(self.ctx, read_only=True) as session:
+                post_of = {
+                    outbox_id: payload.get("post_id")
+                    for outbox_id, payload in session.execute(
+                        select(Outbox.id, Outbox.payload).where(Outbox.id.in_([row[0] for row in rows]))
+                    )
+                    if isinstance(payload, dict)
+                }
+                wanted = [post_id for post_id in post_of.values() if isinstance(post_id, int)]
+                posts = {post.id: post for post in session.scalars(select(Post).where(Post.id.in_(wanted)))}
+            follow_ups: dict[int, list[Post | None]] = {}
+            for outbox_id, _, cid in sorted(rows):
+                post_id = post_of.get(outbox_id)
+                follow_ups.setdefault(cid, []).append(
+                    posts.get(post_id) if isinstance(post_id, int) else None
+                )
+            return blocks.follow_up_digest(
+                [(m.conversation, follow_ups.get(m.conversation.id, [])) for m in shown],
+                ctx_policy=self.ctx.policy,
+                now=now,
+                more=more,
+            )
+
+        group = _Group(
+            name="follow-up digest",
+            channel=channel,
+            kinds=("thread_post",),
+            metadata_type=FOLLOW_UP_METADATA_TYPE,
+            find=lambda session, lock: self._follow_up_rows(session, message, channel, ts, now, lock=lock),
+            build=build,
+            record=None,
+            thread_ts=loaded.card_parent_ts or ts,
         )
         return self._digest(message, loaded, now, group)
 
@@ -1471,7 +1534,9 @@ class SlackDelivery:
             cap = MAX_STORM if len(order) <= MAX_STORM else MAX_STORM - 1
             with loop_session(self.ctx, read_only=True) as session:
                 shown = [loaded, *self._load_many(session, order[1:cap])]
-            built = group.build(shown, step, len(order) - len(shown))
+            built = group.build(
+                shown, step, len(order) - len(shown), [(message.id, message.kind, conversation.id), *claimed]
+            )
             kinds: dict[str, list[int]] = {kind: [] for kind in group.kinds}
             kinds[message.kind].append(conversation.id)
             for _, kind, cid in claimed:
@@ -1480,6 +1545,7 @@ class SlackDelivery:
                 posted_channel, ts = self._post(
                     built,
                     channel=group.channel,
+                    thread_ts=group.thread_ts,
                     conversation_id=conversation.id,
                     metadata={"event_type": group.metadata_type, "event_payload": kinds},
                     group=True,
@@ -1633,6 +1699,73 @@ class SlackDelivery:
         if lock and is_postgres(session):
             query = query.with_for_update(skip_locked=True, of=Outbox)
         return self._take(iter(session.execute(query)), _conversation_id(message), most=REMINDER_FOLD)
+
+    def _follow_up_rows(
+        self,
+        session: Session,
+        message: OutboxMessage,
+        channel: str,
+        ts: str,
+        now: datetime,
+        *,
+        lock: bool = False,
+    ) -> list[tuple[int, str, int]]:
+        """The other follow-ups a follow-up digest takes: thread posts of conversations whose card is
+        the same storm digest, each in its conversation's order: one waits while an earlier message
+        of its conversation's lane that the digest does not take is unsent (as the outbox claim
+        has it; earlier follow-ups of the conversation taken along keep their order in the reply)."""
+        earlier = aliased(Outbox)
+        query = (
+            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
+            .join(Conversation, Conversation.id == Outbox.conversation_id)
+            .where(
+                Outbox.kind == sql_constant("thread_post"),
+                *self._waiting_together(message, now),
+                Conversation.slack_channel == channel,
+                Conversation.slack_ts == ts,
+            )
+            .order_by(Outbox.id)
+            .limit(OVERDUE_SCAN)
+        )
+        if lock and is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        found = list(session.execute(query))
+        if not found:
+            return []
+        # What else of their lanes is unsent before them (kinds that hold nothing back aside).
+        blocking = session.execute(
+            select(earlier.id, earlier.conversation_id).where(
+                earlier.conversation_id.in_({row[2] for row in found}),
+                earlier.status.in_((PENDING, SENDING)),
+                earlier.kind.not_in((*CUSTOMER_KINDS, *HOLDS_NOTHING_BACK)),
+                earlier.id != message.id,
+            )
+        )
+        candidates = {int(row[0]) for row in found}
+        first_blocked: dict[int, int] = {}
+        for outbox_id, cid in blocking:
+            if (
+                cid is not None
+                and outbox_id not in candidates
+                and outbox_id < first_blocked.get(cid, outbox_id + 1)
+            ):
+                first_blocked[cid] = outbox_id
+        in_order = (row for row in found if row[0] < first_blocked.get(row[2], row[0] + 1))
+        taken = self._take(in_order, _conversation_id(message))
+        # A follow-up whose earlier one was found but not taken (tried in this batch, past the cap)
+        # waits for it.
+        kept: list[tuple[int, str, int]] = []
+        stopped: set[int] = set()
+        taken_ids = {row[0] for row in taken}
+        for row in found:
+            outbox_id, cid = int(row[0]), int(row[2])
+            if cid in stopped:
+                continue
+            if outbox_id in taken_ids:
+                kept.append((outbox_id, str(row[1]), cid))
+            else:
+                stopped.add(cid)
+        return kept
 
     def _store_digest(
         self,

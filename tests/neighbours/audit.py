@@ -93,7 +93,8 @@ def cards(engine: Engine) -> dict[int, tuple[str | None, str | None]]:
 
 OVERDUE_METADATA_TYPE = "replyclock_overdue"  # bot.slack.delivery: an overdue digest
 REMINDER_METADATA_TYPE = "replyclock_reminders"  # bot.slack.delivery: a reminder digest (nags by DM)
-DIGEST_METADATA_TYPES = (OVERDUE_METADATA_TYPE, REMINDER_METADATA_TYPE)
+FOLLOW_UP_METADATA_TYPE = "replyclock_follow_ups"  # bot.slack.delivery: follow-ups in a storm digest's thread
+DIGEST_METADATA_TYPES = (OVERDUE_METADATA_TYPE, REMINDER_METADATA_TYPE, FOLLOW_UP_METADATA_TYPE)
 
 
 def _metadata(params: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -224,14 +225,15 @@ class SlackAudit:
 
         Walks each conversation's calls in arrival order: the delivering call of row k must come
         after that of row k-1, and any other call in between must be an attempt of row k (same
-        kind; a chat.update belongs to a breach or card update), a note of the row before, or the
-        card's edit that a breach makes right after its notice (the notice goes first).
+        kind) or a note of the row before.
 
-        Rows an overdue digest delivered are left out: the digest is a top-level message for
+        Rows a digest delivered are left out: an overdue digest is a top-level message for
         several conversations that needs none of their cards, so it may go before a card or a
-        thread post of theirs (tests/test_slack_delivery.py checks what it carries). So are the ladder's
+        thread post of theirs (tests/test_slack_delivery.py checks what it carries); a follow-up
+        digest carries several conversations' follow-ups in their order. So are the ladder's
         notices (storage.models.LANE_FREE_KINDS: warning, breach, escalation, nag): they keep no
-        place in their conversation's order.
+        place in their conversation's order. So are card updates (storage.models.HOLDS_NOTHING_BACK):
+        an edit needs its card's ts, so it follows the card anyway, and nothing waits for it.
         """
         problems: list[str] = []
         row_of = {row.id: row for row in self.rows}
@@ -242,26 +244,25 @@ class SlackAudit:
                 continue
             if row.kind in LANE_FREE_KINDS:
                 continue
-            if (row.conversation_id is not None and row.id in self.delivering) or row.kind == "card_update":
+            if row.kind == "card_update":
+                continue
+            if row.conversation_id is not None and row.id in self.delivering:
                 lanes[int(row.conversation_id or 0)].append(row)
         for cid, exchanges in self.by_conversation.items():
             lane = sorted(lanes.get(cid, []), key=lambda r: r.id)
             k = 0
-            edit_of_breach = False  # the call just before was a breach notice's delivering call
             for e in exchanges:
                 head = lane[k] if k < len(lane) else None
                 row_id = delivered_by.get(id(e))
                 kind = kind_of(e)
+                if kind == "update" or (row_id is not None and row_of[row_id].kind == "card_update"):
+                    continue  # a card's edit (or an attempt of one): in no lane, see above
                 if kind in (*LANE_FREE_KINDS, "note") or (
                     row_id is not None and row_of[row_id].kind in LANE_FREE_KINDS
                 ):
                     # A ladder notice (or an attempt of one, or the note of a DM escalation): in no
-                    # lane. A breach's card edit follows it.
-                    edit_of_breach = kind == "breach" or (
-                        row_id is not None and row_of[row_id].kind == "breach"
-                    )
+                    # lane.
                     continue
-                follows_breach, edit_of_breach = edit_of_breach, False
                 if row_id is not None:
                     if head is None or row_id != head.id:
                         problems.append(
@@ -269,16 +270,9 @@ class SlackAudit:
                             f"{head.id if head else None} ({head.kind if head else None}) was still unsent"
                         )
                     k = next((i + 1 for i, r in enumerate(lane) if r.id == row_id), k)
-                    edit_of_breach = row_of[row_id].kind == "breach"
-                    continue
-                if kind == "update" and follows_breach:
                     continue
                 previous = lane[k - 1] if k > 0 else None
                 if kind == "note" and previous is not None and previous.kind == "escalation":
-                    continue
-                if kind == "update" and head is not None and head.kind in ("breach", "card_update", "card"):
-                    if head.kind == "card_update" and e.call.ok and e.took < self.client_timeout:
-                        k += 1  # the update that delivered it (updates have no ts of their own)
                     continue
                 if head is None or kind != head.kind:
                     problems.append(
