@@ -27,9 +27,9 @@ For every database and every concurrency level this benchmark
    the load ran; on PostgreSQL also about how many connections the server opened.
 
 Before the database runs, a generator-ceiling run posts the same requests to an unknown account:
-the server answers 404 without reading the body or touching the database, so the rate is what
-the HTTP stack and the generator manage together, and the generator's CPU per request says how
-much of the 2 cores the generator itself needs.
+the server answers 401 (as to an unsigned request) without reading the body or touching the
+database, so the rate is what the HTTP stack and the generator manage together, and the
+generator's CPU per request says how much of the 2 cores the generator itself needs.
 
 The generator speaks HTTP/1.1 over raw asyncio streams (``--client raw``, the default, some
 40-120 µs of CPU per request); ``--client httpx`` uses ``httpx.AsyncClient`` with a connection
@@ -710,7 +710,7 @@ def run_level(
         finally:
             code = server.stop()
         run = Run(
-            database="(404, no database)" if ceiling else database,
+            database="(401, no database)" if ceiling else database,
             concurrency=concurrency,
             client=args.client,
             plan=plan,
@@ -727,8 +727,8 @@ def run_level(
             run.failures.append(f"replyclock web exited with {code} after SIGTERM")
         if ceiling:
             statuses = run.statuses()
-            if set(statuses) != {"404"}:
-                run.failures.append(f"ceiling run: answers other than 404: {dict(statuses)}")
+            if set(statuses) != {"401"}:
+                run.failures.append(f"ceiling run: answers other than 401: {dict(statuses)}")
         else:
             check_run(run, stored_state(url), counters, server.log_problems())
         progress(
@@ -1086,7 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--time-cap", type=float, default=300.0, help="seconds per run before it stops (default 300)"
     )
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the 404 generator-ceiling run")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the 401 generator-ceiling run")
     parser.add_argument(
         "--profile", action="store_true", help="profile the server in-process instead of the runs"
     )

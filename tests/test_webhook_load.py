@@ -6,9 +6,10 @@ bench's own checks (only 202s, every accepted id stored exactly once in the conv
 answer named, every re-delivery answered ``"duplicate": true``, the server's counters agree, no
 warning logged). Nothing here is timed: the rate is the bench's business.
 
-Then the SQLite write turn of bot.web: deliveries on SQLite take turns in the web process
-(first come, first served) instead of waiting in SQLite's busy handler; on PostgreSQL they run
-side by side; a delivery that does not get its turn in time is answered 503.
+Then the SQLite write turn of bot.web: transactions of deliveries (batches of those waiting
+together) on SQLite take turns in the web process (first come, first served) instead of waiting
+in SQLite's busy handler; on PostgreSQL they run side by side; a delivery that does not get its
+turn in time is answered 503.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def _post(base_url: str, external_id: str) -> httpx.Response:
 
 
 class _Overlap:
-    """Wraps bot.web._store: how many calls ran at once, at most; waits a little inside each call."""
+    """Wraps bot.web._store_deliveries (a transaction of deliveries): how many ran at once, at
+    most; waits a little inside each call."""
 
     def __init__(self, wait: float) -> None:
-        self.original = bot.web._store
+        self.original = bot.web._store_deliveries
         self.wait = wait
         self.lock = threading.Lock()
         self.running = 0
@@ -134,7 +136,7 @@ def test_deliveries_take_turns_on_sqlite_and_run_side_by_side_on_postgres(
 ) -> None:
     base_url, ctx = served
     overlap = _Overlap(wait=0.01)
-    monkeypatch.setattr(bot.web, "_store", overlap)
+    monkeypatch.setattr(bot.web, "_store_deliveries", overlap)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         answers = list(pool.map(lambda i: _post(base_url, f"turn-{i}"), range(2 * CONCURRENCY)))
     assert [a.status_code for a in answers] == [202] * (2 * CONCURRENCY)
@@ -153,7 +155,7 @@ def test_a_delivery_that_does_not_get_its_turn_in_time_is_503(
     base_url, ctx = served
     release = threading.Event()
     entered = threading.Event()
-    original = bot.web._store
+    original = bot.web._store_deliveries
 
     def slow_first(*args: Any) -> Any:
         if not entered.is_set():
@@ -161,7 +163,7 @@ def test_a_delivery_that_does_not_get_its_turn_in_time_is_503(
             assert release.wait(30)
         return original(*args)
 
-    monkeypatch.setattr(bot.web, "_store", slow_first)
+    monkeypatch.setattr(bot.web, "_store_deliveries", slow_first)
     monkeypatch.setattr(bot.web, "SQLITE_WRITE_WAIT", 0.3)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(_post, base_url, "holds-the-turn")
