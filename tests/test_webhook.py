@@ -1029,7 +1029,6 @@ class _Held:
 
         monkeypatch.setattr(bot.web, "_store_deliveries", holding)
         monkeypatch.setattr(bot.web._GroupCommit, "store", counting)
-        monkeypatch.setattr(bot.web, "POSTGRES_WRITERS", 1)  # as on SQLite: the next batch waits
 
     def send(
         self, pool: ThreadPoolExecutor, base_url: str, body: bytes, headers: dict[str, str]

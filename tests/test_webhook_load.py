@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -78,8 +79,15 @@ def test_concurrent_deliveries_are_all_accepted_and_stored_once(database_url: st
 # --- the SQLite write turn, in-process ----------------------------------------------------------
 
 
+OTHER_ACCOUNT = "desk"  # a second webhook account, with the same secret
+
+
 def _app_context(url: str) -> AppContext:
-    text = POLICY_TOML + WEBHOOK_ACCOUNT
+    text = (
+        POLICY_TOML
+        + WEBHOOK_ACCOUNT
+        + WEBHOOK_ACCOUNT.replace(f"[accounts.{ACCOUNT}]", f"[accounts.{OTHER_ACCOUNT}]")
+    )
     policy = parse_policy(tomllib.loads(text), source="tests/data/policy.toml+shop", text=text)
     engine = make_engine(url)
     upgrade(engine)
@@ -89,46 +97,52 @@ def _app_context(url: str) -> AppContext:
 @pytest.fixture
 def served(database_url: str) -> Iterator[tuple[str, AppContext]]:
     ctx = _app_context(database_url)
-    hook = WebhookConnector(
-        ACCOUNT, settings={"legacy_signature": True}, environ={"WEBHOOK_SECRET_SHOP": SECRET}
-    )
+    hooks = {
+        name: WebhookConnector(
+            name, settings={"legacy_signature": True}, environ={f"WEBHOOK_SECRET_{name.upper()}": SECRET}
+        )
+        for name in (ACCOUNT, OTHER_ACCOUNT)
+    }
     try:
-        with serve_in_thread(create_app(ctx, {ACCOUNT: hook})) as url:
+        with serve_in_thread(create_app(ctx, hooks)) as url:
             yield url, ctx
     finally:
         ctx.engine.dispose()
 
 
-def _post(base_url: str, external_id: str) -> httpx.Response:
+def _post(base_url: str, external_id: str, account: str = ACCOUNT) -> httpx.Response:
     body = (
         f'{{"id":"{external_id}","author":{{"id":"a-{external_id}"}},"text":"Where is my order?",'
         f'"created_at":"{datetime.now(UTC).isoformat()}"}}'
     ).encode()
     headers = {SIGNATURE_HEADER: sign(SECRET, body), "Content-Type": "application/json"}
-    return httpx.post(f"{base_url}/hooks/{ACCOUNT}", content=body, headers=headers, timeout=30)
+    return httpx.post(f"{base_url}/hooks/{account}", content=body, headers=headers, timeout=30)
 
 
 class _Overlap:
     """Wraps bot.web._store_deliveries (a transaction of deliveries): how many ran at once, at
-    most; waits a little inside each call."""
+    most, in all and for one account; waits a little inside each call."""
 
     def __init__(self, wait: float) -> None:
         self.original = bot.web._store_deliveries
         self.wait = wait
         self.lock = threading.Lock()
-        self.running = 0
+        self.running: Counter[str] = Counter()
         self.most = 0
+        self.most_for_one_account = 0
 
     def __call__(self, *args: Any) -> Any:
+        account = args[1]
         with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
+            self.running[account] += 1
+            self.most = max(self.most, self.running.total())
+            self.most_for_one_account = max(self.most_for_one_account, self.running[account])
         try:
             time.sleep(self.wait)  # widen the window in which another call could overlap
             return self.original(*args)
         finally:
             with self.lock:
-                self.running -= 1
+                self.running[account] -= 1
 
 
 def test_deliveries_take_turns_on_sqlite_and_run_side_by_side_on_postgres(
@@ -137,15 +151,21 @@ def test_deliveries_take_turns_on_sqlite_and_run_side_by_side_on_postgres(
     base_url, ctx = served
     overlap = _Overlap(wait=0.01)
     monkeypatch.setattr(bot.web, "_store_deliveries", overlap)
+    accounts = (ACCOUNT, OTHER_ACCOUNT)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        answers = list(pool.map(lambda i: _post(base_url, f"turn-{i}"), range(2 * CONCURRENCY)))
+        answers = list(
+            pool.map(lambda i: _post(base_url, f"turn-{i}", accounts[i % 2]), range(2 * CONCURRENCY))
+        )
     assert [a.status_code for a in answers] == [202] * (2 * CONCURRENCY)
     with ctx.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Post)) == 2 * CONCURRENCY
     if ctx.engine.dialect.name == "sqlite":
-        assert overlap.most == 1
+        assert overlap.most == 1  # one writer for the whole process
     else:
+        # Two accounts' transactions side by side; one account's deliveries wait for its writer
+        # and go in its next transaction together.
         assert overlap.most > 1
+        assert overlap.most_for_one_account == 1
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
