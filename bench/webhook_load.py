@@ -38,7 +38,8 @@ run at a few hundred requests/s on 2 cores.
 
 ``--profile`` serves the same app in this process (``bot.web.create_app`` on
 ``bot.web.serve_in_thread``), drives it from a separate generator process and prints where the
-server's time goes: the wall time of the ingest transaction (``bot.web._store``) and how much of
+server's time goes: the wall time of the ingest transactions (``bot.web._store_deliveries``, one
+per batch of deliveries stored together), how many deliveries each carried, and how much of
 it is spent inside the database driver, a per-statement table (calls, milliseconds per request,
 mean in the first and last fifth of the run; a lock wait counts, as in ``BEGIN IMMEDIATE`` or
 an ``UPDATE`` queued behind another transaction's row lock), and cProfile of the event-loop
@@ -746,7 +747,7 @@ _profiling = threading.local()
 
 
 class _StoreProfiler:
-    """Wraps bot.web._store (one delivery's ingest transaction, on a worker thread).
+    """Wraps bot.web._store_deliveries (one transaction of deliveries, on a worker thread).
 
     Every PROFILE_EVERY-th call runs under cProfile (one profile per worker thread); the others
     only have their wall time taken, so the split between the driver and Python is measured on
@@ -759,10 +760,12 @@ class _StoreProfiler:
         self.profiles: dict[int, cProfile.Profile] = {}
         self.calls = 0
         self.seconds: list[float] = []  # unprofiled calls only
+        self.sizes: list[int] = []  # deliveries per call, all calls
 
     def __call__(self, *args: Any) -> Any:
         with self.lock:
             self.calls += 1
+            self.sizes.append(len(args[3]))
             profiled = self.calls % PROFILE_EVERY == 0
             profile = (
                 self.profiles.setdefault(threading.get_ident(), cProfile.Profile()) if profiled else None
@@ -816,7 +819,7 @@ class _StatementTimer:
         return sum(seconds for _statement, seconds in self.timings)
 
     def table(self, requests: int, rows: int = 14) -> list[tuple[str, ...]]:
-        """Per statement: calls, ms per request, mean ms in the first and in the last fifth of the run."""
+        """Per statement: calls, ms per transaction, mean ms in the first and in the last fifth of the run."""
         by_statement: dict[str, list[float]] = {}
         for statement, elapsed in self.timings:
             by_statement.setdefault(statement, []).append(elapsed)
@@ -912,7 +915,7 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         stack.callback(timer.close)
         ctx = AppContext(policy=policy, engine=engine)
         app = bot.web.create_app(ctx, build_connectors(policy, {**os.environ, SECRET_ENV: SECRET}))
-        store = _StoreProfiler(bot.web._store)
+        store = _StoreProfiler(bot.web._store_deliveries)
         loop_profile = cProfile.Profile()
         enabled: list[bool] = []
 
@@ -922,8 +925,8 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
                 loop_profile.enable()
             await app(scope, receive, send)
 
-        bot.web._store = store  # type: ignore[assignment]
-        stack.callback(setattr, bot.web, "_store", store.original)
+        bot.web._store_deliveries = store  # type: ignore[assignment]
+        stack.callback(setattr, bot.web, "_store_deliveries", store.original)
         plan = build_plan(args.posts, args.duplicates, tag=f"p{concurrency}", now=datetime.now(UTC))
         spawn = multiprocessing.get_context("spawn")
         with spawn.Pool(1) as pool, bot.web.serve_in_thread(profiled) as base_url:
@@ -946,7 +949,8 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         )
         if seconds:
             print(
-                f"  bot.web._store (one delivery's ingest transaction), {len(seconds):,} unprofiled calls: wall p50 "
+                f"  bot.web._store_deliveries (one transaction: {sum(store.sizes) / len(store.sizes):.1f} deliveries "
+                f"on average, at most {max(store.sizes)}), {len(seconds):,} unprofiled calls: wall p50 "
                 f"{percentile(seconds, 0.5):.2f} ms, p99 {percentile(seconds, 0.99):.2f} ms; of it "
                 f"{in_driver / store_total:.0%} inside the driver's execute (SQL, and waits for locks) and "
                 f"{1 - in_driver / store_total:.0%} in Python around it (SQLAlchemy, ingest, COMMIT)"
@@ -954,11 +958,11 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         print(
             "\n  statements of the unprofiled calls, wall time (a wait for a lock counts, as in BEGIN IMMEDIATE):"
         )
-        header = ("statement", "calls", "ms per request", "mean ms, first fifth", "mean ms, last fifth")
+        header = ("statement", "calls", "ms per transaction", "mean ms, first fifth", "mean ms, last fifth")
         print_table(header, timer.table(len(seconds)), indent="    ")
         _print_profile("event-loop thread (HTTP, routing, signature, parsing, logging)", [loop_profile], 12)
         _print_profile(
-            f"worker threads running bot.web._store, 1 call in {PROFILE_EVERY}",
+            f"worker threads running bot.web._store_deliveries, 1 call in {PROFILE_EVERY}",
             list(store.profiles.values()),
             20,
         )

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm.exc import StaleDataError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -1226,3 +1227,40 @@ def test_a_lone_delivery_is_stored_at_once_in_a_transaction_of_its_own(
             answer = http.post("/hooks/shop", content=body, headers=signed(body))
             assert answer.status_code == 202 and answer.json()["duplicate"] is False
     assert transactions == [1, 1, 1]
+
+
+def test_a_batch_that_meets_a_concurrent_change_is_stored_again_one_at_a_time(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _Held(monkeypatch)
+    real = bot.web.ingest_batch
+    batches: list[int] = []
+
+    def conflicted(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(kwargs["posts"]))
+        result = real(*args, **kwargs)
+        if len(kwargs["posts"]) > 1:  # does its writes, then the flush finds a conversation changed
+            raise StaleDataError("UPDATE statement on table 'conversations' expected to update 1 row(s)")
+        return result
+
+    monkeypatch.setattr(bot.web, "ingest_batch", conflicted)
+    bodies = {
+        name: encode(delivery(id=name, author={"id": f"cust-{name}"}, thread_id=f"t-{name}"))
+        for name in "abc"
+    }
+    with ThreadPoolExecutor(4) as pool:
+        first = held.send(pool, base_url, bodies["a"], signed(bodies["a"], message_id="m-a"))
+        assert held.entered.wait(10)
+        others = {
+            name: held.send(pool, base_url, bodies[name], signed(bodies[name], message_id=f"m-{name}"))
+            for name in "bc"
+        }
+        held.released.set()
+        answers = {"a": first.result(), **{name: future.result() for name, future in others.items()}}
+    assert batches == [1, 2, 1, 1]
+    stored = _posts_by_id(ctx)
+    assert sorted(stored) == ["a", "b", "c"]
+    assert {name: a.json() for name, a in answers.items()} == {
+        name: {"status": "accepted", "duplicate": False, "conversation_id": stored[name]} for name in "abc"
+    }
+    assert snapshot(ctx)[:3] == (3, 3, 6)
