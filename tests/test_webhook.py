@@ -55,6 +55,7 @@ from connectors.webhook import (
     verify_signature,
 )
 from storage.models import Account, Conversation, Event, Outbox, Post, SeenRequest
+from storage.seen import remember_all
 from tests.conftest import MONDAY, POLICY_TOML
 
 EXAMPLES = int(os.environ.get("REPLYCLOCK_HYPOTHESIS_EXAMPLES", "300"))
@@ -1264,3 +1265,21 @@ def test_a_batch_that_meets_a_concurrent_change_is_stored_again_one_at_a_time(
         name: {"status": "accepted", "duplicate": False, "conversation_id": stored[name]} for name in "abc"
     }
     assert snapshot(ctx)[:3] == (3, 3, 6)
+
+
+def test_remember_all_records_new_and_expired_keys_only(ctx: AppContext) -> None:
+    later = MONDAY + timedelta(minutes=6)
+    with ctx.sessions() as session, session.begin():
+        assert remember_all(session, {"k1": later, "k2": later}, now=MONDAY) == {"k1", "k2"}
+    with ctx.sessions() as session, session.begin():
+        session.execute(update(SeenRequest).where(SeenRequest.key == "k2").values(expires_at=MONDAY))
+    with ctx.sessions() as session, session.begin():
+        # k1 is still remembered (a replay); k2 expired and is taken afresh; k3 is new.
+        assert remember_all(session, {"k1": later, "k2": later, "k3": later}, now=MONDAY) == {"k2", "k3"}
+        assert remember_all(session, {}, now=MONDAY) == set()
+    with ctx.sessions() as session:
+        assert {key: at for key, at in session.execute(select(SeenRequest.key, SeenRequest.expires_at))} == {
+            "k1": later,
+            "k2": later,
+            "k3": later,
+        }
