@@ -24,7 +24,8 @@ For every database and every concurrency level this benchmark
 5. prints requests/s, latency p50/p90/p99/max, the rate in each fifth of the run (the tables
    grow as it runs), status counts and the CPU seconds of the generator, of the server process
    and of everything else on the machine (PostgreSQL and other people's work included) while
-   the load ran; on PostgreSQL also about how many connections the server opened.
+   the load ran; on PostgreSQL also about how many connections the server opened; and how many
+   transactions stored the posts (deliveries waiting together are stored together, bot.web).
 
 Before the database runs, a generator-ceiling run posts the same requests to an unknown account:
 the server answers 401 (as to an unsigned request) without reading the body or touching the
@@ -498,6 +499,9 @@ class Stored:
     conversations: int
     cards: int
     acks: int
+    # Transactions that stored them: a transaction's posts share one received_at (ingest's clock
+    # reading), so distinct values count transactions that stored a post.
+    transactions: int = 0
 
 
 def stored_state(url: str) -> Stored:
@@ -513,6 +517,9 @@ def stored_state(url: str) -> Stored:
             conversations = conn.scalar(
                 select(func.count()).select_from(Conversation).where(Conversation.account_id == account_id)
             )
+            transactions = conn.scalar(
+                select(func.count(func.distinct(Post.received_at))).where(Post.account_id == account_id)
+            )
             kinds = {
                 kind: count
                 for kind, count in conn.execute(select(Outbox.kind, func.count()).group_by(Outbox.kind))
@@ -525,6 +532,7 @@ def stored_state(url: str) -> Stored:
         conversations=conversations or 0,
         cards=kinds.get("card", 0),
         acks=kinds.get("ack", 0),
+        transactions=transactions or 0,
     )
 
 
@@ -663,7 +671,9 @@ def check_run(run: Run, stored: Stored, counters: dict[str, float], log_problems
             f"{stored.conversations}, {stored.cards}, {stored.acks}"
         )
     run.notes.append(
-        f"database: {stored.post_rows:,} posts, {stored.conversations:,} conversations, {stored.cards:,} card rows"
+        f"database: {stored.post_rows:,} posts, {stored.conversations:,} conversations, {stored.cards:,} card rows; "
+        f"stored by {stored.transactions:,} transactions "
+        f"({stored.post_rows / max(1, stored.transactions):.1f} posts each on average)"
     )
     answered = counters.get(f'replyclock_webhook_requests_total{{account="{ACCOUNT}",code="202"}}', 0)
     ingested = counters.get(f'replyclock_posts_ingested_total{{account="{ACCOUNT}",kind="webhook"}}', 0)
