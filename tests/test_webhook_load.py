@@ -4,7 +4,8 @@ A bounded run of bench/webhook_load.py: a real `replyclock web` process on SQLit
 PostgreSQL, 300 distinct signed deliveries plus 30 re-deliveries at concurrency 16, with the
 bench's own checks (only 202s, every accepted id stored exactly once in the conversation its
 answer named, every re-delivery answered ``"duplicate": true``, the server's counters agree, no
-warning logged). Nothing here is timed: the rate is the bench's business.
+warning logged). Nothing here is timed: the rate is the bench's business. On PostgreSQL also two
+web processes given the very same deliveries at once (their batches overlap in every post).
 
 Then the SQLite write turn of bot.web: transactions of deliveries (batches of those waiting
 together) on SQLite take turns in the web process (first come, first served) instead of waiting
@@ -14,6 +15,7 @@ turn in time is answered 503.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -74,6 +76,51 @@ def test_concurrent_deliveries_are_all_accepted_and_stored_once(database_url: st
     assert len(run.outcomes) == len(plan)
     assert run.statuses() == {"202": len(plan)}
     assert code in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_two_web_processes_batching_the_same_deliveries_store_each_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Every delivery sent to both of two web processes at once: their batches overlap in every
+    post, and still each post is stored once, one answer per post says ``"duplicate": false``,
+    and every answer names the conversation the post is in."""
+    migrated(database_url)
+    plan = build_plan(POSTS, 0.0, tag="two", now=datetime.now(UTC))
+    directories = [tmp_path / "one", tmp_path / "two"]
+    for directory in directories:
+        directory.mkdir()
+    servers: list[WebProcess] = []
+    try:
+        servers.extend(WebProcess(database_url, directory) for directory in directories)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(
+                pool.map(
+                    lambda server: drive(
+                        "raw", server.base_url, f"/hooks/{ACCOUNT}", plan, CONCURRENCY, time_cap=60
+                    ),
+                    servers,
+                )
+            )
+    finally:
+        for server in servers:
+            server.stop()
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        assert sorted(o.status for o in result.outcomes) == [202] * len(plan)
+        for outcome in result.outcomes:
+            answers.setdefault(plan[outcome.index].external_id, []).append(json.loads(outcome.body))
+    assert len(answers) == POSTS
+    stored = stored_state(database_url)
+    assert stored.post_rows == len(stored.posts) == POSTS and stored.conversations == POSTS
+    for external_id, pair in answers.items():
+        assert sorted(a["duplicate"] for a in pair) == [False, True], external_id
+        assert {a["conversation_id"] for a in pair} == {stored.posts[external_id]}, external_id
+    for server in servers:
+        assert server.log_problems() == []
+    assert stored.transactions < POSTS  # some transactions stored several posts
 
 
 # --- the SQLite write turn, in-process ----------------------------------------------------------
