@@ -24,12 +24,13 @@ For every database and every concurrency level this benchmark
 5. prints requests/s, latency p50/p90/p99/max, the rate in each fifth of the run (the tables
    grow as it runs), status counts and the CPU seconds of the generator, of the server process
    and of everything else on the machine (PostgreSQL and other people's work included) while
-   the load ran; on PostgreSQL also about how many connections the server opened.
+   the load ran; on PostgreSQL also about how many connections the server opened; and how many
+   transactions stored the posts (deliveries waiting together are stored together, bot.web).
 
 Before the database runs, a generator-ceiling run posts the same requests to an unknown account:
-the server answers 404 without reading the body or touching the database, so the rate is what
-the HTTP stack and the generator manage together, and the generator's CPU per request says how
-much of the 2 cores the generator itself needs.
+the server answers 401 (as to an unsigned request) without reading the body or touching the
+database, so the rate is what the HTTP stack and the generator manage together, and the
+generator's CPU per request says how much of the 2 cores the generator itself needs.
 
 The generator speaks HTTP/1.1 over raw asyncio streams (``--client raw``, the default, some
 40-120 µs of CPU per request); ``--client httpx`` uses ``httpx.AsyncClient`` with a connection
@@ -38,7 +39,8 @@ run at a few hundred requests/s on 2 cores.
 
 ``--profile`` serves the same app in this process (``bot.web.create_app`` on
 ``bot.web.serve_in_thread``), drives it from a separate generator process and prints where the
-server's time goes: the wall time of the ingest transaction (``bot.web._store``) and how much of
+server's time goes: the wall time of the ingest transactions (``bot.web._store_deliveries``, one
+per batch of deliveries stored together), how many deliveries each carried, and how much of
 it is spent inside the database driver, a per-statement table (calls, milliseconds per request,
 mean in the first and last fifth of the run; a lock wait counts, as in ``BEGIN IMMEDIATE`` or
 an ``UPDATE`` queued behind another transaction's row lock), and cProfile of the event-loop
@@ -497,6 +499,9 @@ class Stored:
     conversations: int
     cards: int
     acks: int
+    # Transactions that stored them: a transaction's posts share one received_at (ingest's clock
+    # reading), so distinct values count transactions that stored a post.
+    transactions: int = 0
 
 
 def stored_state(url: str) -> Stored:
@@ -512,6 +517,9 @@ def stored_state(url: str) -> Stored:
             conversations = conn.scalar(
                 select(func.count()).select_from(Conversation).where(Conversation.account_id == account_id)
             )
+            transactions = conn.scalar(
+                select(func.count(func.distinct(Post.received_at))).where(Post.account_id == account_id)
+            )
             kinds = {
                 kind: count
                 for kind, count in conn.execute(select(Outbox.kind, func.count()).group_by(Outbox.kind))
@@ -524,6 +532,7 @@ def stored_state(url: str) -> Stored:
         conversations=conversations or 0,
         cards=kinds.get("card", 0),
         acks=kinds.get("ack", 0),
+        transactions=transactions or 0,
     )
 
 
@@ -662,7 +671,9 @@ def check_run(run: Run, stored: Stored, counters: dict[str, float], log_problems
             f"{stored.conversations}, {stored.cards}, {stored.acks}"
         )
     run.notes.append(
-        f"database: {stored.post_rows:,} posts, {stored.conversations:,} conversations, {stored.cards:,} card rows"
+        f"database: {stored.post_rows:,} posts, {stored.conversations:,} conversations, {stored.cards:,} card rows; "
+        f"stored by {stored.transactions:,} transactions "
+        f"({stored.post_rows / max(1, stored.transactions):.1f} posts each on average)"
     )
     answered = counters.get(f'replyclock_webhook_requests_total{{account="{ACCOUNT}",code="202"}}', 0)
     ingested = counters.get(f'replyclock_posts_ingested_total{{account="{ACCOUNT}",kind="webhook"}}', 0)
@@ -710,7 +721,7 @@ def run_level(
         finally:
             code = server.stop()
         run = Run(
-            database="(404, no database)" if ceiling else database,
+            database="(401, no database)" if ceiling else database,
             concurrency=concurrency,
             client=args.client,
             plan=plan,
@@ -727,8 +738,8 @@ def run_level(
             run.failures.append(f"replyclock web exited with {code} after SIGTERM")
         if ceiling:
             statuses = run.statuses()
-            if set(statuses) != {"404"}:
-                run.failures.append(f"ceiling run: answers other than 404: {dict(statuses)}")
+            if set(statuses) != {"401"}:
+                run.failures.append(f"ceiling run: answers other than 401: {dict(statuses)}")
         else:
             check_run(run, stored_state(url), counters, server.log_problems())
         progress(
@@ -746,7 +757,7 @@ _profiling = threading.local()
 
 
 class _StoreProfiler:
-    """Wraps bot.web._store (one delivery's ingest transaction, on a worker thread).
+    """Wraps bot.web._store_deliveries (one transaction of deliveries, on a worker thread).
 
     Every PROFILE_EVERY-th call runs under cProfile (one profile per worker thread); the others
     only have their wall time taken, so the split between the driver and Python is measured on
@@ -759,10 +770,12 @@ class _StoreProfiler:
         self.profiles: dict[int, cProfile.Profile] = {}
         self.calls = 0
         self.seconds: list[float] = []  # unprofiled calls only
+        self.sizes: list[int] = []  # deliveries per call, all calls
 
     def __call__(self, *args: Any) -> Any:
         with self.lock:
             self.calls += 1
+            self.sizes.append(len(args[3]))
             profiled = self.calls % PROFILE_EVERY == 0
             profile = (
                 self.profiles.setdefault(threading.get_ident(), cProfile.Profile()) if profiled else None
@@ -816,7 +829,7 @@ class _StatementTimer:
         return sum(seconds for _statement, seconds in self.timings)
 
     def table(self, requests: int, rows: int = 14) -> list[tuple[str, ...]]:
-        """Per statement: calls, ms per request, mean ms in the first and in the last fifth of the run."""
+        """Per statement: calls, ms per transaction, mean ms in the first and in the last fifth of the run."""
         by_statement: dict[str, list[float]] = {}
         for statement, elapsed in self.timings:
             by_statement.setdefault(statement, []).append(elapsed)
@@ -912,7 +925,7 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         stack.callback(timer.close)
         ctx = AppContext(policy=policy, engine=engine)
         app = bot.web.create_app(ctx, build_connectors(policy, {**os.environ, SECRET_ENV: SECRET}))
-        store = _StoreProfiler(bot.web._store)
+        store = _StoreProfiler(bot.web._store_deliveries)
         loop_profile = cProfile.Profile()
         enabled: list[bool] = []
 
@@ -922,8 +935,8 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
                 loop_profile.enable()
             await app(scope, receive, send)
 
-        bot.web._store = store  # type: ignore[assignment]
-        stack.callback(setattr, bot.web, "_store", store.original)
+        bot.web._store_deliveries = store  # type: ignore[assignment]
+        stack.callback(setattr, bot.web, "_store_deliveries", store.original)
         plan = build_plan(args.posts, args.duplicates, tag=f"p{concurrency}", now=datetime.now(UTC))
         spawn = multiprocessing.get_context("spawn")
         with spawn.Pool(1) as pool, bot.web.serve_in_thread(profiled) as base_url:
@@ -946,7 +959,8 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         )
         if seconds:
             print(
-                f"  bot.web._store (one delivery's ingest transaction), {len(seconds):,} unprofiled calls: wall p50 "
+                f"  bot.web._store_deliveries (one transaction: {sum(store.sizes) / len(store.sizes):.1f} deliveries "
+                f"on average, at most {max(store.sizes)}), {len(seconds):,} unprofiled calls: wall p50 "
                 f"{percentile(seconds, 0.5):.2f} ms, p99 {percentile(seconds, 0.99):.2f} ms; of it "
                 f"{in_driver / store_total:.0%} inside the driver's execute (SQL, and waits for locks) and "
                 f"{1 - in_driver / store_total:.0%} in Python around it (SQLAlchemy, ingest, COMMIT)"
@@ -954,11 +968,11 @@ def profile_level(database: str, concurrency: int, args: argparse.Namespace, pos
         print(
             "\n  statements of the unprofiled calls, wall time (a wait for a lock counts, as in BEGIN IMMEDIATE):"
         )
-        header = ("statement", "calls", "ms per request", "mean ms, first fifth", "mean ms, last fifth")
+        header = ("statement", "calls", "ms per transaction", "mean ms, first fifth", "mean ms, last fifth")
         print_table(header, timer.table(len(seconds)), indent="    ")
         _print_profile("event-loop thread (HTTP, routing, signature, parsing, logging)", [loop_profile], 12)
         _print_profile(
-            f"worker threads running bot.web._store, 1 call in {PROFILE_EVERY}",
+            f"worker threads running bot.web._store_deliveries, 1 call in {PROFILE_EVERY}",
             list(store.profiles.values()),
             20,
         )
@@ -1086,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--time-cap", type=float, default=300.0, help="seconds per run before it stops (default 300)"
     )
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the 404 generator-ceiling run")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the 401 generator-ceiling run")
     parser.add_argument(
         "--profile", action="store_true", help="profile the server in-process instead of the runs"
     )

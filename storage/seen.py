@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import Engine, delete, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,3 +49,24 @@ def remember(session: Session, key: str, *, expires_at: datetime, now: datetime)
     except IntegrityError:
         return False
     return True
+
+
+def remember_all(session: Session, keys: Mapping[str, datetime], *, now: datetime) -> set[str]:
+    """Like `remember` for several keys (each with its expiry), in one statement: the keys recorded now.
+
+    A key already recorded and not expired is left alone and not returned (a replay); an expired
+    one is given its new expiry, as if recorded afresh. Keys longer than 200 characters are cut,
+    as `remember` cuts them; give each (cut) key once. Rows go in by key order, so two
+    transactions recording the same keys wait for each other in one direction only.
+    """
+    if not keys:
+        return set()
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(SeenRequest)
+    statement = statement.on_conflict_do_update(
+        index_elements=[SeenRequest.key],
+        set_={"expires_at": statement.excluded.expires_at},
+        where=SeenRequest.expires_at <= now,
+    ).returning(SeenRequest.key)
+    rows = [{"key": key[:200], "expires_at": expires_at} for key, expires_at in sorted(keys.items())]
+    return set(session.connection().execute(statement, rows).scalars())

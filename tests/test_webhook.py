@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -24,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm.exc import StaleDataError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import bot.flow.channels
+import bot.flow.ingest
 import bot.web
 from bot.config import parse_policy
 from bot.core.clock import FakeClock
@@ -49,7 +54,8 @@ from connectors.webhook import (
     standard_headers,
     verify_signature,
 )
-from storage.models import Account, Conversation, Event, Outbox, Post
+from storage.models import Account, Conversation, Event, Outbox, Post, SeenRequest
+from storage.seen import remember_all
 from tests.conftest import MONDAY, POLICY_TOML
 
 EXAMPLES = int(os.environ.get("REPLYCLOCK_HYPOTHESIS_EXAMPLES", "300"))
@@ -990,3 +996,290 @@ def test_a_short_secret_is_refused_at_load_and_by_check(policy: Policy) -> None:
     assert WebhookConnector("shop", environ={"WEBHOOK_SECRET_SHOP": "whsec_" + "QUFB" * 11})
     with pytest.raises(ValueError, match="is 24 bytes"):
         WebhookConnector("shop", environ={"WEBHOOK_SECRET_SHOP": "whsec_" + "QUFB" * 8})
+
+
+# --- group commit: concurrent deliveries share a transaction, each with its own answer ---------
+
+
+class _Held:
+    """Holds the first transaction of deliveries open while the next deliveries queue behind it.
+
+    Wraps bot.web._store_deliveries (every transaction of deliveries goes through it) and
+    bot.web._GroupCommit.store (every delivery joins its queue there): records the deliveries of
+    each transaction, counts the deliveries that joined a queue, and keeps the first transaction
+    waiting until `release`.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.transactions: list[list[str]] = []
+        self.queued = 0
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        store_deliveries = bot.web._store_deliveries
+        join = bot.web._GroupCommit.store
+
+        def holding(*args: Any) -> Any:
+            self.transactions.append([d.post.external_id for d in args[3]])
+            if len(self.transactions) == 1:
+                self.entered.set()
+                assert self.released.wait(30)
+            return store_deliveries(*args)
+
+        async def counting(group: Any, account: str, delivery: Any) -> Any:
+            self.queued += 1
+            return await join(group, account, delivery)
+
+        monkeypatch.setattr(bot.web, "_store_deliveries", holding)
+        monkeypatch.setattr(bot.web._GroupCommit, "store", counting)
+
+    def send(
+        self, pool: ThreadPoolExecutor, base_url: str, body: bytes, headers: dict[str, str]
+    ) -> Future[httpx.Response]:
+        """Post a delivery from the pool; return once it waits in its queue (so order is known)."""
+        before = self.queued
+        answer = pool.submit(httpx.post, f"{base_url}/hooks/shop", content=body, headers=headers, timeout=30)
+        deadline = time.monotonic() + 10
+        while self.queued == before:
+            assert time.monotonic() < deadline, "the delivery never joined the queue"
+            time.sleep(0.005)
+        return answer
+
+
+def _posts_by_id(ctx: AppContext) -> dict[str, int | None]:
+    with ctx.sessions() as session:
+        return {
+            external_id: conversation_id
+            for external_id, conversation_id in session.execute(
+                select(Post.external_id, Post.conversation_id)
+            )
+        }
+
+
+def test_deliveries_waiting_together_are_stored_in_one_transaction_each_with_its_answer(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _Held(monkeypatch)
+    first_body = encode(delivery(id="first", author={"id": "cust-1"}, thread_id="t-first"))
+    bodies = {
+        name: encode(delivery(id=name, author={"id": f"cust-{name}"}, thread_id=f"t-{name}", text=text))
+        for name, text in (
+            ("b", "I was charged twice"),
+            ("c", "The app is down, I cannot log in"),
+            ("d", "Where is my parcel?"),
+        )
+    }
+    with ThreadPoolExecutor(8) as pool:
+        first = held.send(pool, base_url, first_body, signed(first_body, message_id="msg_first"))
+        assert held.entered.wait(10)
+        # While the first transaction is open, these wait; then they go together, in this order.
+        waiting = {
+            "b": held.send(pool, base_url, bodies["b"], signed(bodies["b"], message_id="msg_b")),
+            # the very same request again (a replay of its webhook-id) inside the same batch
+            "b-replay": held.send(pool, base_url, bodies["b"], signed(bodies["b"], message_id="msg_b")),
+            "c": held.send(pool, base_url, bodies["c"], signed(bodies["c"], message_id="msg_c")),
+            # the same post under a new webhook-id inside the same batch, and the first post again
+            "c-again": held.send(pool, base_url, bodies["c"], signed(bodies["c"], message_id="msg_c2")),
+            "first-again": held.send(pool, base_url, first_body, signed(first_body, message_id="msg_f2")),
+            "d": held.send(pool, base_url, bodies["d"], signed(bodies["d"], message_id="msg_d")),
+        }
+        held.released.set()
+        answers = {name: future.result() for name, future in {"first": first, **waiting}.items()}
+    assert held.transactions == [["first"], ["b", "b", "c", "c", "first", "d"]]
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 202)
+    stored = _posts_by_id(ctx)
+    assert sorted(stored) == ["b", "c", "d", "first"]
+    assert len(set(stored.values())) == 4 and None not in stored.values()
+    expected = {
+        "first": (False, stored["first"]),
+        "b": (False, stored["b"]),
+        "b-replay": (True, stored["b"]),
+        "c": (False, stored["c"]),
+        "c-again": (True, stored["c"]),
+        "first-again": (True, stored["first"]),
+        "d": (False, stored["d"]),
+    }
+    assert {
+        name: (a.json()["duplicate"], a.json()["conversation_id"]) for name, a in answers.items()
+    } == expected
+    # One conversation, one card (and an acknowledgement) per post; one replay-guard row per id kept.
+    assert snapshot(ctx)[:3] == (4, 4, 8)
+    with ctx.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(SeenRequest)) == 6
+        routed = {
+            thread: (team, priority)
+            for thread, team, priority in session.execute(
+                select(Conversation.thread_key, Conversation.team, Conversation.priority)
+            )
+        }
+    assert len({routed["t-b"], routed["t-c"], routed["t-d"]}) == 3  # each post routed on its own text
+
+
+def test_a_failing_batch_keeps_nothing_and_its_deliveries_are_stored_one_at_a_time(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = _Held(monkeypatch)
+    real_classify = bot.flow.ingest.classify
+
+    def classify(*args: Any, **kwargs: Any) -> Any:
+        # After the batch's posts and webhook-ids are written: the whole transaction must go.
+        if "POISON" in kwargs["text"]:
+            raise RuntimeError("a delivery this code cannot route")
+        return real_classify(*args, **kwargs)
+
+    monkeypatch.setattr(bot.flow.ingest, "classify", classify)
+    names = ["first", "b", "poison", "c"]
+    bodies = {
+        name: encode(
+            delivery(
+                id=name,
+                author={"id": f"cust-{name}"},
+                thread_id=f"t-{name}",
+                text="POISON" if name == "poison" else "Where is my parcel?",
+            )
+        )
+        for name in names
+    }
+    with ThreadPoolExecutor(8) as pool, caplog.at_level(logging.INFO, logger="replyclock.web"):
+        futures = {
+            "first": held.send(pool, base_url, bodies["first"], signed(bodies["first"], message_id="m-first"))
+        }
+        assert held.entered.wait(10)
+        for name in names[1:]:
+            futures[name] = held.send(
+                pool, base_url, bodies[name], signed(bodies[name], message_id=f"m-{name}")
+            )
+        held.released.set()
+        answers = {name: future.result() for name, future in futures.items()}
+    # The batch of three failed; then each went alone: the poisoned one fails by itself.
+    assert held.transactions == [["first"], ["b", "poison", "c"], ["b"], ["poison"], ["c"]]
+    assert {name: a.status_code for name, a in answers.items()} == {
+        "first": 202,
+        "b": 202,
+        "poison": 500,
+        "c": 202,
+    }
+    stored = _posts_by_id(ctx)
+    assert sorted(stored) == ["b", "c", "first"]
+    for name in ("b", "c"):
+        assert answers[name].json() == {
+            "status": "accepted",
+            "duplicate": False,
+            "conversation_id": stored[name],
+        }
+    # Nothing of the failed batch was kept: no post, card or webhook-id twice, none of the poison's.
+    assert snapshot(ctx)[:3] == (3, 3, 6)
+    with ctx.sessions() as session:
+        assert sorted(session.scalars(select(SeenRequest.key))) == [
+            "webhook:shop:m-b",
+            "webhook:shop:m-c",
+            "webhook:shop:m-first",
+        ]
+    assert any(r.getMessage().startswith("webhook batch not stored") for r in caplog.records)
+    # The sender retries the poisoned delivery once it is fixed: its id is not taken.
+    fixed = encode(delivery(id="poison", author={"id": "cust-poison"}, text="fixed"))
+    retry = httpx.post(f"{base_url}/hooks/shop", content=fixed, headers=signed(fixed, message_id="m-poison"))
+    assert retry.status_code == 202 and retry.json()["duplicate"] is False
+
+
+def test_a_batch_that_finds_the_database_down_is_503_for_each_and_stores_nothing(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _Held(monkeypatch)
+    holding = bot.web._store_deliveries
+
+    def down(*args: Any) -> Any:
+        if len(held.transactions) >= 1:
+            held.transactions.append([d.post.external_id for d in args[3]])
+            raise OperationalError("BEGIN", {}, Exception("connection refused"))
+        return holding(*args)
+
+    monkeypatch.setattr(bot.web, "_store_deliveries", down)
+    bodies = {
+        name: encode(delivery(id=name, author={"id": f"cust-{name}"}, thread_id=f"t-{name}"))
+        for name in "abc"
+    }
+    with ThreadPoolExecutor(4) as pool:
+        first = held.send(pool, base_url, bodies["a"], signed(bodies["a"]))
+        assert held.entered.wait(10)
+        others = [held.send(pool, base_url, bodies[name], signed(bodies[name])) for name in "bc"]
+        held.released.set()
+        assert first.result().status_code == 202
+        answers = [future.result() for future in others]
+    assert [a.status_code for a in answers] == [503, 503]
+    assert all("retry" in a.json()["error"] for a in answers)
+    assert held.transactions == [["a"], ["b", "c"], ["b"], ["c"]]
+    assert sorted(_posts_by_id(ctx)) == ["a"]
+
+
+def test_a_lone_delivery_is_stored_at_once_in_a_transaction_of_its_own(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transactions: list[int] = []
+    store_deliveries = bot.web._store_deliveries
+
+    def counting(*args: Any) -> Any:
+        transactions.append(len(args[3]))
+        return store_deliveries(*args)
+
+    monkeypatch.setattr(bot.web, "_store_deliveries", counting)
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        for name in ("a", "b", "c"):
+            body = encode(delivery(id=name, author={"id": f"cust-{name}"}, thread_id=f"t-{name}"))
+            answer = http.post("/hooks/shop", content=body, headers=signed(body))
+            assert answer.status_code == 202 and answer.json()["duplicate"] is False
+    assert transactions == [1, 1, 1]
+
+
+def test_a_batch_that_meets_a_concurrent_change_is_stored_again_one_at_a_time(
+    base_url: str, ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _Held(monkeypatch)
+    real = bot.web.ingest_batch
+    batches: list[int] = []
+
+    def conflicted(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(kwargs["posts"]))
+        result = real(*args, **kwargs)
+        if len(kwargs["posts"]) > 1:  # does its writes, then the flush finds a conversation changed
+            raise StaleDataError("UPDATE statement on table 'conversations' expected to update 1 row(s)")
+        return result
+
+    monkeypatch.setattr(bot.web, "ingest_batch", conflicted)
+    bodies = {
+        name: encode(delivery(id=name, author={"id": f"cust-{name}"}, thread_id=f"t-{name}"))
+        for name in "abc"
+    }
+    with ThreadPoolExecutor(4) as pool:
+        first = held.send(pool, base_url, bodies["a"], signed(bodies["a"], message_id="m-a"))
+        assert held.entered.wait(10)
+        others = {
+            name: held.send(pool, base_url, bodies[name], signed(bodies[name], message_id=f"m-{name}"))
+            for name in "bc"
+        }
+        held.released.set()
+        answers = {"a": first.result(), **{name: future.result() for name, future in others.items()}}
+    assert batches == [1, 2, 1, 1]
+    stored = _posts_by_id(ctx)
+    assert sorted(stored) == ["a", "b", "c"]
+    assert {name: a.json() for name, a in answers.items()} == {
+        name: {"status": "accepted", "duplicate": False, "conversation_id": stored[name]} for name in "abc"
+    }
+    assert snapshot(ctx)[:3] == (3, 3, 6)
+
+
+def test_remember_all_records_new_and_expired_keys_only(ctx: AppContext) -> None:
+    later = MONDAY + timedelta(minutes=6)
+    with ctx.sessions() as session, session.begin():
+        assert remember_all(session, {"k1": later, "k2": later}, now=MONDAY) == {"k1", "k2"}
+    with ctx.sessions() as session, session.begin():
+        session.execute(update(SeenRequest).where(SeenRequest.key == "k2").values(expires_at=MONDAY))
+    with ctx.sessions() as session, session.begin():
+        # k1 is still remembered (a replay); k2 expired and is taken afresh; k3 is new.
+        assert remember_all(session, {"k1": later, "k2": later, "k3": later}, now=MONDAY) == {"k2", "k3"}
+        assert remember_all(session, {}, now=MONDAY) == set()
+    with ctx.sessions() as session:
+        assert {key: at for key, at in session.execute(select(SeenRequest.key, SeenRequest.expires_at))} == {
+            "k1": later,
+            "k2": later,
+            "k3": later,
+        }

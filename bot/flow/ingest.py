@@ -81,6 +81,9 @@ class IngestResult:
     answered: list[int] = field(default_factory=list)
     ignored: int = 0
     acknowledgements: int = 0
+    # The posts this batch stored, by external id, each with its conversation (None: an ignored
+    # post, or our own that answers nothing yet).
+    conversations: dict[str, int | None] = field(default_factory=dict)
 
 
 def is_stop_request(text: str) -> bool:
@@ -132,6 +135,9 @@ def ingest_batch(
         result.duplicates += len(fresh) - len(stored)
         result.stored = len(stored)
         _Batch(session, ctx, account, account_row.id, now, result).run(stored)
+        result.conversations = {
+            p.external_id: p.conversation.id if p.conversation is not None else None for p in stored
+        }
 
     if not isinstance(cursor, _Keep):
         repo.save_cursor(session=session, account_id=account_row.id, cursor=cursor, now=now)
@@ -213,7 +219,9 @@ def _insert_posts(
             "thread_key": c.thread_key,
             "meta": metas[c.external_id],
         }
-        for c in candidates
+        # In one order everywhere (by id): two batches sharing posts (a re-delivery reaching
+        # another process) wait for each other's rows in one direction only, never in a circle.
+        for c in sorted(candidates, key=lambda c: c.external_id)
     ]
     statement = repo.insert_ignoring_conflicts(session, Post, ["account_id", "external_id"])
     # The batch's statements go through the session's connection: plain Core executemany, without
