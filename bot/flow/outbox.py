@@ -38,15 +38,20 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ARRAY,
+    DateTime,
     Integer,
     Select,
     String,
     Table,
+    Text,
     and_,
     bindparam,
     delete,
     exists,
+    func,
     literal_column,
+    null,
     or_,
     select,
     text,
@@ -336,6 +341,33 @@ def loop_transaction(ctx: AppContext) -> Iterator[Connection]:
                 yield connection
 
 
+def next_in_batch() -> OutboxMessage | None:
+    """The row of this thread's batch that the send loop hands to its handler after the one being
+    delivered, if it goes on (it may stop, or hand the rest back: see `_deliver_batch`); None at
+    the end of the batch or outside a send loop. A handler may read what that row will need in the
+    same statement as its own last write (`keep_ahead`): one round trip instead of two."""
+    batch: Sequence[OutboxMessage] = getattr(_loop, "batch", ())
+    taken: set[int] = getattr(_loop, "taken", None) or set()
+    for message in batch[getattr(_loop, "position", 0) + 1 :]:
+        if message.id not in taken:
+            return message
+    return None
+
+
+def keep_ahead(outbox_id: int, value: object) -> None:
+    """Keep `value` (a handler's read for a row of this batch not handed over yet: `next_in_batch`)
+    for that row's handler; forgotten when the batch ends. Outside a send loop, nothing is kept."""
+    ahead: dict[int, object] | None = getattr(_loop, "ahead", None)
+    if ahead is not None:
+        ahead[outbox_id] = value
+
+
+def kept_ahead(outbox_id: int) -> object | None:
+    """What a handler kept for row `outbox_id` in this batch (`keep_ahead`), once; else None."""
+    ahead: dict[int, object] | None = getattr(_loop, "ahead", None)
+    return None if ahead is None else ahead.pop(outbox_id, None)
+
+
 def taken_over(outbox_ids: Iterable[int]) -> None:
     """A handler settled or released these other claimed rows itself (a storm posted them as one).
 
@@ -571,11 +603,14 @@ class OutboxSender:
         taken.clear()
         untried: set[int] = {m.id for m in claimed}
         _loop.untried = untried
+        # What handlers read ahead for the batch's next row (`next_in_batch`, `keep_ahead`).
+        _loop.batch, _loop.position, _loop.ahead = claimed, 0, {}
         outcomes: list[_Outcome] = []
         began = time.monotonic()
         tried = 0
         try:
             for index, message in enumerate(claimed):
+                _loop.position = index
                 if message.id in taken:
                     continue
                 if index and (
@@ -591,7 +626,7 @@ class OutboxSender:
                 if outcome is not None:
                     outcomes.append(outcome)
         finally:
-            _loop.untried = set()
+            _loop.untried, _loop.batch, _loop.position, _loop.ahead = set(), (), 0, None
             try:
                 self._record(outcomes)
             finally:
@@ -806,6 +841,21 @@ class OutboxSender:
         others = [o for o in outcomes if o.status != SENT]
 
         def record() -> None:
+            if sent and not others and all(o.message.kind not in CUSTOMER_KINDS for o in sent):
+                with loop_autocommit() as connection:
+                    if connection is not None:
+                        # PostgreSQL, in the send loop: a staff batch's sends, one statement (atomic
+                        # by itself, committed without waiting for the WAL flush), one round trip;
+                        # the transaction below costs two (the executemany's, the COMMIT).
+                        connection.execute(
+                            _SENT_ALL,
+                            {
+                                "b_ids": [o.message.id for o in sent],
+                                "b_sent_at": [o.at for o in sent],
+                                "b_results": [o.values["result"] for o in sent],
+                            },
+                        )
+                        return
             with loop_session(self.ctx) as session, session.begin():
                 if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
                     relaxed_commit(session)
@@ -1038,6 +1088,29 @@ _LANE_FREE = tuple(sql_constant(kind) for kind in sorted(LANE_FREE_KINDS))
 _HOLDS_NOTHING_BACK = tuple(sql_constant(kind) for kind in sorted(HOLDS_NOTHING_BACK))
 _REMINDER = sql_constant("nag")  # the reminder lane's kind
 _REMINDER_URGENCY = literal_column(str(int(URGENCY["nag"])), Integer)
+
+# _SENT_UPDATE for a batch's sent rows in one statement (PostgreSQL: the rows as arrays, unnested).
+_SENT_ROWS = (
+    func.unnest(
+        bindparam("b_ids", type_=ARRAY(Integer)),
+        bindparam("b_sent_at", type_=ARRAY(DateTime(timezone=True))),
+        bindparam("b_results", type_=ARRAY(Text)),
+    )
+    .table_valued("id", "sent_at", "result")
+    .render_derived(name="sent_rows")
+)
+_SENT_ALL = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == _SENT_ROWS.c.id, _OUTBOX.c.status == sql_constant(SENDING))
+    .values(
+        status=sql_constant(SENT),
+        lease_until=null(),
+        owner=null(),
+        sent_at=_SENT_ROWS.c.sent_at,
+        result=_SENT_ROWS.c.result,
+        last_error=null(),
+    )
+)
 
 
 def _detached(row: Outbox) -> OutboxMessage:
