@@ -366,7 +366,8 @@ def test_reminders_take_turns_with_a_backlog_of_urgent_staff_rows(ctx: AppContex
     def capture(
         _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
     ) -> None:
-        if "outbox.kind = 'nag'" in statement and statement.lstrip().startswith("SELECT"):
+        # The reminder lane's claim (on PostgreSQL in the send loop, one WITH .. UPDATE statement).
+        if "outbox.kind = 'nag'" in statement and statement.lstrip().startswith(("SELECT", "WITH")):
             statements.append((statement, parameters))
 
     event.listen(ctx.engine, "before_cursor_execute", capture)

@@ -418,6 +418,7 @@ class OutboxSender:
         # record gave up, a release met the database away) and recovery settles it within seconds,
         # as it would a dead sender's, instead of waiting for the row's own lease.
         self._in_flight: set[int] = set()
+        self._claims_open = 0  # staff claims committed by one statement, their ids not in flight yet
         self._flight = threading.Lock()
 
     def recover(self, *, all_sending: bool = False) -> int:
@@ -464,7 +465,7 @@ class OutboxSender:
                     # Read after the row is locked (PostgreSQL) or the write lock taken (SQLite):
                     # a send still in flight is in the set until its outcome is committed.
                     with self._flight:
-                        if row.id in self._in_flight:
+                        if row.id in self._in_flight or self._claims_open:
                             continue
                 settled += 1
                 if row.kind in CUSTOMER_KINDS:
@@ -655,6 +656,10 @@ class OutboxSender:
             _loop.claiming = []
 
     def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
+        if lane in (STAFF_LANE, REMINDER_LANE):
+            with loop_autocommit() as connection:
+                if connection is not None:
+                    return self._claim_staff(connection, now, limit, lane)
         with loop_session(self.ctx) as session, session.begin():
             # Core on the session's connection: plain rows, no ORM execution (CPU per claim).
             connection = session.connection()
@@ -711,6 +716,57 @@ class OutboxSender:
                 durable_commit(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
+
+    def _claim_staff(
+        self, connection: Connection, now: datetime, limit: int, lane: str
+    ) -> list[OutboxMessage]:
+        """PostgreSQL, in the send loop: claim a staff batch (`lane` STAFF_LANE or REMINDER_LANE) in
+        ONE statement on the loop's autocommit connection (commit not waiting for the WAL flush, as
+        every staff claim): one round trip instead of three (the SELECT, the UPDATE, the COMMIT).
+
+        The same rows as `_claim_now`'s transaction: the claim's SELECT (FOR UPDATE SKIP LOCKED)
+        as a common table expression, of which the UPDATE marks the most urgent ones (its batch is
+        the leading rows of one urgency; these lanes hold no customer rows). The sender's own lease
+        is renewed first when due, as the transaction does (its rows never name a lapsed sender).
+        The rows are committed before their ids are known here: while the statement runs, this
+        sender's recovery leaves all its own rows alone (`_claims_open`), so none of them is ever
+        taken for abandoned.
+        """
+        if self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2:
+            with loop_session(self.ctx) as session, session.begin():
+                self._renew(session, now)
+        with self._flight:
+            self._claims_open += 1
+        try:
+            rows = list(
+                connection.execute(
+                    _staff_claim_statement(lane),
+                    {
+                        "now": now,
+                        "limit": limit,
+                        "claim_lease_until": now + self.lease,
+                        "claim_owner": self.owner,
+                    },
+                ).all()
+            )
+            with self._flight:
+                self._in_flight.update(row.id for row in rows)
+        finally:
+            with self._flight:
+                self._claims_open -= 1
+        rows.sort(key=lambda row: (row.urgency, row.next_attempt_at, row.id))  # the claim's order
+        return [
+            OutboxMessage(
+                row.id,
+                row.kind,
+                row.conversation_id,
+                dict(row.payload),
+                row.idempotency_key,
+                row.attempts,  # counted by the UPDATE already
+                self.owner,
+            )
+            for row in rows
+        ]
 
     def _release(self, messages: list[OutboxMessage]) -> None:
         """Hand claimed staff rows that were not tried back to the queue, as they were."""
@@ -1051,6 +1107,36 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     if postgres:
         query = query.with_for_update(skip_locked=True, of=Outbox)
     return query
+
+
+@functools.cache
+def _staff_claim_statement(lane: str) -> Any:
+    """`OutboxSender._claim_staff`'s statement for `lane`, built once: the claim's SELECT (with the
+    rows' due time, for their order) as a CTE, and an UPDATE .. RETURNING of its most urgent rows."""
+    picked = _claim_query(True, lane).add_columns(Outbox.next_attempt_at).cte("picked")
+    return (
+        update(_OUTBOX)
+        .where(
+            _OUTBOX.c.id == picked.c.id,
+            picked.c.urgency == select(func.min(picked.c.urgency)).scalar_subquery(),
+        )
+        .values(
+            status=sql_constant(SENDING),
+            attempts=_OUTBOX.c.attempts + 1,
+            lease_until=bindparam("claim_lease_until"),
+            owner=bindparam("claim_owner"),
+        )
+        .returning(
+            _OUTBOX.c.id,
+            _OUTBOX.c.kind,
+            _OUTBOX.c.conversation_id,
+            _OUTBOX.c.payload,
+            _OUTBOX.c.idempotency_key,
+            _OUTBOX.c.attempts,
+            picked.c.urgency,
+            picked.c.next_attempt_at,
+        )
+    )
 
 
 def _gone(owner: str) -> bool:
