@@ -749,8 +749,9 @@ class OutboxSender:
                     },
                 ).all()
             )
+            _loop.claiming = [row.id for row in rows]  # see _claim: forgotten if this fails
             with self._flight:
-                self._in_flight.update(row.id for row in rows)
+                self._in_flight.update(_loop.claiming)
         finally:
             with self._flight:
                 self._claims_open -= 1
