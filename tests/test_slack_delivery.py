@@ -15,6 +15,7 @@ from sqlalchemy import event, select, update
 
 from bot.core.clock import FakeClock
 from bot.demo.standin import DEFAULT_TOKEN, Message, SlackStandIn, SlackUser
+from bot.flow import outbox as outbox_module
 from bot.flow import staff
 from bot.flow.context import AppContext
 from bot.flow.conversations import mark_answered
@@ -1123,3 +1124,40 @@ def test_a_conversation_claimed_between_its_cards_read_and_post_ends_with_a_card
     assert card_two.edits == 1
     assert [row.status for row in outbox(ctx, "card_update")] == ["sent"]
     assert first.id != second.id and len(cards_in(slack, CARE)) == 2
+
+
+def test_a_connection_broken_mid_batch_is_given_up_and_no_card_goes_twice(
+    ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send loop's own connection dies in the middle of a batch (on PostgreSQL, the one that
+    stores a card with the next card's read, claims and records): it is given up, the batch goes on
+    over the pool, and the card whose store it lost is found in Slack on its retry, not posted again."""
+    if ctx.engine.dialect.name != "postgresql":
+        pytest.skip("kills the loop's PostgreSQL backend")
+    ingest(ctx, *(post(str(i), f"question {i}", author=f"user{i}") for i in range(3)))
+    first, second, _third = conversations(ctx)
+    delivery = SlackDelivery(ctx, client)
+    handle_card = delivery.card
+    killed: list[int] = []
+
+    def card(message: OutboxMessage) -> str:
+        held = outbox_module._loop.held
+        if message.conversation_id == second.id and held is not None and not killed:
+            pid = held.reader.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            with ctx.engine.connect() as other:
+                killed.append(other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})").scalar_one())
+        return handle_card(message)
+
+    monkeypatch.setattr(delivery, "card", card)
+    sender = OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"})
+    result = sender.send_due()
+    assert killed == [True]
+    assert result.by_kind.get("card") == 2 and result.retried == 1  # the second card's store was lost
+    assert len(cards_in(slack, CARE)) == 3
+    clock.advance(timedelta(minutes=1))  # its retry is due
+    assert sender.send_due().by_kind.get("card") == 1
+    assert len(cards_in(slack, CARE)) == 3  # found in Slack (its metadata), not posted again
+    assert {row.status for row in outbox(ctx, "card")} == {"sent"}
+    stored = {c.id: c.slack_ts for c in conversations(ctx)}
+    assert all(stored.values()) and len(set(stored.values())) == 3
+    assert first.id in stored
