@@ -57,6 +57,30 @@ def test_everything_pending_is_sent_once(ctx: AppContext) -> None:
     assert all(row.status == "sent" and row.sent_at == MONDAY for kind in rows(ctx).values() for row in kind)
 
 
+def test_a_staff_batchs_outcomes_are_recorded_row_by_row(ctx: AppContext, clock: FakeClock) -> None:
+    """Each sent row of a staff batch keeps its own result (None too) and time, its earlier error
+    and its lease cleared (on PostgreSQL the send loop records a batch's sends in one statement)."""
+    ingest(ctx, *(post(str(i), "a question", author=f"customer{i}") for i in range(4)))
+    cards = [row.id for row in rows(ctx)["card"]]
+    with ctx.sessions() as session, session.begin():
+        stale = session.get(Outbox, cards[2])
+        assert stale is not None
+        stale.last_error = "an earlier attempt failed"
+
+    def handle(message: OutboxMessage) -> str | None:
+        clock.advance(timedelta(seconds=1))
+        return None if message.id == cards[1] else f"id-{message.id}"
+
+    OutboxSender(ctx, {"card": handle, "ack": lambda message: "ok"}).send_due(lanes=(STAFF_LANE,))
+    found = {row.id: row for row in rows(ctx)["card"]}
+    assert [found[i].result for i in cards] == [f"id-{cards[0]}", None, f"id-{cards[2]}", f"id-{cards[3]}"]
+    assert [found[i].sent_at for i in cards] == [MONDAY + timedelta(seconds=n) for n in (1, 2, 3, 4)]
+    assert {(found[i].status, found[i].owner, found[i].lease_until, found[i].last_error) for i in cards} == {
+        ("sent", None, None, None)
+    }
+    assert {row.status for row in rows(ctx)["ack"]} == {"pending"}  # another lane
+
+
 def test_customer_message_with_unknown_outcome_is_never_resent(ctx: AppContext, clock: FakeClock) -> None:
     ingest(ctx, post("1", "refund my invoice"))
     calls: list[OutboxMessage] = []
@@ -366,7 +390,8 @@ def test_reminders_take_turns_with_a_backlog_of_urgent_staff_rows(ctx: AppContex
     def capture(
         _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
     ) -> None:
-        if "outbox.kind = 'nag'" in statement and statement.lstrip().startswith("SELECT"):
+        # The reminder lane's claim (on PostgreSQL in the send loop, one WITH .. UPDATE statement).
+        if "outbox.kind = 'nag'" in statement and statement.lstrip().startswith(("SELECT", "WITH")):
             statements.append((statement, parameters))
 
     event.listen(ctx.engine, "before_cursor_execute", capture)

@@ -13,9 +13,10 @@ import logging
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from bot.core.clock import FakeClock
 from bot.core.policy import Policy
@@ -205,6 +206,40 @@ def test_a_row_of_its_own_that_a_failed_write_left_sending_is_recovered_at_once(
     assert by_id[ack.id].status == "unknown"  # customers: at most once, staff told at once
     assert by_id[cards[1].id].status == SENDING  # still in flight
     assert sender.recover() == 0
+
+
+def test_recovery_during_a_claim_leaves_the_rows_just_claimed_to_their_sender(
+    ctx: AppContext, clock: FakeClock
+) -> None:
+    """On PostgreSQL the send loop claims a staff batch in one statement, committed before its
+    sender knows the rows' ids: its own recovery, running meanwhile, must not take them for rows
+    of its own that a failed write left `sending` (it would queue them again: sent twice)."""
+    ingest(ctx, *(post(str(i), "a question", author=f"customer{i}") for i in range(3)))
+    delivered: list[int] = []
+    sender = OutboxSender(ctx, {"card": lambda m: str(delivered.append(m.id)), "ack": lambda m: "ok"})
+    settled: list[int] = []
+
+    def recover_meanwhile(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "'sending'" in statement and "RETURNING" in statement and not settled:
+            # The claim is committed, its ids not known yet: recovery on another thread now.
+            rows = {row.id: row for row in outbox(ctx)}
+            assert {rows[i].status for i in rows if rows[i].kind == "card"} == {SENDING}
+            worker = threading.Thread(target=lambda: settled.append(sender.recover()))
+            worker.start()
+            worker.join(10)
+
+    event.listen(ctx.engine, "after_cursor_execute", recover_meanwhile)
+    try:
+        sender.send_due(lanes=(STAFF_LANE,))
+    finally:
+        event.remove(ctx.engine, "after_cursor_execute", recover_meanwhile)
+    if ctx.engine.dialect.name == "sqlite":
+        assert settled == []  # SQLite claims in a transaction (ids in flight before its commit)
+    else:
+        assert settled == [0]
+    cards = [row for row in outbox(ctx) if row.kind == "card"]
+    assert sorted(delivered) == [row.id for row in cards]  # each once
+    assert {row.status for row in cards} == {"sent"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,15 +38,20 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ARRAY,
+    DateTime,
     Integer,
     Select,
     String,
     Table,
+    Text,
     and_,
     bindparam,
     delete,
     exists,
+    func,
     literal_column,
+    null,
     or_,
     select,
     text,
@@ -336,6 +341,33 @@ def loop_transaction(ctx: AppContext) -> Iterator[Connection]:
                 yield connection
 
 
+def next_in_batch() -> OutboxMessage | None:
+    """The row of this thread's batch that the send loop hands to its handler after the one being
+    delivered, if it goes on (it may stop, or hand the rest back: see `_deliver_batch`); None at
+    the end of the batch or outside a send loop. A handler may read what that row will need in the
+    same statement as its own last write (`keep_ahead`): one round trip instead of two."""
+    batch: Sequence[OutboxMessage] = getattr(_loop, "batch", ())
+    taken: set[int] = getattr(_loop, "taken", None) or set()
+    for message in batch[getattr(_loop, "position", 0) + 1 :]:
+        if message.id not in taken:
+            return message
+    return None
+
+
+def keep_ahead(outbox_id: int, value: object) -> None:
+    """Keep `value` (a handler's read for a row of this batch not handed over yet: `next_in_batch`)
+    for that row's handler; forgotten when the batch ends. Outside a send loop, nothing is kept."""
+    ahead: dict[int, object] | None = getattr(_loop, "ahead", None)
+    if ahead is not None:
+        ahead[outbox_id] = value
+
+
+def kept_ahead(outbox_id: int) -> object | None:
+    """What a handler kept for row `outbox_id` in this batch (`keep_ahead`), once; else None."""
+    ahead: dict[int, object] | None = getattr(_loop, "ahead", None)
+    return None if ahead is None else ahead.pop(outbox_id, None)
+
+
 def taken_over(outbox_ids: Iterable[int]) -> None:
     """A handler settled or released these other claimed rows itself (a storm posted them as one).
 
@@ -386,6 +418,7 @@ class OutboxSender:
         # record gave up, a release met the database away) and recovery settles it within seconds,
         # as it would a dead sender's, instead of waiting for the row's own lease.
         self._in_flight: set[int] = set()
+        self._claims_open = 0  # staff claims committed by one statement, their ids not in flight yet
         self._flight = threading.Lock()
 
     def recover(self, *, all_sending: bool = False) -> int:
@@ -432,7 +465,7 @@ class OutboxSender:
                     # Read after the row is locked (PostgreSQL) or the write lock taken (SQLite):
                     # a send still in flight is in the set until its outcome is committed.
                     with self._flight:
-                        if row.id in self._in_flight:
+                        if row.id in self._in_flight or self._claims_open:
                             continue
                 settled += 1
                 if row.kind in CUSTOMER_KINDS:
@@ -571,11 +604,14 @@ class OutboxSender:
         taken.clear()
         untried: set[int] = {m.id for m in claimed}
         _loop.untried = untried
+        # What handlers read ahead for the batch's next row (`next_in_batch`, `keep_ahead`).
+        _loop.batch, _loop.position, _loop.ahead = claimed, 0, {}
         outcomes: list[_Outcome] = []
         began = time.monotonic()
         tried = 0
         try:
             for index, message in enumerate(claimed):
+                _loop.position = index
                 if message.id in taken:
                     continue
                 if index and (
@@ -591,7 +627,7 @@ class OutboxSender:
                 if outcome is not None:
                     outcomes.append(outcome)
         finally:
-            _loop.untried = set()
+            _loop.untried, _loop.batch, _loop.position, _loop.ahead = set(), (), 0, None
             try:
                 self._record(outcomes)
             finally:
@@ -620,6 +656,10 @@ class OutboxSender:
             _loop.claiming = []
 
     def _claim_now(self, now: datetime, limit: int, lane: str | None) -> list[OutboxMessage]:
+        if lane in (STAFF_LANE, REMINDER_LANE):
+            with loop_autocommit() as connection:
+                if connection is not None:
+                    return self._claim_staff(connection, now, limit, lane)
         with loop_session(self.ctx) as session, session.begin():
             # Core on the session's connection: plain rows, no ORM execution (CPU per claim).
             connection = session.connection()
@@ -676,6 +716,58 @@ class OutboxSender:
                 durable_commit(session)
         # Committed: from here a crash leaves these rows `sending`, never silently `pending`.
         return claimed
+
+    def _claim_staff(
+        self, connection: Connection, now: datetime, limit: int, lane: str
+    ) -> list[OutboxMessage]:
+        """PostgreSQL, in the send loop: claim a staff batch (`lane` STAFF_LANE or REMINDER_LANE) in
+        ONE statement on the loop's autocommit connection (commit not waiting for the WAL flush, as
+        every staff claim): one round trip instead of three (the SELECT, the UPDATE, the COMMIT).
+
+        The same rows as `_claim_now`'s transaction: the claim's SELECT (FOR UPDATE SKIP LOCKED)
+        as a common table expression, of which the UPDATE marks the most urgent ones (its batch is
+        the leading rows of one urgency; these lanes hold no customer rows). The sender's own lease
+        is renewed first when due, as the transaction does (its rows never name a lapsed sender).
+        The rows are committed before their ids are known here: while the statement runs, this
+        sender's recovery leaves all its own rows alone (`_claims_open`), so none of them is ever
+        taken for abandoned.
+        """
+        if self._lease_until is None or self._lease_until - now < OWNER_TTL - OWNER_HEARTBEAT / 2:
+            with loop_session(self.ctx) as session, session.begin():
+                self._renew(session, now)
+        with self._flight:
+            self._claims_open += 1
+        try:
+            rows = list(
+                connection.execute(
+                    _staff_claim_statement(lane),
+                    {
+                        "now": now,
+                        "limit": limit,
+                        "claim_lease_until": now + self.lease,
+                        "claim_owner": self.owner,
+                    },
+                ).all()
+            )
+            _loop.claiming = [row.id for row in rows]  # see _claim: forgotten if this fails
+            with self._flight:
+                self._in_flight.update(_loop.claiming)
+        finally:
+            with self._flight:
+                self._claims_open -= 1
+        rows.sort(key=lambda row: (row.urgency, row.next_attempt_at, row.id))  # the claim's order
+        return [
+            OutboxMessage(
+                row.id,
+                row.kind,
+                row.conversation_id,
+                dict(row.payload),
+                row.idempotency_key,
+                row.attempts,  # counted by the UPDATE already
+                self.owner,
+            )
+            for row in rows
+        ]
 
     def _release(self, messages: list[OutboxMessage]) -> None:
         """Hand claimed staff rows that were not tried back to the queue, as they were."""
@@ -806,6 +898,21 @@ class OutboxSender:
         others = [o for o in outcomes if o.status != SENT]
 
         def record() -> None:
+            if sent and not others and all(o.message.kind not in CUSTOMER_KINDS for o in sent):
+                with loop_autocommit() as connection:
+                    if connection is not None:
+                        # PostgreSQL, in the send loop: a staff batch's sends, one statement (atomic
+                        # by itself, committed without waiting for the WAL flush), one round trip;
+                        # the transaction below costs two (the executemany's, the COMMIT).
+                        connection.execute(
+                            _SENT_ALL,
+                            {
+                                "b_ids": [o.message.id for o in sent],
+                                "b_sent_at": [o.at for o in sent],
+                                "b_results": [o.values["result"] for o in sent],
+                            },
+                        )
+                        return
             with loop_session(self.ctx) as session, session.begin():
                 if all(o.message.kind not in CUSTOMER_KINDS for o in outcomes):
                     relaxed_commit(session)
@@ -1003,6 +1110,36 @@ def _claim_query(postgres: bool, lane: str | None = None) -> Select[Any]:
     return query
 
 
+@functools.cache
+def _staff_claim_statement(lane: str) -> Any:
+    """`OutboxSender._claim_staff`'s statement for `lane`, built once: the claim's SELECT (with the
+    rows' due time, for their order) as a CTE, and an UPDATE .. RETURNING of its most urgent rows."""
+    picked = _claim_query(True, lane).add_columns(Outbox.next_attempt_at).cte("picked")
+    return (
+        update(_OUTBOX)
+        .where(
+            _OUTBOX.c.id == picked.c.id,
+            picked.c.urgency == select(func.min(picked.c.urgency)).scalar_subquery(),
+        )
+        .values(
+            status=sql_constant(SENDING),
+            attempts=_OUTBOX.c.attempts + 1,
+            lease_until=bindparam("claim_lease_until"),
+            owner=bindparam("claim_owner"),
+        )
+        .returning(
+            _OUTBOX.c.id,
+            _OUTBOX.c.kind,
+            _OUTBOX.c.conversation_id,
+            _OUTBOX.c.payload,
+            _OUTBOX.c.idempotency_key,
+            _OUTBOX.c.attempts,
+            picked.c.urgency,
+            picked.c.next_attempt_at,
+        )
+    )
+
+
 def _gone(owner: str) -> bool:
     """True when a sender ran on this host and its process no longer exists (no need to wait for
     its lease: a restarted process takes over its rows at once)."""
@@ -1038,6 +1175,29 @@ _LANE_FREE = tuple(sql_constant(kind) for kind in sorted(LANE_FREE_KINDS))
 _HOLDS_NOTHING_BACK = tuple(sql_constant(kind) for kind in sorted(HOLDS_NOTHING_BACK))
 _REMINDER = sql_constant("nag")  # the reminder lane's kind
 _REMINDER_URGENCY = literal_column(str(int(URGENCY["nag"])), Integer)
+
+# _SENT_UPDATE for a batch's sent rows in one statement (PostgreSQL: the rows as arrays, unnested).
+_SENT_ROWS = (
+    func.unnest(
+        bindparam("b_ids", type_=ARRAY(Integer)),
+        bindparam("b_sent_at", type_=ARRAY(DateTime(timezone=True))),
+        bindparam("b_results", type_=ARRAY(Text)),
+    )
+    .table_valued("id", "sent_at", "result")
+    .render_derived(name="sent_rows")
+)
+_SENT_ALL = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == _SENT_ROWS.c.id, _OUTBOX.c.status == sql_constant(SENDING))
+    .values(
+        status=sql_constant(SENT),
+        lease_until=null(),
+        owner=null(),
+        sent_at=_SENT_ROWS.c.sent_at,
+        result=_SENT_ROWS.c.result,
+        last_error=null(),
+    )
+)
 
 
 def _detached(row: Outbox) -> OutboxMessage:

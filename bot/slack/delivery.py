@@ -41,7 +41,7 @@ import functools
 import http.client
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -51,7 +51,7 @@ from zoneinfo import ZoneInfo
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web import SlackResponse
-from sqlalchemy import Select, Table, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, case, func, insert, literal, or_, select, true, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -69,10 +69,13 @@ from bot.flow.outbox import (
     OutboxMessage,
     Retry,
     backoff,
+    keep_ahead,
+    kept_ahead,
     loop_autocommit,
     loop_reader,
     loop_session,
     loop_transaction,
+    next_in_batch,
     patiently,
     relaxed_commit,
     sql_constant,
@@ -221,6 +224,13 @@ class _NewCard(NamedTuple):
     waiting: int  # other cards of its channel that would join a storm now (up to the storm threshold)
 
 
+class _ReadAhead(NamedTuple):
+    """A new card's read, made with the previous card's store (SlackDelivery._store_and_read)."""
+
+    conversation_id: int
+    found: _NewCard | None
+
+
 @dataclass(frozen=True)
 class _Storm:
     channel: str
@@ -298,6 +308,7 @@ class SlackDelivery:
         self._rank = threading.local()  # the urgency of the message being delivered on this thread
         self._dm_channels: dict[str, str] = {}  # Slack user id -> their DM channel id
         self._card_select: Select[Any] | None = None  # see _new_card_query
+        self._store_and_read_select: Select[Any] | None = None  # see _store_and_read
 
     def handlers(self) -> dict[str, Handler]:
         """kind -> handler for every kind in bot.flow.delivery.STAFF_KINDS."""
@@ -342,11 +353,15 @@ class SlackDelivery:
         post_id = message.payload.get("post_id")
         # One read for everything a new card needs, one statement of plain columns (each statement
         # and each session costs round trips on PostgreSQL, and ORM objects cost CPU per card).
-        found = (
-            self._read_new_card(message, conversation_id, post_id if isinstance(post_id, int) else None, now)
-            if self.ctx.policy.teams
-            else None
-        )
+        # On PostgreSQL in a batch it was read with the previous card's store (`_store_card`).
+        ahead = kept_ahead(message.id)
+        found: _NewCard | None = None
+        if isinstance(ahead, _ReadAhead) and ahead.conversation_id == conversation_id:
+            found = ahead.found
+        elif self.ctx.policy.teams:
+            found = self._read_new_card(
+                message, conversation_id, post_id if isinstance(post_id, int) else None, now
+            )
         if (
             found is not None
             and found.slack_ts is None
@@ -929,17 +944,17 @@ class SlackDelivery:
                 if connection is not None:
                     # PostgreSQL, in the send loop: the compare-and-set and its audit event in one
                     # statement (atomic by itself), one round trip.
-                    found = connection.execute(
-                        _store_card_statement(),
-                        {
-                            "card_conversation_id": conversation_id,
-                            "card_channel": channel,
-                            "card_ts": ts,
-                            "card_at": now,
-                            "card_detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
-                        },
-                    ).first()
-                    return found is not None
+                    card = {
+                        "card_conversation_id": conversation_id,
+                        "card_channel": channel,
+                        "card_ts": ts,
+                        "card_at": now,
+                        "card_detail": {"channel": channel, "ts": ts, "thread_ts": thread_ts},
+                    }
+                    following = self._next_card(conversation_id)
+                    if following is None:
+                        return connection.execute(_store_card_statement(), card).first() is not None
+                    return self._store_and_read(connection, card, following, now)
         with self._card_writer() as connection:
             result = connection.execute(
                 _card_set_statement(replacing is not None),
@@ -1012,18 +1027,26 @@ class SlackDelivery:
         path finds the first one)."""
         with loop_reader(self.ctx) as connection:
             row = connection.execute(
-                self._new_card_query(),
-                {
-                    **self._storm_params(message.id, message.owner, now),
-                    "card_conversation_id": conversation_id,
-                    "card_post_id": post_id,
-                    "storm_cap": max(self.storm_threshold, 0),
-                },
+                self._new_card_query(), self._new_card_params(message, conversation_id, post_id, now)
             ).first()
-        if row is None:
-            return None
+        return None if row is None else self._new_card_of(row)
+
+    def _new_card_params(
+        self, message: OutboxMessage, conversation_id: int, post_id: int | None, now: datetime
+    ) -> dict[str, Any]:
+        """Parameters of `_new_card_query` for the card of `message`."""
+        return {
+            **self._storm_params(message.id, message.owner, now),
+            "card_conversation_id": conversation_id,
+            "card_post_id": post_id,
+            "storm_cap": max(self.storm_threshold, 0),
+        }
+
+    @staticmethod
+    def _new_card_of(row: Sequence[Any]) -> _NewCard | None:
+        """A row of `_new_card_query` as a `_NewCard`; None when its conversation or post is missing."""
         size, post_size = len(_CardConversation._fields), len(_CardPost._fields)
-        if row[size + 1] is None:  # the post's id
+        if row[0] is None or row[size + 1] is None:  # the conversation's id, the post's
             return None
         return _NewCard(
             conversation=_CardConversation._make(row[:size]),
@@ -1033,59 +1056,149 @@ class SlackDelivery:
             waiting=int(row[-1] or 0),
         )
 
-    def _new_card_query(self) -> Select[Any]:
-        """The statement of `_read_new_card` (Core, on the tables: no ORM entities), built once."""
+    def _next_card(self, conversation_id: int) -> tuple[OutboxMessage, int, int | None] | None:
+        """The send loop's next row, its conversation and post, when it is a new card of another
+        conversation than `conversation_id` (one whose read `_store_and_read` can make)."""
+        following = next_in_batch() if self.ctx.policy.teams else None
+        if following is None or following.kind != "card":
+            return None
+        try:
+            next_conversation = _conversation_id(following)
+        except SlackDeliveryError:
+            return None
+        if next_conversation == conversation_id:
+            return None
+        post_id = following.payload.get("post_id")
+        return following, next_conversation, post_id if isinstance(post_id, int) else None
+
+    def _store_and_read(
+        self,
+        connection: Connection,
+        stored: Mapping[str, Any],
+        following: tuple[OutboxMessage, int, int | None],
+        now: datetime,
+    ) -> bool:
+        """Store a card (`_store_card_statement`'s parameters `stored`) and read the next card's data
+        (`_read_new_card` for `following`) in one statement, one round trip; the read is kept for
+        the next card's handler (bot.flow.outbox.keep_ahead). True if this call stored the card.
+
+        The read is the one that card would make next anyway, after this store and before its own
+        post, nothing between but the send loop's bookkeeping: the same answer, a round trip
+        earlier. One difference the statement itself makes up for: its parts share a snapshot,
+        so the read does not see this store; its storm count leaves out the conversation stored
+        (once stored, it is posted; were it stored already, it would not be counted either).
+        """
+        message, next_conversation, post_id = following
+        row = connection.execute(
+            self._new_card_query(after_store=True),
+            {
+                **{f"stored_{name.removeprefix('card_')}": value for name, value in stored.items()},
+                **self._new_card_params(message, next_conversation, post_id, now),
+            },
+        ).one()
+        keep_ahead(message.id, _ReadAhead(next_conversation, self._new_card_of(row[1:])))
+        return bool(row[0])
+
+    def _new_card_query(self, *, after_store: bool = False) -> Select[Any]:
+        """The statement of `_read_new_card` (Core, on the tables: no ORM entities), built once.
+
+        `after_store` (PostgreSQL): a card's store first, then this read, in one statement (see
+        `_store_and_read`): its first column says whether the card was stored, the others are
+        this read's (all NULL when there is no such conversation)."""
+        if after_store:
+            if self._store_and_read_select is None:
+                self._store_and_read_select = self._build_store_and_read()
+            return self._store_and_read_select
         if self._card_select is None:
-            conversations: Table = Conversation.__table__  # type: ignore[assignment]
-            posts: Table = Post.__table__  # type: ignore[assignment]
-            outbox: Table = Outbox.__table__  # type: ignore[assignment]
-            events: Table = Event.__table__  # type: ignore[assignment]
-            other, other_conversation = outbox.alias("other"), conversations.alias("other_conversation")
-            # Counted up to the storm threshold (one more would not change the decision): a
-            # backlog of thousands of cards costs each of them a few rows, not all of them.
-            others = (
-                select(other.c.id)
-                .join(other_conversation, other_conversation.c.id == other.c.conversation_id)
-                .where(
-                    other.c.kind == "card",
-                    or_(
-                        other.c.status == sql_constant(PENDING),  # ix_outbox_pending
-                        and_(
-                            other.c.status == sql_constant(SENDING),
-                            other.c.owner == bindparam("storm_owner"),
-                        ),
-                    ),
-                    other.c.id != bindparam("storm_outbox_id"),
-                    other.c.next_attempt_at <= bindparam("storm_horizon"),
-                    other_conversation.c.slack_ts.is_(None),
-                    self._channel_of(other_conversation.c.team) == self._channel_of(conversations.c.team),
-                )
-                .correlate(conversations)
-                .limit(bindparam("storm_cap"))
-                .subquery("others")
-            )
-            waiting = select(func.count()).select_from(others).scalar_subquery()
-            recent = (
-                select(events.c.id)
-                # ix_events_storm: the constant in the SQL text lets the planner use the partial index
-                .where(events.c.action == sql_constant(STORM_EVENT), events.c.at >= bindparam("storm_since"))
-                .exists()
-            )
-            columns: list[Any] = [
-                *(conversations.c[name] for name in _CardConversation._fields),
-                conversations.c.slack_ts,
-                posts.c.id,
-                *(posts.c[name] for name in _CardPost._fields),
-                recent,
-                waiting,
-            ]
-            self._card_select = (
-                select(*columns)
-                .select_from(conversations)
-                .outerjoin(posts, posts.c.id == bindparam("card_post_id"))
-                .where(conversations.c.id == bindparam("card_conversation_id"))
-            )
+            self._card_select = self._build_new_card_query(after_store=False)
         return self._card_select
+
+    def _build_new_card_query(self, *, after_store: bool) -> Select[Any]:
+        """`_new_card_query`; `after_store`: its storm count leaves out the conversation
+        ``stored_conversation_id`` (stored in the same statement, see `_store_and_read`)."""
+        conversations: Table = Conversation.__table__  # type: ignore[assignment]
+        posts: Table = Post.__table__  # type: ignore[assignment]
+        outbox: Table = Outbox.__table__  # type: ignore[assignment]
+        events: Table = Event.__table__  # type: ignore[assignment]
+        other, other_conversation = outbox.alias("other"), conversations.alias("other_conversation")
+        # Counted up to the storm threshold (one more would not change the decision): a
+        # backlog of thousands of cards costs each of them a few rows, not all of them.
+        others = (
+            select(other.c.id)
+            .join(other_conversation, other_conversation.c.id == other.c.conversation_id)
+            .where(
+                other.c.kind == "card",
+                or_(
+                    other.c.status == sql_constant(PENDING),  # ix_outbox_pending
+                    and_(
+                        other.c.status == sql_constant(SENDING),
+                        other.c.owner == bindparam("storm_owner"),
+                    ),
+                ),
+                other.c.id != bindparam("storm_outbox_id"),
+                other.c.next_attempt_at <= bindparam("storm_horizon"),
+                other_conversation.c.slack_ts.is_(None),
+                self._channel_of(other_conversation.c.team) == self._channel_of(conversations.c.team),
+            )
+            .correlate(conversations)
+            .limit(bindparam("storm_cap"))
+        )
+        if after_store:
+            others = others.where(other.c.conversation_id != bindparam("stored_conversation_id"))
+        waiting = select(func.count()).select_from(others.subquery("others")).scalar_subquery()
+        recent = (
+            select(events.c.id)
+            # ix_events_storm: the constant in the SQL text lets the planner use the partial index
+            .where(events.c.action == sql_constant(STORM_EVENT), events.c.at >= bindparam("storm_since"))
+            .exists()
+        )
+        columns: list[Any] = [
+            *(conversations.c[name] for name in _CardConversation._fields),
+            conversations.c.slack_ts,
+            posts.c.id,
+            *(posts.c[name] for name in _CardPost._fields),
+            recent,
+            waiting,
+        ]
+        return (
+            select(*columns)
+            .select_from(conversations)
+            .outerjoin(posts, posts.c.id == bindparam("card_post_id"))
+            .where(conversations.c.id == bindparam("card_conversation_id"))
+        )
+
+    def _build_store_and_read(self) -> Select[Any]:
+        """`_new_card_query(after_store=True)`: `_store_card_statement` (its parameters named
+        ``stored_*``) as common table expressions, then the read, one row whatever it finds."""
+        stored = (
+            update(Conversation)
+            .where(Conversation.id == bindparam("stored_conversation_id"), Conversation.slack_ts.is_(None))
+            .values(
+                slack_channel=bindparam("stored_channel"),
+                slack_ts=bindparam("stored_ts"),
+                version=Conversation.version + 1,
+            )
+            .returning(Conversation.id)
+            .cte("stored")
+        )
+        logged = (
+            insert(Event)
+            .from_select(
+                ["conversation_id", "at", "actor", "action", "detail"],
+                select(
+                    stored.c.id,
+                    bindparam("stored_at", type_=Event.at.type),
+                    literal("slack"),
+                    literal(CARD_EVENT),
+                    bindparam("stored_detail", type_=Event.detail.type),
+                ),
+            )
+            .returning(Event.id)
+            .cte("logged")
+        )
+        counted = select(func.count().label("stored")).select_from(logged).subquery("counted")
+        read = self._build_new_card_query(after_store=True).subquery("next_card")
+        return select(counted.c.stored, *read.c).select_from(counted.outerjoin(read, true()))
 
     def _storm_state(
         self, session: Session, conversation: Conversation, message: OutboxMessage, now: datetime
