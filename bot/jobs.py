@@ -56,15 +56,9 @@ SWEEP_WATCH_INTERVAL = timedelta(seconds=1)
 MIN_WAKE_GAP = timedelta(milliseconds=100)
 # Outbox drains that may run at once in a process: the interval job's and one started by a sweep.
 OUTBOX_DRAINS = 2
-OUTBOX_JOB = "outbox"  # the staff lane (Slack)
+OUTBOX_JOB = "outbox"  # the staff and reminder lanes (Slack)
 OUTBOX_CUSTOMER_JOB = "outbox-customer"  # the customer lane (acknowledgements, replies)
-OUTBOX_REMINDER_JOB = "outbox-reminder"  # the reminder lane (nags, by DM)
-# Each drain and the lanes it sends: one thread each, so that no lane waits for another's batch.
-OUTBOX_DRAIN_LANES = (
-    (OUTBOX_JOB, (STAFF_LANE,)),
-    (OUTBOX_CUSTOMER_JOB, (CUSTOMER_LANE,)),
-    (OUTBOX_REMINDER_JOB, (REMINDER_LANE,)),
-)
+STAFF_LANES = (STAFF_LANE, REMINDER_LANE)
 OUTBOX_RECOVER_JOB = "outbox-recover"
 STARTUP_JOB = "startup"
 RETENTION_JOB = "retention"
@@ -112,8 +106,8 @@ class _Park:
 
 
 def wake_outbox(scheduler: BaseScheduler) -> None:
-    """Start the outbox drains now (each skips the start while OUTBOX_DRAINS of it already run)."""
-    for job_id, _ in OUTBOX_DRAIN_LANES:
+    """Start both outbox drains now (each skips the start while OUTBOX_DRAINS of it already run)."""
+    for job_id in (OUTBOX_JOB, OUTBOX_CUSTOMER_JOB):
         scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
 
 
@@ -161,10 +155,8 @@ class Jobs:
             id=SWEEP_WATCH_JOB,
             **common,
         )
-        # A drain per lane (see OutboxSender.send_due): customer messages never wait for a Slack
-        # batch, nor a nag for a batch of cards and notices (under a saturated machine in the
-        # storm bench, nags waited up to 2 s for the staff drain's turn to come round).
-        for job_id, lanes in OUTBOX_DRAIN_LANES:
+        # Two drains: customer messages never wait for a Slack batch (see OutboxSender.send_due).
+        for job_id, lanes in ((OUTBOX_JOB, STAFF_LANES), (OUTBOX_CUSTOMER_JOB, (CUSTOMER_LANE,))):
             scheduler.add_job(
                 self._guard(self.run_outbox),
                 "interval",

@@ -413,45 +413,6 @@ def test_reminders_take_turns_with_a_backlog_of_urgent_staff_rows(ctx: AppContex
         assert "ix_outbox_urgency" in plan and "TEMP B-TREE" not in plan, plan
 
 
-def test_a_nag_does_not_wait_for_a_batch_of_cards(ctx: AppContext) -> None:
-    # `run` drains the reminder lane on a thread of its own (bot.jobs.OUTBOX_DRAIN_LANES): while a
-    # card's Slack call hangs, a nag that falls due still goes.
-    ingest(ctx, post("1", "hello, a question"))
-    [conversation_id] = [row.conversation_id for row in rows(ctx)["card"]]
-    started, release = threading.Event(), threading.Event()
-    nags: list[int] = []
-
-    def slow_card(message: OutboxMessage) -> str:
-        started.set()
-        assert release.wait(10)
-        return "ok"
-
-    def nag(message: OutboxMessage) -> str:
-        nags.append(message.id)
-        return "ok"
-
-    sender = OutboxSender(ctx, {"card": slow_card, "nag": nag, "ack": lambda message: "ok"})
-    staff = threading.Thread(target=sender.send_due, kwargs={"lanes": (STAFF_LANE,)})
-    staff.start()
-    try:
-        assert started.wait(10)
-        with ctx.sessions() as session, session.begin():
-            repo.enqueue(
-                session=session,
-                kind="nag",
-                key="nag-1",
-                payload={"conversation_id": conversation_id},
-                conversation_id=conversation_id,
-                now=MONDAY,
-            )
-        assert sender.send_due(lanes=(REMINDER_LANE,)).by_kind == {"nag": 1}
-        assert len(nags) == 1
-    finally:
-        release.set()
-        staff.join(10)
-    assert {row.status for row in rows(ctx)["card"]} == {"sent"}
-
-
 def test_an_acknowledgement_does_not_wait_for_a_slack_batch(ctx: AppContext) -> None:
     # `run` drains the customer lane on one thread and the staff lanes on another: while a card's
     # Slack call hangs, the acknowledgement still goes, and a drain of all lanes started meanwhile

@@ -537,10 +537,10 @@ class OutboxSender:
     def send_due(self, *, limit: int = 500, lanes: Sequence[str] = LANES) -> SendResult:
         """Send up to `limit` due rows of `lanes` in urgency order; return what happened.
 
-        A lane another thread of this process is sending is left to it: `run` drains each lane on a
-        thread of its own (bot.jobs.OUTBOX_DRAIN_LANES), so an acknowledgement never waits for a
-        Slack batch (in a storm, acknowledgements queued behind staff batches came 15 s late and
-        more) nor a nag for a batch of cards, and a call for all lanes takes those that are free.
+        A lane another thread of this process is sending is left to it: `run` drains the customer
+        lane on one thread and the staff and reminder lanes on another, so an acknowledgement never
+        waits for a Slack batch (in a storm, acknowledgements queued behind staff batches came
+        15 s late and more), and a call for all lanes takes those that are free.
 
         Customer messages are claimed one at a time, just before their own call: a process that
         dies leaves at most the one it was sending `sending` (recovery makes it `unknown`); a batch
