@@ -1767,12 +1767,12 @@ class SlackDelivery:
         other channels)."""
         query = (
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
-                Outbox.kind.in_(OVERDUE_KINDS),
+                Outbox.kind.in_([sql_constant(kind) for kind in OVERDUE_KINDS]),
                 *self._waiting_together(message, now),
-                Conversation.team.in_(self._same_channel(conversation)),
-                Conversation.status == OPEN,
+                _of_conversation(Conversation.team, Conversation.status == OPEN).in_(
+                    self._same_channel(conversation)
+                ),
             )
             .order_by(Outbox.next_attempt_at, Outbox.id)
             .limit(OVERDUE_SCAN)
@@ -1798,12 +1798,13 @@ class SlackDelivery:
         their DM's one message a second."""
         query = (
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
                 Outbox.kind == sql_constant("nag"),
                 *self._waiting_together(message, now),
-                func.coalesce(Conversation.claimed_by, Conversation.owner) == expert_id,
-                Conversation.status == OPEN,
+                _of_conversation(
+                    func.coalesce(Conversation.claimed_by, Conversation.owner), Conversation.status == OPEN
+                )
+                == expert_id,
             )
             .order_by(Outbox.next_attempt_at, Outbox.id)
             .limit(REMINDER_FOLD)
@@ -1829,12 +1830,10 @@ class SlackDelivery:
         earlier = aliased(Outbox)
         query = (
             select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .join(Conversation, Conversation.id == Outbox.conversation_id)
             .where(
                 Outbox.kind == sql_constant("thread_post"),
                 *self._waiting_together(message, now),
-                Conversation.slack_channel == channel,
-                Conversation.slack_ts == ts,
+                _of_conversation(Conversation.slack_ts, Conversation.slack_channel == channel) == ts,
             )
             .order_by(Outbox.id)
             .limit(OVERDUE_SCAN)
@@ -2313,27 +2312,33 @@ def _store_card_statement() -> Any:
 def _storm_candidates(mine: bool) -> ColumnElement[bool]:
     """The WHERE of a storm's other cards (parameters from SlackDelivery._storm_params): this
     channel's cards due within the window, not yet posted, pending or (`mine`) claimed by this
-    very sender (in its batch, not tried yet). Built once: it runs for every new card.
-
-    The card's conversation is looked up by its key, row by row (a correlated scalar subquery,
-    which the planner never turns into a join): as a join, PostgreSQL's generic plan with
-    statistics from before a storm read every conversation of the team for every pending card
-    (a nested loop with the key as a join filter), 40-60 ms a statement in the storm bench.
+    very sender (in its batch, not tried yet). Built once: it runs for every new card. The card's
+    conversation is looked up by its key (`_of_conversation`): as a join, 40-60 ms a statement.
     """
     ready = Outbox.status == sql_constant(PENDING)  # ix_outbox_status_kind / ix_outbox_pending
     claimed = and_(Outbox.status == sql_constant(SENDING), Outbox.owner == bindparam("storm_owner"))
-    team_of_unposted = (
-        select(Conversation.team)
-        .where(Conversation.id == Outbox.conversation_id, Conversation.slack_ts.is_(None))
-        .correlate(Outbox)
-        .scalar_subquery()
-    )
+    team_of_unposted = _of_conversation(Conversation.team, Conversation.slack_ts.is_(None))
     return and_(
         Outbox.kind == sql_constant("card"),
         or_(ready, claimed) if mine else ready,
         Outbox.id != bindparam("storm_outbox_id"),
         Outbox.next_attempt_at <= bindparam("storm_horizon"),
         team_of_unposted.in_(bindparam("storm_teams", expanding=True)),
+    )
+
+
+def _of_conversation(column: Any, *where: ColumnElement[bool]) -> Any:
+    """SQL: `column` of the outbox row's conversation (NULL unless `where` holds), looked up by its
+    key row by row: a correlated scalar subquery, which PostgreSQL's planner never turns into a
+    join. The digests' and storms' look-ups for other rows start from the few unsent rows of a kind
+    (ix_outbox_status_kind) this way. As joins, PostgreSQL's generic plans, with statistics from
+    before a storm, read every conversation of the team (or every open one, for a person's nags)
+    for each of them: 40-80 ms a statement in the storm bench, hundreds of times a minute."""
+    return (
+        select(column)
+        .where(Conversation.id == Outbox.conversation_id, *where)
+        .correlate(Outbox)
+        .scalar_subquery()
     )
 
 
