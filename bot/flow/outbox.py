@@ -698,18 +698,7 @@ class OutboxSender:
                         "claim_owner": self.owner,
                     },
                 )
-            for row in rows:
-                claimed.append(
-                    OutboxMessage(
-                        row.id,
-                        row.kind,
-                        row.conversation_id,
-                        dict(row.payload),
-                        row.idempotency_key,
-                        row.attempts + 1,
-                        self.owner,
-                    )
-                )
+            claimed += [self._claimed(row, row.attempts + 1) for row in rows]
             if rows and rows[0].kind not in CUSTOMER_KINDS:
                 relaxed_commit(session)
             elif rows:
@@ -756,18 +745,19 @@ class OutboxSender:
             with self._flight:
                 self._claims_open -= 1
         rows.sort(key=lambda row: (row.urgency, row.next_attempt_at, row.id))  # the claim's order
-        return [
-            OutboxMessage(
-                row.id,
-                row.kind,
-                row.conversation_id,
-                dict(row.payload),
-                row.idempotency_key,
-                row.attempts,  # counted by the UPDATE already
-                self.owner,
-            )
-            for row in rows
-        ]
+        return [self._claimed(row, row.attempts) for row in rows]  # attempts counted by the UPDATE
+
+    def _claimed(self, row: Any, attempts: int) -> OutboxMessage:
+        """The message of a claimed row (the claim's plain columns), this sender its owner."""
+        return OutboxMessage(
+            row.id,
+            row.kind,
+            row.conversation_id,
+            dict(row.payload),
+            row.idempotency_key,
+            attempts,
+            self.owner,
+        )
 
     def _release(self, messages: list[OutboxMessage]) -> None:
         """Hand claimed staff rows that were not tried back to the queue, as they were."""

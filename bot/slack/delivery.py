@@ -1170,32 +1170,7 @@ class SlackDelivery:
     def _build_store_and_read(self) -> Select[Any]:
         """`_new_card_query(after_store=True)`: `_store_card_statement` (its parameters named
         ``stored_*``) as common table expressions, then the read, one row whatever it finds."""
-        stored = (
-            update(Conversation)
-            .where(Conversation.id == bindparam("stored_conversation_id"), Conversation.slack_ts.is_(None))
-            .values(
-                slack_channel=bindparam("stored_channel"),
-                slack_ts=bindparam("stored_ts"),
-                version=Conversation.version + 1,
-            )
-            .returning(Conversation.id)
-            .cte("stored")
-        )
-        logged = (
-            insert(Event)
-            .from_select(
-                ["conversation_id", "at", "actor", "action", "detail"],
-                select(
-                    stored.c.id,
-                    bindparam("stored_at", type_=Event.at.type),
-                    literal("slack"),
-                    literal(CARD_EVENT),
-                    bindparam("stored_detail", type_=Event.detail.type),
-                ),
-            )
-            .returning(Event.id)
-            .cte("logged")
-        )
+        logged = _card_store("stored").cte("logged")
         counted = select(func.count().label("stored")).select_from(logged).subquery("counted")
         read = self._build_new_card_query(after_store=True).subquery("next_card")
         return select(counted.c.stored, *read.c).select_from(counted.outerjoin(read, true()))
@@ -2281,12 +2256,18 @@ _EVENT_INSERT = insert(Event)
 @functools.cache
 def _store_card_statement() -> Any:
     """A card's compare-and-set and its audit event, one statement (PostgreSQL), built once."""
+    return _card_store("card")
+
+
+def _card_store(prefix: str) -> Any:
+    """A card's compare-and-set of its `ts` (a common table expression) and its audit event: an
+    INSERT .. RETURNING with parameters `prefix`_conversation_id, _channel, _ts, _at, _detail."""
     stored = (
         update(Conversation)
-        .where(Conversation.id == bindparam("card_conversation_id"), Conversation.slack_ts.is_(None))
+        .where(Conversation.id == bindparam(f"{prefix}_conversation_id"), Conversation.slack_ts.is_(None))
         .values(
-            slack_channel=bindparam("card_channel"),
-            slack_ts=bindparam("card_ts"),
+            slack_channel=bindparam(f"{prefix}_channel"),
+            slack_ts=bindparam(f"{prefix}_ts"),
             version=Conversation.version + 1,
         )
         .returning(Conversation.id)
@@ -2298,10 +2279,10 @@ def _store_card_statement() -> Any:
             ["conversation_id", "at", "actor", "action", "detail"],
             select(
                 stored.c.id,
-                bindparam("card_at", type_=Event.at.type),
+                bindparam(f"{prefix}_at", type_=Event.at.type),
                 literal("slack"),
                 literal(CARD_EVENT),
-                bindparam("card_detail", type_=Event.detail.type),
+                bindparam(f"{prefix}_detail", type_=Event.detail.type),
             ),
         )
         .returning(Event.id)
