@@ -10,6 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from storage.db import is_postgres
 from storage.models import SeenRequest
 
 
@@ -39,29 +40,18 @@ def prune(engine: Engine, now: datetime) -> int:
     return int(result.rowcount or 0)
 
 
-def remember(session: Session, key: str, *, expires_at: datetime, now: datetime) -> bool:
-    """Like `first_time`, inside the caller's transaction (a savepoint): False for a key seen before."""
-    key = key[:200]
-    try:
-        with session.begin_nested():
-            session.execute(delete(SeenRequest).where(SeenRequest.key == key, SeenRequest.expires_at <= now))
-            session.execute(insert(SeenRequest).values(key=key, expires_at=expires_at))
-    except IntegrityError:
-        return False
-    return True
-
-
 def remember_all(session: Session, keys: Mapping[str, datetime], *, now: datetime) -> set[str]:
-    """Like `remember` for several keys (each with its expiry), in one statement: the keys recorded now.
+    """Like `first_time` for several keys (each with its expiry), inside the caller's transaction and
+    in one statement: the keys recorded now.
 
     A key already recorded and not expired is left alone and not returned (a replay); an expired
     one is given its new expiry, as if recorded afresh. Keys longer than 200 characters are cut,
-    as `remember` cuts them; give each (cut) key once. Rows go in by key order, so two
+    as `first_time` cuts them; give each (cut) key once. Rows go in by key order, so two
     transactions recording the same keys wait for each other in one direction only.
     """
     if not keys:
         return set()
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = postgresql if is_postgres(session) else sqlite
     statement = dialect.insert(SeenRequest)
     statement = statement.on_conflict_do_update(
         index_elements=[SeenRequest.key],
