@@ -63,7 +63,7 @@ from connectors.webhook import (
 )
 from storage.db import READ_ONLY
 from storage.models import Account, Post
-from storage.seen import remember_all
+from storage.seen import remember_all, stored_key
 
 log = logging.getLogger("replyclock.web")
 
@@ -447,7 +447,7 @@ def _store_deliveries(
     keys: dict[str, datetime] = {}
     for delivery in deliveries:
         if delivery.seen is not None:
-            keys.setdefault(delivery.seen[0][:200], delivery.seen[1])
+            keys.setdefault(stored_key(delivery.seen[0]), delivery.seen[1])
     with ctx.sessions() as session, session.begin():
         recorded = remember_all(session, keys, now=now)
         # The deliveries to ingest: no id, or the first with its id when the id is new.
@@ -456,7 +456,7 @@ def _store_deliveries(
             if delivery.seen is None:
                 fresh.append(delivery)
                 continue
-            key = delivery.seen[0][:200]
+            key = stored_key(delivery.seen[0])
             if key in recorded:
                 recorded.discard(key)
                 fresh.append(delivery)

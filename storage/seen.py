@@ -13,6 +13,13 @@ from sqlalchemy.orm import Session
 from storage.db import is_postgres
 from storage.models import SeenRequest
 
+KEY_LENGTH = 200  # SeenRequest.key's width
+
+
+def stored_key(key: str) -> str:
+    """`key` as it is stored (cut to KEY_LENGTH characters): what `remember_all` returns."""
+    return key[:KEY_LENGTH]
+
 
 def first_time(engine: Engine, key: str, *, expires_at: datetime, now: datetime) -> bool:
     """Record `key` until `expires_at`; False when it is already recorded and not yet expired.
@@ -21,7 +28,7 @@ def first_time(engine: Engine, key: str, *, expires_at: datetime, now: datetime)
     processes racing with the same key cannot both see True: the primary key decides. An
     expired row with the same key is replaced (its timestamp was outside the window anyway).
     """
-    key = key[:200]
+    key = stored_key(key)
     try:
         with engine.begin() as connection:
             connection.execute(
@@ -45,8 +52,8 @@ def remember_all(session: Session, keys: Mapping[str, datetime], *, now: datetim
     in one statement: the keys recorded now.
 
     A key already recorded and not expired is left alone and not returned (a replay); an expired
-    one is given its new expiry, as if recorded afresh. Keys longer than 200 characters are cut,
-    as `first_time` cuts them; give each (cut) key once. Rows go in by key order, so two
+    one is given its new expiry, as if recorded afresh. Keys are cut as `first_time` cuts them
+    (`stored_key`); give each (cut) key once. Rows go in by key order, so two
     transactions recording the same keys wait for each other in one direction only.
     """
     if not keys:
@@ -58,5 +65,5 @@ def remember_all(session: Session, keys: Mapping[str, datetime], *, now: datetim
         set_={"expires_at": statement.excluded.expires_at},
         where=SeenRequest.expires_at <= now,
     ).returning(SeenRequest.key)
-    rows = [{"key": key[:200], "expires_at": expires_at} for key, expires_at in sorted(keys.items())]
+    rows = [{"key": stored_key(key), "expires_at": expires_at} for key, expires_at in sorted(keys.items())]
     return set(session.connection().execute(statement, rows).scalars())
