@@ -44,7 +44,7 @@ from bot.slack.delivery import (
 from bot.slack.ids import ACTION_CLAIM, ACTION_REPLY
 from bot.slack.pacing import Pacer
 from storage import repo
-from storage.models import Conversation, Event, Outbox
+from storage.models import Conversation, Event, Outbox, Post
 from tests.conftest import MONDAY
 from tests.test_ingest import ingest, post
 
@@ -964,11 +964,12 @@ def test_a_new_cards_storm_check_reads_the_storm_events_index_not_the_audit_trai
     assert "ix_events_storm" in plan and "SCAN events" not in plan, plan
 
 
-def test_loading_a_digests_conversations_together_reads_what_loading_each_reads(
+def test_loading_a_digests_conversations_together_reads_what_each_one_needs(
     ctx: AppContext, clock: FakeClock, slack: SlackStandIn, client: WebClient
 ) -> None:
-    """`_load_many` (three statements for a digest's conversations) gives what `_load` gives for
-    each: the conversation, its first customer post, its card's storm parent and digest list."""
+    """`_load_many` (three statements for a digest's conversations, in the order asked) gives each
+    conversation with its first customer post, its team's time zone, and its card's storm parent
+    and digest list; `_load` (one of them) shows the post it is asked for."""
     ingest(ctx, *(post(str(i), f"a question, number {i}", author=f"user{i}") for i in range(8)))
     delivery = SlackDelivery(ctx, client, storm_threshold=5)
     OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"}).send_due()
@@ -976,26 +977,50 @@ def test_loading_a_digests_conversations_together_reads_what_loading_each_reads(
     ingest(ctx, post("later", "one more question", author="late"))  # a card of its own, no digest
     OutboxSender(ctx, {**delivery.handlers(), "ack": lambda message: "ack sent"}).send_due()
     ingest(ctx, post("follow", "and another thing", author="user3"))  # a second post in one of them
-    ids = [c.id for c in conversations(ctx)]
+    stored = conversations(ctx)
+    ids = [c.id for c in stored]
     assert len(ids) == 9
-
-    def seen(loaded: Any) -> tuple[Any, ...]:
-        c, p = loaded.conversation, loaded.post
-        return (
+    [digest] = [m for m in top_level(slack, CARE) if m.ts == stored[0].slack_ts]
+    with ctx.sessions() as session:
+        first_post = {
+            c.id: session.scalars(
+                select(Post)
+                .where(Post.conversation_id == c.id, Post.direction == "in")
+                .order_by(Post.posted_at, Post.id)
+            ).first()
+            for c in stored
+        }
+    expected = [
+        (
             c.id,
             c.slack_ts,
-            p.id if p else None,
-            loaded.tz.key,
-            loaded.card_parent_ts,
-            loaded.card_digest,
+            first_post[c.id].id,  # type: ignore[union-attr]
+            ctx.calendar(ctx.policy.teams[c.team].calendar).tz.key,
+            None,
+            frozenset(ids[:8]) if c.slack_ts == digest.ts else frozenset(),
         )
-
+        for c in reversed(stored)
+    ]
     with ctx.sessions() as session:
-        one_by_one = [seen(delivery._load(session, cid)) for cid in reversed(ids)]
+        together = [
+            (
+                m.conversation.id,
+                m.conversation.slack_ts,
+                m.post.id if m.post else None,
+                m.tz.key,
+                m.card_parent_ts,
+                frozenset(m.card_digest),
+            )
+            for m in delivery._load_many(session, list(reversed(ids)))
+        ]
+    assert together == expected
+    assert "and another thing" not in {p.text for p in first_post.values() if p is not None}
     with ctx.sessions() as session:
-        together = [seen(loaded) for loaded in delivery._load_many(session, list(reversed(ids)))]
-    assert together == one_by_one
-    assert sum(1 for entry in together if len(entry[5]) == 8) == 8  # the digest's eight list it
+        [follow] = session.scalars(select(Post).where(Post.text == "and another thing"))
+        shown = delivery._load(session, ids[3], post_id=follow.id)
+        assert shown.post is not None and shown.post.id == follow.id
+        assert delivery._load(session, ids[3]).post is not None
+        assert delivery._load(session, ids[3]).post.id == first_post[ids[3]].id  # type: ignore[union-attr]
     with ctx.sessions() as session, pytest.raises(SlackDeliveryError):
         delivery._load_many(session, [ids[0], 10**9])
 

@@ -37,6 +37,7 @@ storm summary (entries in its thread) keep working as before.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.client
 import logging
@@ -370,9 +371,9 @@ class SlackDelivery:
             and found.waiting + 1 <= self.storm_threshold
         ):
             # The usual case: not posted yet, first try, no storm.
-            team = self.ctx.policy.teams.get(found.conversation.team)
-            tz = self.ctx.calendar(team.calendar).tz if team is not None else UTC
-            return self._post_card(found.conversation, found.post, tz, now)
+            return self._post_card(
+                found.conversation, found.post, self._team_tz(found.conversation.team), now
+            )
         # Everything else (a retry, a card stored already, a storm): the conversation as ORM objects.
         storm: _Storm | None = None
         waiting = 0
@@ -1932,18 +1933,18 @@ class SlackDelivery:
             return self._load(session, _conversation_id(message))
 
     def _load(self, session: Session, conversation_id: int, *, post_id: object = None) -> _Loaded:
-        conversation = session.get(Conversation, conversation_id)
-        if conversation is None:
-            raise SlackDeliveryError(f"conversation {conversation_id} not found")
+        """One conversation (`_load_many`), showing post `post_id` when it is there, else its first."""
+        [loaded] = self._load_many(session, [conversation_id])
         post = session.get(Post, post_id) if isinstance(post_id, int) else None
-        return self._loaded(session, conversation, post)
+        return loaded if post is None else dataclasses.replace(loaded, post=post)
 
     def _load_many(self, session: Session, conversation_ids: list[int]) -> list[_Loaded]:
-        """`_load` for many conversations in three statements, whatever their number (a digest's
-        49 conversations took 147 round trips one by one), in the order given.
+        """Conversations with what their messages need: each one's first customer post, time zone and
+        the storm summary its card is threaded under. Three statements, whatever their number (a
+        digest's 49 conversations took 147 round trips one by one), in the order given.
 
         Raises:
-            SlackDeliveryError: one of them is not found (as `_load`).
+            SlackDeliveryError: one of them is not found.
         """
         if not conversation_ids:
             return []
@@ -1993,27 +1994,6 @@ class SlackDelivery:
             for cid in conversation_ids
         ]
 
-    def _loaded(self, session: Session, conversation: Conversation, post: Post | None) -> _Loaded:
-        """`conversation` with what its messages need: its post (the first, when not given), time zone
-        and the storm summary its card is threaded under."""
-        conversation_id = conversation.id
-        if post is None:
-            post = session.scalars(
-                select(Post)
-                .where(Post.conversation_id == conversation_id, Post.direction == "in")
-                .order_by(Post.posted_at, Post.id)
-                .limit(1)
-            ).first()
-        detail = None
-        if conversation.slack_ts is not None:
-            detail = session.scalars(
-                select(Event.detail)
-                .where(Event.conversation_id == conversation_id, Event.action == CARD_EVENT)
-                .order_by(Event.id.desc())
-                .limit(1)
-            ).first()
-        return self._loaded_from(conversation, post, detail)
-
     def _loaded_from(self, conversation: Conversation, post: Post | None, detail: Any) -> _Loaded:
         """A `_Loaded` from its parts: `detail` is the conversation's last card event's detail."""
         parent: str | None = None
@@ -2027,9 +2007,18 @@ class SlackDelivery:
             listed = detail.get("digest")
             if isinstance(listed, list):
                 digest = tuple(item for item in listed if isinstance(item, int))
-        team = self.ctx.policy.teams.get(conversation.team)
-        tz = self.ctx.calendar(team.calendar).tz if team is not None else UTC
-        return _Loaded(conversation=conversation, post=post, tz=tz, card_parent_ts=parent, card_digest=digest)
+        return _Loaded(
+            conversation=conversation,
+            post=post,
+            tz=self._team_tz(conversation.team),
+            card_parent_ts=parent,
+            card_digest=digest,
+        )
+
+    def _team_tz(self, team_name: str) -> ZoneInfo:
+        """The time zone of `team_name`'s calendar (UTC for a team no longer in the policy)."""
+        team = self.ctx.policy.teams.get(team_name)
+        return self.ctx.calendar(team.calendar).tz if team is not None else UTC
 
     def _expert(self, who: str | None) -> Expert | None:
         if not who:
