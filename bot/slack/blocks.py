@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from bot.core.messages import duration_in_words, escape_mrkdwn
@@ -1076,6 +1076,16 @@ def overdue_digest(
     return Message(text=_fallback(headline), blocks=result)
 
 
+_Shown = TypeVar("_Shown")
+
+
+def _within_blocks(items: Sequence[_Shown], more: int) -> tuple[list[_Shown], int]:
+    """The `items` a digest shows (a section each after its headline, and a last one saying how
+    many more when there are more) and how many more it stands for: `more` and those cut."""
+    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
+    return shown, more + len(items) - len(shown)
+
+
 FOLLOW_UP_EXCERPT = 300  # characters of each follow-up in a follow-up digest (escaped)
 FOLLOW_UPS_SHOWN = 3  # a conversation's newest follow-ups shown in a follow-up digest
 
@@ -1096,8 +1106,7 @@ def follow_up_digest(
     `items`: (conversation, its follow-ups in the order written). `more`: conversations it stands
     for beyond `items`. At most MAX_BLOCKS - 1 sections (the headline first).
     """
-    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
-    more += len(items) - len(shown)
+    shown, more = _within_blocks(items, more)
     total = len(shown) + more
     headline = f"{total} customer{'s' if total != 1 else ''} wrote again"
     result: list[Block] = [_section(f":speech_balloon: *{headline}*:")]
@@ -1141,8 +1150,7 @@ def reminder_digest(items: Sequence[OverdueItem], *, now: datetime, more: int = 
     `more`: conversations it stands for beyond `items` (one line says how many). At most
     MAX_BLOCKS - 1 sections in all (one per conversation, the headline first, the line of `more`).
     """
-    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
-    more += len(items) - len(shown)
+    shown, more = _within_blocks(items, more)
     total = len(shown) + more
     noun = "conversation is" if total == 1 else "conversations are"
     headline = f"Reminder: {total} {noun} waiting for your answer"
