@@ -447,3 +447,26 @@ def test_storm_summary_counts_and_lists() -> None:
     huge = [conversation(id=i, author_name="N" * 200) for i in range(1, 400)]
     assert_within_slack_limits(blocks.storm_summary("C0CARE0001", huge).blocks)
     assert "<#C0CARE0001>" in blocks.storm_summary("C0CARE0001", huge).blocks[0]["text"]["text"]
+
+
+def test_digests_of_more_conversations_than_blocks_say_how_many_more_within_slacks_limit(
+    policy: Policy,
+) -> None:
+    """A reminder or follow-up digest given more conversations than a message has blocks for shows
+    as many as fit after its headline, keeps the last block for "…and N more", never over 50."""
+    items = [conversation(id=100 + i) for i in range(60)]
+    reminder = blocks.reminder_digest(
+        [blocks.OverdueItem(c, post(f"question {c.id}"), BERLIN, "nag") for c in items], now=MONDAY
+    )
+    follow_ups = blocks.follow_up_digest(
+        [(c, [post(f"again {c.id}")]) for c in items], ctx_policy=policy, now=MONDAY
+    )
+    for message in (reminder, follow_ups):
+        assert len(message.blocks) == blocks.MAX_BLOCKS
+        assert "and 12 more" in message.blocks[-1]["text"]["text"]
+    assert "60 conversations are waiting" in reminder.text
+    assert follow_ups.text == "60 customers wrote again"
+    exact = blocks.reminder_digest(
+        [blocks.OverdueItem(c, post(), BERLIN, "nag") for c in items[:49]], now=MONDAY
+    )
+    assert len(exact.blocks) == blocks.MAX_BLOCKS and "more" not in exact.blocks[-1]["text"]["text"]

@@ -1082,7 +1082,10 @@ _Shown = TypeVar("_Shown")
 def _within_blocks(items: Sequence[_Shown], more: int) -> tuple[list[_Shown], int]:
     """The `items` a digest shows (a section each after its headline, and a last one saying how
     many more when there are more) and how many more it stands for: `more` and those cut."""
-    shown = list(items)[: MAX_BLOCKS - (2 if more else 1)]
+    room = MAX_BLOCKS - 1  # after the headline
+    if more or len(items) > room:
+        room -= 1  # the line of how many more
+    shown = list(items)[:room]
     return shown, more + len(items) - len(shown)
 
 
