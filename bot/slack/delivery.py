@@ -1683,24 +1683,44 @@ class SlackDelivery:
         )
         return result
 
-    def _waiting_together(self, message: OutboxMessage, now: datetime) -> list[ColumnElement[bool]]:
-        """What makes a row another one a digest may take: pending (or ``sending`` for this very
-        sender: its batch's rows), not `message` itself, and due now or put off by the pace (up to
-        its horizon; a row backing off after a failure only once due again)."""
+    def _waiting_rows(
+        self,
+        session: Session,
+        message: OutboxMessage,
+        now: datetime,
+        *where: ColumnElement[bool],
+        order_by: tuple[Any, ...] = (Outbox.next_attempt_at, Outbox.id),
+        limit: int,
+        lock: bool,
+    ) -> list[Any]:
+        """(id, kind, conversation id, payload, status) of the other rows `where` picks that a digest
+        may take with `message`: pending (or ``sending`` for this very sender: its batch's rows),
+        not `message` itself, and due now or put off by the pace (up to its horizon; a row backing
+        off after a failure only once due again). In `order_by`, at most `limit`; with `lock`,
+        locked on PostgreSQL (``SKIP LOCKED``: another sender's digest has them)."""
         pending = Outbox.status == sql_constant(PENDING)  # ix_outbox_pending
-        return [
-            or_(
-                pending,
-                and_(Outbox.status == sql_constant(SENDING), Outbox.owner == message.owner),
+        query = (
+            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
+            .where(
+                or_(
+                    pending,
+                    and_(Outbox.status == sql_constant(SENDING), Outbox.owner == message.owner),
+                )
+                if message.owner is not None
+                else pending,
+                Outbox.id != message.id,
+                or_(
+                    Outbox.next_attempt_at <= now,
+                    and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
+                ),
+                *where,
             )
-            if message.owner is not None
-            else pending,
-            Outbox.id != message.id,
-            or_(
-                Outbox.next_attempt_at <= now,
-                and_(Outbox.next_attempt_at <= now + PUT_OFF_HORIZON, Outbox.last_error.is_(None)),
-            ),
-        ]
+            .order_by(*order_by)
+            .limit(limit)
+        )
+        if lock and is_postgres(session):
+            query = query.with_for_update(skip_locked=True, of=Outbox)
+        return list(session.execute(query))
 
     def _take(
         self,
@@ -1741,22 +1761,19 @@ class SlackDelivery:
         """The other breach, escalation and warning notices for this channel that an overdue digest
         takes, of open conversations. Escalations only when they go to the team channel (DMs are
         other channels)."""
-        query = (
-            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .where(
-                Outbox.kind.in_([sql_constant(kind) for kind in OVERDUE_KINDS]),
-                *self._waiting_together(message, now),
-                _of_conversation(Conversation.team, Conversation.status == OPEN).in_(
-                    self._same_channel(conversation)
-                ),
-            )
-            .order_by(Outbox.next_attempt_at, Outbox.id)
-            .limit(OVERDUE_SCAN)
+        found = self._waiting_rows(
+            session,
+            message,
+            now,
+            Outbox.kind.in_([sql_constant(kind) for kind in OVERDUE_KINDS]),
+            _of_conversation(Conversation.team, Conversation.status == OPEN).in_(
+                self._same_channel(conversation)
+            ),
+            limit=OVERDUE_SCAN,
+            lock=lock,
         )
-        if lock and is_postgres(session):
-            query = query.with_for_update(skip_locked=True, of=Outbox)
         return self._take(
-            iter(session.execute(query)),
+            iter(found),
             conversation.id,
             lambda kind, payload: (
                 kind != "escalation"
@@ -1772,22 +1789,19 @@ class SlackDelivery:
         to REMINDER_FOLD: one DM reminds a person of all that is due, however many (it shows
         MAX_STORM and says how many more), so that their nags never queue behind each other at
         their DM's one message a second."""
-        query = (
-            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .where(
-                Outbox.kind == sql_constant("nag"),
-                *self._waiting_together(message, now),
-                _of_conversation(
-                    func.coalesce(Conversation.claimed_by, Conversation.owner), Conversation.status == OPEN
-                )
-                == expert_id,
-            )
-            .order_by(Outbox.next_attempt_at, Outbox.id)
-            .limit(REMINDER_FOLD)
+        person = _of_conversation(
+            func.coalesce(Conversation.claimed_by, Conversation.owner), Conversation.status == OPEN
         )
-        if lock and is_postgres(session):
-            query = query.with_for_update(skip_locked=True, of=Outbox)
-        return self._take(iter(session.execute(query)), _conversation_id(message), most=REMINDER_FOLD)
+        found = self._waiting_rows(
+            session,
+            message,
+            now,
+            Outbox.kind == sql_constant("nag"),
+            person == expert_id,
+            limit=REMINDER_FOLD,
+            lock=lock,
+        )
+        return self._take(iter(found), _conversation_id(message), most=REMINDER_FOLD)
 
     def _follow_up_rows(
         self,
@@ -1804,19 +1818,16 @@ class SlackDelivery:
         of its conversation's lane that the digest does not take is unsent (as the outbox claim
         has it; earlier follow-ups of the conversation taken along keep their order in the reply)."""
         earlier = aliased(Outbox)
-        query = (
-            select(Outbox.id, Outbox.kind, Outbox.conversation_id, Outbox.payload, Outbox.status)
-            .where(
-                Outbox.kind == sql_constant("thread_post"),
-                *self._waiting_together(message, now),
-                _of_conversation(Conversation.slack_ts, Conversation.slack_channel == channel) == ts,
-            )
-            .order_by(Outbox.id)
-            .limit(OVERDUE_SCAN)
+        found = self._waiting_rows(
+            session,
+            message,
+            now,
+            Outbox.kind == sql_constant("thread_post"),
+            _of_conversation(Conversation.slack_ts, Conversation.slack_channel == channel) == ts,
+            order_by=(Outbox.id,),
+            limit=OVERDUE_SCAN,
+            lock=lock,
         )
-        if lock and is_postgres(session):
-            query = query.with_for_update(skip_locked=True, of=Outbox)
-        found = list(session.execute(query))
         if not found:
             return []
         # What else of their lanes is unsent before them (kinds that hold nothing back aside).
